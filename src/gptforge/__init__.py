@@ -1,0 +1,16 @@
+"""gptforge: pretrain GPT-2-style language models from raw text."""
+
+from .checkpoint import load_model
+from .data import Batches, DataConfig, TokenWindows
+from .evaluate import evaluate, perplexity
+from .generate import SampleConfig, generate, sample_text
+from .model import GPT, PRESETS, GPTConfig
+from .tokenizer import GPT2Tokenizer, Tokenizer, get_tokenizer
+from .train import RunConfig, TrainConfig, train
+
+__version__ = "0.1.0"
+__all__ = [
+    "GPT", "GPTConfig", "PRESETS", "Tokenizer", "GPT2Tokenizer", "get_tokenizer", "TokenWindows", "Batches",
+    "DataConfig", "evaluate", "perplexity", "SampleConfig", "generate", "sample_text", "RunConfig",
+    "TrainConfig", "train", "load_model",
+]

@@ -1,0 +1,254 @@
+"""The `gptforge` command: each subcommand is a thin call into the library.
+
+Flags are generated from the component dataclasses (config.py); a `--config` TOML file can set any
+of them, and flags given on the command line win.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .checkpoint import CONFIG, CheckpointError, load_model
+from .config import ConfigError, build, default_of, field_types, help_of, read_toml
+from .data import DataConfig, DataError
+from .generate import SampleConfig
+from .model import PRESETS, GPTConfig
+from .train import RunConfig, TrainConfig
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def dataclass_options(*classes: type, exclude: tuple[str, ...] = ()):
+    """Add a --flag for every field of the given dataclasses; unset flags arrive as None."""
+
+    def decorate(fn):
+        for cls in reversed(classes):
+            types = field_types(cls)
+            for f in reversed(fields(cls)):
+                if f.name in exclude:
+                    continue
+                flag = "--" + f.name.replace("_", "-")
+                default = default_of(f)
+                help_text = help_of(f) + (f"  [default: {default}]" if default is not None else "")
+                if types[f.name] is bool:
+                    option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+                elif "choices" in f.metadata:
+                    option = click.option(flag, f.name, type=click.Choice(f.metadata["choices"]), default=None,
+                                          help=help_text)
+                else:
+                    option = click.option(flag, f.name, type=types[f.name], default=None, help=help_text)
+                fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    """The flags the user actually passed."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+config_option = click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False),
+    help="TOML file with settings (same names as the flags, with _ or -); flags given here win.",
+)
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=None,
+    help="Device to run on; auto picks cuda, then mps, then cpu.  [default: auto]",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="gptforge")
+def cli() -> None:
+    """Pretrain GPT-2-style language models from raw text.
+
+    \b
+    gptforge train my_texts/ --out runs/first      train a model (no DATA: a built-in corpus)
+    gptforge eval runs/first held_out.txt          loss and perplexity on a text
+    gptforge generate runs/first --prompt "Once"   sample from the model
+    """
+
+
+# ----------------------------------------------------------------------------- train
+
+TRAIN_SECTIONS = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
+TRAIN_TOP_LEVEL = {"preset": str, "inputs": list}
+
+
+@cli.command()
+@click.argument("data", nargs=-1, type=click.Path())
+@config_option
+@click.option("--resume", type=click.Path(file_okay=False), default=None,
+              help="Continue the run in this directory from its last checkpoint (its config.toml is the base; "
+                   "training flags such as a larger --max-steps may change).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Model shape to start from; shape flags override single values.  [default: mini]")
+@dataclass_options(GPTConfig, DataConfig, TrainConfig)
+def train(data: tuple[str, ...], config_file: str | None, resume: str | None, preset: str | None, **flags) -> None:
+    """Train a GPT on DATA (text files or directories of .txt/.md files) and write a run directory.
+
+    With no DATA, trains on English text that ships with Python (pydoc's help topics, ~465 KB).
+    """
+    from .train import train as run_training
+
+    cfg, run_dir = resolve_train_config(data, config_file, resume, preset, given(flags))
+    summary = run_training(cfg, run_dir, resume=resume is not None, log=click.echo)
+    parts = [f"{k} {summary[k]:.4f}" for k in ("train_loss", "val_loss") if k in summary]
+    click.echo(f"done: step {summary['steps']}, " + ", ".join(parts)
+               + f", {summary['tokens_per_s']:.0f} tokens/s -> {run_dir}")
+
+
+def resolve_train_config(data, config_file, resume, preset, flags) -> tuple[RunConfig, Path]:
+    """Layers, later winning: dataclass defaults, preset, saved run config (resume), --config file, flags."""
+    file_values = read_toml(config_file, TRAIN_SECTIONS, TRAIN_TOP_LEVEL) if config_file else {}
+    if preset is not None:
+        file_values["preset"] = preset
+    layers: list[dict] = []
+    if resume:
+        run_dir = Path(resume)
+        saved_path = run_dir / CONFIG
+        if not saved_path.is_file():
+            raise ConfigError(f"{run_dir}: no {CONFIG}; is this a gptforge run directory?")
+        saved = read_toml(saved_path, TRAIN_SECTIONS, TRAIN_TOP_LEVEL)
+        changes = {**file_values, **flags}
+        if data:
+            changes["inputs"] = list(data)
+        fixed = {f.name for cls in (GPTConfig, DataConfig) for f in fields(cls)} | {"preset", "inputs"}
+        for k in sorted(fixed & set(changes)):
+            if changes[k] != saved.get(k):
+                raise ConfigError(f"cannot change {k} when resuming {run_dir} (the run has {saved.get(k)!r}, "
+                                  f"asked for {changes[k]!r}); start a new run with --out instead")
+        layers = [saved, changes]
+        inputs = saved.get("inputs", [])
+        preset_name = saved.get("preset")
+    else:
+        preset_name = file_values.get("preset", "mini")
+        if preset_name not in PRESETS:
+            raise ConfigError(f"unknown preset {preset_name!r}; choose one of {', '.join(sorted(PRESETS))}")
+        layers = [PRESETS[preset_name], file_values, flags]
+        inputs = list(data) or list(file_values.get("inputs", []))
+        run_dir = Path(flags.get("out") or file_values.get("out")
+                       or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        if (run_dir / CONFIG).exists():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                              "or choose another --out")
+    cfg = RunConfig(model=build(GPTConfig, *layers), data=build(DataConfig, *layers),
+                    train=build(TrainConfig, *layers), inputs=[str(p) for p in inputs], preset=preset_name)
+    cfg.train.out = str(run_dir)
+    return cfg, run_dir
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+@cli.command(name="eval")
+@click.argument("source")
+@click.argument("data", nargs=-1, required=True, type=click.Path())
+@config_option
+@click.option("--context-length", type=int, default=None,
+              help="Tokens per scored window; at most the model's.  [default: the model's context length]")
+@click.option("--stride", type=int, default=None, help="Step between window starts.  [default: context length]")
+@click.option("--batch-size", type=int, default=None, help="Windows per batch.  [default: 8]")
+@click.option("--max-batches", type=int, default=None, help="Score only the first N batches.  [default: all]")
+@device_option
+@click.option("--json", "as_json", is_flag=True, default=None, help="Print a JSON line last.")
+def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flags) -> None:
+    """Loss and perplexity of the model in SOURCE (run dir or checkpoint) on the text in DATA."""
+    from .data import Batches, TokenWindows, check_windows, read_texts, tokenize_documents
+    from .evaluate import evaluate
+    from .tokenizer import get_tokenizer
+    from .train import pick_device
+
+    opts = {"context_length": None, "stride": None, "batch_size": 8, "max_batches": None, "device": "auto",
+            "as_json": False}
+    opts.update(_flat_config(config_file, opts, rename={"json": "as_json"}))
+    opts.update(given(flags))
+    device = pick_device(opts["device"])
+    model, meta = load_model(source, device)
+    ctx = opts["context_length"] or model.cfg.context_length
+    if not 0 < ctx <= model.cfg.context_length:
+        raise ConfigError(f"--context-length {ctx} must be between 1 and the model's {model.cfg.context_length}")
+    tokenizer = get_tokenizer(meta.get("tokenizer", "gpt2"))
+    tokens = tokenize_documents(read_texts(data), tokenizer)
+    windows = TokenWindows(tokens, ctx, opts["stride"])
+    check_windows(windows, len(tokens), "evaluation", opts["batch_size"], drop_last=False)
+    result = evaluate(model, Batches(windows, opts["batch_size"], shuffle=False, drop_last=False),
+                      opts["max_batches"], device)
+    click.echo(f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | tokens {result.tokens:,}")
+    if opts["as_json"]:
+        click.echo(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens}))
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+@cli.command()
+@click.argument("source")
+@config_option
+@click.option("--prompt", type=str, default=None, help="Text to continue.  [default: empty: a new document]")
+@dataclass_options(SampleConfig)
+@click.option("--seed", type=int, default=None, help="Seed for sampling: the same seed repeats the samples.")
+@click.option("--num-samples", type=int, default=None, help="Continuations to generate.  [default: 1]")
+@device_option
+def generate(source: str, config_file: str | None, **flags) -> None:
+    """Continue a prompt with the model in SOURCE (run dir or checkpoint)."""
+    from .generate import sample_text
+    from .tokenizer import get_tokenizer
+    from .train import pick_device
+
+    opts: dict[str, Any] = {"prompt": "", "seed": None, "num_samples": 1, "device": "auto"}
+    opts.update({f.name: default_of(f) for f in fields(SampleConfig)})
+    opts.update(_flat_config(config_file, opts))
+    opts.update(given(flags))
+    if opts["num_samples"] < 1:
+        raise ConfigError(f"--num-samples must be at least 1, got {opts['num_samples']}")
+    sample_cfg = build(SampleConfig, opts)
+    device = pick_device(opts["device"])
+    model, meta = load_model(source, device)
+    tokenizer = get_tokenizer(meta.get("tokenizer", "gpt2"))
+    texts = sample_text(model, tokenizer, opts["prompt"], sample_cfg, opts["num_samples"], opts["seed"], device)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            click.echo(f"--- sample {i + 1} ---")
+        click.echo(opts["prompt"] + text)
+
+
+def _flat_config(config_file: str | None, opts: dict[str, Any], rename: dict[str, str] | None = None) -> dict:
+    """A --config TOML for eval/generate: flat keys named like the command's flags."""
+    if not config_file:
+        return {}
+    rename = rename or {}
+    types = {rename.get(k, k): (type(v) if v is not None else object) for k, v in opts.items()}
+    inverse = {v: k for k, v in rename.items()}
+    types = {inverse.get(k, k): t for k, t in types.items()}
+    types.update({k: v for k, v in field_types(SampleConfig).items() if k in opts})
+    values = read_toml(config_file, {}, types)
+    return {rename.get(k, k): v for k, v in values.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user mistakes become a one-line error and exit code 1, not a traceback."""
+    try:
+        code = cli.main(args=argv, prog_name="gptforge", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except USER_ERRORS as e:
+        click.echo(f"gptforge: error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -1,0 +1,146 @@
+"""Settings from dataclasses, presets, TOML files and command-line flags, in that order of precedence.
+
+Each component owns a small dataclass (GPTConfig in model.py, DataConfig in data.py, TrainConfig in
+train.py, SampleConfig in generate.py). Every field carries its help text in
+``metadata["help"]``; the CLI's flags are generated from the fields (``emb_dim`` -> ``--emb-dim``),
+and a ``--config`` TOML file uses the same names, flat or in tables named after the section::
+
+    preset = "mini"
+    [train]
+    lr = 3e-4
+    max_steps = 2000
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+import types
+import typing
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A setting a user must fix; the message names the file, key or flag."""
+
+
+def help_of(f: Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's type with Optional unwrapped: {'stride': int, 'lr': float, ...}."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        t = hints[f.name]
+        if typing.get_origin(t) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(t) if a is not type(None)]
+            t = args[0] if len(args) == 1 else t
+        out[f.name] = t
+    return out
+
+
+def default_of(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+def check_value(where: str, name: str, value: Any, typ: Any) -> Any:
+    """Check a value read from a file against a field's type; ints are accepted for floats."""
+    if value is None:
+        return None
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(typ, True)
+    if not ok:
+        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[typ]
+        raise ConfigError(f"{where}: {name} must be {expected}, got {value!r}")
+    return float(value) if typ is float else value
+
+
+def read_toml(path: str | Path, sections: dict[str, type], top_level: dict[str, Any]) -> dict[str, Any]:
+    """Read a TOML config into a flat {field name: value} dict, checking every key and type.
+
+    `sections` maps table names to dataclasses; `top_level` maps other allowed keys to types.
+    Keys may be written with dashes or underscores.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+    types_by_key = dict(top_level)
+    for cls in sections.values():
+        types_by_key.update(field_types(cls))
+    known = sorted(types_by_key)
+
+    def take(key: str, value: Any, table: str | None) -> None:
+        name = key.replace("-", "_")
+        allowed = field_types(sections[table]) if table else types_by_key
+        if name not in allowed:
+            hint = difflib.get_close_matches(name, known, n=1)
+            where = f"[{table}]" if table else "the top level"
+            raise ConfigError(
+                f"{path}: unknown key {key!r} in {where}"
+                + (f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}")
+            )
+        out[name] = check_value(str(path), name, value, allowed[name])
+
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            if key not in sections:
+                raise ConfigError(f"{path}: unknown table [{key}]; known tables: {', '.join(sections)}")
+            for k, v in value.items():
+                take(k, v, key)
+        else:
+            take(key, value, None)
+    return out
+
+
+def build(cls: type, *layers: dict[str, Any]):
+    """An instance of cls from its defaults, overridden by each layer in turn (later layers win)."""
+    names = {f.name for f in fields(cls)}
+    values = {f.name: default_of(f) for f in fields(cls)}
+    for layer in layers:
+        values.update({k: v for k, v in layer.items() if k in names})
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def to_toml_dict(**sections: Any) -> dict[str, Any]:
+    """Dataclasses and plain values -> a TOML-ready dict (None values left out: TOML has no null)."""
+    out: dict[str, Any] = {}
+    for name, value in sections.items():
+        if hasattr(value, "__dataclass_fields__"):
+            out[name] = {k: v for k, v in asdict(value).items() if v is not None}
+        elif value is not None:
+            out[name] = value
+    # TOML wants plain keys before tables
+    return dict(sorted(out.items(), key=lambda kv: isinstance(kv[1], dict)))
+
+
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with its help text (what the CLI shows for the flag)."""
+    return field(default=default, metadata={"help": help, **extra})
+

@@ -1,0 +1,120 @@
+"""Sampling from a GPT: greedy, temperature, top-k, top-p; batched, with per-row end-token stops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import opt
+
+
+@dataclass
+class SampleConfig:
+    """How tokens are picked from the model's next-token distribution."""
+
+    max_new_tokens: int = opt(100, "Number of tokens to generate after the prompt.")
+    temperature: float = opt(0.0, "0 takes the most likely token (greedy); higher values sample more freely.")
+    top_k: int | None = opt(None, "Sample only among the k most likely tokens.")
+    top_p: float | None = opt(
+        None, "Sample only among the most likely tokens whose probabilities add up to p (nucleus)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (B, V); the rest become -inf."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1): each row's own threshold
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep, per row, the smallest set of most likely tokens whose probability reaches p."""
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
+    drop_sorted = mass_before >= p  # the top token always stays (mass_before = 0)
+    drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row from last-position logits (B, V) -> (B, 1)."""
+    if cfg.temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k is not None:
+        logits = filter_top_k(logits, cfg.top_k)
+    if cfg.top_p is not None:
+        logits = filter_top_p(logits, cfg.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    cfg: SampleConfig,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Continue each row of idx (B, T) by up to cfg.max_new_tokens tokens.
+
+    The model sees at most its context_length most recent tokens. A row stops after it produces
+    eos_id (kept in its output); the others go on. Returns the new tokens of each row.
+    """
+    was_training = model.training
+    model.eval()
+    ctx = model.cfg.context_length
+    B = idx.size(0)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    try:
+        for _ in range(cfg.max_new_tokens):
+            logits = model(idx[:, -ctx:])[:, -1, :]  # (B, V)
+            tok = next_token(logits, cfg, generator)  # (B, 1)
+            for b in torch.nonzero(~done).flatten().tolist():
+                out[b].append(int(tok[b]))
+            if eos_id is not None:
+                done |= tok.squeeze(1) == eos_id
+                if bool(done.all()):
+                    break
+            idx = torch.cat([idx, tok], dim=1)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def sample_text(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt: str,
+    cfg: SampleConfig,
+    num_samples: int = 1,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+) -> list[str]:
+    """Prompt text -> num_samples continuations (text only, prompt excluded)."""
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:
+        if tokenizer.eot_id is None:
+            raise ValueError("the prompt is empty; give some text to continue")
+        ids = [tokenizer.eot_id]  # an empty prompt starts a fresh document
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    generator = None
+    if cfg.temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    outs = generate(model, idx, cfg, eos_id=tokenizer.eot_id, generator=generator)
+    return [tokenizer.decode([t for t in o if t != tokenizer.eot_id]) for o in outs]

@@ -1,0 +1,170 @@
+"""The GPT-2 architecture, and nothing else.
+
+Parameter names follow OpenAI's GPT-2 checkpoints as Hugging Face stores them (``wte``, ``wpe``,
+``h.{i}.ln_1``, ``attn.c_attn``, ``mlp.c_fc``, ``ln_f``), so importing GPT-2 weights is a short key
+map. The attention and MLP projections are ``nn.Linear`` (weight shape ``(out, in)``), the
+transpose of GPT-2's ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a GPT-2-style model."""
+
+    vocab_size: int = field(default=50257, metadata={"help": "Number of token ids (50257 for GPT-2 BPE)."})
+    context_length: int = field(
+        default=256, metadata={"help": "Longest sequence the model sees: the number of learned positions."}
+    )
+    emb_dim: int = field(default=384, metadata={"help": "Width of the residual stream."})
+    n_heads: int = field(default=6, metadata={"help": "Attention heads per layer; must divide emb_dim."})
+    n_layers: int = field(default=6, metadata={"help": "Number of transformer blocks."})
+    drop_rate: float = field(
+        default=0.1, metadata={"help": "Dropout on embeddings, attention and residual branches in training."}
+    )
+    qkv_bias: bool = field(default=False, metadata={"help": "Bias on the query/key/value projection."})
+    tie_weights: bool = field(
+        default=True, metadata={"help": "Share the output head with the token embedding, as GPT-2 does."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model setting {name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
+                "change one of them"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+# Shapes of OpenAI's GPT-2 checkpoints, and small ones that train on a laptop CPU.
+PRESETS: dict[str, dict] = {
+    "gpt2-small": dict(context_length=1024, emb_dim=768, n_layers=12, n_heads=12, qkv_bias=True),
+    "gpt2-medium": dict(context_length=1024, emb_dim=1024, n_layers=24, n_heads=16, qkv_bias=True),
+    "gpt2-large": dict(context_length=1024, emb_dim=1280, n_layers=36, n_heads=20, qkv_bias=True),
+    "gpt2-xl": dict(context_length=1024, emb_dim=1600, n_layers=48, n_heads=25, qkv_bias=True),
+    "tiny": dict(context_length=64, emb_dim=64, n_layers=2, n_heads=2),
+    "mini": dict(context_length=128, emb_dim=128, n_layers=4, n_heads=4),
+    "small-cpu": dict(context_length=256, emb_dim=256, n_layers=6, n_heads=8),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.drop_rate = cfg.drop_rate
+        self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)  # fused q, k, v
+        self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.resid_drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        hs = C // self.n_heads
+        q = q.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, hs).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.drop_rate if self.training else 0.0, is_causal=True
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of projections that write into the residual stream by 1/sqrt(2L).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size)."""
+        B, T = idx.shape
+        if T > self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {T} tokens is longer than the model's context_length "
+                f"{self.cfg.context_length}"
+            )
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Distinct parameters; with non_embedding, without the position embeddings."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields tied tensors once
+        if non_embedding:
+            n -= self.wpe.weight.numel()
+        return n

@@ -1,0 +1,130 @@
+"""What a run shows and leaves behind: metrics.jsonl, loss.png, the progress bar and log lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .checkpoint import atomic_write_bytes
+
+
+class MetricsLog:
+    """Appends one JSON object per event to metrics.jsonl.
+
+    When a run resumes from step N, events logged after N by the interrupted run are dropped
+    first, so the file reads as if the run had never stopped.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.records: list[dict] = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    try:
+                        self.records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue  # a line cut off by a crash
+            if resume_step is not None:
+                self.records = [r for r in self.records if r.get("step", 0) <= resume_step]
+            text = "".join(json.dumps(r) + "\n" for r in self.records)
+            atomic_write_bytes(self.path, text.encode())
+
+    def log(self, **record) -> None:
+        record = {k: v for k, v in record.items() if v is not None}
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def evals(self) -> list[dict]:
+        return [r for r in self.records if r.get("event") == "eval"]
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    """loss.png: train and val loss of each evaluation against steps, tokens seen on the top axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in records if r.get("event") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if evals:
+        ax.legend()
+    steps = [r for r in evals if r["step"] > 0]
+    if steps:
+        tokens_per_step = steps[-1]["tokens"] / steps[-1]["step"]
+        top = ax.secondary_xaxis(
+            "top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step)
+        )
+        top.set_xlabel("tokens seen")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def human(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit else f"{n:.0f}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
+class Progress:
+    """A progress bar with step, loss, tokens/s and ETA; log lines print above it."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not enabled,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+        )
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.rate: float | None = None
+
+    def step(self, loss: float, tokens: int, lr: float) -> float:
+        """Advance one step of `tokens` tokens; returns the smoothed tokens/s."""
+        now = time.perf_counter()
+        tok_s = tokens / max(now - self.t0, 1e-9)
+        self.t0 = now
+        self.rate = tok_s if self.rate is None else 0.9 * self.rate + 0.1 * tok_s
+        self.bar.set_postfix_str(f"loss {loss:.3f}, {human(self.rate)} tok/s, lr {lr:.2e}", refresh=False)
+        self.bar.update(1)
+        return self.rate
+
+    def pause(self) -> None:
+        """Exclude the time since the last step (evaluation, saving) from the next rate."""
+        self.t0 = time.perf_counter()
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def format_eval(step: int, tokens: int, train_loss: float | None, val_loss: float | None) -> str:
+    parts = [f"step {step}", f"tokens {human(tokens)}"]
+    if train_loss is not None:
+        parts.append(f"train loss {train_loss:.3f}")
+    if val_loss is not None:
+        parts.append(f"val loss {val_loss:.3f} (ppl {math.exp(min(val_loss, 700)):.1f})")
+    return " | ".join(parts)

@@ -1,0 +1,249 @@
+"""The training loop: one function, read top to bottom."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, opt, to_toml_dict
+from .data import Batches, DataConfig, TokenWindows, check_windows, read_texts, split_tokens, tokenize_documents
+from .evaluate import evaluate, loss_batch
+from .generate import SampleConfig, sample_text
+from .model import GPT, GPTConfig
+from .optim import lr_at, make_optimizer, set_lr
+from .report import MetricsLog, Progress, format_eval, human, plot_losses
+from .tokenizer import get_tokenizer
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains, evaluates and saves."""
+
+    out: str | None = opt(None, "Run directory to write; default: runs/<date>-<time>.")
+    batch_size: int = opt(8, "Windows per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches whose gradients add up to one optimizer step.")
+    lr: float = opt(4e-4, "Peak learning rate, reached at the end of warmup.")
+    min_lr: float | None = opt(None, "Learning rate at the end of the cosine decay; default: lr / 10.")
+    warmup_steps: int | None = opt(None, "Steps of linear warmup; default: 5% of the run's steps.")
+    weight_decay: float = opt(0.1, "AdamW weight decay, applied to weight matrices and embeddings only.")
+    beta1: float = opt(0.9, "AdamW beta1.")
+    beta2: float = opt(0.95, "AdamW beta2.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 turns clipping off.")
+    epochs: int = opt(1, "Passes over the training windows (when --max-steps is not given).")
+    max_steps: int | None = opt(None, "Optimizer steps to train; overrides --epochs. Larger extends a run.")
+    eval_every: int = opt(50, "Evaluate train and val loss (and print a sample) every this many steps.")
+    eval_batches: int = opt(10, "Batches of train and of val data each evaluation scores.")
+    log_every: int = opt(10, "Write the training loss to metrics.jsonl every this many steps.")
+    save_every: int | None = opt(None, "Save a checkpoint every this many steps; default: at each evaluation.")
+    keep_last: int = opt(3, "Checkpoints to keep (older ones are deleted); 0 keeps all.")
+    sample_prompt: str = opt("Every effort moves you", "Prompt for the greedy sample shown at each evaluation.")
+    sample_tokens: int = opt(40, "Tokens in that sample; 0 turns samples off.")
+    seed: int = opt(123, "Seed for weights, data order and dropout: a CPU run repeats exactly.")
+    device: str = opt("auto", "auto picks cuda, then mps, then cpu.", choices=DEVICES)
+    progress: bool = opt(True, "Show the progress bar.")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "epochs", "eval_every", "eval_batches", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("max_steps", "save_every", "warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "warmup_steps" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs: what is saved as RUN_DIR/config.toml."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inputs: list[str] = field(default_factory=list)  # text files / directories; empty: the default corpus
+    preset: str | None = None
+
+    def to_toml(self) -> dict:
+        return to_toml_dict(preset=self.preset, inputs=self.inputs, model=self.model, data=self.data,
+                            train=self.train)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: no Apple MPS device is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def describe_model(model: GPT) -> str:
+    n = model.num_params()
+    head = "tied head" if model.cfg.tie_weights else "untied head"
+    return (f"model: {n / 1e6:.2f}M parameters ({head}; {model.num_params(non_embedding=True) / 1e6:.2f}M "
+            f"without position embeddings), {n * 4 / 1e6:.1f} MB in fp32")
+
+
+def load_splits(cfg: RunConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    tokens = tokenize_documents(read_texts(cfg.inputs), tokenizer)
+    return split_tokens(tokens, cfg.data.val_fraction)
+
+
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dict:
+    """Train (or resume) the run in run_dir; returns a summary of the last evaluation."""
+    t = cfg.train
+    run_dir = Path(run_dir)
+    device = pick_device(t.device)
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size}; set --vocab-size to at least that")
+    torch.manual_seed(t.seed)
+
+    # --- data: one token array per split, windows as offsets into it
+    train_tokens, val_tokens = load_splits(cfg, tokenizer)
+    ctx = cfg.model.context_length
+    train_windows = TokenWindows(train_tokens, ctx, cfg.data.stride)
+    val_windows = TokenWindows(val_tokens, ctx, cfg.data.stride)
+    check_windows(train_windows, len(train_tokens), "train", t.batch_size, drop_last=True)
+    if cfg.data.val_fraction > 0:
+        check_windows(val_windows, len(val_tokens), "val", t.batch_size, drop_last=False)
+    batches = Batches(train_windows, t.batch_size, shuffle=True, drop_last=True, seed=t.seed)
+    eval_sets = {"train": Batches(train_windows, t.batch_size, shuffle=False, drop_last=True)}
+    if len(val_windows):
+        eval_sets["val"] = Batches(val_windows, t.batch_size, shuffle=False, drop_last=False)
+    if len(batches) < t.grad_accum and t.max_steps is None:
+        raise ConfigError(f"one epoch has {len(batches)} batches, fewer than --grad-accum {t.grad_accum}; "
+                          "lower --grad-accum or --batch-size, or set --max-steps")
+    total_steps = t.max_steps or t.epochs * (len(batches) // t.grad_accum)
+    warmup = t.warmup_steps if t.warmup_steps is not None else max(1, total_steps // 20)
+    min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
+    data_hash = hashlib.sha256(train_tokens.tobytes()).hexdigest()[:16]
+
+    # --- model and optimizer
+    model = GPT(cfg.model).to(device)
+    optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
+    step, tokens_seen, epoch, batch_pos = 0, 0, 0, 0
+    if resume:
+        last = ckpt.latest_checkpoint(run_dir)
+        if last is None:
+            raise ConfigError(f"{run_dir}: no checkpoint to resume from")
+        state = ckpt.load_state(last)
+        if state["data_hash"] != data_hash:
+            raise ConfigError(f"{run_dir}: the training data differs from the data the run started with "
+                              f"(token hash {data_hash} vs {state['data_hash']}); restore it or start a new run")
+        ckpt.load_weights_into(model, last / ckpt.WEIGHTS)
+        optimizer.load_state_dict(state["optimizer"])
+        step, tokens_seen, epoch, batch_pos = state["step"], state["tokens"], state["epoch"], state["batch"]
+        ckpt.set_rng_state(state["rng"])
+        if step >= total_steps:
+            raise ConfigError(f"{run_dir}: the run already finished at step {step}; "
+                              f"pass a larger --max-steps to extend it")
+        log(f"resuming {run_dir} from step {step} ({human(tokens_seen)} tokens seen), training to {total_steps}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_bytes(run_dir / ckpt.CONFIG, _toml_bytes(cfg))
+    metrics = MetricsLog(run_dir / ckpt.METRICS, resume_step=step if resume else None)
+
+    tokens_per_step = t.batch_size * t.grad_accum * ctx
+    log(describe_model(model))
+    log(f"data: {human(len(train_tokens))} train tokens ({len(train_windows)} windows), "
+        f"{human(len(val_tokens))} val tokens ({len(val_windows)} windows); "
+        f"{len(batches)} batches of {t.batch_size} per epoch")
+    log(f"training: {total_steps} steps of {human(tokens_per_step)} tokens on {device}, lr {t.lr:g} "
+        f"(warmup {warmup}, cosine to {min_lr:g}) -> {run_dir}")
+
+    def next_batch():
+        nonlocal epoch, batch_pos
+        if batch_pos >= len(batches):
+            epoch, batch_pos = epoch + 1, 0
+        x, y = batches.windows.batch(batches.order(epoch)[batch_pos * t.batch_size:(batch_pos + 1) * t.batch_size])
+        batch_pos += 1
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def run_eval() -> dict:
+        losses = {f"{name}_loss": evaluate(model, b, t.eval_batches, device).loss for name, b in eval_sets.items()}
+        record = dict(event="eval", step=step, tokens=tokens_seen, lr=lr_at(max(step - 1, 0), t.lr, min_lr,
+                      warmup, total_steps), **losses)
+        if "val_loss" in losses:
+            record["val_perplexity"] = math.exp(min(losses["val_loss"], 700))
+        progress.write(format_eval(step, tokens_seen, losses.get("train_loss"), losses.get("val_loss")))
+        if t.sample_tokens > 0:
+            text = sample_text(model, tokenizer, t.sample_prompt, SampleConfig(max_new_tokens=t.sample_tokens),
+                               device=device)[0]
+            record["sample"] = t.sample_prompt + text
+            progress.write(f"  sample: {record['sample']!r}")
+        metrics.log(**record)
+        plot_losses(metrics.records, run_dir / "loss.png")
+        return record
+
+    def save() -> None:
+        state = dict(step=step, tokens=tokens_seen, epoch=epoch, batch=batch_pos, data_hash=data_hash,
+                     optimizer=optimizer.state_dict(), rng=ckpt.rng_state())
+        ckpt.save_checkpoint(run_dir, step, model, cfg.data.tokenizer, state, t.keep_last)
+
+    # --- the loop
+    progress = Progress(total_steps, step, enabled=t.progress)
+    last_eval = run_eval() if step == 0 else {}
+    save_every = t.save_every or t.eval_every
+    model.train()
+    start_time, start_step = time.perf_counter(), step
+    tok_s = 0.0
+    while step < total_steps:
+        lr = lr_at(step, t.lr, min_lr, warmup, total_steps)
+        set_lr(optimizer, lr)
+        loss_sum = 0.0
+        for _ in range(t.grad_accum):
+            x, y = next_batch()
+            loss = loss_batch(model, x, y) / t.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        tok_s = progress.step(loss_sum, tokens_per_step, lr)
+        if step % t.log_every == 0:
+            metrics.log(event="train", step=step, tokens=tokens_seen, lr=lr, train_loss=loss_sum,
+                        grad_norm=float(grad_norm), tokens_per_s=round(tok_s, 1))
+        if step % t.eval_every == 0 or step == total_steps:
+            last_eval = run_eval()
+        if step % save_every == 0 or step == total_steps:
+            save()
+        progress.pause()
+    progress.close()
+    elapsed = time.perf_counter() - start_time
+    return dict(last_eval, steps=step, seconds=elapsed,
+                tokens_per_s=(step - start_step) * tokens_per_step / max(elapsed, 1e-9))
+
+
+def _toml_bytes(cfg: RunConfig) -> bytes:
+    import tomli_w
+
+    return tomli_w.dumps(cfg.to_toml()).encode()
+
+
+def run_config_sections() -> dict[str, type]:
+    return {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def config_fields(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]

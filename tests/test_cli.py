@@ -1,0 +1,168 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gptforge.cli import main
+
+TINY = ["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--eval-batches", "2",
+        "--sample-tokens", "4", "--device", "cpu", "--no-progress", "--seed", "1"]
+
+
+def run(args, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, request):
+    """One tiny run shared by the eval/generate tests."""
+    from pydoc_data.topics import topics
+
+    d = tmp_path_factory.mktemp("cli")
+    text = d / "corpus.txt"
+    text.write_text("\n\n".join(topics[k] for k in sorted(topics)[:6]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptforge", "train", str(text), "--out", str(d / "run"), "--max-steps", "6",
+         "--eval-every", "3", *TINY],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return d / "run", text, proc.stdout
+
+
+def test_train_end_to_end(trained):
+    run_dir, _, stdout = trained
+    assert "parameters" in stdout and "MB in fp32" in stdout
+    assert "sample: 'Every effort moves you" in stdout
+    assert "done: step 6" in stdout
+    for name in ("config.toml", "metrics.jsonl", "loss.png", "checkpoints/step-00000006/model.safetensors",
+                 "checkpoints/step-00000006/state.pt"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_eval_json(trained, capsys):
+    run_dir, text, _ = trained
+    code, out, _ = run(["eval", str(run_dir), str(text), "--json", "--device", "cpu"], capsys)
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result) == {"loss", "perplexity", "tokens"}
+    assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
+    assert result["tokens"] % 32 == 0 and result["tokens"] > 1000
+    # a shorter context and a stride score more windows; a checkpoint file works as SOURCE
+    weights = run_dir / "checkpoints/step-00000006/model.safetensors"
+    code, out, _ = run(["eval", str(weights), str(text), "--json", "--context-length", "16", "--stride", "8",
+                        "--max-batches", "3", "--batch-size", "2"], capsys)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["tokens"] == 3 * 2 * 16
+
+
+def test_generate_seeded_and_greedy(trained, capsys):
+    run_dir, _, _ = trained
+    args = ["generate", str(run_dir), "--prompt", "The", "--max-new-tokens", "8", "--device", "cpu"]
+    a = run(args + ["--temperature", "1.0", "--top-k", "50", "--top-p", "0.95", "--seed", "3",
+                    "--num-samples", "2"], capsys)
+    b = run(args + ["--temperature", "1.0", "--top-k", "50", "--top-p", "0.95", "--seed", "3",
+                    "--num-samples", "2"], capsys)
+    assert a[0] == 0 and a[1] == b[1] and a[1].count("--- sample") == 2
+    g1, g2 = run(args, capsys), run(args + ["--top-k", "1", "--temperature", "0.7", "--seed", "9"], capsys)
+    assert g1[1] == g2[1] and g1[1].startswith("The")
+
+
+def test_resume_extends_a_finished_run(trained, capsys, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    code, _, err = run(["train", "--resume", str(run_dir)], capsys)
+    assert code == 1 and "already finished at step 6" in err and "--max-steps" in err
+    code, out, _ = run(["train", "--resume", str(run_dir), "--max-steps", "8", "--no-progress"], capsys)
+    assert code == 0 and "resuming" in out and "done: step 8" in out
+    steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")]
+    assert max(steps) == 8
+    code, _, err = run(["train", "--resume", str(run_dir), "--max-steps", "9", "--emb-dim", "128"], capsys)
+    assert code == 1 and "cannot change emb_dim" in err
+
+
+def test_config_file_and_flags_win(tmp_path, capsys, text_file):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('preset = "tiny"\nmax-steps = 2\n[train]\nlr = 0.01\nbatch_size = 2\neval_every = 1\n'
+                   'device = "cpu"\nprogress = false\nsample_tokens = 0\n[model]\ncontext_length = 16\n')
+    code, out, err = run(["train", str(text_file), "--config", str(cfg), "--out", str(tmp_path / "r"),
+                          "--lr", "0.02"], capsys)
+    assert code == 0, err
+    import tomllib
+
+    saved = tomllib.loads((tmp_path / "r" / "config.toml").read_text())
+    assert saved["train"]["lr"] == 0.02 and saved["train"]["batch_size"] == 2 and saved["train"]["max_steps"] == 2
+    assert saved["model"]["context_length"] == 16 and saved["model"]["emb_dim"] == 64  # preset tiny
+    # the saved config is itself a valid --config
+    code, _, err = run(["train", "--config", str(tmp_path / "r" / "config.toml"), "--out", str(tmp_path / "r2")],
+                       capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("toml,message", [
+    ("lrr = 0.1\n", "unknown key 'lrr' in the top level; did you mean 'lr'?"),
+    ("[train]\nlr = 'fast'\n", "lr must be a number, got 'fast'"),
+    ("[optim]\nlr = 1\n", "unknown table [optim]"),
+    ("lr = \n", "not valid TOML"),
+])
+def test_bad_config_files(tmp_path, capsys, toml, message):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    code, _, err = run(["train", "--config", str(cfg)], capsys)
+    assert code == 1 and message in err and "Traceback" not in err
+    assert str(cfg) in err
+
+
+def test_user_errors_are_one_line(tmp_path, capsys, text_file):
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words here")
+    cases = [
+        (["train", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "a")], "no such file"),
+        (["train", str(short), "--out", str(tmp_path / "b"), *TINY], "train split has"),
+        (["train", str(text_file), "--emb-dim", "30", "--n-heads", "4", "--out", str(tmp_path / "c")],
+         "divisible"),
+        (["eval", str(tmp_path / "nothing"), str(text_file)], "no such file"),
+        (["generate", str(text_file), "--prompt", "x"], "not a readable safetensors file"),
+    ]
+    for args, message in cases:
+        code, _, err = run(args, capsys)
+        assert code == 1, args
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_out_dir_with_a_run_is_not_overwritten(trained, capsys):
+    run_dir, text, _ = trained
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    code, _, err = run(["train", str(text), "--out", str(run_dir), *TINY], capsys)
+    assert code == 1 and "already holds a run" in err
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_help_explains_every_flag(capsys):
+    import click
+
+    from gptforge.cli import cli
+
+    for name, command in cli.commands.items():
+        code, out, _ = run([name, "--help"], capsys)
+        assert code == 0
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help and len(param.help) > 10, (name, param.name)
+                assert param.opts[0] in out
+    code, out, _ = run(["train", "--help"], capsys)
+    for flag in ("--val-fraction", "--stride", "--warmup-steps", "--min-lr", "--grad-clip", "--grad-accum",
+                 "--epochs", "--max-steps", "--eval-every", "--eval-batches", "--sample-prompt", "--seed",
+                 "--device", "--preset", "--context-length", "--emb-dim", "--n-layers", "--n-heads",
+                 "--drop-rate", "--qkv-bias", "--batch-size", "--lr", "--weight-decay", "--resume", "--config",
+                 "--out"):
+        assert flag in out, flag

@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+
+from gptforge.evaluate import evaluate, loss_batch, perplexity
+from gptforge.model import GPT, PRESETS, GPTConfig
+
+
+def test_gpt2_small_parameter_count():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**PRESETS["gpt2-small"]))
+    assert model.num_params() == 124_439_808
+    with torch.device("meta"):
+        untied = GPT(GPTConfig(**PRESETS["gpt2-small"], tie_weights=False))
+    assert untied.num_params() == 124_439_808 + 50257 * 768
+
+
+@pytest.mark.parametrize("name", ["gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_openai_shapes(name):
+    expected = {"gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}[name]
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**PRESETS[name]))
+    assert model.num_params() == expected
+
+
+def test_parameter_names_follow_gpt2():
+    model = GPT(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1, qkv_bias=True))
+    names = set(model.state_dict())
+    for key in ["wte.weight", "wpe.weight", "h.0.ln_1.weight", "h.0.ln_1.bias", "h.0.attn.c_attn.weight",
+                "h.0.attn.c_attn.bias", "h.0.attn.c_proj.weight", "h.0.ln_2.bias", "h.0.mlp.c_fc.weight",
+                "h.0.mlp.c_proj.bias", "ln_f.weight", "lm_head.weight"]:
+        assert key in names
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_output_shape_and_context_limit(tiny_model, tiny_cfg):
+    x = torch.randint(0, tiny_cfg.vocab_size, (3, 10))
+    assert tiny_model(x).shape == (3, 10, tiny_cfg.vocab_size)
+    with pytest.raises(ValueError, match="longer than the model's context_length"):
+        tiny_model(torch.zeros(1, tiny_cfg.context_length + 1, dtype=torch.long))
+
+
+def test_causality_future_tokens_do_not_change_earlier_logits(tiny_model, tiny_cfg):
+    torch.manual_seed(1)
+    x = torch.randint(0, tiny_cfg.vocab_size, (2, 16))
+    x2 = x.clone()
+    x2[:, 10:] = torch.randint(0, tiny_cfg.vocab_size, (2, 6))
+    a, b = tiny_model(x), tiny_model(x2)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_matches_explicit_attention_reference(tiny_model, tiny_cfg):
+    """The block computed by hand (softmax(QK^T/sqrt(d)) with a causal mask) equals the model."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 7, tiny_cfg.emb_dim)
+    attn = tiny_model.h[0].attn
+    B, T, C = x.shape
+    nh, hs = tiny_cfg.n_heads, C // tiny_cfg.n_heads
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
+    att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
+    ref = attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_model_loss_is_close_to_ln_vocab():
+    torch.manual_seed(0)
+    cfg = GPTConfig(context_length=32, emb_dim=64, n_heads=4, n_layers=2)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (4, 32))
+    y = torch.randint(0, cfg.vocab_size, (4, 32))
+    result = evaluate(model, [(x, y)])
+    assert abs(result.loss - math.log(cfg.vocab_size)) < 0.3
+    assert result.tokens == 128
+    assert perplexity(result.loss) == pytest.approx(math.exp(result.loss))
+
+
+def test_tiny_model_overfits_one_batch(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPT(tiny_cfg)
+    x = torch.randint(0, tiny_cfg.vocab_size, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = loss_batch(model, x, y).item()
+    for _ in range(150):
+        loss = loss_batch(model, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 4.0 and loss.item() < 0.05
+
+
+def test_evaluate_restores_training_mode_and_limits_batches(tiny_model, tiny_cfg):
+    tiny_model.train()
+    batches = [(torch.randint(0, tiny_cfg.vocab_size, (2, 8)),) * 2 for _ in range(5)]
+    assert evaluate(tiny_model, batches, max_batches=2).tokens == 32
+    assert tiny_model.training
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(emb_dim=30, n_heads=4)
+    with pytest.raises(ValueError, match="unknown model setting"):
+        GPTConfig.from_dict({"emb": 3})
