@@ -20,7 +20,7 @@ from .config import ConfigError, build, default_of, field_types, help_of, read_t
 from .data import DataConfig, DataError
 from .generate import SampleConfig
 from .model import PRESETS, GPTConfig
-from .train import RunConfig, TrainConfig
+from .train import DEFAULT_CORPUS_RUN, RunConfig, TrainConfig
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -133,8 +133,8 @@ def resolve_train_config(data, config_file, resume, preset, flags) -> tuple[RunC
         preset_name = file_values.get("preset", "mini")
         if preset_name not in PRESETS:
             raise ConfigError(f"unknown preset {preset_name!r}; choose one of {', '.join(sorted(PRESETS))}")
-        layers = [PRESETS[preset_name], file_values, flags]
         inputs = list(data) or list(file_values.get("inputs", []))
+        layers = [PRESETS[preset_name], {} if inputs else DEFAULT_CORPUS_RUN, file_values, flags]
         run_dir = Path(flags.get("out") or file_values.get("out")
                        or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
         if (run_dir / CONFIG).exists():

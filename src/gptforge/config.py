@@ -17,7 +17,7 @@ import difflib
 import sys
 import types
 import typing
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, field, fields
 from pathlib import Path
 from typing import Any
 

@@ -7,6 +7,7 @@ position in the data is two integers (epoch, batch) that a checkpoint can hold.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,10 +78,19 @@ def read_text_file(path: Path) -> str:
 
 
 def default_corpus() -> str:
-    """English text that ships with CPython (pydoc's help topics, about 465 KB): no download."""
+    """English text that ships with CPython (pydoc's help topics, about 465 KB): no download needed.
+
+    Layout is tidied so the text reads as prose: indentation and runs of spaces are collapsed,
+    reStructuredText underlines dropped, and blank-line runs shortened to one blank line.
+    """
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    docs = []
+    for key in sorted(topics):
+        lines = [" ".join(line.split()) for line in topics[key].splitlines()]
+        lines = [line for line in lines if not (line and set(line) <= set("*=-^~"))]
+        docs.append(re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip())
+    return "\n\n".join(docs)
 
 
 def read_texts(paths: Sequence[str | Path]) -> list[str]:

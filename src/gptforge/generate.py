@@ -115,6 +115,9 @@ def sample_text(
     generator = None
     if cfg.temperature > 0:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()  # fresh entropy for this generator only; the global RNG is untouched
     outs = generate(model, idx, cfg, eos_id=tokenizer.eot_id, generator=generator)
     return [tokenizer.decode([t for t in o if t != tokenizer.eot_id]) for o in outs]

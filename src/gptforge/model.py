@@ -18,15 +18,15 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    """Shape of a GPT-2-style model."""
+    """Shape of a GPT-2-style model. The defaults are the CPU-sized "mini" preset."""
 
     vocab_size: int = field(default=50257, metadata={"help": "Number of token ids (50257 for GPT-2 BPE)."})
     context_length: int = field(
-        default=256, metadata={"help": "Longest sequence the model sees: the number of learned positions."}
+        default=128, metadata={"help": "Longest sequence the model sees: the number of learned positions."}
     )
-    emb_dim: int = field(default=384, metadata={"help": "Width of the residual stream."})
-    n_heads: int = field(default=6, metadata={"help": "Attention heads per layer; must divide emb_dim."})
-    n_layers: int = field(default=6, metadata={"help": "Number of transformer blocks."})
+    emb_dim: int = field(default=128, metadata={"help": "Width of the residual stream."})
+    n_heads: int = field(default=4, metadata={"help": "Attention heads per layer; must divide emb_dim."})
+    n_layers: int = field(default=4, metadata={"help": "Number of transformer blocks."})
     drop_rate: float = field(
         default=0.1, metadata={"help": "Dropout on embeddings, attention and residual branches in training."}
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -94,22 +93,15 @@ class Progress:
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
         )
         self.enabled = enabled
-        self.t0 = time.perf_counter()
         self.rate: float | None = None
 
-    def step(self, loss: float, tokens: int, lr: float) -> float:
-        """Advance one step of `tokens` tokens; returns the smoothed tokens/s."""
-        now = time.perf_counter()
-        tok_s = tokens / max(now - self.t0, 1e-9)
-        self.t0 = now
+    def step(self, loss: float, tokens: int, seconds: float, lr: float) -> float:
+        """Advance one step that trained `tokens` tokens in `seconds`; returns the smoothed tokens/s."""
+        tok_s = tokens / max(seconds, 1e-9)
         self.rate = tok_s if self.rate is None else 0.9 * self.rate + 0.1 * tok_s
         self.bar.set_postfix_str(f"loss {loss:.3f}, {human(self.rate)} tok/s, lr {lr:.2e}", refresh=False)
         self.bar.update(1)
         return self.rate
-
-    def pause(self) -> None:
-        """Exclude the time since the last step (evaluation, saving) from the next rate."""
-        self.t0 = time.perf_counter()
 
     def write(self, line: str) -> None:
         if self.enabled:
