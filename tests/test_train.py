@@ -103,3 +103,23 @@ def test_keep_last_and_atomic_checkpoints(text_file, tmp_path):
     train(tiny_run(text_file, max_steps=6, save_every=1, keep_last=2), run, log=lambda *_: None)
     assert [d.name for d in ckpt.checkpoint_dirs(run)] == ["step-00000005", "step-00000006"]
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_damaged_newest_checkpoint_falls_back_to_previous(text_file, tmp_path):
+    cfg = tiny_run(text_file, max_steps=6, save_every=2, keep_last=0, eval_every=100, sample_tokens=0)
+    full = tmp_path / "full"
+    train(cfg, full, log=lambda *_: None)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for d in ckpt.checkpoint_dirs(cut):
+        if int(d.name[5:]) > 4:
+            shutil.rmtree(d)
+    newest = ckpt.checkpoint_dirs(cut)[-1]
+    weights_file = newest / ckpt.WEIGHTS
+    weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])  # truncated
+    messages = []
+    assert ckpt.latest_checkpoint(cut, warn=messages.append).name == "step-00000002"
+    assert "checksum mismatch" in messages[0] and "step-00000004" in messages[0]
+    train(cfg, cut, resume=True, log=messages.append)  # resumes from step 2, ends where the full run ended
+    assert losses(cut) == losses(full)
+    assert all(torch.equal(v, weights(full)[k]) for k, v in weights(cut).items())

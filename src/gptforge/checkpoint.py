@@ -8,17 +8,21 @@ A run directory holds::
     checkpoints/step-00000100/
         model.safetensors            weights; the model config and tokenizer in its metadata
         state.pt                     optimizer, step, tokens seen, data position, RNG states
+        checksums.json               sha256 of each file above, verified on load
 
 A checkpoint directory is written under a temporary name, fsynced and renamed, so a directory
-named ``step-*`` is always complete.
+named ``step-*`` is complete when written; its checksums catch later damage (a truncated copy, a
+bad disk), and a damaged newest checkpoint is reported and passed over for the previous one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ from .model import GPT, GPTConfig
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
+CHECKSUMS = "checksums.json"
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 
@@ -125,9 +130,39 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted((d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-")), key=lambda d: d.name)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    dirs = checkpoint_dirs(run_dir)
-    return dirs[-1] if dirs else None
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(ckpt_dir: Path) -> None:
+    """Raise CheckpointError unless every file listed in checksums.json is present and intact."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        expected = json.loads((ckpt_dir / CHECKSUMS).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"{ckpt_dir}: {CHECKSUMS} is missing or unreadable") from None
+    for name, digest in expected.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt_dir}: {name} is missing")
+        if file_sha256(path) != digest:
+            raise CheckpointError(f"{path}: checksum mismatch (the file is damaged or incomplete)")
+
+
+def latest_checkpoint(run_dir: Path, warn=None) -> Path | None:
+    """The newest checkpoint whose checksums verify; damaged newer ones are reported through warn."""
+    for d in reversed(checkpoint_dirs(run_dir)):
+        try:
+            verify_checkpoint(d)
+            return d
+        except CheckpointError as e:
+            if warn is not None:
+                warn(f"skipping damaged checkpoint: {e}")
+    return None
 
 
 def rng_state() -> dict:
@@ -162,7 +197,9 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: str, state:
     tmp.mkdir()
     save_weights(tmp / WEIGHTS, model, tokenizer, extra={"step": step})
     torch.save(state, tmp / STATE)
-    for f in (WEIGHTS, STATE):
+    sums = {f: file_sha256(tmp / f) for f in (WEIGHTS, STATE)}
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+    for f in (WEIGHTS, STATE, CHECKSUMS):
         _fsync_file(tmp / f)
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
@@ -189,9 +226,13 @@ def resolve_weights(source: str | Path) -> Path:
         return p
     if p.is_dir():
         if (p / WEIGHTS).is_file():
+            if (p / CHECKSUMS).is_file():
+                verify_checkpoint(p)
             return p / WEIGHTS
-        latest = latest_checkpoint(p)
-        if latest is not None:
+        if checkpoint_dirs(p):
+            latest = latest_checkpoint(p, warn=lambda msg: print(f"gptforge: warning: {msg}", file=sys.stderr))
+            if latest is None:
+                raise CheckpointError(f"{p}: every checkpoint is damaged (checksum mismatch)")
             return latest / WEIGHTS
         raise CheckpointError(f"{p}: neither a run directory with checkpoints nor a checkpoint directory")
     raise CheckpointError(f"{p}: no such file or directory")

@@ -157,9 +157,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
     step, tokens_seen, epoch, batch_pos = 0, 0, 0, 0
     if resume:
-        last = ckpt.latest_checkpoint(run_dir)
+        last = ckpt.latest_checkpoint(run_dir, warn=log)
         if last is None:
-            raise ConfigError(f"{run_dir}: no checkpoint to resume from")
+            raise ConfigError(f"{run_dir}: no intact checkpoint to resume from")
         state = ckpt.load_state(last)
         if state["data_hash"] != data_hash:
             raise ConfigError(f"{run_dir}: the training data differs from the data the run started with "
