@@ -123,3 +123,66 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(text_file, tmp_path):
     train(cfg, cut, resume=True, log=messages.append)  # resumes from step 2, ends where the full run ended
     assert losses(cut) == losses(full)
     assert all(torch.equal(v, weights(full)[k]) for k, v in weights(cut).items())
+
+
+def test_nonfinite_loss_stops_without_a_nan_checkpoint(text_file, tmp_path, monkeypatch):
+    import importlib
+
+    import pytest
+
+    from gptforge.train import TrainingError
+
+    train_mod = importlib.import_module("gptforge.train")  # the module (gptforge.train is also the function)
+
+    real = train_mod.loss_batch
+    calls = []
+
+    def poisoned(model, x, y):
+        calls.append(1)
+        loss = real(model, x, y)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_mod, "loss_batch", poisoned)
+    run = tmp_path / "run"
+    cfg = tiny_run(text_file, max_steps=6, save_every=1, keep_last=0, eval_every=100, sample_tokens=0)
+    with pytest.raises(TrainingError, match="non-finite loss or gradient at step 3"):
+        train(cfg, run, log=lambda *_: None)
+    assert ckpt.latest_checkpoint(run).name == "step-00000002"
+    assert all(torch.isfinite(v).all() for v in weights(run).values())
+
+    calls.clear()
+    skip = tmp_path / "skip"
+    summary = train(tiny_run(text_file, max_steps=6, eval_every=100, sample_tokens=0, skip_nonfinite=True), skip,
+                    log=lambda *_: None)
+    assert summary["steps"] == 6
+    events = [json.loads(line) for line in open(skip / "metrics.jsonl")]
+    assert [e["step"] for e in events if e["event"] == "skipped"] == [3]
+    assert all(torch.isfinite(v).all() for v in weights(skip).values())
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_0(text_file, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "gptforge", "train", str(text_file), "--out", str(run), "--preset", "tiny",
+            "--context-length", "32", "--batch-size", "4", "--max-steps", "100000", "--eval-every", "100000",
+            "--save-every", "100000", "--sample-tokens", "0", "--device", "cpu", "--no-progress", "--log-every", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until a few steps have run
+        if (run / "metrics.jsonl").exists() and sum(1 for _ in open(run / "metrics.jsonl")) >= 4:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in out
+    last = ckpt.latest_checkpoint(run)
+    assert last is not None and ckpt.load_state(last)["step"] >= 3
+    proc = subprocess.run([sys.executable, "-m", "gptforge", "train", "--resume", str(run), "--max-steps",
+                           str(ckpt.load_state(last)["step"] + 2)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stdout

@@ -20,9 +20,9 @@ from .config import ConfigError, build, default_of, field_types, help_of, read_t
 from .data import DataConfig, DataError
 from .generate import SampleConfig
 from .model import PRESETS, GPTConfig
-from .train import DEFAULT_CORPUS_RUN, RunConfig, TrainConfig
+from .train import DEFAULT_CORPUS_RUN, RunConfig, TrainConfig, TrainingError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
 
 
 def dataclass_options(*classes: type, exclude: tuple[str, ...] = ()):
@@ -102,7 +102,7 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, pr
     cfg, run_dir = resolve_train_config(data, config_file, resume, preset, given(flags))
     summary = run_training(cfg, run_dir, resume=resume is not None, log=click.echo)
     parts = [f"{k} {summary[k]:.4f}" for k in ("train_loss", "val_loss") if k in summary]
-    click.echo(f"done: step {summary['steps']}, " + ", ".join(parts)
+    click.echo(f"{'stopped' if summary['stopped_by'] else 'done'}: step {summary['steps']}, " + ", ".join(parts)
                + f", {summary['tokens_per_s']:.0f} tokens/s -> {run_dir}")
 
 

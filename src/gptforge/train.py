@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -51,6 +54,7 @@ class TrainConfig:
     beta1: float = opt(0.9, "AdamW beta1.")
     beta2: float = opt(0.95, "AdamW beta2.")
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 turns clipping off.")
+    skip_nonfinite: bool = opt(False, "Skip a step whose loss or gradient is NaN/inf instead of stopping the run.")
     epochs: int = opt(1, "Passes over the training windows (when --max-steps is not given).")
     max_steps: int | None = opt(None, "Optimizer steps to train; overrides --epochs. Larger extends a run.")
     eval_every: int = opt(50, "Evaluate train and val loss (and print a sample) every this many steps.")
@@ -93,6 +97,37 @@ class RunConfig:
     def to_toml(self) -> dict:
         return to_toml_dict(preset=self.preset, inputs=self.inputs, model=self.model, data=self.data,
                             train=self.train)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step and what to change."""
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGINT/SIGTERM set a flag instead of killing the run: the loop finishes its step, saves, exits.
+
+    A second signal of the same kind while the flag is set falls back to the usual behaviour.
+    """
+    requested: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if requested:
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+        requested.append(signal.Signals(signum).name)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield requested
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def pick_device(name: str) -> torch.device:
@@ -220,33 +255,45 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     save_every = t.save_every or t.eval_every
     model.train()
     train_seconds, start_step = 0.0, step
-    while step < total_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, t.lr, min_lr, warmup, total_steps)
-        set_lr(optimizer, lr)
-        loss_sum = 0.0
-        for _ in range(t.grad_accum):
-            x, y = next_batch()
-            loss = loss_batch(model, x, y) / t.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        tok_s = progress.step(loss_sum, tokens_per_step, seconds, lr)
-        if step % t.log_every == 0:
-            metrics.log(event="train", step=step, tokens=tokens_seen, lr=lr, train_loss=loss_sum,
-                        grad_norm=float(grad_norm), tokens_per_s=round(tok_s, 1))
-        if step % t.eval_every == 0 or step == total_steps:
-            last_eval = run_eval()
-        if step % save_every == 0 or step == total_steps:
-            save()
+    with stop_requests() as stop:
+        while step < total_steps and not stop:
+            t0 = time.perf_counter()
+            lr = lr_at(step, t.lr, min_lr, warmup, total_steps)
+            set_lr(optimizer, lr)
+            loss_sum = 0.0
+            for _ in range(t.grad_accum):
+                x, y = next_batch()
+                loss = loss_batch(model, x, y) / t.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       t.grad_clip if t.grad_clip > 0 else math.inf)
+            finite = math.isfinite(loss_sum) and math.isfinite(float(grad_norm))
+            if finite:
+                optimizer.step()
+            elif not t.skip_nonfinite:  # stop before the bad update: no NaN ever reaches a checkpoint
+                raise TrainingError(f"non-finite loss or gradient at step {step + 1} (loss {loss_sum}, grad norm "
+                                    f"{float(grad_norm)}); lower --lr, keep --grad-clip on, or pass --skip-nonfinite")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            tok_s = progress.step(loss_sum, tokens_per_step, seconds, lr)
+            if not finite:
+                progress.write(f"step {step}: non-finite loss or gradient, update skipped")
+                metrics.log(event="skipped", step=step, tokens=tokens_seen, lr=lr)
+            elif step % t.log_every == 0:
+                metrics.log(event="train", step=step, tokens=tokens_seen, lr=lr, train_loss=loss_sum,
+                            grad_norm=float(grad_norm), tokens_per_s=round(tok_s, 1))
+            if step % t.eval_every == 0 or step == total_steps:
+                last_eval = run_eval()
+            if step % save_every == 0 or step == total_steps or stop:
+                save()
     progress.close()
-    return dict(last_eval, steps=step, train_seconds=train_seconds,
+    if stop:
+        log(f"stopped by {stop[0]} at step {step}; checkpoint saved, continue with --resume {run_dir}")
+    return dict(last_eval, steps=step, train_seconds=train_seconds, stopped_by=stop[0] if stop else None,
                 tokens_per_s=(step - start_step) * tokens_per_step / max(train_seconds, 1e-9))
 
 
