@@ -191,9 +191,9 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: str, state:
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
+    for stale in root.glob(".tmp-step-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     save_weights(tmp / WEIGHTS, model, tokenizer, extra={"step": step})
     torch.save(state, tmp / STATE)

@@ -16,10 +16,10 @@ class MetricsLog:
     """Appends one JSON object per event to metrics.jsonl.
 
     When a run resumes from step N, events logged after N by the interrupted run are dropped
-    first, so the file reads as if the run had never stopped.
+    first, so the file reads as if the run had never stopped (-1 drops everything).
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int = -1):
         self.path = Path(path)
         self.records: list[dict] = []
         if self.path.exists():
@@ -29,8 +29,7 @@ class MetricsLog:
                         self.records.append(json.loads(line))
                     except json.JSONDecodeError:
                         continue  # a line cut off by a crash
-            if resume_step is not None:
-                self.records = [r for r in self.records if r.get("step", 0) <= resume_step]
+            self.records = [r for r in self.records if r.get("step", 0) <= resume_step]
             text = "".join(json.dumps(r) + "\n" for r in self.records)
             atomic_write_bytes(self.path, text.encode())
 

@@ -191,10 +191,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     model = GPT(cfg.model).to(device)
     optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
     step, tokens_seen, epoch, batch_pos = 0, 0, 0, 0
-    if resume:
-        last = ckpt.latest_checkpoint(run_dir, warn=log)
-        if last is None:
-            raise ConfigError(f"{run_dir}: no intact checkpoint to resume from")
+    last = ckpt.latest_checkpoint(run_dir, warn=log) if resume else None
+    if resume and last is None:
+        log(f"{run_dir}: no intact checkpoint yet; starting the run from step 0")
+    if last is not None:
         state = ckpt.load_state(last)
         if state["data_hash"] != data_hash:
             raise ConfigError(f"{run_dir}: the training data differs from the data the run started with "
@@ -210,7 +210,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_bytes(run_dir / ckpt.CONFIG, _toml_bytes(cfg))
-    metrics = MetricsLog(run_dir / ckpt.METRICS, resume_step=step if resume else None)
+    metrics = MetricsLog(run_dir / ckpt.METRICS, resume_step=step if last is not None else -1)
 
     tokens_per_step = t.batch_size * t.grad_accum * ctx
     log(describe_model(model))
