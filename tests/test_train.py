@@ -186,3 +186,43 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_0(text_file, tmp_path):
                            str(ckpt.load_state(last)["step"] + 2)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "resuming" in proc.stdout
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(text_file, tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from gptforge.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    cfg = tiny_run(text_file, max_steps=4, save_every=2, keep_last=1, eval_every=100, sample_tokens=0)
+    train(cfg, run, log=lambda *_: None)
+    before = weights(run)
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    cfg.train.max_steps = 6
+    with pytest.raises(CheckpointError, match=r"No space left on device.*step-00000004 is intact"):
+        train(cfg, run, resume=True, log=lambda *_: None)
+    assert [d.name for d in ckpt.checkpoint_dirs(run)] == ["step-00000004"]
+    assert not list((run / "checkpoints").glob(".tmp*"))
+    after = weights(run)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_out_of_memory_suggests_smaller_micro_batch(text_file, tmp_path, monkeypatch):
+    import importlib
+
+    import pytest
+
+    from gptforge.train import TrainingError
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(importlib.import_module("gptforge.train"), "loss_batch", oom)
+    with pytest.raises(TrainingError, match="--batch-size 2 --grad-accum 2"):
+        train(tiny_run(text_file, eval_every=100, sample_tokens=0), tmp_path / "run", log=lambda *_: None)

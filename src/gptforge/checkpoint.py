@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .model import GPT, GPTConfig
@@ -194,14 +194,24 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: str, state:
     for stale in root.glob(".tmp-step-*"):  # left by a process killed while saving
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    tmp.mkdir()
-    save_weights(tmp / WEIGHTS, model, tokenizer, extra={"step": step})
-    torch.save(state, tmp / STATE)
-    sums = {f: file_sha256(tmp / f) for f in (WEIGHTS, STATE)}
-    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
-    for f in (WEIGHTS, STATE, CHECKSUMS):
-        _fsync_file(tmp / f)
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        save_weights(tmp / WEIGHTS, model, tokenizer, extra={"step": step})
+        torch.save(state, tmp / STATE)
+        sums = {f: file_sha256(tmp / f) for f in (WEIGHTS, STATE)}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+        for f in (WEIGHTS, STATE, CHECKSUMS):
+            _fsync_file(tmp / f)
+        _fsync_dir(tmp)
+    except (OSError, SafetensorError) as e:  # e.g. a full disk: the previous checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(
+            f"could not write the checkpoint for step {step} in {root} ({reason}); "
+            + (f"{previous.name} is intact: free space and continue with --resume {run_dir}" if previous
+               else "no earlier checkpoint exists")
+        ) from None
     if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)

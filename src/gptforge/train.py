@@ -261,11 +261,18 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             lr = lr_at(step, t.lr, min_lr, warmup, total_steps)
             set_lr(optimizer, lr)
             loss_sum = 0.0
-            for _ in range(t.grad_accum):
-                x, y = next_batch()
-                loss = loss_batch(model, x, y) / t.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
+            try:
+                for _ in range(t.grad_accum):
+                    x, y = next_batch()
+                    loss = loss_batch(model, x, y) / t.grad_accum
+                    loss.backward()
+                    loss_sum += loss.item()
+            except torch.cuda.OutOfMemoryError:
+                raise TrainingError(
+                    f"out of memory at step {step + 1} with micro-batch {t.batch_size}: keep the global batch with a "
+                    f"smaller micro-batch and more accumulation, e.g. --batch-size {max(1, t.batch_size // 2)} "
+                    f"--grad-accum {t.grad_accum * 2}"
+                ) from None
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        t.grad_clip if t.grad_clip > 0 else math.inf)
             finite = math.isfinite(loss_sum) and math.isfinite(float(grad_norm))
