@@ -75,18 +75,20 @@ def _fsync_file(path: Path) -> None:
 # ----------------------------------------------------------------------------- weights
 
 
-def model_state(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's weights with a tied head stored once (as Hugging Face does)."""
-    sd = model.state_dict()
+def model_state(model: GPT, sd: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights (or the given full state dict of it) with a tied head stored once, as HF does."""
+    sd = dict(model.state_dict() if sd is None else sd)
     if model.cfg.tie_weights:
-        sd.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def save_weights(path: Path, model: GPT, tokenizer: str, extra: dict | None = None) -> None:
+def save_weights(path: Path, model: GPT, tokenizer: str, extra: dict | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights as safetensors; `weights` (a full state dict gathered from shards) replaces model.state_dict()."""
     meta = {"format": "gptforge", "model": json.dumps(model.cfg.to_dict()), "tokenizer": tokenizer}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
-    save_file({k: v.cpu() for k, v in model_state(model).items()}, str(path), metadata=meta)
+    save_file({k: v.cpu() for k, v in model_state(model, weights).items()}, str(path), metadata=meta)
 
 
 def read_weights_meta(path: Path) -> dict:
@@ -166,6 +168,7 @@ def latest_checkpoint(run_dir: Path, warn=None) -> Path | None:
 
 
 def rng_state() -> dict:
+    """This process's random number generator states (Python, NumPy, torch CPU and CUDA)."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -186,7 +189,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: str, state: dict, keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: str, state: dict, keep_last: int,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoints/step-N atomically, then delete all but the newest keep_last (0 keeps all)."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -196,7 +200,7 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: str, state:
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     try:
         tmp.mkdir()
-        save_weights(tmp / WEIGHTS, model, tokenizer, extra={"step": step})
+        save_weights(tmp / WEIGHTS, model, tokenizer, extra={"step": step}, weights=weights)
         torch.save(state, tmp / STATE)
         sums = {f: file_sha256(tmp / f) for f in (WEIGHTS, STATE)}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))

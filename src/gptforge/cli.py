@@ -91,16 +91,30 @@ TRAIN_TOP_LEVEL = {"preset": str, "inputs": list}
                    "training flags such as a larger --max-steps may change).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Model shape to start from; shape flags override single values.  [default: mini]")
+@click.option("--nproc", type=int, default=None,
+              help="Train with N processes on this machine: relaunches this command under torchrun "
+                   "(DDP, or FSDP with --parallel fsdp). Multi-node: run torchrun yourself (see README).")
 @dataclass_options(GPTConfig, DataConfig, TrainConfig)
-def train(data: tuple[str, ...], config_file: str | None, resume: str | None, preset: str | None, **flags) -> None:
+def train(data: tuple[str, ...], config_file: str | None, resume: str | None, preset: str | None,
+          nproc: int | None, **flags) -> None:
     """Train a GPT on DATA (text files or directories of .txt/.md files) and write a run directory.
 
     With no DATA, trains on English text that ships with Python (pydoc's help topics, ~465 KB).
     """
+    from . import distributed
     from .train import train as run_training
 
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    if nproc and nproc > 1 and not distributed.is_distributed():
+        sys.exit(distributed.launch(nproc, _without_nproc(_ARGV)))
     cfg, run_dir = resolve_train_config(data, config_file, resume, preset, given(flags))
-    summary = run_training(cfg, run_dir, resume=resume is not None, log=click.echo)
+    try:
+        summary = run_training(cfg, run_dir, resume=resume is not None, log=click.echo)
+    finally:
+        distributed.cleanup()
+    if not distributed.is_main():
+        return
     parts = [f"{k} {summary[k]:.4f}" for k in ("train_loss", "val_loss") if k in summary]
     click.echo(f"{'stopped' if summary['stopped_by'] else 'done'}: step {summary['steps']}, " + ", ".join(parts)
                + f", {summary['tokens_per_s']:.0f} tokens/s -> {run_dir}")
@@ -234,8 +248,25 @@ def _flat_config(config_file: str | None, opts: dict[str, Any], rename: dict[str
     return {rename.get(k, k): v for k, v in values.items()}
 
 
+_ARGV: list[str] = []
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become a one-line error and exit code 1, not a traceback."""
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     try:
         code = cli.main(args=argv, prog_name="gptforge", standalone_mode=False)
     except click.exceptions.Abort:

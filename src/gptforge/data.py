@@ -159,17 +159,25 @@ class TokenWindows(torch.utils.data.Dataset):
 
 
 class Batches:
-    """Batches of windows in a seeded order that is a pure function of (seed, epoch)."""
+    """Batches of windows in a seeded order that is a pure function of (seed, epoch).
 
-    def __init__(self, windows: TokenWindows, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0):
+    Under torchrun each global batch holds batch_size * world windows, and rank r takes rows
+    [r * batch_size, (r + 1) * batch_size): the ranks' shares are disjoint and together are what
+    one process with batch_size * world would see.
+    """
+
+    def __init__(self, windows: TokenWindows, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
+                 rank: int = 0, world: int = 1):
         self.windows = windows
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
+        self.rank = rank
+        self.world = world
 
     def __len__(self) -> int:
-        n, b = len(self.windows), self.batch_size
+        n, b = len(self.windows), self.batch_size * self.world
         return n // b if self.drop_last else -(-n // b)
 
     def order(self, epoch: int) -> np.ndarray:
@@ -178,11 +186,17 @@ class Batches:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.windows), generator=g).numpy()
 
+    def batch(self, epoch: int, index: int, order: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of global batch `index` of `epoch`."""
+        order = self.order(epoch) if order is None else order
+        start = index * self.batch_size * self.world + self.rank * self.batch_size
+        return self.windows.batch(order[start : start + self.batch_size])
+
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of one epoch, from batch number `start` on."""
         order = self.order(epoch)
         for b in range(start, len(self)):
-            yield self.windows.batch(order[b * self.batch_size : (b + 1) * self.batch_size])
+            yield self.batch(epoch, b, order)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)

@@ -19,10 +19,11 @@ class MetricsLog:
     first, so the file reads as if the run had never stopped (-1 drops everything).
     """
 
-    def __init__(self, path: Path, resume_step: int = -1):
-        self.path = Path(path)
+    def __init__(self, path: Path | None, resume_step: int = -1):
+        """path None keeps the records in memory only (the ranks of a torchrun launch other than 0)."""
+        self.path = Path(path) if path is not None else None
         self.records: list[dict] = []
-        if self.path.exists():
+        if self.path is not None and self.path.exists():
             for line in self.path.read_text().splitlines():
                 if line.strip():
                     try:
@@ -36,8 +37,9 @@ class MetricsLog:
     def log(self, **record) -> None:
         record = {k: v for k, v in record.items() if v is not None}
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def evals(self) -> list[dict]:
         return [r for r in self.records if r.get("event") == "eval"]
@@ -86,12 +88,13 @@ def human(n: float) -> str:
 class Progress:
     """A progress bar with step, loss, tokens/s and ETA; log lines print above it."""
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(self, total_steps: int, start_step: int, enabled: bool = True, quiet: bool = False):
         self.bar = tqdm(
             total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not enabled,
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
         )
         self.enabled = enabled
+        self.quiet = quiet  # print nothing at all (ranks other than 0)
         self.rate: float | None = None
 
     def step(self, loss: float, tokens: int, seconds: float, lr: float) -> float:
@@ -105,7 +108,7 @@ class Progress:
     def write(self, line: str) -> None:
         if self.enabled:
             self.bar.write(line)
-        else:
+        elif not self.quiet:
             print(line, flush=True)
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .config import ConfigError, opt, to_toml_dict
 from .data import (
     Batches,
@@ -68,6 +69,8 @@ class TrainConfig:
     sample_top_k: int | None = opt(None, "Top-k of that sample (with a temperature above 0).")
     seed: int = opt(123, "Seed for weights, data order and dropout: a CPU run repeats exactly.")
     device: str = opt("auto", "auto picks cuda, then mps, then cpu.", choices=DEVICES)
+    parallel: str = opt("ddp", "Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard).",
+                        choices=("ddp", "fsdp"))
     progress: bool = opt(True, "Show the progress bar.")
 
     def __post_init__(self) -> None:
@@ -160,7 +163,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     """Train (or resume) the run in run_dir; returns a summary of the last evaluation."""
     t = cfg.train
     run_dir = Path(run_dir)
-    device = pick_device(t.device)
+    device = dist.setup(pick_device(t.device))
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    if not main:  # only rank 0 prints, plots and writes
+        log = lambda *args, **kwargs: None  # noqa: E731
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -172,13 +178,14 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     ctx = cfg.model.context_length
     train_windows = TokenWindows(train_tokens, ctx, cfg.data.stride)
     val_windows = TokenWindows(val_tokens, ctx, cfg.data.stride)
-    check_windows(train_windows, len(train_tokens), "train", t.batch_size, drop_last=True)
+    check_windows(train_windows, len(train_tokens), "train", t.batch_size * world, drop_last=True)
     if cfg.data.val_fraction > 0:
         check_windows(val_windows, len(val_tokens), "val", t.batch_size, drop_last=False)
-    batches = Batches(train_windows, t.batch_size, shuffle=True, drop_last=True, seed=t.seed)
-    eval_sets = {"train": Batches(train_windows, t.batch_size, shuffle=False, drop_last=True)}
+    batches = Batches(train_windows, t.batch_size, shuffle=True, drop_last=True, seed=t.seed, rank=rank, world=world)
+    # evaluation scores whole global batches on every rank: the same numbers whatever the world size
+    eval_sets = {"train": Batches(train_windows, t.batch_size * world, shuffle=False, drop_last=True)}
     if len(val_windows):
-        eval_sets["val"] = Batches(val_windows, t.batch_size, shuffle=False, drop_last=False)
+        eval_sets["val"] = Batches(val_windows, t.batch_size * world, shuffle=False, drop_last=False)
     if len(batches) < t.grad_accum and t.max_steps is None:
         raise ConfigError(f"one epoch has {len(batches)} batches, fewer than --grad-accum {t.grad_accum}; "
                           "lower --grad-accum or --batch-size, or set --max-steps")
@@ -187,36 +194,50 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
     data_hash = hashlib.sha256(train_tokens.tobytes()).hexdigest()[:16]
 
-    # --- model and optimizer
+    # --- model and optimizer (the optimizer is made after wrapping: FSDP replaces the parameters)
     model = GPT(cfg.model).to(device)
-    optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
+    if world > 1:
+        torch.manual_seed(t.seed + 1000 * rank)  # same initial weights, a dropout stream per rank
     step, tokens_seen, epoch, batch_pos = 0, 0, 0, 0
     last = ckpt.latest_checkpoint(run_dir, warn=log) if resume else None
     if resume and last is None:
         log(f"{run_dir}: no intact checkpoint yet; starting the run from step 0")
-    if last is not None:
-        state = ckpt.load_state(last)
+    state = ckpt.load_state(last) if last is not None else None
+    if state is not None:
         if state["data_hash"] != data_hash:
             raise ConfigError(f"{run_dir}: the training data differs from the data the run started with "
                               f"(token hash {data_hash} vs {state['data_hash']}); restore it or start a new run")
         ckpt.load_weights_into(model, last / ckpt.WEIGHTS)
-        optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen, epoch, batch_pos = state["step"], state["tokens"], state["epoch"], state["batch"]
-        ckpt.set_rng_state(state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        old_world, old_batch = state.get("world_size", 1), state.get("batch_size", t.batch_size)
+        if (old_world, old_batch) != (world, t.batch_size):
+            batch_pos = batch_pos * old_batch * old_world // (t.batch_size * world)  # same windows consumed
+            log(f"resuming with {world} process(es) x batch {t.batch_size} (was {old_world} x {old_batch}): "
+                f"data position mapped to batch {batch_pos} of epoch {epoch}; dropout streams re-seeded")
+        else:
+            ckpt.set_rng_state(rngs[rank])
         if step >= total_steps:
             raise ConfigError(f"{run_dir}: the run already finished at step {step}; "
                               f"pass a larger --max-steps to extend it")
         log(f"resuming {run_dir} from step {step} ({human(tokens_seen)} tokens seen), training to {total_steps}")
-    else:
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_bytes(run_dir / ckpt.CONFIG, _toml_bytes(cfg))
-    metrics = MetricsLog(run_dir / ckpt.METRICS, resume_step=step if last is not None else -1)
+    model = dist.wrap(model, device, t.parallel)
+    core = dist.unwrap(model)  # the GPT itself: evaluation, sampling, saving
+    optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
+    if state is not None:
+        dist.load_optimizer_state(model, optimizer, state["optimizer"])
+    if main:
+        ckpt.atomic_write_bytes(run_dir / ckpt.CONFIG, _toml_bytes(cfg))
+    metrics = MetricsLog(run_dir / ckpt.METRICS if main else None, resume_step=step if state is not None else -1)
 
-    tokens_per_step = t.batch_size * t.grad_accum * ctx
-    log(describe_model(model))
+    tokens_per_step = t.batch_size * t.grad_accum * ctx * world  # the global batch
+    log(describe_model(core))
     log(f"data: {human(len(train_tokens))} train tokens ({len(train_windows)} windows), "
         f"{human(len(val_tokens))} val tokens ({len(val_windows)} windows); "
-        f"{len(batches)} batches of {t.batch_size} per epoch")
+        f"{len(batches)} batches of {t.batch_size * world} per epoch"
+        + (f" ({world} processes x {t.batch_size}, {t.parallel})" if world > 1 else ""))
     log(f"training: {total_steps} steps of {human(tokens_per_step)} tokens on {device}, lr {t.lr:g} "
         f"(warmup {warmup}, cosine to {min_lr:g}) -> {run_dir}")
 
@@ -224,12 +245,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         nonlocal epoch, batch_pos
         if batch_pos >= len(batches):
             epoch, batch_pos = epoch + 1, 0
-        x, y = batches.windows.batch(batches.order(epoch)[batch_pos * t.batch_size:(batch_pos + 1) * t.batch_size])
+        x, y = batches.batch(epoch, batch_pos)
         batch_pos += 1
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def run_eval() -> dict:
         losses = {f"{name}_loss": evaluate(model, b, t.eval_batches, device).loss for name, b in eval_sets.items()}
+        # every rank scores the same batches (FSDP needs all ranks in each forward), so the losses agree
         record = dict(event="eval", step=step, tokens=tokens_seen, lr=lr_at(max(step - 1, 0), t.lr, min_lr,
                       warmup, total_steps), **losses)
         if "val_loss" in losses:
@@ -237,35 +259,43 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         progress.write(format_eval(step, tokens_seen, losses.get("train_loss"), losses.get("val_loss")))
         if t.sample_tokens > 0:  # its own seeded generator: the training RNG stays untouched
             sample_cfg = SampleConfig(t.sample_tokens, t.sample_temperature, t.sample_top_k)
-            text = sample_text(model, tokenizer, t.sample_prompt, sample_cfg, seed=t.seed + step, device=device)[0]
+            text = sample_text(core, tokenizer, t.sample_prompt, sample_cfg, seed=t.seed + step, device=device)[0]
             record["sample"] = t.sample_prompt + text
             progress.write(f"  sample: {record['sample']!r}")
         metrics.log(**record)
-        plot_losses(metrics.records, run_dir / "loss.png")
+        if main:
+            plot_losses(metrics.records, run_dir / "loss.png")
         return record
 
     def save() -> None:
-        state = dict(step=step, tokens=tokens_seen, epoch=epoch, batch=batch_pos, data_hash=data_hash,
-                     optimizer=optimizer.state_dict(), rng=ckpt.rng_state())
-        ckpt.save_checkpoint(run_dir, step, model, cfg.data.tokenizer, state, t.keep_last)
+        # collectives first (every rank takes part), then rank 0 writes
+        weights, optim_state, rngs = dist.full_model_state(model), dist.full_optimizer_state(model, optimizer), \
+            dist.gather(ckpt.rng_state())
+        if main:
+            state = dict(step=step, tokens=tokens_seen, epoch=epoch, batch=batch_pos, data_hash=data_hash,
+                         world_size=world, batch_size=t.batch_size, optimizer=optim_state, rng=rngs)
+            ckpt.save_checkpoint(run_dir, step, core, cfg.data.tokenizer, state, t.keep_last, weights=weights)
+        dist.barrier()
 
     # --- the loop
-    progress = Progress(total_steps, step, enabled=t.progress)
+    progress = Progress(total_steps, step, enabled=t.progress and main, quiet=not main)
     last_eval = run_eval() if step == 0 else {}
     save_every = t.save_every or t.eval_every
     model.train()
     train_seconds, start_step = 0.0, step
+    stopping = False
     with stop_requests() as stop:
-        while step < total_steps and not stop:
+        while step < total_steps and not stopping:
             t0 = time.perf_counter()
             lr = lr_at(step, t.lr, min_lr, warmup, total_steps)
             set_lr(optimizer, lr)
             loss_sum = 0.0
             try:
-                for _ in range(t.grad_accum):
+                for micro in range(t.grad_accum):
                     x, y = next_batch()
-                    loss = loss_batch(model, x, y) / t.grad_accum
-                    loss.backward()
+                    with dist.grad_sync(model, sync=micro == t.grad_accum - 1):  # reduce on the last micro-step
+                        loss = loss_batch(model, x, y) / t.grad_accum
+                        loss.backward()
                     loss_sum += loss.item()
             except torch.cuda.OutOfMemoryError:
                 raise TrainingError(
@@ -275,7 +305,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                 ) from None
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        t.grad_clip if t.grad_clip > 0 else math.inf)
-            finite = math.isfinite(loss_sum) and math.isfinite(float(grad_norm))
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            # one all-reduce: the mean loss over ranks, and whether any rank was asked to stop
+            loss_total, stop_votes = dist.all_sum([loss_sum, float(bool(stop))], device)
+            loss_sum, stopping = loss_total / world, stop_votes > 0
+            finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
             elif not t.skip_nonfinite:  # stop before the bad update: no NaN ever reaches a checkpoint
@@ -292,15 +326,16 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                 metrics.log(event="skipped", step=step, tokens=tokens_seen, lr=lr)
             elif step % t.log_every == 0:
                 metrics.log(event="train", step=step, tokens=tokens_seen, lr=lr, train_loss=loss_sum,
-                            grad_norm=float(grad_norm), tokens_per_s=round(tok_s, 1))
+                            grad_norm=grad_norm, tokens_per_s=round(tok_s, 1))
             if step % t.eval_every == 0 or step == total_steps:
                 last_eval = run_eval()
-            if step % save_every == 0 or step == total_steps or stop:
+            if step % save_every == 0 or step == total_steps or stopping:
                 save()
     progress.close()
-    if stop:
-        log(f"stopped by {stop[0]} at step {step}; checkpoint saved, continue with --resume {run_dir}")
-    return dict(last_eval, steps=step, train_seconds=train_seconds, stopped_by=stop[0] if stop else None,
+    stopped_by = (stop[0] if stop else "a signal to another rank") if stopping and step < total_steps else None
+    if stopped_by:
+        log(f"stopped by {stopped_by} at step {step}; checkpoint saved, continue with --resume {run_dir}")
+    return dict(last_eval, steps=step, train_seconds=train_seconds, stopped_by=stopped_by,
                 tokens_per_s=(step - start_step) * tokens_per_step / max(train_seconds, 1e-9))
 
 

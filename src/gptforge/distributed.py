@@ -1,0 +1,177 @@
+"""Everything about running as several processes (torchrun) lives here; the rest asks `is_main()`.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for every process it starts; a plain `python` or
+`gptforge` run has none of them and is rank 0 of 1, with every helper below a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def rank() -> int:
+    """This process's rank (0 when not launched by torchrun)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    """Number of processes in the run (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    """Whether this process prints, plots and writes files: rank 0."""
+    return rank() == 0
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join the process group (gloo on CPU, nccl on CUDA); returns this rank's device."""
+    if not is_distributed():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, device: torch.device, parallel: str) -> torch.nn.Module:
+    """DistributedDataParallel (default) or FSDP2 (`fully_shard`) around the model; as is for one process."""
+    if not is_distributed():
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def grad_sync(model: torch.nn.Module, sync: bool):
+    """Inside, backward() reduces gradients across ranks only when sync is True (the last micro-step)."""
+    if sync or not is_distributed():
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    return is_distributed() and not hasattr(model, "module")
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on rank 0 (FSDP: gathered from the shards; empty on other ranks)."""
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict()
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state dict, whole, on rank 0 (FSDP: gathered; empty on other ranks)."""
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a whole optimizer state dict (as full_optimizer_state saves it) on every rank."""
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums of a few numbers over all ranks, in one all-reduce."""
+    if not is_distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _to_numpy(obj):
+    """Tensors inside lists/tuples/dicts -> ("tensor", ndarray), so they pickle without torch."""
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", obj.cpu().numpy())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_numpy(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    return obj
+
+
+def _from_numpy(obj):
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str) and obj[0] == "tensor":
+        return torch.from_numpy(obj[1])
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_numpy(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _from_numpy(v) for k, v in obj.items()}
+    return obj
+
+
+def gather(obj):
+    """Every rank's obj (small: e.g. RNG states), as a list indexed by rank, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    # tensors travel as numpy arrays: all_gather_object would unpickle them through torch.load
+    dist.all_gather_object(out, _to_numpy(obj))
+    return [_from_numpy(o) for o in out]
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run `gptforge <args>` under torchrun with nproc processes on this machine; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "gptforge", *args]
+    return subprocess.call(cmd)

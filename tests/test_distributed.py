@@ -1,0 +1,78 @@
+"""torchrun on CPU (gloo): 2 processes train what 1 process trains with the same global batch."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from gptforge import checkpoint as ckpt
+
+pytestmark = pytest.mark.multiprocess
+
+COMMON = ["--preset", "tiny", "--context-length", "32", "--drop-rate", "0", "--grad-accum", "2", "--max-steps", "4",
+          "--eval-every", "2", "--save-every", "2", "--keep-last", "0", "--eval-batches", "2", "--sample-tokens", "3",
+          "--device", "cpu", "--no-progress", "--log-every", "1"]
+
+
+def gptforge(*args):
+    proc = subprocess.run([sys.executable, "-m", "gptforge", "train", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def records(run_dir, event):
+    return [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["event"] == event]
+
+
+def assert_same_losses(a, b, tol):
+    for event in ("train", "eval"):
+        ra, rb = records(a, event), records(b, event)
+        assert [r["step"] for r in ra] == [r["step"] for r in rb]
+        assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb]
+        for x, y in zip(ra, rb):
+            for key in ("train_loss", "val_loss"):
+                if key in x:
+                    assert abs(x[key] - y[key]) <= tol, (event, x["step"], key, x[key], y[key])
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    from pydoc_data.topics import topics
+
+    d = tmp_path_factory.mktemp("dist")
+    text = d / "corpus.txt"
+    text.write_text("\n\n".join(topics[k] for k in sorted(topics)[:6]))
+    gptforge(text, "--out", d / "single", "--batch-size", "4", *COMMON)
+    return d, text
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_the_same_global_batch(single, parallel):
+    d, text = single
+    run = d / parallel
+    out = gptforge(text, "--out", run, "--batch-size", "2", "--nproc", "2", "--parallel", parallel, *COMMON)
+    assert f"2 processes x 2, {parallel}" in out  # only rank 0 prints
+    assert out.count("done: step 4") == 1
+    assert_same_losses(d / "single", run, tol=1e-5)
+
+    # a 2-process run cut after step 2 and resumed with 2 processes ends exactly where it ended
+    cut = d / f"{parallel}-cut"
+    shutil.copytree(run, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    gptforge("--resume", cut, "--nproc", "2")
+    def losses(r):
+        return [(x["step"], x["train_loss"], x["grad_norm"]) for x in records(r, "train")]
+
+    assert losses(cut) == losses(run)
+
+
+def test_resume_on_a_different_world_size(single):
+    d, text = single
+    run = d / "resize"
+    gptforge(text, "--out", run, "--batch-size", "2", "--nproc", "2", *COMMON)
+    out = gptforge("--resume", run, "--max-steps", "6")
+    assert "resuming with 1 process(es) x batch 2 (was 2 x 2)" in out and "done: step 6" in out
+    assert ckpt.load_state(ckpt.latest_checkpoint(run))["world_size"] == 1
