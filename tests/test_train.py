@@ -226,3 +226,24 @@ def test_out_of_memory_suggests_smaller_micro_batch(text_file, tmp_path, monkeyp
     monkeypatch.setattr(importlib.import_module("gptforge.train"), "loss_batch", oom)
     with pytest.raises(TrainingError, match="--batch-size 2 --grad-accum 2"):
         train(tiny_run(text_file, eval_every=100, sample_tokens=0), tmp_path / "run", log=lambda *_: None)
+
+
+def test_save_every_minutes(text_file, tmp_path, monkeypatch):
+    import importlib
+
+    train_mod = importlib.import_module("gptforge.train")
+    clock = iter(range(0, 10_000, 40))  # every call to the clock: 40 more seconds
+
+    class FakeTime:
+        perf_counter = staticmethod(__import__("time").perf_counter)
+
+        @staticmethod
+        def monotonic():
+            return float(next(clock))
+
+    monkeypatch.setattr(train_mod, "time", FakeTime)
+    run = tmp_path / "run"
+    train(tiny_run(text_file, max_steps=5, save_every=100, save_every_minutes=1.0, keep_last=0, eval_every=100,
+                   sample_tokens=0), run, log=lambda *_: None)
+    # clock reads: 0 at start, then 40 s per step check; a save resets the reference
+    assert [d.name for d in ckpt.checkpoint_dirs(run)] == ["step-00000002", "step-00000004", "step-00000005"]

@@ -62,6 +62,7 @@ class TrainConfig:
     eval_batches: int = opt(10, "Batches of train and of val data each evaluation scores.")
     log_every: int = opt(10, "Write the training loss to metrics.jsonl every this many steps.")
     save_every: int | None = opt(None, "Save a checkpoint every this many steps; default: at each evaluation.")
+    save_every_minutes: float | None = opt(None, "Also save a checkpoint when this many minutes passed since the last.")
     keep_last: int = opt(3, "Checkpoints to keep (older ones are deleted); 0 keeps all.")
     sample_prompt: str = opt("Every effort moves you", "Prompt for the sample shown at each evaluation.")
     sample_tokens: int = opt(40, "Tokens in that sample; 0 turns samples off.")
@@ -283,7 +284,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     save_every = t.save_every or t.eval_every
     model.train()
     train_seconds, start_step = 0.0, step
-    stopping = False
+    stopping, last_save = False, time.monotonic()
     with stop_requests() as stop:
         while step < total_steps and not stopping:
             t0 = time.perf_counter()
@@ -306,8 +307,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        t.grad_clip if t.grad_clip > 0 else math.inf)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            # one all-reduce: the mean loss over ranks, and whether any rank was asked to stop
-            loss_total, stop_votes = dist.all_sum([loss_sum, float(bool(stop))], device)
+            # one all-reduce: the mean loss over ranks, whether any rank was asked to stop, and rank 0's clock
+            save_due = main and t.save_every_minutes is not None and \
+                time.monotonic() - last_save >= 60 * t.save_every_minutes
+            loss_total, stop_votes, save_due = dist.all_sum([loss_sum, float(bool(stop)), float(save_due)], device)
             loss_sum, stopping = loss_total / world, stop_votes > 0
             finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
             if finite:
@@ -329,8 +332,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                             grad_norm=grad_norm, tokens_per_s=round(tok_s, 1))
             if step % t.eval_every == 0 or step == total_steps:
                 last_eval = run_eval()
-            if step % save_every == 0 or step == total_steps or stopping:
+            if step % save_every == 0 or step == total_steps or stopping or save_due:
                 save()
+                last_save = time.monotonic()
     progress.close()
     stopped_by = (stop[0] if stop else "a signal to another rank") if stopping and step < total_steps else None
     if stopped_by:
