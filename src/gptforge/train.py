@@ -274,7 +274,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             dist.gather(ckpt.rng_state())
         if main:
             state = dict(step=step, tokens=tokens_seen, epoch=epoch, batch=batch_pos, data_hash=data_hash,
-                         world_size=world, batch_size=t.batch_size, optimizer=optim_state, rng=rngs)
+                         world_size=world, batch_size=t.batch_size, optimizer=optim_state, rng=rngs,
+                         schedule=dict(lr=t.lr, min_lr=min_lr, warmup=warmup, total_steps=total_steps))
             ckpt.save_checkpoint(run_dir, step, core, cfg.data.tokenizer, state, t.keep_last, weights=weights)
         dist.barrier()
 
