@@ -255,12 +255,19 @@ def test_hub_id_resolves_from_cache_offline(tmp_path, monkeypatch):
     fake_hub_cache(tmp_path, "openai-community/gpt2", hf)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    # the book's gpt_download.py leaves ./gpt2/124M/ (a TF checkpoint) in the working directory
+    import shutil
+
+    shutil.copytree(TF_DIR, tmp_path / "cwd" / "gpt2" / "124M")
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert load_any("gpt2/124M")[1]["format"] == "tf"
     for repo in ("gpt2", "openai-community/gpt2"):
         model, meta = load_any(repo)
         assert meta["format"] == "hub" and meta["source"] == repo
         assert_same_model(model, hf)
     msg = _err("gpt2-medium")
-    assert msg.startswith("gpt2-medium: config.json is not in the Hugging Face cache") and "HF_HUB_OFFLINE" in msg
+    assert msg.startswith("gpt2-medium: no such local path, and as a Hugging Face model id its config.json is not in "
+                          "the cache") and "HF_HUB_OFFLINE" in msg
 
 
 def test_cli_eval_hub_id_offline_env(tmp_path, text_file):
@@ -378,6 +385,8 @@ def test_errors_name_file_key_and_shapes(tmp_path):
     torch.save({**book, "trf_blocks.0.att.W_key.weight": torch.zeros(64, 32)}, tmp_path / "book2.pth")
     msg = _err(tmp_path / "book2.pth")
     assert "'trf_blocks.0.att.W_key.weight' has shape (64, 32), expected (64, 64)" in msg
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    assert "other.pth: a state dict of neither the book's GPTModel" in _err(tmp_path / "other.pth")
     (tmp_path / "garbage.pth").write_bytes(b"not a torch file")
     assert "garbage.pth: not a readable PyTorch file" in _err(tmp_path / "garbage.pth")
 
@@ -402,9 +411,9 @@ def test_tf_errors(tmp_path):
     data.write_bytes(data.read_bytes()[:1000])
     msg = _err(d)
     assert "model.ckpt.data-00000-of-00001" in msg and "partial data file" in msg
-    (d / "hparams.json").write_text(json.dumps({"n_vocab": 64, "n_ctx": 16, "n_embd": 32, "n_head": 2, "n_layer": 2}))
+    (d / "hparams.json").write_text(json.dumps({"n_vocab": 64, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 12}))
     msg = _err(d)
-    assert "model.ckpt.index: tensor 'model/wte' has shape (64, 16), expected (64, 32)" in msg
+    assert "model.ckpt.index: tensor 'model/wte' has shape (64, 8), expected (64, 16)" in msg
     (d / "hparams.json").unlink()
     assert "hparams.json" in _err(d)
 

@@ -42,6 +42,7 @@ from .model import GPT, GPTConfig
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_SHARD_INDEX = "model.safetensors.index.json"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 HEAD_SIZE = 64  # every OpenAI GPT-2 size has 64-wide heads (768/12 ... 1600/25)
 SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
 
@@ -123,7 +124,10 @@ class TorchReader:
                     raise
                 obj = torch.load(path, map_location="cpu", weights_only=True)  # torch's legacy format cannot be mapped
         except Exception as e:  # torch reports bad files as several error types
-            raise WeightsError(f"{path}: not a readable PyTorch file ({_first_line(e)})") from None
+            why = _first_line(e)
+            if "Weights only load failed" in why:
+                why = "it is not a PyTorch file, or it holds objects other than tensors"
+            raise WeightsError(f"{path}: not a readable PyTorch file ({why})") from None
         if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
             obj = obj["model_state_dict"]  # the book's {"model_state_dict", "optimizer_state_dict"} files
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -381,13 +385,15 @@ def open_source(source: str | Path, n_heads: int | None = None) -> Source:
             return _tf_source(p)
         if (p / "config.json").is_file():
             return _hf_source(p)
-        return _gptforge_source(p)
+        if (p / ckpt.WEIGHTS).is_file() or (p / ckpt.CHECKPOINTS).is_dir() or not _looks_like_hub_id(str(source)):
+            return _gptforge_source(p)
+        # else a directory that happens to be named like a hub id (the book's downloads live in ./gpt2/)
     if p.is_file():
         if p.name.endswith(".index") or ".ckpt." in p.name:
             return _tf_source(p.parent)
         if p.name == "config.json":
             return _hf_source(p.parent)
-        if p.suffix == ".safetensors":
+        if p.suffix not in TORCH_SUFFIXES:  # safetensors, whatever the name
             reader = SafetensorsReader.single(p)
             if reader.metadata.get("format") == "gptforge":
                 return _gptforge_source(p)
@@ -395,7 +401,10 @@ def open_source(source: str | Path, n_heads: int | None = None) -> Source:
         reader = TorchReader(p)
         if "tok_emb.weight" in reader.shapes:
             return _book_source(p, reader, n_heads)
-        return _hf_source(p.parent, weights=p, reader=reader)
+        if any(k.endswith("wte.weight") for k in reader.shapes):
+            return _hf_source(p.parent, weights=p, reader=reader)
+        raise WeightsError(f"{p}: a state dict of neither the book's GPTModel (no tok_emb.weight) nor GPT-2 "
+                           "(no transformer.wte.weight)")
     if _looks_like_hub_id(str(source)):
         return _hf_source(_hub_snapshot(str(source)), hub_id=str(source))
     raise WeightsError(f"{source}: no such file or directory (nor a Hugging Face model id such as gpt2)")
@@ -412,8 +421,9 @@ def _hub_snapshot(repo_id: str) -> Path:
 
     def fail_offline(name: str) -> WeightsError:
         why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub could not be reached"
-        return WeightsError(f"{repo_id}: {name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
-                            "download it once with network access, or pass a local directory")
+        return WeightsError(f"{repo_id}: no such local path, and as a Hugging Face model id its {name} is not in the "
+                            f"cache ({constants.HF_HUB_CACHE}) and {why}; download it once with network access, "
+                            "or pass a local directory")
 
     try:
         config = Path(hf_hub_download(repo_id, "config.json"))
@@ -432,7 +442,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     except LocalEntryNotFoundError:
         raise fail_offline("config.json") from None
     except HfHubHTTPError as e:
-        raise WeightsError(f"{repo_id}: cannot fetch from the Hugging Face hub: {_first_line(e)}") from None
+        raise WeightsError(f"{repo_id}: no such local path, and fetching it from the Hugging Face hub failed: "
+                           f"{_first_line(e)}") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -501,7 +512,10 @@ def _hf_source(d: Path, weights: Path | None = None, reader=None, hub_id: str | 
     prefix = "transformer." if any(k.startswith("transformer.") for k in reader.shapes) else ""
     saved = getattr(reader, "metadata", {}).get("gptforge_model")
     if saved:  # written by to_hf: restore what GPT2Config cannot say (no qkv bias, drop rate)
-        mine = GPTConfig.from_dict(json.loads(saved))
+        try:
+            mine = GPTConfig.from_dict(json.loads(saved))
+        except ValueError as e:
+            raise WeightsError(f"{reader.where}: bad gptforge_model metadata ({e})") from None
         if all(getattr(mine, k) == getattr(cfg, k) for k in SHAPE_KEYS if k != "qkv_bias"):
             cfg = replace(cfg, qkv_bias=mine.qkv_bias, drop_rate=mine.drop_rate)
     plan = _plan_hf(cfg, prefix)

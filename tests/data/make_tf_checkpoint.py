@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-HPARAMS = {"n_vocab": 64, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
+HPARAMS = {"n_vocab": 64, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 12}  # 12 layers: an index of several blocks
 OUT = Path(__file__).parent / "gpt2-tf-tiny"
 
 
@@ -52,7 +52,7 @@ def main() -> None:
         with tf.compat.v1.Session() as sess:
             sess.run(tf.compat.v1.global_variables_initializer())
             os.chdir(OUT)  # a relative save path gives a relative path in `checkpoint`, as in OpenAI's files
-            saver.save(sess, "model.ckpt")
+            saver.save(sess, "model.ckpt", write_meta_graph=False)  # the graph (.meta) is not needed to read
     (OUT / "hparams.json").write_text(json.dumps(HPARAMS, indent=2) + "\n")
     # what TensorFlow itself reads back from the files it wrote
     reader = tf.train.load_checkpoint(str(OUT / "model.ckpt"))
