@@ -25,6 +25,15 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 TF_DIR = Path(__file__).parent / "data" / "gpt2-tf-tiny"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: a second thread only adds waiting (most of all on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield threads
+    torch.set_num_threads(threads)
 TINY = dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 
 
@@ -294,7 +303,15 @@ def test_cli_eval_hub_id_offline_env(tmp_path, text_file):
 # ----------------------------------------------------------------------------- the real 124M shape
 
 
-def test_gpt2_124m_shape(tmp_path):
+def test_gpt2_124m_shape(tmp_path, one_thread):
+    torch.set_num_threads(one_thread)  # a real-sized model: all threads, back to one afterwards
+    try:
+        _check_124m(tmp_path)
+    finally:
+        torch.set_num_threads(1)
+
+
+def _check_124m(tmp_path):
     cfg = transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
     with torch.device("meta"):
         hf = transformers.GPT2LMHeadModel(cfg)
@@ -443,6 +460,8 @@ def test_cli_convert_to_hf_and_back(tmp_path, capsys):
     torch.testing.assert_close(hf_logits(back, idx), hf_logits(hf, idx), atol=1e-5, rtol=0)
     code, out, err = run(["convert", str(tmp_path / "g"), "--to", "hf", str(tmp_path / "hf")], capsys)
     assert code == 1 and "already holds a model" in err and "Traceback" not in err
+    code, out, err = run(["generate", str(tmp_path / "hf"), "--prompt", "Hello"], capsys)
+    assert code == 1 and "101 token ids" in err and "Traceback" not in err
     code, out, err = run(["convert", str(tmp_path / "missing"), "--to", "hf", str(tmp_path / "x")], capsys)
     assert code == 1 and err.count("\n") == 1 and "no such file or directory" in err
 

@@ -197,6 +197,7 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flag
     opts.update(given(flags))
     device = pick_device(opts["device"])
     model, meta = load_any(source, device)
+    check_vocab(source, model, meta)
     ctx = opts["context_length"] or model.cfg.context_length
     if not 0 < ctx <= model.cfg.context_length:
         raise ConfigError(f"--context-length {ctx} must be between 1 and the model's {model.cfg.context_length}")
@@ -237,6 +238,7 @@ def generate(source: str, config_file: str | None, **flags) -> None:
     sample_cfg = build(SampleConfig, opts)
     device = pick_device(opts["device"])
     model, meta = load_any(source, device)
+    check_vocab(source, model, meta)
     tokenizer = get_tokenizer(meta.get("tokenizer", "gpt2"))
     texts = sample_text(model, tokenizer, opts["prompt"], sample_cfg, opts["num_samples"], opts["seed"], device)
     for i, text in enumerate(texts):
@@ -264,7 +266,17 @@ def convert(source: str, target: str, out: str, n_heads: int | None) -> None:
     tokenizer = meta.get("tokenizer", "gpt2")
     path = to_hf(model, out, tokenizer) if target == "hf" else to_gptforge(model, out, tokenizer, source=source)
     head = "tied" if model.cfg.tie_weights else "untied"
-    click.echo(f"{source} ({meta['format']}, {model.num_params() / 1e6:.1f}M parameters, {head} head) -> {path}")
+    click.echo(f"{source} ({meta['format']}, {model.num_params():,} parameters, {head} head) -> {path}")
+
+
+def check_vocab(source: str, model, meta: dict) -> None:
+    """A model with fewer token ids than its tokenizer cannot read text (e.g. tiny test models)."""
+    from .tokenizer import get_tokenizer
+
+    need = get_tokenizer(meta.get("tokenizer", "gpt2")).vocab_size
+    if model.cfg.vocab_size < need:
+        raise ConfigError(f"{source}: the model has {model.cfg.vocab_size} token ids, fewer than the "
+                          f"{meta.get('tokenizer', 'gpt2')} tokenizer's {need}; it cannot read or write text")
 
 
 def _flat_config(config_file: str | None, opts: dict[str, Any], rename: dict[str, str] | None = None) -> dict:
