@@ -7,10 +7,11 @@ from .generate import SampleConfig, generate, sample_text
 from .model import GPT, PRESETS, GPTConfig
 from .tokenizer import GPT2Tokenizer, Tokenizer, get_tokenizer
 from .train import RunConfig, TrainConfig, train
+from .weights import load_any, to_hf
 
 __version__ = "0.1.0"
 __all__ = [
     "GPT", "GPTConfig", "PRESETS", "Tokenizer", "GPT2Tokenizer", "get_tokenizer", "TokenWindows", "Batches",
     "DataConfig", "evaluate", "perplexity", "SampleConfig", "generate", "sample_text", "RunConfig",
-    "TrainConfig", "train", "load_model",
+    "TrainConfig", "train", "load_model", "load_any", "to_hf",
 ]

@@ -15,12 +15,13 @@ from typing import Any
 
 import click
 
-from .checkpoint import CONFIG, CheckpointError, load_model
+from .checkpoint import CONFIG, CheckpointError
 from .config import ConfigError, build, default_of, field_types, help_of, read_toml
 from .data import DataConfig, DataError
 from .generate import SampleConfig
 from .model import PRESETS, GPTConfig
 from .train import DEFAULT_CORPUS_RUN, RunConfig, TrainConfig, TrainingError
+from .weights import load_any
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
 
@@ -80,7 +81,7 @@ def cli() -> None:
 # ----------------------------------------------------------------------------- train
 
 TRAIN_SECTIONS = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
-TRAIN_TOP_LEVEL = {"preset": str, "inputs": list}
+TRAIN_TOP_LEVEL = {"preset": str, "inputs": list, "init_from": str}
 
 
 @cli.command()
@@ -91,12 +92,16 @@ TRAIN_TOP_LEVEL = {"preset": str, "inputs": list}
                    "training flags such as a larger --max-steps may change).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Model shape to start from; shape flags override single values.  [default: mini]")
+@click.option("--init-from", type=str, default=None,
+              help="Start from these weights instead of random ones: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging "
+                   "Face id or directory, OpenAI's TensorFlow checkpoint, the book's model.pth or a gptforge run. "
+                   "The model keeps its shape; --context-length may crop it.")
 @click.option("--nproc", type=int, default=None,
               help="Train with N processes on this machine: relaunches this command under torchrun "
                    "(DDP, or FSDP with --parallel fsdp). Multi-node: run torchrun yourself (see README).")
 @dataclass_options(GPTConfig, DataConfig, TrainConfig)
 def train(data: tuple[str, ...], config_file: str | None, resume: str | None, preset: str | None,
-          nproc: int | None, **flags) -> None:
+          init_from: str | None = None, nproc: int | None = None, **flags) -> None:
     """Train a GPT on DATA (text files or directories of .txt/.md files) and write a run directory.
 
     With no DATA, trains on English text that ships with Python (pydoc's help topics, ~465 KB).
@@ -108,7 +113,7 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, pr
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     if nproc and nproc > 1 and not distributed.is_distributed():
         sys.exit(distributed.launch(nproc, _without_nproc(_ARGV)))
-    cfg, run_dir = resolve_train_config(data, config_file, resume, preset, given(flags))
+    cfg, run_dir = resolve_train_config(data, config_file, resume, preset, given(flags), init_from)
     try:
         summary = run_training(cfg, run_dir, resume=resume is not None, log=click.echo)
     finally:
@@ -120,11 +125,16 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, pr
                + f", {summary['tokens_per_s']:.0f} tokens/s -> {run_dir}")
 
 
-def resolve_train_config(data, config_file, resume, preset, flags) -> tuple[RunConfig, Path]:
-    """Layers, later winning: dataclass defaults, preset, saved run config (resume), --config file, flags."""
+def resolve_train_config(data, config_file, resume, preset, flags, init_from=None) -> tuple[RunConfig, Path]:
+    """Layers, later winning: dataclass defaults, preset, saved run config (resume), --config file, flags.
+
+    With --init-from, the model's shape is the source's instead (weights.init_model_config).
+    """
     file_values = read_toml(config_file, TRAIN_SECTIONS, TRAIN_TOP_LEVEL) if config_file else {}
     if preset is not None:
         file_values["preset"] = preset
+    if init_from is not None:
+        file_values["init_from"] = init_from
     layers: list[dict] = []
     if resume:
         run_dir = Path(resume)
@@ -135,7 +145,7 @@ def resolve_train_config(data, config_file, resume, preset, flags) -> tuple[RunC
         changes = {**file_values, **flags}
         if data:
             changes["inputs"] = list(data)
-        fixed = {f.name for cls in (GPTConfig, DataConfig) for f in fields(cls)} | {"preset", "inputs"}
+        fixed = {f.name for cls in (GPTConfig, DataConfig) for f in fields(cls)} | {"preset", "inputs", "init_from"}
         for k in sorted(fixed & set(changes)):
             if changes[k] != saved.get(k):
                 raise ConfigError(f"cannot change {k} when resuming {run_dir} (the run has {saved.get(k)!r}, "
@@ -143,19 +153,28 @@ def resolve_train_config(data, config_file, resume, preset, flags) -> tuple[RunC
         layers = [saved, changes]
         inputs = saved.get("inputs", [])
         preset_name = saved.get("preset")
+        init_from = saved.get("init_from")
     else:
-        preset_name = file_values.get("preset", "mini")
-        if preset_name not in PRESETS:
+        init_from = file_values.get("init_from")
+        if init_from and "preset" in file_values:
+            raise ConfigError("--preset and --init-from both set the model's shape; give only one")
+        preset_name = None if init_from else file_values.get("preset", "mini")
+        if preset_name is not None and preset_name not in PRESETS:
             raise ConfigError(f"unknown preset {preset_name!r}; choose one of {', '.join(sorted(PRESETS))}")
         inputs = list(data) or list(file_values.get("inputs", []))
-        layers = [PRESETS[preset_name], {} if inputs else DEFAULT_CORPUS_RUN, file_values, flags]
+        layers = [PRESETS.get(preset_name, {}), {} if inputs else DEFAULT_CORPUS_RUN, file_values, flags]
+        if init_from:
+            from .weights import init_model_config
+
+            layers.append(init_model_config(init_from, {**file_values, **flags}).to_dict())
         run_dir = Path(flags.get("out") or file_values.get("out")
                        or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
         if (run_dir / CONFIG).exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                               "or choose another --out")
     cfg = RunConfig(model=build(GPTConfig, *layers), data=build(DataConfig, *layers),
-                    train=build(TrainConfig, *layers), inputs=[str(p) for p in inputs], preset=preset_name)
+                    train=build(TrainConfig, *layers), inputs=[str(p) for p in inputs], preset=preset_name,
+                    init_from=init_from)
     cfg.train.out = str(run_dir)
     return cfg, run_dir
 
@@ -175,7 +194,11 @@ def resolve_train_config(data, config_file, resume, preset, flags) -> tuple[RunC
 @device_option
 @click.option("--json", "as_json", is_flag=True, default=None, help="Print a JSON line last.")
 def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flags) -> None:
-    """Loss and perplexity of the model in SOURCE (run dir or checkpoint) on the text in DATA."""
+    """Loss and perplexity of the model in SOURCE on the text in DATA.
+
+    SOURCE: a run dir or checkpoint, gpt2 / gpt2-medium / gpt2-large / gpt2-xl or another Hugging Face
+    id or directory, OpenAI's TensorFlow checkpoint directory, or the book's model.pth.
+    """
     from .data import Batches, TokenWindows, check_windows, read_texts, tokenize_documents
     from .evaluate import evaluate
     from .tokenizer import get_tokenizer
@@ -186,7 +209,8 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flag
     opts.update(_flat_config(config_file, opts, rename={"json": "as_json"}))
     opts.update(given(flags))
     device = pick_device(opts["device"])
-    model, meta = load_model(source, device)
+    model, meta = load_any(source, device)
+    check_vocab(source, model, meta)
     ctx = opts["context_length"] or model.cfg.context_length
     if not 0 < ctx <= model.cfg.context_length:
         raise ConfigError(f"--context-length {ctx} must be between 1 and the model's {model.cfg.context_length}")
@@ -213,7 +237,7 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flag
 @click.option("--num-samples", type=int, default=None, help="Continuations to generate.  [default: 1]")
 @device_option
 def generate(source: str, config_file: str | None, **flags) -> None:
-    """Continue a prompt with the model in SOURCE (run dir or checkpoint)."""
+    """Continue a prompt with the model in SOURCE (any format `eval` takes, e.g. gpt2-xl or a run dir)."""
     from .generate import sample_text
     from .tokenizer import get_tokenizer
     from .train import pick_device
@@ -226,13 +250,46 @@ def generate(source: str, config_file: str | None, **flags) -> None:
         raise ConfigError(f"--num-samples must be at least 1, got {opts['num_samples']}")
     sample_cfg = build(SampleConfig, opts)
     device = pick_device(opts["device"])
-    model, meta = load_model(source, device)
+    model, meta = load_any(source, device)
+    check_vocab(source, model, meta)
     tokenizer = get_tokenizer(meta.get("tokenizer", "gpt2"))
     texts = sample_text(model, tokenizer, opts["prompt"], sample_cfg, opts["num_samples"], opts["seed"], device)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             click.echo(f"--- sample {i + 1} ---")
         click.echo(opts["prompt"] + text)
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--to", "target", type=click.Choice(["hf", "gptforge"]), required=True,
+              help="hf: a directory transformers.GPT2LMHeadModel.from_pretrained loads; gptforge: a checkpoint "
+                   "directory (or a .safetensors file) that eval, generate and --init-from take.")
+@click.argument("out", type=click.Path())
+@click.option("--n-heads", type=int, default=None,
+              help="Attention heads of a book model.pth (not stored in it).  [default: emb_dim / 64, as in GPT-2]")
+def convert(source: str, target: str, out: str, n_heads: int | None) -> None:
+    """Convert the model in SOURCE (any format `eval` takes) to OUT."""
+    from .weights import to_gptforge, to_hf
+
+    model, meta = load_any(source, n_heads=n_heads)
+    tokenizer = meta.get("tokenizer", "gpt2")
+    path = to_hf(model, out, tokenizer) if target == "hf" else to_gptforge(model, out, tokenizer, source=source)
+    head = "tied" if model.cfg.tie_weights else "untied"
+    click.echo(f"{source} ({meta['format']}, {model.num_params():,} parameters, {head} head) -> {path}")
+
+
+def check_vocab(source: str, model, meta: dict) -> None:
+    """A model with fewer token ids than its tokenizer cannot read text (e.g. tiny test models)."""
+    from .tokenizer import get_tokenizer
+
+    need = get_tokenizer(meta.get("tokenizer", "gpt2")).vocab_size
+    if model.cfg.vocab_size < need:
+        raise ConfigError(f"{source}: the model has {model.cfg.vocab_size} token ids, fewer than the "
+                          f"{meta.get('tokenizer', 'gpt2')} tokenizer's {need}; it cannot read or write text")
 
 
 def _flat_config(config_file: str | None, opts: dict[str, Any], rename: dict[str, str] | None = None) -> dict:

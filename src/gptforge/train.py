@@ -97,10 +97,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     inputs: list[str] = field(default_factory=list)  # text files / directories; empty: the default corpus
     preset: str | None = None
+    init_from: str | None = None  # a model SOURCE whose weights the run starts from (weights.load_any)
 
     def to_toml(self) -> dict:
-        return to_toml_dict(preset=self.preset, inputs=self.inputs, model=self.model, data=self.data,
-                            train=self.train)
+        return to_toml_dict(preset=self.preset, init_from=self.init_from, inputs=self.inputs, model=self.model,
+                            data=self.data, train=self.train)
 
 
 class TrainingError(RuntimeError):
@@ -196,7 +197,17 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     data_hash = hashlib.sha256(train_tokens.tobytes()).hexdigest()[:16]
 
     # --- model and optimizer (the optimizer is made after wrapping: FSDP replaces the parameters)
-    model = GPT(cfg.model).to(device)
+    if cfg.init_from and not resume:
+        from .weights import load_any
+
+        model = load_any(cfg.init_from, device, context_length=cfg.model.context_length,
+                         drop_rate=cfg.model.drop_rate)[0]
+        if model.cfg != cfg.model:
+            raise ConfigError(f"the model in {cfg.init_from} ({model.cfg}) differs from the run's model config "
+                              f"({cfg.model}); use weights.init_model_config to build the config")
+        log(f"initialised from {cfg.init_from}")
+    else:
+        model = GPT(cfg.model).to(device)
     if world > 1:
         torch.manual_seed(t.seed + 1000 * rank)  # same initial weights, a dropout stream per rank
     step, tokens_seen, epoch, batch_pos = 0, 0, 0, 0
