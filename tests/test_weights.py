@@ -481,6 +481,12 @@ def test_cli_train_init_from(tmp_path, capsys, text_file):
     src = hf.transformer.wte.weight.detach()
     assert (model.wte.weight - src).abs().max() < 5e-3
     torch.testing.assert_close(model.wpe.weight, hf.transformer.wpe.weight.detach()[:16], atol=5e-3, rtol=0)
+    # resuming continues from the run's own checkpoint; a different --init-from is refused
+    code, out, err = run(["train", "--resume", str(tmp_path / "run"), "--max-steps", "3", "--no-progress"], capsys)
+    assert code == 0 and "resuming" in out and "initialised from" not in out, err
+    args = ["train", "--resume", str(tmp_path / "run"), "--init-from", "gpt2", "--max-steps", "4"]
+    code, out, err = run(args, capsys)
+    assert code == 1 and "cannot change init_from" in err
     code, out, err = run(["train", *common, "--n-layers", "3", "--out", str(tmp_path / "run2")], capsys)
     assert code == 1 and "--n-layers 3" in err and "has n_layers 1" in err
     code, out, err = run(["train", *common, "--context-length", "128", "--out", str(tmp_path / "run3")], capsys)
