@@ -42,8 +42,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(text_file, tmp_p
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=60)
                 kills += 1
-                cmd = [*gptforge, "--resume", str(run)]
-                resumes += 1
+                if (run / "config.toml").exists():  # else it died before starting: start it again
+                    cmd = [*gptforge, "--resume", str(run)]
+                    resumes += 1
                 continue
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
