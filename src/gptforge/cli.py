@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +40,10 @@ def dataclass_options(*classes: type, exclude: tuple[str, ...] = ()):
                 help_text = help_of(f) + (f"  [default: {default}]" if default is not None else "")
                 if types[f.name] is bool:
                     option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+                elif typing.get_origin(types[f.name]) is list:  # repeatable; unset arrives as None
+                    option = click.option(flag, f.name, multiple=True, help=help_text,
+                                          type=click.Choice(f.metadata["choices"]) if "choices" in f.metadata else str,
+                                          callback=lambda ctx, param, value: list(value) or None)
                 elif "choices" in f.metadata:
                     option = click.option(flag, f.name, type=click.Choice(f.metadata["choices"]), default=None,
                                           help=help_text)
