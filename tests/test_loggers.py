@@ -126,3 +126,24 @@ def test_scalars_names_and_skips():
     s = scalars({"event": "eval", "step": 3, "tokens": 96, "train_loss": 2.0, "val_loss": 2.5,
                  "val_perplexity": float("inf"), "sample": "x", "mfu": 0.3})
     assert s == {"eval/tokens_seen": 96.0, "eval/train_loss": 2.0, "eval/val_loss": 2.5, "eval/mfu": 0.3}
+
+
+@pytest.mark.skipif("tensorboard" not in INSTALLED, reason="needs tensorboard: pip install 'gptforge[tensorboard]'")
+def test_tensorboard_resume_replaces_the_interrupted_steps(tmp_path):
+    """A run resumed from step 2 hides what the interrupted run logged after step 2."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gptforge.loggers import TensorBoardTracker
+
+    first = TensorBoardTracker(tmp_path, {"train": {"lr": 0.1}}, resume_step=None)
+    for step in (1, 2, 3, 4):
+        first.log({"event": "train", "step": step, "train_loss": 10.0 + step})
+    first.close()
+    again = TensorBoardTracker(tmp_path, {"train": {"lr": 0.1}}, resume_step=2)
+    for step in (3, 4, 5):
+        again.log({"event": "train", "step": step, "train_loss": float(step)})
+    again.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 11.0), (2, 12.0), (3, 3.0), (4, 4.0),
+                                                                     (5, 5.0)]

@@ -148,6 +148,16 @@ def test_concurrent_clients_get_their_own_outputs(client):
     assert together == alone
 
 
+def test_client_hanging_up_mid_stream_leaves_the_server_serving(server, client):
+    with httpx.stream("POST", server + "/v1/completions", timeout=30,
+                      json={"prompt": "Hi", "max_tokens": 64, "temperature": 1.0, "stream": True}) as r:
+        first = next(line for line in r.iter_lines() if line)
+        assert first.startswith("data: ")
+    # closed after one event; the next request is answered in full
+    reply = client.completions.create(model="tiny", prompt="Hi", max_tokens=8, temperature=0)
+    assert reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == "length"
+
+
 def test_engine_limits_in_process():
     engine = Engine(tiny_model(), GPT2Tokenizer(), "tiny", limits=Limits(max_tokens=8, max_prompt_chars=50))
     req = engine.parse(b'{"prompt": "", "max_tokens": 8, "temperature": 0}')
