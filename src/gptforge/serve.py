@@ -33,10 +33,10 @@ from .generate import SampleConfig, next_token
 
 MAX_BODY_BYTES = 1 << 20
 # Request fields we take; the rest of OpenAI's fields are accepted only at their "off" values.
-ACCEPTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stream", "seed", "user",
-            "stream_options"}
+ACCEPTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stream", "seed", "user"}
 OFF_VALUES = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, 0), "frequency_penalty": (0,),
-              "presence_penalty": (0,), "stop": (None, [], ""), "suffix": (None, ""), "logit_bias": (None, {})}
+              "presence_penalty": (0,), "stop": (None, [], ""), "suffix": (None, ""), "logit_bias": (None, {}),
+              "stream_options": (None, {}, {"include_usage": False})}
 
 
 class RequestError(ValueError):
