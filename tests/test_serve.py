@@ -33,9 +33,13 @@ def server(tmp_path_factory):
                              "--device", "cpu", "--max-tokens-limit", "64", "--max-prompt-chars", "500"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        line = proc.stdout.readline()  # the server prints its address once it listens
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-        assert match, line + proc.stdout.read() if proc.poll() is not None else line
+        seen, match = [], None
+        for line in proc.stdout:  # the server prints its address once it listens
+            seen.append(line)
+            match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+            if match or len(seen) > 50:
+                break
+        assert match, "".join(seen)
         yield f"http://127.0.0.1:{match.group(1)}"
     finally:
         proc.terminate()  # SIGTERM stops the server promptly

@@ -25,7 +25,7 @@ def shrink(path: Path) -> None:
     Image.open(path).convert("RGB").quantize(colors=64).save(path, optimize=True)
 
 
-def main(runs: list[str]) -> None:
+def main(runs: list[str], source: str | None = None) -> None:
     chromium, driver = chromium_paths()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -40,10 +40,10 @@ def main(runs: list[str]) -> None:
         chrome.get(report.as_uri())
         chrome.save_screenshot(str(HERE / "report.png"))
 
-        server = subprocess.Popen([sys.executable, "-u", "-m", "gptforge", "serve", runs[0], "--port", "0",
+        server = subprocess.Popen([sys.executable, "-u", "-m", "gptforge", "serve", source or runs[0], "--port", "0",
                                    "--device", "cpu"], stdout=subprocess.PIPE, text=True)
-        url = re.search(r"http://[0-9.:]+/", server.stdout.readline()).group(0)
-        chrome.set_window_size(1000, 560)
+        url = next(m.group(0) for line in server.stdout if (m := re.search(r"http://[0-9.:]+/", line)))
+        chrome.set_window_size(1000, 620)
         chrome.get(url)
         prompt = chrome.find_element(By.ID, "prompt")
         prompt.clear()
@@ -61,4 +61,4 @@ def main(runs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1:])  # the page serves the first run's newest checkpoint

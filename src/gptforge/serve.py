@@ -268,6 +268,7 @@ def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, device:
     """Load the model in source and serve it until interrupted."""
     import uvicorn
 
+    from . import checkpoint as ckpt
     from .checkpoint import load_model
     from .tokenizer import get_tokenizer
     from .train import pick_device
@@ -275,8 +276,10 @@ def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, device:
     sock = listen(host, port)  # before loading, so a busy port fails fast
     dev = pick_device(device)
     model, meta = load_model(source, dev)
-    path = Path(source).resolve()
-    name = path.parent.name if path.name == "model.safetensors" else path.stem if path.is_file() else path.name
+    path = Path(source).resolve()  # the model's name: its run directory's, else the file's or directory's
+    path = path.parent if path.name == ckpt.WEIGHTS else path
+    path = path.parent.parent if path.parent.name == ckpt.CHECKPOINTS else path
+    name = path.stem if path.is_file() else path.name
     engine = Engine(model, get_tokenizer(meta.get("tokenizer", "gpt2")), name, dev, limits)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
