@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,10 @@ def dataclass_options(*classes: type, exclude: tuple[str, ...] = ()):
                 help_text = help_of(f) + (f"  [default: {default}]" if default is not None else "")
                 if types[f.name] is bool:
                     option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+                elif typing.get_origin(types[f.name]) is list:  # repeatable; unset arrives as None
+                    option = click.option(flag, f.name, multiple=True, help=help_text,
+                                          type=click.Choice(f.metadata["choices"]) if "choices" in f.metadata else str,
+                                          callback=lambda ctx, param, value: list(value) or None)
                 elif "choices" in f.metadata:
                     option = click.option(flag, f.name, type=click.Choice(f.metadata["choices"]), default=None,
                                           help=help_text)
@@ -290,6 +295,50 @@ def check_vocab(source: str, model, meta: dict) -> None:
     if model.cfg.vocab_size < need:
         raise ConfigError(f"{source}: the model has {model.cfg.vocab_size} token ids, fewer than the "
                           f"{meta.get('tokenizer', 'gpt2')} tokenizer's {need}; it cannot read or write text")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="HTML file to write.  [default: report.html in the run directory, or ./report.html for several]")
+def report(run_dirs: tuple[str, ...], out: str | None) -> None:
+    """Write one self-contained HTML report of the runs in RUN_DIRS (several runs are compared).
+
+    Loss against steps and tokens, learning rate, throughput, the configs side by side with the
+    differences highlighted, the sample of each evaluation and the final loss and perplexity.
+    """
+    from .html_report import write_report
+
+    target = Path(out) if out else (Path(run_dirs[0]) / "report.html" if len(run_dirs) == 1 else Path("report.html"))
+    path = write_report(list(run_dirs), target)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e3:.0f} KB, {len(run_dirs)} run{'s' * (len(run_dirs) > 1)})")
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; the default serves this machine only (loopback).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on; 0 picks a free one.")
+@click.option("--max-tokens-limit", type=int, default=256, show_default=True,
+              help="Largest max_tokens a request may ask for; larger requests are rejected.")
+@click.option("--max-prompt-chars", type=int, default=20_000, show_default=True,
+              help="Longest prompt accepted, in characters (prompts are also limited to the model's context).")
+@device_option
+def serve(source: str, host: str, port: int, max_tokens_limit: int, max_prompt_chars: int,
+          device: str | None) -> None:
+    """Serve the model in SOURCE: a web page to try prompts and an OpenAI-style /v1/completions API."""
+    from .serve import Limits
+    from .serve import serve as run_server
+
+    if max_tokens_limit < 1 or max_prompt_chars < 1:
+        raise ConfigError("--max-tokens-limit and --max-prompt-chars must be at least 1")
+    run_server(source, host, port, device or "auto", Limits(max_tokens_limit, max_prompt_chars), log=click.echo)
 
 
 def _flat_config(config_file: str | None, opts: dict[str, Any], rename: dict[str, str] | None = None) -> dict:

@@ -28,6 +28,7 @@ from .data import (
 )
 from .evaluate import evaluate, loss_batch
 from .generate import SampleConfig, sample_text
+from .loggers import LOGGERS, check_loggers, open_trackers
 from .model import GPT, GPTConfig
 from .optim import lr_at, make_optimizer, set_lr
 from .report import MetricsLog, Progress, format_eval, human, plot_losses
@@ -73,6 +74,9 @@ class TrainConfig:
     parallel: str = opt("ddp", "Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard).",
                         choices=("ddp", "fsdp"))
     progress: bool = opt(True, "Show the progress bar.")
+    logger: list[str] = field(default_factory=list, metadata={
+        "help": "Also log to this experiment tracker (repeatable); metrics.jsonl is always written.",
+        "choices": LOGGERS})
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "epochs", "eval_every", "eval_batches", "log_every"):
@@ -174,6 +178,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         raise ConfigError(f"vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size}; set --vocab-size to at least that")
     torch.manual_seed(t.seed)
+    check_loggers(t.logger)
 
     # --- data: one token array per split, windows as offsets into it
     train_tokens, val_tokens = load_splits(cfg, tokenizer)
@@ -243,6 +248,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     if main:
         ckpt.atomic_write_bytes(run_dir / ckpt.CONFIG, _toml_bytes(cfg))
     metrics = MetricsLog(run_dir / ckpt.METRICS if main else None, resume_step=step if state is not None else -1)
+    trackers = open_trackers(t.logger, run_dir, cfg.to_toml(), resume_step=step if state is not None else None)
 
     tokens_per_step = t.batch_size * t.grad_accum * ctx * world  # the global batch
     log(describe_model(core))
@@ -276,6 +282,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             progress.write(f"  sample: {record['sample']!r}")
         metrics.log(**record)
         if main:
+            trackers.log(metrics.records[-1])
             plot_losses(metrics.records, run_dir / "loss.png")
         return record
 
@@ -342,12 +349,14 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             elif step % t.log_every == 0:
                 metrics.log(event="train", step=step, tokens=tokens_seen, lr=lr, train_loss=loss_sum,
                             grad_norm=grad_norm, tokens_per_s=round(tok_s, 1))
+                trackers.log(metrics.records[-1])
             if step % t.eval_every == 0 or step == total_steps:
                 last_eval = run_eval()
             if step % save_every == 0 or step == total_steps or stopping or save_due:
                 save()
                 last_save = time.monotonic()
     progress.close()
+    trackers.close()
     stopped_by = (stop[0] if stop else "a signal to another rank") if stopping and step < total_steps else None
     if stopped_by:
         log(f"stopped by {stopped_by} at step {step}; checkpoint saved, continue with --resume {run_dir}")
