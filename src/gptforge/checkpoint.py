@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer, tokenizer_metadata
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
@@ -78,8 +79,8 @@ def model_state(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def save_weights(path: Path, model: GPT, tokenizer: str, extra: dict | None = None) -> None:
-    meta = {"format": "gptforge", "model": json.dumps(model.cfg.to_dict()), "tokenizer": tokenizer}
+def save_weights(path: Path, model: GPT, tokenizer: Tokenizer | str, extra: dict | None = None) -> None:
+    meta = {"format": "gptforge", "model": json.dumps(model.cfg.to_dict()), **tokenizer_metadata(tokenizer)}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     save_file({k: v.cpu() for k, v in model_state(model).items()}, str(path), metadata=meta)
 
@@ -151,7 +152,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: str, state: dict, keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer | str, state: dict,
+                    keep_last: int) -> Path:
     """Write checkpoints/step-N atomically, then delete all but the newest keep_last (0 keeps all)."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)

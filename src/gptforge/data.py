@@ -334,9 +334,9 @@ def open_prepared(data_dir: str | Path, tokenizer: Tokenizer | None = None, rank
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     if tokenizer is not None and tokenizer.name != manifest["tokenizer"]["name"]:
-        raise DataError(f"{data_dir} was tokenized with {manifest['tokenizer']['name']}, but this run uses "
-                        f"{tokenizer.name}; use the data's tokenizer (--tokenizer {data_dir}) or prepare the "
-                        "data again with this one")
+        raise DataError(f"{data_dir} was tokenized with {manifest['tokenizer']['name']}, but the model's "
+                        f"tokenizer is {tokenizer.name}: train with the data's own tokenizer (leave --tokenizer "
+                        "out), or prepare the data again with --tokenizer set to the model's")
     dtype = np.dtype(manifest["dtype"])
     splits = []
     for split in ("train", "val"):

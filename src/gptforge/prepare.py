@@ -72,16 +72,15 @@ class PrepareConfig:
 
     tokenizer: str = opt("gpt2", "Tokenizer: gpt2, or the path of a Hugging Face tokenizer.json (or its directory).")
     text_field: str = opt("text", "Field of a JSON Lines record (column of a Parquet file) that holds the text.")
-    include: str = opt(",".join(DEFAULT_INCLUDE[:3]) + ",...",
-                       "Comma-separated file name patterns searched for in directories; default: text, JSON "
-                       "Lines and Parquet files, plain or .gz/.zst.")
+    include: str | None = opt(None, "Comma-separated file name patterns searched for in directories; default: "
+                                    "*.txt *.md *.text *.jsonl *.json *.ndjson *.parquet, each also .gz/.zst.")
     val_fraction: float = opt(0.01, "Share of the documents held out for validation (chosen by a seeded hash).")
     val_docs: int | None = opt(None, "Hold out exactly this many documents instead (a first pass counts them).")
     seed: int = opt(1234, "Seed of the train/val choice: the same seed and input give the same split.")
     shard_tokens: int = opt(100_000_000, "Tokens per shard (a shard ends at the first piece after this many).")
     dtype: str = opt("auto", "Token dtype: auto (uint16 when the vocabulary fits, else uint32), uint16, uint32.",
                      choices=("auto", "uint16", "uint32"))
-    workers: int = opt(1, "Processes that tokenize (plus the one that reads and writes); 0 = all cores.")
+    workers: int = opt(0, "Processes that tokenize (plus the one that reads and writes); 0 = all cores.")
     skip_bad_lines: bool = opt(False, "Skip JSON lines that do not parse or lack the text field (counted) "
                                       "instead of stopping.")
     overwrite: bool = opt(False, "Replace data prepared from other inputs or settings in DATA_DIR.")
@@ -100,7 +99,7 @@ class PrepareConfig:
             raise ValueError(f"dtype must be auto, uint16 or uint32, got {self.dtype!r}")
 
     def include_patterns(self) -> tuple[str, ...]:
-        if self.include.endswith(",..."):
+        if not self.include:
             return DEFAULT_INCLUDE
         return tuple(p.strip() for p in self.include.split(",") if p.strip())
 
@@ -750,3 +749,42 @@ def copy_tokenizer(data_dir: str | Path, dest: str | Path) -> None:
     manifest = read_manifest(data_dir)
     if "file" in manifest["tokenizer"]:
         shutil.copy(Path(data_dir) / manifest["tokenizer"]["file"], dest)
+
+
+def document_texts(inputs: Sequence[str | Path], text_field: str = "text", include: str | None = None,
+                   skip_bad_lines: bool = True) -> Iterator[str]:
+    """The texts of every document (pieces of large text files) in the inputs, streamed."""
+    patterns = PrepareConfig(include=include).include_patterns()
+    files = find_inputs(inputs, patterns)
+    kinds = [file_kind(f) for f in files]
+    for item, payload in read_items(files, kinds, text_field):
+        status, text, _, _ = _record_text(kinds[item.file][0], payload, item.first, item.last, text_field)
+        if status == OK:
+            yield text
+        elif status == BAD and not skip_bad_lines:
+            raise DataError(f"{_where(files[item.file], kinds[item.file][0], item)}: {text}")
+
+
+def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: int, text_field: str = "text",
+                    include: str | None = None, min_frequency: int = 2) -> Path:
+    """Train a byte-level BPE on the inputs and save it as out/tokenizer.json."""
+    from .tokenizer import train_bpe
+
+    n = 0
+
+    def texts():
+        nonlocal n
+        for text in document_texts(inputs, text_field, include):
+            n += 1
+            yield text
+
+    tok = train_bpe(texts(), vocab_size, min_frequency)
+    if n == 0:
+        raise DataError(f"no text found in {', '.join(map(str, inputs))}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / TOKENIZER_FILE
+    tmp = out / f".{TOKENIZER_FILE}.tmp"
+    tmp.write_text(tok.json, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -18,10 +17,15 @@ from .data import (
     DataConfig,
     TokenWindows,
     check_windows,
+    open_prepared,
+    prepared_dir,
     read_texts,
     split_tokens,
     tokenize_documents,
+    tokens_digest,
+    training_batches,
 )
+from .distributed import rank, world_size
 from .evaluate import evaluate, loss_batch
 from .generate import SampleConfig, sample_text
 from .model import GPT, GPTConfig
@@ -117,6 +121,8 @@ def describe_model(model: GPT) -> str:
 
 
 def load_splits(cfg: RunConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    if (data_dir := prepared_dir(cfg.inputs)) is not None:  # shards, memory-mapped; this rank's share of train
+        return open_prepared(data_dir, tokenizer, rank(), world_size())
     tokens = tokenize_documents(read_texts(cfg.inputs), tokenizer)
     return split_tokens(tokens, cfg.data.val_fraction)
 
@@ -138,9 +144,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     train_windows = TokenWindows(train_tokens, ctx, cfg.data.stride)
     val_windows = TokenWindows(val_tokens, ctx, cfg.data.stride)
     check_windows(train_windows, len(train_tokens), "train", t.batch_size, drop_last=True)
-    if cfg.data.val_fraction > 0:
+    if cfg.data.val_fraction > 0 and prepared_dir(cfg.inputs) is None:  # prepared data: its own split
         check_windows(val_windows, len(val_tokens), "val", t.batch_size, drop_last=False)
-    batches = Batches(train_windows, t.batch_size, shuffle=True, drop_last=True, seed=t.seed)
+    batches = training_batches(train_windows, cfg.data.sampling, t.batch_size, t.seed)
     eval_sets = {"train": Batches(train_windows, t.batch_size, shuffle=False, drop_last=True)}
     if len(val_windows):
         eval_sets["val"] = Batches(val_windows, t.batch_size, shuffle=False, drop_last=False)
@@ -150,7 +156,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     total_steps = t.max_steps or t.epochs * (len(batches) // t.grad_accum)
     warmup = t.warmup_steps if t.warmup_steps is not None else max(1, total_steps // 20)
     min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
-    data_hash = hashlib.sha256(train_tokens.tobytes()).hexdigest()[:16]
+    data_hash = tokens_digest(train_tokens)
 
     # --- model and optimizer
     model = GPT(cfg.model).to(device)
@@ -189,7 +195,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         nonlocal epoch, batch_pos
         if batch_pos >= len(batches):
             epoch, batch_pos = epoch + 1, 0
-        x, y = batches.windows.batch(batches.order(epoch)[batch_pos * t.batch_size:(batch_pos + 1) * t.batch_size])
+        x, y = batches.batch(epoch, batch_pos)
         batch_pos += 1
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
@@ -212,7 +218,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     def save() -> None:
         state = dict(step=step, tokens=tokens_seen, epoch=epoch, batch=batch_pos, data_hash=data_hash,
                      optimizer=optimizer.state_dict(), rng=ckpt.rng_state())
-        ckpt.save_checkpoint(run_dir, step, model, cfg.data.tokenizer, state, t.keep_last)
+        ckpt.save_checkpoint(run_dir, step, model, tokenizer, state, t.keep_last)
 
     # --- the loop
     progress = Progress(total_steps, step, enabled=t.progress)
