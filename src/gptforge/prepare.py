@@ -182,22 +182,28 @@ def open_input(path: Path, compression: str | None) -> tuple[io.BufferedIOBase, 
 def _cut_point(buf: bytes) -> int:
     """Where to end a piece of a text file so that tokenizing the pieces gives the tokens of the whole.
 
-    GPT-2's pre-tokenizer never joins a newline with a following visible ASCII character, so a cut
-    just after such a newline falls between two pre-tokens; failing that, a cut before a space that
-    precedes an ASCII letter; failing that (a megabyte-long line), any UTF-8 character boundary.
+    GPT-2's pre-tokenizer makes a newline between two visible ASCII characters a pre-token of its
+    own, so a cut just after it falls between two pre-tokens (with whitespace around the newline it
+    would not: "  \n" and "\n\n" split differently at the end of a text); failing that, a cut before
+    a space that precedes an ASCII letter; failing that (a very long line), any character boundary.
     """
     i = len(buf)
-    while (i := buf.rfind(b"\n", 0, i)) >= 0:
-        if i + 1 < len(buf) and 0x21 <= buf[i + 1] <= 0x7E:
+    while (i := buf.rfind(b"\n", 0, i)) > 0:
+        if i + 1 < len(buf) and 0x21 <= buf[i + 1] <= 0x7E and 0x21 <= buf[i - 1] <= 0x7E:
             return i + 1
     i, tail = len(buf), max(len(buf) - (1 << 16), 1)
     while (i := buf.rfind(b" ", tail, i)) > 0:
         if buf[i + 1 : i + 2].isalpha():  # bytes.isalpha: ASCII letters only
             return i
-    i = len(buf)
-    while i > 0 and 0x80 <= buf[i - 1] < 0xC0:
+    return -1
+
+
+def _char_boundary(buf: bytes) -> int:
+    """The start of the last UTF-8 character in buf (a cut there splits no character)."""
+    i = len(buf) - 1
+    while i > 0 and 0x80 <= buf[i] < 0xC0:
         i -= 1
-    return i - 1 if i > 0 and buf[i - 1] >= 0xC0 else len(buf)
+    return i
 
 
 def text_pieces(stream, size: int = TEXT_CHUNK) -> Iterator[tuple[int, bytes]]:
@@ -214,7 +220,9 @@ def text_pieces(stream, size: int = TEXT_CHUNK) -> Iterator[tuple[int, bytes]]:
             continue
         cut = _cut_point(buf)
         if cut <= 0:
-            continue
+            if len(buf) < 8 * size:  # read on for a clean cut, within bounds
+                continue
+            cut = _char_boundary(buf)
         yield offset, buf[:cut]
         offset += cut
         buf = buf[cut:]
@@ -258,7 +266,7 @@ def read_items(files: list[Path], kinds: list[tuple[str, str | None]], text_fiel
                                 on_bytes(done + raw.n)
                     else:
                         prev = None
-                        for ri, (offset, piece) in enumerate(text_pieces(stream)):
+                        for ri, (offset, piece) in enumerate(text_pieces(stream, TEXT_CHUNK)):
                             if prev is not None:
                                 yield prev
                             prev = (Item(fi, ri, offset, ri == 0, False), piece) if ri >= skip else None
