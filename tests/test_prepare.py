@@ -2,7 +2,6 @@
 
 import gzip
 import json
-import os
 
 import numpy as np
 import pytest
@@ -116,7 +115,7 @@ def test_split_by_whole_documents_is_deterministic(tmp_path, docs, tiktoken_gpt2
     write_jsonl(src, docs)
     a = prepare([src], tmp_path / "a", cfg(val_fraction=0.25, seed=7, shard_tokens=3000), log=quiet)
     b = prepare([src], tmp_path / "b", cfg(val_fraction=0.25, seed=7, shard_tokens=3000, workers=2), log=quiet)
-    c = prepare([src], tmp_path / "c", cfg(val_fraction=0.25, seed=8, shard_tokens=3000), log=quiet)
+    prepare([src], tmp_path / "c", cfg(val_fraction=0.25, seed=8, shard_tokens=3000), log=quiet)
     assert a["splits"] == b["splits"]  # same seed: same shards, byte for byte (sha256), any number of workers
     train, val = documents_of(stream(tmp_path / "a"), tiktoken_gpt2), documents_of(stream(tmp_path / "a", "val"),
                                                                                    tiktoken_gpt2)
@@ -320,8 +319,10 @@ def test_train_on_prepared_dir_resumes_exactly(tmp_path, docs):
         for d in ckpt.checkpoint_dirs(cut)[2:]:
             shutil.rmtree(d)
         train(run_cfg, cut, resume=True, log=quiet)
+
         def losses(run):
-            return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in open(run / "metrics.jsonl")]
+            records = map(json.loads, open(run / "metrics.jsonl"))
+            return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
 
         lines = losses(full)
         assert lines == losses(cut) and len(lines) == 9
