@@ -593,7 +593,7 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
             state.update(position=position, open_doc=open_doc, stats=asdict(stats))
             _atomic_json(out / STATE, state)
 
-        bar = _progress(cfg.progress, total_bytes, state, splits)
+        bar = _Progress(cfg.progress, total_bytes, sum(s["tokens"] for s in splits.values()))
         position, open_doc = list(state["position"]), state["open_doc"]
         eot = np.array([tokenizer.eot_id], dtype=np_dtype)
         items = read_items(files, kinds, cfg.text_field, tuple(position), on_bytes=bar.set_bytes)
@@ -707,10 +707,6 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def _progress(enabled: bool, total: int, state: dict, splits: dict) -> _Progress:
-    return _Progress(enabled, total, sum(s["tokens"] for s in splits.values()))
 
 
 def _report(manifest: dict, stats: Stats, out: Path, cfg: PrepareConfig, log) -> None:

