@@ -8,6 +8,8 @@ shuffled into documents of 1-16 KB with a seeded generator), then measures:
   forked workers share with the main process once);
 - tiktoken alone encoding the same texts (GPT-2, `encode_ordinary_batch`) on 1 and 2 threads: the
   texts are read in batches of 64 MB and only the encoding is timed;
+- CPU seconds of each (the whole process tree; the machine is shared, so MB per CPU-second is the
+  figure that load from other processes does not move);
 - the training data loader (`RandomBatches` over the memory-mapped shards, 16 x 1024 tokens a batch):
   batches/s and peak RSS (anonymous and file-backed: mapped shard pages count as file-backed RSS, which
   the kernel can drop at any time).
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -78,7 +81,8 @@ def tree_memory(pid: int) -> tuple[int, int]:
 
 
 def run_measured(cmd: list[str]) -> dict:
-    """Run a command; wall seconds and peak tree RSS / PSS, sampled every 0.1 s."""
+    """Run a command; wall seconds, CPU seconds (its tree) and peak tree RSS / PSS, sampled every 0.1 s."""
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0, 0]
@@ -94,9 +98,12 @@ def run_measured(cmd: list[str]) -> dict:
     out, err = proc.communicate()
     seconds = time.perf_counter() - t0
     th.join()
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
-    return {"seconds": seconds, "peak_rss_mb": peak[0] / 1e6, "peak_pss_mb": peak[1] / 1e6, "stdout": out}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak[0] / 1e6, "peak_pss_mb": peak[1] / 1e6,
+            "stdout": out}
 
 
 def bench_prepare(corpus: Path, workers: int) -> dict:
@@ -107,7 +114,8 @@ def bench_prepare(corpus: Path, workers: int) -> dict:
     mb = corpus.stat().st_size / 1e6
     manifest = json.loads((out / "manifest.json").read_text())
     tokens = sum(s["tokens"] for s in manifest["splits"].values())
-    return {"workers": workers, "mb_per_s": mb / r["seconds"], "seconds": r["seconds"], "tokens": tokens,
+    return {"workers": workers, "mb_per_s": mb / r["seconds"], "seconds": r["seconds"],
+            "mb_per_cpu_s": mb / r["cpu_seconds"], "cpu_seconds": r["cpu_seconds"], "tokens": tokens,
             "peak_rss_mb": r["peak_rss_mb"], "peak_pss_mb": r["peak_pss_mb"], "data_dir": str(out)}
 
 
@@ -117,10 +125,12 @@ sys.path.insert(0, "src")
 from gptforge.tokenizer import _gpt2_encoding
 enc = _gpt2_encoding()
 path, threads = sys.argv[1], int(sys.argv[2])
-seconds, nbytes, batch, size = 0.0, 0, [], 0
+seconds, cpu, nbytes, batch, size = 0.0, 0.0, 0, [], 0
 def run(batch):
-    t0 = time.perf_counter()
+    global cpu
+    t0, c0 = time.perf_counter(), time.process_time()
     enc.encode_ordinary_batch(batch, num_threads=threads)
+    cpu += time.process_time() - c0
     return time.perf_counter() - t0
 with open(path, "rb") as f:
     for line in f:
@@ -133,7 +143,7 @@ with open(path, "rb") as f:
             batch, size = [], 0
 if batch:
     seconds += run(batch)
-print(json.dumps({"seconds": seconds, "bytes": nbytes}))
+print(json.dumps({"seconds": seconds, "cpu": cpu, "bytes": nbytes}))
 """
 
 
@@ -141,7 +151,8 @@ def bench_tiktoken(corpus: Path, threads: int) -> dict:
     r = subprocess.run([sys.executable, "-c", TIKTOKEN_ALONE, str(corpus), str(threads)], capture_output=True,
                        text=True, check=True)
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"threads": threads, "mb_per_s": res["bytes"] / 1e6 / res["seconds"], "seconds": res["seconds"]}
+    return {"threads": threads, "mb_per_s": res["bytes"] / 1e6 / res["seconds"], "seconds": res["seconds"],
+            "mb_per_cpu_s": res["bytes"] / 1e6 / res["cpu"], "cpu_seconds": res["cpu"]}
 
 
 LOADER = r"""
@@ -198,16 +209,19 @@ def main() -> None:
         r["speedup_2_workers"] = p2["mb_per_s"] / p1["mb_per_s"]
         r["vs_tiktoken_1"] = p1["mb_per_s"] / t1["mb_per_s"]
         r["vs_tiktoken_2"] = p2["mb_per_s"] / t2["mb_per_s"]
+        r["cpu_efficiency_vs_tiktoken"] = [p["mb_per_cpu_s"] / t["mb_per_cpu_s"] for p, t in zip((p1, p2), (t1, t2))]
         results["sizes"][f"{size}mb"] = r
         print(f"\n{size} MB corpus ({r['corpus_mb']:.0f} MB, {p1['tokens']:,} tokens)")
-        print(f"{'':26}{'MB/s':>8}{'peak RSS MB':>13}{'peak PSS MB':>13}")
+        print(f"{'':28}{'MB/s':>8}{'MB/CPU-s':>10}{'peak RSS MB':>13}{'peak PSS MB':>13}")
         for p in r["prepare"]:
-            print(f"{'prepare, ' + str(p['workers']) + ' worker(s)':26}{p['mb_per_s']:8.2f}{p['peak_rss_mb']:13.0f}"
-                  f"{p['peak_pss_mb']:13.0f}")
+            print(f"{'prepare, ' + str(p['workers']) + ' worker(s)':28}{p['mb_per_s']:8.2f}{p['mb_per_cpu_s']:10.2f}"
+                  f"{p['peak_rss_mb']:13.0f}{p['peak_pss_mb']:13.0f}")
         for t in r["tiktoken_alone"]:
-            print(f"{'tiktoken alone, ' + str(t['threads']) + ' thread(s)':26}{t['mb_per_s']:8.2f}")
+            print(f"{'tiktoken alone, ' + str(t['threads']) + ' thread(s)':28}{t['mb_per_s']:8.2f}"
+                  f"{t['mb_per_cpu_s']:10.2f}")
         print(f"2 workers / 1 worker: {r['speedup_2_workers']:.2f}x; prepare / tiktoken alone: "
-              f"{r['vs_tiktoken_1']:.2f} (1), {r['vs_tiktoken_2']:.2f} (2)")
+              f"{r['vs_tiktoken_1']:.2f} (1), {r['vs_tiktoken_2']:.2f} (2); per CPU-second: "
+              f"{r['cpu_efficiency_vs_tiktoken'][0]:.2f} (1), {r['cpu_efficiency_vs_tiktoken'][1]:.2f} (2)")
         for ld in r["loader"]:
             print(f"loader {ld['mode']:10}: {ld['batches_per_s']:.0f} batches/s ({ld['tokens_per_s'] / 1e6:.1f}M "
                   f"tokens/s), peak RSS {ld['peak_rss_mb']:.0f} MB (anon {ld['rss_anon_mb']:.0f}, "

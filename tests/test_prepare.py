@@ -144,6 +144,9 @@ def test_documents_are_separated_by_end_of_text(tmp_path, docs):
     tokens = stream(tmp_path / "out")
     assert tokens[0] == EOT and (tokens == EOT).sum() == 10 == m["splits"]["train"]["documents"]
     assert m["stats"]["empty_documents"] == 2
+    (tmp_path / "empty.txt").write_text("")
+    m = prepare([src, tmp_path / "empty.txt"], tmp_path / "out2", cfg(), log=quiet)
+    assert m["stats"]["empty_documents"] == 3 and m["splits"]["train"]["documents"] == 10
     assert not (np.diff(np.flatnonzero(tokens == EOT)) == 1).any()
 
 
@@ -377,6 +380,15 @@ def test_missing_text_field(tmp_path):
         prepare([tmp_path / "p.parquet"], tmp_path / "out2", cfg(), log=quiet)
 
 
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "p.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(DataError, match=r"p.parquet: reading Parquet needs pyarrow: pip install 'gptforge\[parquet\]'"):
+        prepare([tmp_path / "p.parquet"], tmp_path / "out", cfg(), log=quiet)
+
+
 def test_empty_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no file matching"):
@@ -389,6 +401,13 @@ def test_empty_inputs(tmp_path):
     assert not list((tmp_path / "out").iterdir())
     with pytest.raises(DataError, match="no such file"):
         prepare([tmp_path / "nope.txt"], tmp_path / "out", cfg(), log=quiet)
+
+
+def test_output_inside_an_input_directory_is_not_read_back(tmp_path, docs):
+    write_jsonl(tmp_path / "c.jsonl", docs[:3])
+    first = prepare([tmp_path], tmp_path / "data", cfg(), log=quiet)
+    again = prepare([tmp_path], tmp_path / "data", cfg(), log=quiet)  # manifest.json is not an input
+    assert again == first and first["stats"]["files"] == 1
 
 
 @pytest.fixture(scope="module")

@@ -212,7 +212,7 @@ def text_pieces(stream, size: int = TEXT_CHUNK) -> Iterator[tuple[int, bytes]]:
     while True:
         data = stream.read(size)
         if not data:
-            if buf:
+            if buf or offset == 0:  # an empty file is one empty piece (counted as an empty document)
                 yield offset, buf
             return
         buf += data
@@ -522,7 +522,10 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
     """Prepare `inputs` into shards in `out`; returns the manifest. Resumes an interrupted run."""
     out = Path(out)
     patterns = cfg.include_patterns()
-    files = find_inputs(inputs, patterns)
+    out_abs = out.resolve()
+    files = [f for f in find_inputs(inputs, patterns) if out_abs not in f.resolve().parents]  # not our own output
+    if not files:
+        raise DataError(f"no input files besides {out}'s own")
     kinds = [file_kind(f) for f in files]
     tokenizer = get_tokenizer(cfg.tokenizer)
     if tokenizer.eot_id is None:
@@ -593,7 +596,8 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
             state.update(position=position, open_doc=open_doc, stats=asdict(stats))
             _atomic_json(out / STATE, state)
 
-        bar = _Progress(cfg.progress, total_bytes, sum(s["tokens"] for s in splits.values()))
+        skipped = sum(f.stat().st_size for f in files[: state["position"][0]])
+        bar = _Progress(cfg.progress, total_bytes, skipped, sum(s["tokens"] for s in splits.values()))
         position, open_doc = list(state["position"]), state["open_doc"]
         eot = np.array([tokenizer.eot_id], dtype=np_dtype)
         items = read_items(files, kinds, cfg.text_field, tuple(position), on_bytes=bar.set_bytes)
@@ -688,11 +692,11 @@ def _choose_val_docs(files, kinds, cfg: PrepareConfig, pool, workers: int, log) 
 
 
 class _Progress:
-    def __init__(self, enabled: bool, total: int, initial_tokens: int):
+    def __init__(self, enabled: bool, total: int, initial_bytes: int, initial_tokens: int):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not enabled,
-                        dynamic_ncols=True, smoothing=0.1)
+        self.bar = tqdm(total=total, initial=initial_bytes, unit="B", unit_scale=True, desc="prepare",
+                        disable=not enabled, dynamic_ncols=True, smoothing=0.1)
         self.tokens = initial_tokens
 
     def set_bytes(self, n: int) -> None:
