@@ -337,7 +337,7 @@ def open_prepared(data_dir: str | Path, tokenizer: Tokenizer | None = None, rank
         raise DataError(f"{data_dir} was tokenized with {manifest['tokenizer']['name']}, but the model's "
                         f"tokenizer is {tokenizer.name}: train with the data's own tokenizer (leave --tokenizer "
                         "out), or prepare the data again with --tokenizer set to the model's")
-    dtype = np.dtype(manifest["dtype"])
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")  # shards are little-endian on every machine
     splits = []
     for split in ("train", "val"):
         shards = manifest["splits"][split]["shards"]

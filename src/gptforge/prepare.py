@@ -560,7 +560,7 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
     if isinstance(tokenizer, HFTokenizer):
         (out / TOKENIZER_FILE).write_text(tokenizer.json, encoding="utf-8")
     tok_spec = ("hf", tokenizer.json) if isinstance(tokenizer, HFTokenizer) else ("gpt2", "")
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     np_dtype = np.dtype(dtype)
 
     if state is None:
