@@ -287,25 +287,22 @@ class ShardedTokens:
         self.start = start
         self.stop = int(self.offsets[-1]) if stop is None else stop
         self.digest = digest
-        self._maps: dict[int, np.memmap] = {}
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def _map(self, i: int) -> np.ndarray:
-        if i not in self._maps:
-            self._maps[i] = np.memmap(self.paths[i], dtype=self.dtype, mode="r", shape=(int(self.lengths[i]),))
-        return self._maps[i]
+        # a fresh map per read, dropped after it (as nanoGPT does): pages a long run has touched do not pile
+        # up in this process's resident memory; opening a map costs microseconds
+        return np.memmap(self.paths[i], dtype=self.dtype, mode="r", shape=(int(self.lengths[i]),))
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             lo, hi, step = index.indices(len(self))
             if step != 1:
                 raise ValueError("ShardedTokens slices must have step 1")
-            view = ShardedTokens(self.paths, self.lengths, self.dtype, self.start + lo, self.start + max(hi, lo),
+            return ShardedTokens(self.paths, self.lengths, self.dtype, self.start + lo, self.start + max(hi, lo),
                                  self.digest)
-            view._maps = self._maps
-            return view
         idx = np.asarray(index, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"token index out of range 0..{len(self) - 1}")
