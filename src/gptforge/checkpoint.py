@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer, tokenizer_metadata
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
@@ -83,10 +84,10 @@ def model_state(model: GPT, sd: dict[str, torch.Tensor] | None = None) -> dict[s
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def save_weights(path: Path, model: GPT, tokenizer: str, extra: dict | None = None,
+def save_weights(path: Path, model: GPT, tokenizer: Tokenizer | str, extra: dict | None = None,
                  weights: dict[str, torch.Tensor] | None = None) -> None:
     """Weights as safetensors; `weights` (a full state dict gathered from shards) replaces model.state_dict()."""
-    meta = {"format": "gptforge", "model": json.dumps(model.cfg.to_dict()), "tokenizer": tokenizer}
+    meta = {"format": "gptforge", "model": json.dumps(model.cfg.to_dict()), **tokenizer_metadata(tokenizer)}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     save_file({k: v.cpu() for k, v in model_state(model, weights).items()}, str(path), metadata=meta)
 
@@ -189,7 +190,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: str, state: dict, keep_last: int,
+def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer | str, state: dict, keep_last: int,
                     weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoints/step-N atomically, then delete all but the newest keep_last (0 keeps all)."""
     root = Path(run_dir) / CHECKPOINTS

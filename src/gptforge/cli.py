@@ -18,9 +18,10 @@ import click
 
 from .checkpoint import CONFIG, CheckpointError
 from .config import ConfigError, build, default_of, field_types, help_of, read_toml
-from .data import DataConfig, DataError
+from .data import DataConfig, DataError, data_defaults
 from .generate import SampleConfig
 from .model import PRESETS, GPTConfig
+from .prepare import PrepareConfig
 from .train import DEFAULT_CORPUS_RUN, RunConfig, TrainConfig, TrainingError
 from .weights import load_any
 
@@ -80,6 +81,7 @@ def cli() -> None:
     gptforge train my_texts/ --out runs/first      train a model (no DATA: a built-in corpus)
     gptforge eval runs/first held_out.txt          loss and perplexity on a text
     gptforge generate runs/first --prompt "Once"   sample from the model
+    gptforge prepare corpus/ --out data/corpus     token shards for corpora bigger than memory
     """
 
 
@@ -110,6 +112,8 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, pr
     """Train a GPT on DATA (text files or directories of .txt/.md files) and write a run directory.
 
     With no DATA, trains on English text that ships with Python (pydoc's help topics, ~465 KB).
+    DATA may also be one directory made by `gptforge prepare`: its shards are memory-mapped, never
+    loaded, and its tokenizer and split are used.
     """
     from . import distributed
     from .train import train as run_training
@@ -167,7 +171,8 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         if preset_name is not None and preset_name not in PRESETS:
             raise ConfigError(f"unknown preset {preset_name!r}; choose one of {', '.join(sorted(PRESETS))}")
         inputs = list(data) or list(file_values.get("inputs", []))
-        layers = [PRESETS.get(preset_name, {}), {} if inputs else DEFAULT_CORPUS_RUN, file_values, flags]
+        follow = data_defaults(inputs, {**PRESETS.get(preset_name, {}), **file_values, **flags})  # tokenizer, vocab
+        layers = [PRESETS.get(preset_name, {}), {} if inputs else DEFAULT_CORPUS_RUN, follow, file_values, flags]
         if init_from:
             from .weights import init_model_config
 
@@ -203,10 +208,11 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flag
 
     SOURCE: a run dir or checkpoint, gpt2 / gpt2-medium / gpt2-large / gpt2-xl or another Hugging Face
     id or directory, OpenAI's TensorFlow checkpoint directory, or the book's model.pth.
+    DATA may be a directory made by `gptforge prepare`: its val split is scored.
     """
-    from .data import Batches, TokenWindows, check_windows, read_texts, tokenize_documents
+    from .data import Batches, TokenWindows, check_windows, eval_tokens
     from .evaluate import evaluate
-    from .tokenizer import get_tokenizer
+    from .tokenizer import tokenizer_from_metadata
     from .train import pick_device
 
     opts = {"context_length": None, "stride": None, "batch_size": 8, "max_batches": None, "device": "auto",
@@ -219,8 +225,8 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flag
     ctx = opts["context_length"] or model.cfg.context_length
     if not 0 < ctx <= model.cfg.context_length:
         raise ConfigError(f"--context-length {ctx} must be between 1 and the model's {model.cfg.context_length}")
-    tokenizer = get_tokenizer(meta.get("tokenizer", "gpt2"))
-    tokens = tokenize_documents(read_texts(data), tokenizer)
+    tokenizer = tokenizer_from_metadata(meta)
+    tokens = eval_tokens(data, tokenizer)
     windows = TokenWindows(tokens, ctx, opts["stride"])
     check_windows(windows, len(tokens), "evaluation", opts["batch_size"], drop_last=False)
     result = evaluate(model, Batches(windows, opts["batch_size"], shuffle=False, drop_last=False),
@@ -244,7 +250,7 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flag
 def generate(source: str, config_file: str | None, **flags) -> None:
     """Continue a prompt with the model in SOURCE (any format `eval` takes, e.g. gpt2-xl or a run dir)."""
     from .generate import sample_text
-    from .tokenizer import get_tokenizer
+    from .tokenizer import tokenizer_from_metadata
     from .train import pick_device
 
     opts: dict[str, Any] = {"prompt": "", "seed": None, "num_samples": 1, "device": "auto"}
@@ -257,7 +263,7 @@ def generate(source: str, config_file: str | None, **flags) -> None:
     device = pick_device(opts["device"])
     model, meta = load_any(source, device)
     check_vocab(source, model, meta)
-    tokenizer = get_tokenizer(meta.get("tokenizer", "gpt2"))
+    tokenizer = tokenizer_from_metadata(meta)
     texts = sample_text(model, tokenizer, opts["prompt"], sample_cfg, opts["num_samples"], opts["seed"], device)
     for i, text in enumerate(texts):
         if len(texts) > 1:
@@ -278,20 +284,24 @@ def generate(source: str, config_file: str | None, **flags) -> None:
               help="Attention heads of a book model.pth (not stored in it).  [default: emb_dim / 64, as in GPT-2]")
 def convert(source: str, target: str, out: str, n_heads: int | None) -> None:
     """Convert the model in SOURCE (any format `eval` takes) to OUT."""
+    from .tokenizer import tokenizer_from_metadata
     from .weights import to_gptforge, to_hf
 
     model, meta = load_any(source, n_heads=n_heads)
     tokenizer = meta.get("tokenizer", "gpt2")
-    path = to_hf(model, out, tokenizer) if target == "hf" else to_gptforge(model, out, tokenizer, source=source)
+    if target == "hf":
+        path = to_hf(model, out, tokenizer)
+    else:  # the whole tokenizer travels with the checkpoint (a Hugging Face one in its metadata)
+        path = to_gptforge(model, out, tokenizer_from_metadata(meta), source=source)
     head = "tied" if model.cfg.tie_weights else "untied"
     click.echo(f"{source} ({meta['format']}, {model.num_params():,} parameters, {head} head) -> {path}")
 
 
 def check_vocab(source: str, model, meta: dict) -> None:
     """A model with fewer token ids than its tokenizer cannot read text (e.g. tiny test models)."""
-    from .tokenizer import get_tokenizer
+    from .tokenizer import tokenizer_from_metadata
 
-    need = get_tokenizer(meta.get("tokenizer", "gpt2")).vocab_size
+    need = tokenizer_from_metadata(meta).vocab_size
     if model.cfg.vocab_size < need:
         raise ConfigError(f"{source}: the model has {model.cfg.vocab_size} token ids, fewer than the "
                           f"{meta.get('tokenizer', 'gpt2')} tokenizer's {need}; it cannot read or write text")
@@ -339,6 +349,47 @@ def serve(source: str, host: str, port: int, max_tokens_limit: int, max_prompt_c
     if max_tokens_limit < 1 or max_prompt_chars < 1:
         raise ConfigError("--max-tokens-limit and --max-prompt-chars must be at least 1")
     run_server(source, host, port, device or "auto", Limits(max_tokens_limit, max_prompt_chars), log=click.echo)
+# ----------------------------------------------------------------------------- prepare, tokenizer
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the shards to.")
+@dataclass_options(PrepareConfig)
+def prepare(inputs: tuple[str, ...], out: str, **flags) -> None:
+    """Tokenize INPUT... (text, JSON Lines, Parquet; .gz/.zst; directories) into token shards in OUT.
+
+    \b
+    gptforge prepare corpus/ --out data/corpus --workers 0
+    gptforge train data/corpus --out runs/corpus
+    """
+    from .prepare import prepare as run_prepare
+
+    run_prepare(inputs, out, build(PrepareConfig, given(flags)), log=click.echo)
+
+
+@cli.group()
+def tokenizer() -> None:
+    """Train your own tokenizer."""
+
+
+@tokenizer.command(name="train")
+@click.argument("corpus", nargs=-1, required=True, type=click.Path())
+@click.option("--vocab-size", required=True, type=int, help="Number of ids, <|endoftext|> and the 256 bytes included.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write tokenizer.json to.")
+@click.option("--text-field", default="text", show_default=True, help="Text field of JSON Lines / Parquet records.")
+@click.option("--include", default=None, help="Comma-separated file name patterns searched for in directories.")
+@click.option("--min-frequency", default=2, show_default=True, type=int, help="Merge only pairs seen this often.")
+def tokenizer_train(corpus: tuple[str, ...], vocab_size: int, out: str, text_field: str, include: str | None,
+                    min_frequency: int) -> None:
+    """Train a byte-level BPE (GPT-2 style, with <|endoftext|>) on CORPUS... and save OUT/tokenizer.json.
+
+    Use it with `gptforge prepare --tokenizer OUT` or `gptforge train --tokenizer OUT`.
+    """
+    from .prepare import train_tokenizer
+
+    path = train_tokenizer(corpus, out, vocab_size, text_field, include, min_frequency)
+    click.echo(f"wrote {path}")
 
 
 def _flat_config(config_file: str | None, opts: dict[str, Any], rename: dict[str, str] | None = None) -> dict:

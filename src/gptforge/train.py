@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import signal
 import threading
@@ -22,9 +21,13 @@ from .data import (
     DataConfig,
     TokenWindows,
     check_windows,
+    open_prepared,
+    prepared_dir,
     read_texts,
     split_tokens,
     tokenize_documents,
+    tokens_digest,
+    training_batches,
 )
 from .evaluate import evaluate, loss_batch
 from .generate import SampleConfig, sample_text
@@ -161,6 +164,8 @@ def describe_model(model: GPT) -> str:
 
 
 def load_splits(cfg: RunConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    if (data_dir := prepared_dir(cfg.inputs)) is not None:  # shards, memory-mapped; this rank's share of train
+        return open_prepared(data_dir, tokenizer, dist.rank(), dist.world_size())
     tokens = tokenize_documents(read_texts(cfg.inputs), tokenizer)
     return split_tokens(tokens, cfg.data.val_fraction)
 
@@ -185,10 +190,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     ctx = cfg.model.context_length
     train_windows = TokenWindows(train_tokens, ctx, cfg.data.stride)
     val_windows = TokenWindows(val_tokens, ctx, cfg.data.stride)
-    check_windows(train_windows, len(train_tokens), "train", t.batch_size * world, drop_last=True)
-    if cfg.data.val_fraction > 0:
+    batches = training_batches(train_windows, cfg.data.sampling, t.batch_size, t.seed, rank, world)
+    check_windows(train_windows, len(train_tokens), "train", t.batch_size * batches.world if isinstance(
+        batches, Batches) else t.batch_size, drop_last=True)
+    if cfg.data.val_fraction > 0 and prepared_dir(cfg.inputs) is None:  # prepared data: its own split
         check_windows(val_windows, len(val_tokens), "val", t.batch_size, drop_last=False)
-    batches = Batches(train_windows, t.batch_size, shuffle=True, drop_last=True, seed=t.seed, rank=rank, world=world)
     # evaluation scores whole global batches on every rank: the same numbers whatever the world size
     eval_sets = {"train": Batches(train_windows, t.batch_size * world, shuffle=False, drop_last=True)}
     if len(val_windows):
@@ -199,7 +205,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     total_steps = t.max_steps or t.epochs * (len(batches) // t.grad_accum)
     warmup = t.warmup_steps if t.warmup_steps is not None else max(1, total_steps // 20)
     min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
-    data_hash = hashlib.sha256(train_tokens.tobytes()).hexdigest()[:16]
+    data_hash = tokens_digest(train_tokens)
 
     # --- model and optimizer (the optimizer is made after wrapping: FSDP replaces the parameters)
     if cfg.init_from and not resume:
@@ -294,7 +300,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             state = dict(step=step, tokens=tokens_seen, epoch=epoch, batch=batch_pos, data_hash=data_hash,
                          world_size=world, batch_size=t.batch_size, optimizer=optim_state, rng=rngs,
                          schedule=dict(lr=t.lr, min_lr=min_lr, warmup=warmup, total_steps=total_steps))
-            ckpt.save_checkpoint(run_dir, step, core, cfg.data.tokenizer, state, t.keep_last, weights=weights)
+            ckpt.save_checkpoint(run_dir, step, core, tokenizer, state, t.keep_last, weights=weights)
         dist.barrier()
 
     # --- the loop

@@ -768,7 +768,7 @@ def _write_gpt2_tokenizer(out: Path, context_length: int) -> None:
     }, indent=2) + "\n")
 
 
-def to_gptforge(model: GPT, out: str | Path, tokenizer: str = "gpt2", source: str | None = None) -> Path:
+def to_gptforge(model: GPT, out: str | Path, tokenizer="gpt2", source: str | None = None) -> Path:
     """Write a gptforge weights file: OUT itself if it ends in .safetensors, else OUT/model.safetensors."""
     out = Path(out)
     path = out if out.suffix == ".safetensors" else out / ckpt.WEIGHTS
