@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -26,10 +27,12 @@ from .evaluate import evaluate, loss_batch
 from .generate import SampleConfig, sample_text
 from .model import GPT, GPTConfig
 from .optim import lr_at, make_optimizer, set_lr
+from .perf import flops_per_token, peak_flops
 from .report import MetricsLog, Progress, format_eval, human, plot_losses
 from .tokenizer import get_tokenizer
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # The recipe for `gptforge train` with no DATA (the built-in corpus, ~115K tokens): ~10 minutes on
 # a 2-core CPU with the default "mini" preset. Flags and --config still win over these.
@@ -65,6 +68,11 @@ class TrainConfig:
     seed: int = opt(123, "Seed for weights, data order and dropout: a CPU run repeats exactly.")
     device: str = opt("auto", "auto picks cuda, then mps, then cpu.", choices=DEVICES)
     progress: bool = opt(True, "Show the progress bar.")
+    precision: str = opt("auto", "auto: bf16 autocast on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU.",
+                         choices=PRECISIONS)
+    compile: bool = opt(False, "Compile the model with torch.compile (checkpoints stay plain model weights).")
+    activation_checkpointing: bool = opt(False, "Recompute each block's activations in backward: less memory, "
+                                                "about a third more compute.")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "epochs", "eval_every", "eval_batches", "log_every"):
@@ -78,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
@@ -107,6 +117,42 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps: no Apple MPS device is available; use --device cpu or auto")
     return torch.device(name)
+
+
+class Precision:
+    """A device's number format for training: the autocast context and, for fp16, a GradScaler."""
+
+    def __init__(self, name: str, device: torch.device):
+        if name == "auto":
+            if device.type == "cuda":
+                name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            else:
+                name = "fp32"  # CPUs without bf16 matrix units are fastest (and exact) in fp32
+        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16")
+        self.name = name
+        if device.type == "cuda":  # fp32 matmuls on tensor cores (TF32)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches, grad_clip: float,
+             grad_accum: int = 1) -> tuple[float, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches (x, y): returns (loss, gradient norm before clipping)."""
+        loss_sum = 0.0
+        for x, y in micro_batches:
+            with self.autocast:
+                loss = loss_batch(model, x, y) / grad_accum
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        self.scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        self.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm
 
 
 def describe_model(model: GPT) -> str:
@@ -154,7 +200,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
 
     # --- model and optimizer
     model = GPT(cfg.model).to(device)
+    model.activation_checkpointing = t.activation_checkpointing
+    step_model = torch.compile(model) if t.compile else model  # saves use `model`: no _orig_mod. prefixes
     optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
+    amp = Precision(t.precision, device)
     step, tokens_seen, epoch, batch_pos = 0, 0, 0, 0
     if resume:
         last = ckpt.latest_checkpoint(run_dir)
@@ -166,6 +215,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                               f"(token hash {data_hash} vs {state['data_hash']}); restore it or start a new run")
         ckpt.load_weights_into(model, last / ckpt.WEIGHTS)
         optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state and amp.scaler.is_enabled():
+            amp.scaler.load_state_dict(state["scaler"])
         step, tokens_seen, epoch, batch_pos = state["step"], state["tokens"], state["epoch"], state["batch"]
         ckpt.set_rng_state(state["rng"])
         if step >= total_steps:
@@ -184,6 +235,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         f"{len(batches)} batches of {t.batch_size} per epoch")
     log(f"training: {total_steps} steps of {human(tokens_per_step)} tokens on {device}, lr {t.lr:g} "
         f"(warmup {warmup}, cosine to {min_lr:g}) -> {run_dir}")
+    fpt = flops_per_token(cfg.model)
+    peak, peak_source = peak_flops(device, amp.name)
+    log(f"speed: precision {amp.name}, {fpt / 1e6:.1f} MFLOP per token; "
+        + (f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
 
     def next_batch():
         nonlocal epoch, batch_pos
@@ -191,6 +246,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             epoch, batch_pos = epoch + 1, 0
         x, y = batches.windows.batch(batches.order(epoch)[batch_pos * t.batch_size:(batch_pos + 1) * t.batch_size])
         batch_pos += 1
+        if device.type == "cuda":  # page-locked host memory: the copies overlap with compute
+            x, y = x.pin_memory(), y.pin_memory()
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def run_eval() -> dict:
@@ -212,10 +269,12 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     def save() -> None:
         state = dict(step=step, tokens=tokens_seen, epoch=epoch, batch=batch_pos, data_hash=data_hash,
                      optimizer=optimizer.state_dict(), rng=ckpt.rng_state())
+        if amp.scaler.is_enabled():
+            state["scaler"] = amp.scaler.state_dict()
         ckpt.save_checkpoint(run_dir, step, model, cfg.data.tokenizer, state, t.keep_last)
 
     # --- the loop
-    progress = Progress(total_steps, step, enabled=t.progress)
+    progress = Progress(total_steps, step, enabled=t.progress, flops_per_token=fpt, peak_flops=peak)
     last_eval = run_eval() if step == 0 else {}
     save_every = t.save_every or t.eval_every
     model.train()
@@ -224,15 +283,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         t0 = time.perf_counter()
         lr = lr_at(step, t.lr, min_lr, warmup, total_steps)
         set_lr(optimizer, lr)
-        loss_sum = 0.0
-        for _ in range(t.grad_accum):
-            x, y = next_batch()
-            loss = loss_batch(model, x, y) / t.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = amp.step(step_model, optimizer, (next_batch() for _ in range(t.grad_accum)),
+                                       t.grad_clip, t.grad_accum)
         step += 1
         tokens_seen += tokens_per_step
         seconds = time.perf_counter() - t0
@@ -240,7 +292,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         tok_s = progress.step(loss_sum, tokens_per_step, seconds, lr)
         if step % t.log_every == 0:
             metrics.log(event="train", step=step, tokens=tokens_seen, lr=lr, train_loss=loss_sum,
-                        grad_norm=float(grad_norm), tokens_per_s=round(tok_s, 1))
+                        grad_norm=float(grad_norm), tokens_per_s=round(tok_s, 1),
+                        mfu=round(fpt * tok_s / peak, 4) if peak else None)
         if step % t.eval_every == 0 or step == total_steps:
             last_eval = run_eval()
         if step % save_every == 0 or step == total_steps:
