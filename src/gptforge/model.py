@@ -176,16 +176,18 @@ class GPT(nn.Module):
             self.register_state_dict_post_hook(self._unpad_state)
             self.register_load_state_dict_pre_hook(self._pad_state)
 
-    def _unpad_state(self, module, state_dict, prefix, local_metadata) -> None:
+    @staticmethod
+    def _unpad_state(module: GPT, state_dict: dict, prefix: str, local_metadata) -> None:
         for name in ("wte.weight", "lm_head.weight"):
             if prefix + name in state_dict:
-                state_dict[prefix + name] = state_dict[prefix + name][: self.cfg.vocab_size]
+                state_dict[prefix + name] = state_dict[prefix + name][: module.cfg.vocab_size]
 
-    def _pad_state(self, module, state_dict, prefix, *args) -> None:
+    @staticmethod
+    def _pad_state(module: GPT, state_dict: dict, prefix: str, *args) -> None:
         for name in ("wte.weight", "lm_head.weight"):
             w = state_dict.get(prefix + name)
-            if w is not None and w.size(0) == self.cfg.vocab_size:
-                state_dict[prefix + name] = torch.cat([w, w.new_zeros(self.padded_vocab - w.size(0), w.size(1))])
+            if w is not None and w.size(0) == module.cfg.vocab_size:
+                state_dict[prefix + name] = torch.cat([w, w.new_zeros(module.padded_vocab - w.size(0), w.size(1))])
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
