@@ -35,12 +35,13 @@ def test_gpu_peak_table_by_name():
 
 def test_bench_train_quick(tmp_path):
     r = CliRunner().invoke(cli, ["bench", "train", "--preset", "tiny", "--context-length", "16", "--batch-size", "2",
-                                 "--device", "cpu", "--steps", "2", "--warmup", "1"])
+                                 "--device", "cpu", "--steps", "2", "--warmup", "1", "--profile"])
     assert r.exit_code == 0, r.output
     result = json.loads(r.output.strip().splitlines()[-1])
     assert set(result) == {"tokens_per_s", "ms_per_step", "mfu", "peak_mem_bytes", "device"}
     assert result["tokens_per_s"] == pytest.approx(2 * 16 / (result["ms_per_step"] / 1000), rel=1e-3)
     assert 0 < result["mfu"] < 1 and result["peak_mem_bytes"] > 0 and result["device"].startswith("cpu")
+    assert "aten::mm" in r.output  # the profiled step's op table
 
 
 def test_bench_generate_quick():

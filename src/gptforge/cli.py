@@ -251,7 +251,8 @@ def _bench_setup(preset: str | None, flags: dict) -> tuple[GPTConfig, Any]:
 @dataclass_options(GPTConfig, TrainConfig, only=tuple(f.name for f in fields(GPTConfig)) + BENCH_TRAIN_FLAGS)
 @click.option("--steps", type=int, default=10, show_default=True, help="Timed optimizer steps (median reported).")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps first.")
-def bench_train_cmd(preset: str | None, steps: int, warmup: int, **flags) -> None:
+@click.option("--profile", is_flag=True, help="Also profile one step and print torch.profiler's op table.")
+def bench_train_cmd(preset: str | None, steps: int, warmup: int, profile: bool, **flags) -> None:
     """Training speed on random tokens: tokens/s, ms/step, MFU, peak memory.
 
     \b
@@ -263,7 +264,7 @@ def bench_train_cmd(preset: str | None, steps: int, warmup: int, **flags) -> Non
     t = build(TrainConfig, flags)
     model_cfg, device = _bench_setup(preset, flags)
     bench_train(model_cfg, t.batch_size, device, t.precision, t.compile, t.activation_checkpointing, steps,
-                warmup, t.seed, log=click.echo)
+                warmup, t.seed, profile, log=click.echo)
 
 
 @bench.command(name="generate")

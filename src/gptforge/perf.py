@@ -116,8 +116,11 @@ def sync(device: torch.device) -> None:
 
 def bench_train(model_cfg: GPTConfig, batch_size: int, device: torch.device, precision: str = "auto",
                 compile: bool = False, activation_checkpointing: bool = False, steps: int = 10, warmup: int = 2,
-                seed: int = 0, log=print) -> dict:
-    """Time optimizer steps on random tokens, with the training loop's own pieces; returns the JSON result."""
+                seed: int = 0, profile: bool = False, log=print) -> dict:
+    """Time optimizer steps on random tokens, with the training loop's own pieces; returns the JSON result.
+
+    With profile, one more step runs under torch.profiler and its op table (by self time) is printed.
+    """
     from .optim import make_optimizer
     from .train import Precision
 
@@ -154,6 +157,16 @@ def bench_train(model_cfg: GPTConfig, batch_size: int, device: torch.device, pre
     m = mfu(fpt, tok_s, peak)
     log(f"median {ms:.0f} ms/step (best {min(times) * 1000:.0f}), {tok_s:,.1f} tokens/s"
         + (f", MFU {m:.3f} (best step: {mfu(fpt, batch_size * T / min(times), peak):.3f})" if m else ""))
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            amp.step(step_model, optimizer, [(x, y)], grad_clip=1.0)
+            sync(device)
+        log(prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda"
+                                      else "self_cpu_time_total", row_limit=20))
     result = {"tokens_per_s": round(tok_s, 2), "ms_per_step": round(ms, 2), "mfu": round(m, 4) if m else None,
               "peak_mem_bytes": peak_memory_bytes(device), "device": device_name(device)}
     log(json.dumps(result))
