@@ -116,6 +116,8 @@ def generate(
     t0 = time.perf_counter()
     try:
         logits = prefill(model, idx, cache) if cfg.max_new_tokens > 0 else None
+        if stats is not None and idx.device.type == "cuda":
+            torch.cuda.synchronize(idx.device)  # time the prefill itself, not its launch
         t1 = time.perf_counter()
         for i in range(cfg.max_new_tokens):
             tok = next_token(logits, cfg, generator)  # (B, 1)
