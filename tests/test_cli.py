@@ -73,6 +73,7 @@ def test_generate_seeded_and_greedy(trained, capsys):
     assert a[0] == 0 and a[1] == b[1] and a[1].count("--- sample") == 2
     g1, g2 = run(args, capsys), run(args + ["--top-k", "1", "--temperature", "0.7", "--seed", "9"], capsys)
     assert g1[1] == g2[1] and g1[1].startswith("The")
+    assert "generated 8 tokens in" in g1[2] and "tokens/s" in g1[2]  # speed on stderr, text alone on stdout
 
 
 def test_resume_extends_a_finished_run(trained, capsys, tmp_path):

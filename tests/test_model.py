@@ -105,3 +105,50 @@ def test_config_validation():
         GPTConfig(emb_dim=30, n_heads=4)
     with pytest.raises(ValueError, match="unknown model setting"):
         GPTConfig.from_dict({"emb": 3})
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_vocab_padding_is_invisible(tmp_path, tie):
+    """Padded to 128 rows, the model's logits, loss, state dict and saved weights equal an unpadded model's."""
+    from gptforge import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=101, context_length=8, emb_dim=16, n_heads=2, n_layers=1, tie_weights=tie,
+                    drop_rate=0.0)
+    plain = GPT(cfg)
+    padded = GPT(GPTConfig(**{**cfg.to_dict(), "pad_vocab": True}))
+    assert padded.wte.weight.shape == (128, 16) and padded.lm_head.weight.shape == (128, 16)
+    padded.load_state_dict(plain.state_dict())  # unpadded weights load into the padded model
+    sd = padded.state_dict()
+    assert sd["wte.weight"].shape == (101, 16) and sd["lm_head.weight"].shape == (101, 16)
+    assert padded.num_params() == plain.num_params()
+    with torch.no_grad():
+        padded.lm_head.weight[101:] = 100.0  # padding rows that would win every argmax if they leaked
+    x = torch.randint(0, 101, (2, 8))
+    torch.testing.assert_close(padded(x), plain(x))
+    assert padded(x).shape == (2, 8, 101)
+    torch.testing.assert_close(loss_batch(padded, x, x), loss_batch(plain, x, x))
+    ckpt.save_weights(tmp_path / "w.safetensors", padded, "gpt2")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "w.safetensors"))
+    assert saved["wte.weight"].shape == (101, 16) and ("lm_head.weight" in saved) == (not tie)
+    loaded, _ = ckpt.load_model(tmp_path / "w.safetensors")
+    assert loaded.padded_vocab == 128
+    torch.testing.assert_close(loaded(x), plain(x))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_cfg):
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**tiny_cfg.to_dict(), "drop_rate": 0.1})
+    model = GPT(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    grads = []
+    for ac in (False, True):
+        model.activation_checkpointing = ac
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks; recomputation restores the RNG state itself
+        loss_batch(model, x, x).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -2,6 +2,7 @@ import json
 import math
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -247,3 +248,46 @@ def test_save_every_minutes(text_file, tmp_path, monkeypatch):
                    sample_tokens=0), run, log=lambda *_: None)
     # clock reads: 0 at start, then 40 s per step check; a save resets the reference
     assert [d.name for d in ckpt.checkpoint_dirs(run)] == ["step-00000002", "step-00000004", "step-00000005"]
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(text_file, tmp_path, precision):
+    """bf16 autocast, and fp16 autocast with a GradScaler whose state goes into the checkpoint."""
+    run = tmp_path / precision
+    cfg = tiny_run(text_file, max_steps=4, eval_every=4, precision=precision, lr=1e-2, sample_tokens=0)
+    train(cfg, run, log=lambda *_: None)
+    record = losses(run)
+    assert len(record) == 4 and all(math.isfinite(v) for v in record.values())
+    train(tiny_run(text_file, max_steps=4, eval_every=4, lr=1e-2, sample_tokens=0), tmp_path / "fp32",
+          log=lambda *_: None)
+    fp32 = losses(tmp_path / "fp32")
+    assert abs(record[1] - fp32[1]) < 0.1 and record != fp32  # the same model, another number format
+    state = ckpt.load_state(ckpt.latest_checkpoint(run))
+    assert ("scaler" in state) == (precision == "fp16")
+    if precision == "fp16":
+        assert state["scaler"]["scale"] > 0
+        train(tiny_run(text_file, max_steps=6, eval_every=4, precision=precision, lr=1e-2, sample_tokens=0), run,
+              resume=True, log=lambda *_: None)
+        assert len(losses(run)) == 6
+
+
+def test_train_progress_records_mfu(text_file, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_run(text_file, max_steps=2, sample_tokens=0), run, log=lambda *_: None)
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert all(0 < r["mfu"] < 1 for r in records if r["event"] == "train")
+
+
+@pytest.mark.slow
+def test_compiled_losses_equal_eager(text_file, tmp_path):
+    """torch.compile gives the same losses (to float tolerance) and plain checkpoint keys.
+
+    Without dropout: compiled dropout draws its masks from another random generator.
+    """
+    base = dict(max_steps=3, eval_every=3, sample_tokens=0)
+    for name, compile in (("eager", False), ("compiled", True)):
+        cfg = tiny_run(text_file, compile=compile, **base)
+        cfg.model.drop_rate = 0.0
+        train(cfg, tmp_path / name, log=lambda *_: None)
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-3 for k in a)
+    keys = weights(tmp_path / "compiled").keys()
+    assert keys == weights(tmp_path / "eager").keys() and not any("_orig_mod" in k for k in keys)

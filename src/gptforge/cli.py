@@ -28,14 +28,14 @@ from .weights import load_any
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
 
 
-def dataclass_options(*classes: type, exclude: tuple[str, ...] = ()):
-    """Add a --flag for every field of the given dataclasses; unset flags arrive as None."""
+def dataclass_options(*classes: type, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None):
+    """Add a --flag for every field of the given dataclasses (or those named in `only`); unset flags arrive as None."""
 
     def decorate(fn):
         for cls in reversed(classes):
             types = field_types(cls)
             for f in reversed(fields(cls)):
-                if f.name in exclude:
+                if f.name in exclude or (only is not None and f.name not in only):
                     continue
                 flag = "--" + f.name.replace("_", "-")
                 default = default_of(f)
@@ -82,6 +82,7 @@ def cli() -> None:
     gptforge eval runs/first held_out.txt          loss and perplexity on a text
     gptforge generate runs/first --prompt "Once"   sample from the model
     gptforge prepare corpus/ --out data/corpus     token shards for corpora bigger than memory
+    gptforge bench train --preset gpt2-small       training tokens/s and MFU (also: bench generate)
     """
 
 
@@ -264,11 +265,80 @@ def generate(source: str, config_file: str | None, **flags) -> None:
     model, meta = load_any(source, device)
     check_vocab(source, model, meta)
     tokenizer = tokenizer_from_metadata(meta)
-    texts = sample_text(model, tokenizer, opts["prompt"], sample_cfg, opts["num_samples"], opts["seed"], device)
+    stats: dict = {}
+    texts = sample_text(model, tokenizer, opts["prompt"], sample_cfg, opts["num_samples"], opts["seed"], device,
+                        stats=stats)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             click.echo(f"--- sample {i + 1} ---")
         click.echo(opts["prompt"] + text)
+    seconds = stats["prefill_seconds"] + stats["decode_seconds"]
+    click.echo(f"generated {stats['tokens']} tokens in {seconds:.2f} s ({stats['tokens'] / max(seconds, 1e-9):.1f} "
+               f"tokens/s; prompt prefill {stats['prefill_seconds'] * 1000:.0f} ms)", err=True)
+
+
+# ----------------------------------------------------------------------------- bench
+
+BENCH_TRAIN_FLAGS = ("batch_size", "precision", "compile", "activation_checkpointing", "device", "seed")
+
+
+@cli.group()
+def bench() -> None:
+    """Measure training and generation speed; the last line printed is JSON."""
+
+
+def _bench_setup(preset: str | None, flags: dict) -> tuple[GPTConfig, Any]:
+    from .train import pick_device
+
+    preset = preset or "mini"
+    model_cfg = build(GPTConfig, PRESETS[preset], flags)
+    return model_cfg, pick_device(flags.get("device") or "auto")
+
+
+@bench.command(name="train")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Model shape to start from; shape flags override single values.  [default: mini]")
+@dataclass_options(GPTConfig, TrainConfig, only=tuple(f.name for f in fields(GPTConfig)) + BENCH_TRAIN_FLAGS)
+@click.option("--steps", type=int, default=10, show_default=True, help="Timed optimizer steps (median reported).")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps first.")
+@click.option("--profile", is_flag=True, help="Also profile one step and print torch.profiler's op table.")
+def bench_train_cmd(preset: str | None, steps: int, warmup: int, profile: bool, **flags) -> None:
+    """Training speed on random tokens: tokens/s, ms/step, MFU, peak memory.
+
+    \b
+    Last line: {"tokens_per_s", "ms_per_step", "mfu", "peak_mem_bytes", "device"}
+    """
+    from .perf import bench_train
+
+    flags = given(flags)
+    t = build(TrainConfig, flags)
+    model_cfg, device = _bench_setup(preset, flags)
+    bench_train(model_cfg, t.batch_size, device, t.precision, t.compile, t.activation_checkpointing, steps,
+                warmup, t.seed, profile, log=click.echo)
+
+
+@bench.command(name="generate")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Model shape to start from; shape flags override single values.  [default: mini]")
+@dataclass_options(GPTConfig, TrainConfig, only=tuple(f.name for f in fields(GPTConfig)) + ("batch_size", "device",
+                                                                                              "seed"))
+@click.option("--max-new-tokens", type=int, default=200, show_default=True, help="Tokens to generate per row.")
+@click.option("--prompt-tokens", type=int, default=10, show_default=True, help="Length of the (random) prompt.")
+def bench_generate_cmd(preset: str | None, max_new_tokens: int, prompt_tokens: int, **flags) -> None:
+    """Generation speed, greedy, on a random prompt: prefill, and decode with and without the KV cache.
+
+    \b
+    Last line: {"prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_no_cache", "device"}
+    """
+    from .perf import bench_generate
+
+    flags = given(flags)
+    model_cfg, device = _bench_setup(preset, flags)
+    if prompt_tokens < 1 or max_new_tokens < 2 or prompt_tokens + max_new_tokens > model_cfg.context_length:
+        raise ConfigError(f"--prompt-tokens {prompt_tokens} (at least 1) plus --max-new-tokens {max_new_tokens} "
+                          f"(at least 2) must fit in the context length {model_cfg.context_length}")
+    bench_generate(model_cfg, flags.get("batch_size", 1), device, prompt_tokens, max_new_tokens,
+                   flags.get("seed", 0), log=click.echo)
 
 
 # ----------------------------------------------------------------------------- convert

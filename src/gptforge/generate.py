@@ -1,12 +1,18 @@
-"""Sampling from a GPT: greedy, temperature, top-k, top-p; batched, with per-row end-token stops."""
+"""Sampling from a GPT: greedy, temperature, top-k, top-p; batched, with per-row end-token stops.
+
+Generation runs a prefill (the prompt in one forward pass, filling a KV cache) and then one-token
+decode steps that read the cache instead of recomputing the whole context.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from .config import opt
+from .model import KVCache
 
 
 @dataclass
@@ -61,6 +67,26 @@ def next_token(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generat
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def prefill(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """Logits (B, V) for the next token after idx (B, T), filling the cache with idx when one is given."""
+    ctx = model.cfg.context_length
+    if cache is None:
+        return model(idx[:, -ctx:])[:, -1, :]
+    cache.pos = 0
+    return model(idx[:, -ctx:], cache)[:, -1, :]
+
+
+def decode_one_token(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """Logits (B, V) after idx (B, T), whose last token is new: one cached step while the cache has room.
+
+    Without a cache, or once the sequence outgrows the context (positions would shift), the model
+    recomputes the last context_length tokens, exactly as generation without a cache does.
+    """
+    if cache is not None and cache.pos < model.cfg.context_length:
+        return model(idx[:, -1:], cache)[:, -1, :]
+    return prefill(model, idx, None)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -68,21 +94,32 @@ def generate(
     cfg: SampleConfig,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    stats: dict | None = None,
 ) -> list[list[int]]:
     """Continue each row of idx (B, T) by up to cfg.max_new_tokens tokens.
 
     The model sees at most its context_length most recent tokens. A row stops after it produces
-    eos_id (kept in its output); the others go on. Returns the new tokens of each row.
+    eos_id (kept in its output); the others go on. Returns the new tokens of each row. With
+    use_cache, a KV cache turns each step into a one-token forward pass (same tokens, greedy).
+    A `stats` dict receives prefill_seconds, decode_seconds and tokens (new tokens of all rows).
     """
     was_training = model.training
     model.eval()
-    ctx = model.cfg.context_length
     B = idx.size(0)
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    cache = None
+    if use_cache and cfg.max_new_tokens > 0:
+        p = next(model.parameters())
+        cache = KVCache(model.cfg, B, p.device, p.dtype)
+    t0 = time.perf_counter()
     try:
-        for _ in range(cfg.max_new_tokens):
-            logits = model(idx[:, -ctx:])[:, -1, :]  # (B, V)
+        logits = prefill(model, idx, cache) if cfg.max_new_tokens > 0 else None
+        if stats is not None and idx.device.type == "cuda":
+            torch.cuda.synchronize(idx.device)  # time the prefill itself, not its launch
+        t1 = time.perf_counter()
+        for i in range(cfg.max_new_tokens):
             tok = next_token(logits, cfg, generator)  # (B, 1)
             for b in torch.nonzero(~done).flatten().tolist():
                 out[b].append(int(tok[b]))
@@ -91,8 +128,13 @@ def generate(
                 if bool(done.all()):
                     break
             idx = torch.cat([idx, tok], dim=1)
+            if i + 1 < cfg.max_new_tokens:
+                logits = decode_one_token(model, idx, cache)  # (B, V)
     finally:
         model.train(was_training)
+    if stats is not None:
+        t2 = time.perf_counter()
+        stats.update(prefill_seconds=t1 - t0, decode_seconds=t2 - t1, tokens=sum(len(o) for o in out))
     return out
 
 
@@ -104,8 +146,9 @@ def sample_text(
     num_samples: int = 1,
     seed: int | None = None,
     device: torch.device | str = "cpu",
+    stats: dict | None = None,
 ) -> list[str]:
-    """Prompt text -> num_samples continuations (text only, prompt excluded)."""
+    """Prompt text -> num_samples continuations (text only, prompt excluded); stats as in generate()."""
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
         if tokenizer.eot_id is None:
@@ -119,5 +162,5 @@ def sample_text(
             generator.manual_seed(seed)
         else:
             generator.seed()  # fresh entropy for this generator only; the global RNG is untouched
-    outs = generate(model, idx, cfg, eos_id=tokenizer.eot_id, generator=generator)
+    outs = generate(model, idx, cfg, eos_id=tokenizer.eot_id, generator=generator, stats=stats)
     return [tokenizer.decode([t for t in o if t != tokenizer.eot_id]) for o in outs]

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -33,6 +34,11 @@ class GPTConfig:
     qkv_bias: bool = field(default=False, metadata={"help": "Bias on the query/key/value projection."})
     tie_weights: bool = field(
         default=True, metadata={"help": "Share the output head with the token embedding, as GPT-2 does."}
+    )
+    pad_vocab: bool = field(
+        default=False,
+        metadata={"help": "Pad the embedding and output head to a multiple of 64 rows for faster matmuls; "
+                          "the padding never shows in logits, losses, samples or saved weights."},
     )
 
     def __post_init__(self) -> None:
@@ -81,15 +87,26 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0):
+        """x (B, T, C); with kv (a layer of a KVCache), x holds positions pos..pos+T-1 of the sequence."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         hs = C // self.n_heads
         q = q.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_heads, hs).transpose(1, 2)
         v = v.view(B, T, self.n_heads, hs).transpose(1, 2)
+        mask, causal = None, True
+        if kv is not None:
+            k_all, v_all = kv  # (B, nh, T_max, hs)
+            k_all[:, :, pos:pos + T] = k
+            v_all[:, :, pos:pos + T] = v
+            k, v = k_all[:, :, :pos + T], v_all[:, :, :pos + T]  # (B, nh, pos + T, hs)
+            if pos > 0:  # query i (at pos + i) sees keys 0..pos + i
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.drop_rate if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.drop_rate if self.training else 0.0, is_causal=causal
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.c_proj(y))
@@ -116,21 +133,38 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0):
+        x = x + self.attn(self.ln_1(x), kv, pos)
         return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of every layer for the first `pos` positions of a batch of sequences."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype):
+        hs = cfg.emb_dim // cfg.n_heads
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, cfg.context_length, hs)  # (L, B, nh, T_max, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled so far
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i], self.v[i]  # each (B, nh, T_max, hs)
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.activation_checkpointing = False  # recompute each block in backward instead of storing it
+        # Rows of the embedding and head: the vocabulary, padded (pad_vocab) to a multiple of 64.
+        self.padded_vocab = -(-cfg.vocab_size // 64) * 64 if cfg.pad_vocab else cfg.vocab_size
+        self.wte = nn.Embedding(self.padded_vocab, cfg.emb_dim)
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop = nn.Dropout(cfg.drop_rate)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
-        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.emb_dim, self.padded_vocab, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
@@ -138,6 +172,22 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if self.padded_vocab != cfg.vocab_size:  # state dicts hold vocab_size rows, as unpadded models do
+            self.register_state_dict_post_hook(self._unpad_state)
+            self.register_load_state_dict_pre_hook(self._pad_state)
+
+    @staticmethod
+    def _unpad_state(module: GPT, state_dict: dict, prefix: str, local_metadata) -> None:
+        for name in ("wte.weight", "lm_head.weight"):
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = state_dict[prefix + name][: module.cfg.vocab_size]
+
+    @staticmethod
+    def _pad_state(module: GPT, state_dict: dict, prefix: str, *args) -> None:
+        for name in ("wte.weight", "lm_head.weight"):
+            w = state_dict.get(prefix + name)
+            if w is not None and w.size(0) == module.cfg.vocab_size:
+                state_dict[prefix + name] = torch.cat([w, w.new_zeros(module.padded_vocab - w.size(0), w.size(1))])
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -148,23 +198,36 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size)."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size).
+
+        With a cache, idx continues the cached positions, and their keys and values are added to it.
+        """
         B, T = idx.shape
-        if T > self.cfg.context_length:
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.context_length:
             raise ValueError(
-                f"sequence of {T} tokens is longer than the model's context_length "
+                f"sequence of {start + T} tokens is longer than the model's context_length "
                 f"{self.cfg.context_length}"
             )
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.h:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
+        for i, block in enumerate(self.h):
+            if cache is not None:
+                x = block(x, cache.layer(i), start)
+            elif self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.ln_f(x))  # (B, T, padded_vocab)
+        return logits[..., : self.cfg.vocab_size] if self.padded_vocab != self.cfg.vocab_size else logits
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Distinct parameters; with non_embedding, without the position embeddings."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields tied tensors once
+        n -= (self.padded_vocab - self.cfg.vocab_size) * self.cfg.emb_dim * (1 if self.cfg.tie_weights else 2)
         if non_embedding:
             n -= self.wpe.weight.numel()
         return n

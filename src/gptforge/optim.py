@@ -22,7 +22,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device: torch.device
 ) -> torch.optim.AdamW:
-    fused = device.type == "cuda"  # fused kernels where they exist; the default loop elsewhere
+    fused = device.type in ("cuda", "cpu")  # one fused kernel where PyTorch has one (CPU: ~10x the for-loop)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None)
 
 

@@ -88,7 +88,8 @@ def human(n: float) -> str:
 class Progress:
     """A progress bar with step, loss, tokens/s and ETA; log lines print above it."""
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool = True, quiet: bool = False):
+    def __init__(self, total_steps: int, start_step: int, enabled: bool = True, quiet: bool = False,
+                 flops_per_token: float = 0.0, peak_flops: float | None = None):
         self.bar = tqdm(
             total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not enabled,
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
@@ -96,12 +97,14 @@ class Progress:
         self.enabled = enabled
         self.quiet = quiet  # print nothing at all (ranks other than 0)
         self.rate: float | None = None
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # for MFU; no peak: not shown
 
     def step(self, loss: float, tokens: int, seconds: float, lr: float) -> float:
         """Advance one step that trained `tokens` tokens in `seconds`; returns the smoothed tokens/s."""
         tok_s = tokens / max(seconds, 1e-9)
         self.rate = tok_s if self.rate is None else 0.9 * self.rate + 0.1 * tok_s
-        self.bar.set_postfix_str(f"loss {loss:.3f}, {human(self.rate)} tok/s, lr {lr:.2e}", refresh=False)
+        mfu = f", MFU {self.flops_per_token * self.rate / self.peak_flops:.2f}" if self.peak_flops else ""
+        self.bar.set_postfix_str(f"loss {loss:.3f}, {human(self.rate)} tok/s{mfu}, lr {lr:.2e}", refresh=False)
         self.bar.update(1)
         return self.rate
 

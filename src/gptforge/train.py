@@ -34,10 +34,12 @@ from .generate import SampleConfig, sample_text
 from .loggers import LOGGERS, check_loggers, open_trackers
 from .model import GPT, GPTConfig
 from .optim import lr_at, make_optimizer, set_lr
+from .perf import flops_per_token, peak_flops
 from .report import MetricsLog, Progress, format_eval, human, plot_losses
 from .tokenizer import get_tokenizer
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # The recipe for `gptforge train` with no DATA (the built-in corpus, ~115K tokens): ~10 minutes on
 # a 2-core CPU with the default "mini" preset. Flags and --config still win over these.
@@ -80,6 +82,11 @@ class TrainConfig:
     logger: list[str] = field(default_factory=list, metadata={
         "help": "Also log to this experiment tracker (repeatable); metrics.jsonl is always written.",
         "choices": LOGGERS})
+    precision: str = opt("auto", "auto: bf16 autocast on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU.",
+                         choices=PRECISIONS)
+    compile: bool = opt(False, "Compile the model with torch.compile (checkpoints stay plain model weights).")
+    activation_checkpointing: bool = opt(False, "Recompute each block's activations in backward: less memory, "
+                                                "about a third more compute.")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "epochs", "eval_every", "eval_batches", "log_every"):
@@ -93,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
@@ -154,6 +163,52 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps: no Apple MPS device is available; use --device cpu or auto")
     return torch.device(name)
+
+
+class Precision:
+    """A device's number format for training: the autocast context and, for fp16, a GradScaler."""
+
+    def __init__(self, name: str, device: torch.device):
+        if name == "auto":
+            if device.type == "cuda":
+                name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            else:
+                name = "fp32"  # CPUs without bf16 matrix units are fastest (and exact) in fp32
+        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16")
+        self.name = name
+        if device.type == "cuda":  # fp32 matmuls on tensor cores (TF32)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+
+    def backward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_accum: int = 1) -> float:
+        """Forward and backward of one micro-batch (gradients add up); returns its share of the step's loss."""
+        with self.autocast:
+            loss = loss_batch(model, x, y) / grad_accum
+        self.scaler.scale(loss).backward()
+        return loss.item()
+
+    def clip(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+        """Unscale (fp16) and clip the gradients; returns their global norm before clipping."""
+        self.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+
+    def update(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+        self.scaler.update()
+
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches, grad_clip: float,
+             grad_accum: int = 1) -> tuple[float, float]:
+        """One whole optimizer step of one process (as the benchmark times it): returns (loss, grad norm)."""
+        loss_sum = sum(self.backward(model, x, y, grad_accum) for x, y in micro_batches)
+        grad_norm = self.clip(model, optimizer, grad_clip)
+        self.update(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm
 
 
 def describe_model(model: GPT) -> str:
@@ -221,6 +276,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         model = GPT(cfg.model).to(device)
     if world > 1:
         torch.manual_seed(t.seed + 1000 * rank)  # same initial weights, a dropout stream per rank
+    model.activation_checkpointing = t.activation_checkpointing
+    amp = Precision(t.precision, device)
     step, tokens_seen, epoch, batch_pos = 0, 0, 0, 0
     last = ckpt.latest_checkpoint(run_dir, warn=log) if resume else None
     if resume and last is None:
@@ -231,6 +288,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             raise ConfigError(f"{run_dir}: the training data differs from the data the run started with "
                               f"(token hash {data_hash} vs {state['data_hash']}); restore it or start a new run")
         ckpt.load_weights_into(model, last / ckpt.WEIGHTS)
+        if "scaler" in state and amp.scaler.is_enabled():
+            amp.scaler.load_state_dict(state["scaler"])
         step, tokens_seen, epoch, batch_pos = state["step"], state["tokens"], state["epoch"], state["batch"]
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         old_world, old_batch = state.get("world_size", 1), state.get("batch_size", t.batch_size)
@@ -247,7 +306,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
     model = dist.wrap(model, device, t.parallel)
-    core = dist.unwrap(model)  # the GPT itself: evaluation, sampling, saving
+    core = dist.unwrap(model)  # the GPT itself: evaluation, sampling, saving (no _orig_mod. prefixes)
+    step_model = torch.compile(model) if t.compile else model  # what the training step calls
     optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
     if state is not None:
         dist.load_optimizer_state(model, optimizer, state["optimizer"])
@@ -264,6 +324,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         + (f" ({world} processes x {t.batch_size}, {t.parallel})" if world > 1 else ""))
     log(f"training: {total_steps} steps of {human(tokens_per_step)} tokens on {device}, lr {t.lr:g} "
         f"(warmup {warmup}, cosine to {min_lr:g}) -> {run_dir}")
+    fpt = flops_per_token(cfg.model)
+    peak, peak_source = peak_flops(device, amp.name)
+    log(f"speed: precision {amp.name}, {fpt / 1e6:.1f} MFLOP per token; "
+        + (f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
 
     def next_batch():
         nonlocal epoch, batch_pos
@@ -271,6 +335,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             epoch, batch_pos = epoch + 1, 0
         x, y = batches.batch(epoch, batch_pos)
         batch_pos += 1
+        if device.type == "cuda":  # page-locked host memory: the copies overlap with compute
+            x, y = x.pin_memory(), y.pin_memory()
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def run_eval() -> dict:
@@ -300,11 +366,14 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             state = dict(step=step, tokens=tokens_seen, epoch=epoch, batch=batch_pos, data_hash=data_hash,
                          world_size=world, batch_size=t.batch_size, optimizer=optim_state, rng=rngs,
                          schedule=dict(lr=t.lr, min_lr=min_lr, warmup=warmup, total_steps=total_steps))
+            if amp.scaler.is_enabled():
+                state["scaler"] = amp.scaler.state_dict()
             ckpt.save_checkpoint(run_dir, step, core, tokenizer, state, t.keep_last, weights=weights)
         dist.barrier()
 
     # --- the loop
-    progress = Progress(total_steps, step, enabled=t.progress and main, quiet=not main)
+    progress = Progress(total_steps, step, enabled=t.progress and main, quiet=not main, flops_per_token=fpt,
+                        peak_flops=peak)
     last_eval = run_eval() if step == 0 else {}
     save_every = t.save_every or t.eval_every
     model.train()
@@ -320,26 +389,23 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                 for micro in range(t.grad_accum):
                     x, y = next_batch()
                     with dist.grad_sync(model, sync=micro == t.grad_accum - 1):  # reduce on the last micro-step
-                        loss = loss_batch(model, x, y) / t.grad_accum
-                        loss.backward()
-                    loss_sum += loss.item()
+                        loss_sum += amp.backward(step_model, x, y, t.grad_accum)
             except torch.cuda.OutOfMemoryError:
                 raise TrainingError(
                     f"out of memory at step {step + 1} with micro-batch {t.batch_size}: keep the global batch with a "
                     f"smaller micro-batch and more accumulation, e.g. --batch-size {max(1, t.batch_size // 2)} "
                     f"--grad-accum {t.grad_accum * 2}"
                 ) from None
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       t.grad_clip if t.grad_clip > 0 else math.inf)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            grad_norm = amp.clip(model, optimizer, t.grad_clip)
             # one all-reduce: the mean loss over ranks, whether any rank was asked to stop, and rank 0's clock
             save_due = main and t.save_every_minutes is not None and \
                 time.monotonic() - last_save >= 60 * t.save_every_minutes
             loss_total, stop_votes, save_due = dist.all_sum([loss_sum, float(bool(stop)), float(save_due)], device)
             loss_sum, stopping = loss_total / world, stop_votes > 0
-            finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+            # fp16: an overflowing gradient is the GradScaler's to skip (it lowers its scale), not an error
+            finite = math.isfinite(loss_sum) and (math.isfinite(grad_norm) or amp.scaler.is_enabled())
             if finite:
-                optimizer.step()
+                amp.update(optimizer)
             elif not t.skip_nonfinite:  # stop before the bad update: no NaN ever reaches a checkpoint
                 raise TrainingError(f"non-finite loss or gradient at step {step + 1} (loss {loss_sum}, grad norm "
                                     f"{float(grad_norm)}); lower --lr, keep --grad-clip on, or pass --skip-nonfinite")
@@ -354,7 +420,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                 metrics.log(event="skipped", step=step, tokens=tokens_seen, lr=lr)
             elif step % t.log_every == 0:
                 metrics.log(event="train", step=step, tokens=tokens_seen, lr=lr, train_loss=loss_sum,
-                            grad_norm=grad_norm, tokens_per_s=round(tok_s, 1))
+                            grad_norm=grad_norm, tokens_per_s=round(tok_s, 1),
+                            mfu=round(fpt * tok_s / peak, 4) if peak else None)
                 trackers.log(metrics.records[-1])
             if step % t.eval_every == 0 or step == total_steps:
                 last_eval = run_eval()
