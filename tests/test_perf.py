@@ -52,3 +52,15 @@ def test_bench_generate_quick():
     result = json.loads(r.output.strip().splitlines()[-1])
     assert set(result) == {"prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_no_cache", "device"}
     assert all(result[k] > 0 for k in result if k != "device")
+
+
+def test_cpu_peak_measurement_leaves_the_training_rng_alone():
+    """Measuring the peak at the start of a resumed run must not shift its dropout stream."""
+    import torch
+
+    from gptforge.perf import measure_cpu_peak
+
+    measure_cpu_peak.cache_clear()
+    before = torch.get_rng_state()
+    measure_cpu_peak(sizes=(64,), repeats=1)
+    assert torch.equal(before, torch.get_rng_state())

@@ -65,7 +65,8 @@ def measure_cpu_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 3) ->
     """Best fp32 matmul FLOP/s over a few large square shapes on this CPU's torch threads."""
     best = 0.0
     for n in sizes:
-        a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+        g = torch.Generator().manual_seed(n)  # its own generator: training's random stream stays untouched
+        a, b, c = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g), torch.empty(n, n)
         torch.mm(a, b, out=c)  # warm up
         for _ in range(repeats):
             t0 = time.perf_counter()
