@@ -3,22 +3,12 @@ import subprocess
 import sys
 
 import pytest
-
-from gptforge.cli import main
+from clirun import run
 
 TINY = ["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--eval-batches", "2",
         "--sample-tokens", "4", "--device", "cpu", "--no-progress", "--seed", "1"]
 
 
-def run(args, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

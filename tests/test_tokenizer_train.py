@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from clirun import run
 
 from gptforge.checkpoint import load_model
-from gptforge.cli import main
 from gptforge.config import ConfigError
 from gptforge.tokenizer import ENDOFTEXT, HFTokenizer, get_tokenizer, tokenizer_from_metadata, train_bpe
 
@@ -32,14 +32,6 @@ def bpe(corpus_texts):
     return train_bpe(corpus_texts, vocab_size=400)
 
 
-def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_trained_bpe_has_the_size_asked_and_an_end_of_text_token(bpe):

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clirun import run
 
 from gptforge.checkpoint import CheckpointError
-from gptforge.cli import main
 from gptforge.generate import SampleConfig, generate
 from gptforge.model import GPT, GPTConfig
 from gptforge.weights import TFCheckpointReader, load_any, to_gptforge, to_hf
@@ -438,14 +438,6 @@ def test_tf_errors(tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 
-def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_convert_to_hf_and_back(tmp_path, capsys):

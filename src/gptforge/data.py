@@ -7,6 +7,7 @@ position in the data is two integers (epoch, batch) that a checkpoint can hold.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
@@ -52,14 +53,21 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- reading text
 
 
-def find_text_files(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and text files (*.txt, *.md) found recursively in directories, sorted."""
+def find_text_files(paths: Sequence[str | Path], include: Sequence[str] | None = None) -> list[Path]:
+    """Files as given, and files found recursively in directories, sorted: text files (*.txt, *.md,
+    *.text), or those whose lower-cased name matches one of the `include` patterns."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+            if include is None:
+                found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+                wanted = f"text files ({', '.join(TEXT_SUFFIXES)})"
+            else:
+                found = sorted(f for f in p.rglob("*")
+                               if f.is_file() and any(fnmatch.fnmatch(f.name.lower(), pat) for pat in include))
+                wanted = f"file matching {', '.join(include)}; set --include"
             if not found:
-                raise DataError(f"{p}: directory holds no text files ({', '.join(TEXT_SUFFIXES)})")
+                raise DataError(f"{p}: directory holds no {wanted}")
             files.extend(found)
         elif p.is_file():
             files.append(p)

@@ -24,7 +24,6 @@ DATA_DIR/
 
 from __future__ import annotations
 
-import fnmatch
 import gzip
 import hashlib
 import io
@@ -44,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, opt
-from .data import DataError
+from .data import DataError, find_text_files
 from .tokenizer import HFTokenizer, Tokenizer, get_tokenizer
 
 MANIFEST = "manifest.json"
@@ -127,21 +126,7 @@ def find_inputs(paths: Sequence[str | Path], include: Sequence[str]) -> list[Pat
     """Files as given, and files matching an include pattern found recursively in directories."""
     if not paths:
         raise DataError("no input given: name text, JSON Lines or Parquet files or directories")
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*")
-                           if f.is_file() and any(fnmatch.fnmatch(f.name.lower(), pat) for pat in include))
-            if not found:
-                raise DataError(f"{p}: directory holds no file matching {', '.join(include)}; "
-                                "set --include")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        elif p.exists():
-            raise DataError(f"{p}: not a regular file or directory")
-        else:
-            raise DataError(f"{p}: no such file or directory")
+    files = find_text_files(paths, include)
     seen: set[Path] = set()
     unique = []
     for f in files:
