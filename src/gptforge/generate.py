@@ -121,8 +121,9 @@ def generate(
         t1 = time.perf_counter()
         for i in range(cfg.max_new_tokens):
             tok = next_token(logits, cfg, generator)  # (B, 1)
-            for b in torch.nonzero(~done).flatten().tolist():
-                out[b].append(int(tok[b]))
+            for b, (t, finished) in enumerate(zip(tok.flatten().tolist(), done.tolist())):
+                if not finished:  # one host copy per step, not one per row
+                    out[b].append(t)
             if eos_id is not None:
                 done |= tok.squeeze(1) == eos_id
                 if bool(done.all()):
