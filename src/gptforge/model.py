@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import ops
+
 
 @dataclass
 class GPTConfig:
@@ -85,7 +87,6 @@ class CausalSelfAttention(nn.Module):
         self.drop_rate = cfg.drop_rate
         self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)  # fused q, k, v
         self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
-        self.resid_drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0):
         """x (B, T, C); with kv (a layer of a KVCache), x holds positions pos..pos+T-1 of the sequence."""
@@ -95,21 +96,20 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_heads, hs).transpose(1, 2)
         v = v.view(B, T, self.n_heads, hs).transpose(1, 2)
-        mask, causal = None, True
-        if kv is not None:
+        drop = self.drop_rate if self.training else 0.0
+        if kv is None:  # whole sequences: training, scoring
+            y = ops.causal_attention(q, k, v, drop)  # (B, nh, T, hs)
+        else:
             k_all, v_all = kv  # (B, nh, T_max, hs)
             k_all[:, :, pos:pos + T] = k
             v_all[:, :, pos:pos + T] = v
             k, v = k_all[:, :, :pos + T], v_all[:, :, :pos + T]  # (B, nh, pos + T, hs)
-            if pos > 0:  # query i (at pos + i) sees keys 0..pos + i
-                causal = False
-                if T > 1:
-                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.drop_rate if self.training else 0.0, is_causal=causal
-        )  # (B, nh, T, hs)
+            mask = None
+            if pos > 0 and T > 1:  # query i (at pos + i) sees keys 0..pos + i
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=pos == 0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_drop(self.c_proj(y))
+        return ops.dropout(self.c_proj(y), drop, self.training)
 
 
 class MLP(nn.Module):
@@ -117,10 +117,10 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
         self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
-        self.drop = nn.Dropout(cfg.drop_rate)
+        self.drop_rate = cfg.drop_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return ops.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.drop_rate, self.training)
 
 
 class Block(nn.Module):
@@ -161,7 +161,6 @@ class GPT(nn.Module):
         self.padded_vocab = -(-cfg.vocab_size // 64) * 64 if cfg.pad_vocab else cfg.vocab_size
         self.wte = nn.Embedding(self.padded_vocab, cfg.emb_dim)
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
-        self.drop = nn.Dropout(cfg.drop_rate)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.lm_head = nn.Linear(cfg.emb_dim, self.padded_vocab, bias=False)
@@ -198,8 +197,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size).
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size); with targets (B, T), their mean cross-entropy.
 
         With a cache, idx continues the cached positions, and their keys and values are added to it.
         """
@@ -211,7 +211,11 @@ class GPT(nn.Module):
                 f"{self.cfg.context_length}"
             )
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        # Tied weights on a CPU: the look-up's gradient is sparse (T rows) and is added in place to the
+        # head's dense one, instead of being a dense (vocab x C) zero matrix with T rows filled in.
+        sparse = self.cfg.tie_weights and torch.is_grad_enabled() and ops.use_cpu_kernels(self.wte.weight)
+        tok = F.embedding(idx, self.wte.weight, sparse=sparse)
+        x = ops.dropout(tok + self.wpe(pos), self.cfg.drop_rate, self.training)  # (B, T, C)
         for i, block in enumerate(self.h):
             if cache is not None:
                 x = block(x, cache.layer(i), start)
@@ -221,7 +225,12 @@ class GPT(nn.Module):
                 x = block(x)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.ln_f(x))  # (B, T, padded_vocab)
+        x = self.ln_f(x)
+        if targets is not None and ops.use_cpu_kernels(x):  # the head and the loss without keeping logits
+            return ops.head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.cfg.vocab_size)
+        logits = self.lm_head(x)  # (B, T, padded_vocab)
+        if targets is not None:
+            return F.cross_entropy(logits[..., : self.cfg.vocab_size].flatten(0, 1).float(), targets.flatten())
         return logits[..., : self.cfg.vocab_size] if self.padded_vocab != self.cfg.vocab_size else logits
 
     def num_params(self, non_embedding: bool = False) -> int:

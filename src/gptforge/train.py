@@ -34,7 +34,7 @@ from .generate import SampleConfig, sample_text
 from .loggers import LOGGERS, check_loggers, open_trackers
 from .model import GPT, GPTConfig
 from .optim import lr_at, make_optimizer, set_lr
-from .perf import flops_per_token, peak_flops
+from .perf import flops_per_token, keep_freed_cpu_memory, peak_flops
 from .report import MetricsLog, Progress, format_eval, human, plot_losses
 from .tokenizer import get_tokenizer
 
@@ -230,6 +230,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     t = cfg.train
     run_dir = Path(run_dir)
     device = dist.setup(pick_device(t.device))
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # no page faults for the step's large tensors after the first steps
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     if not main:  # only rank 0 prints, plots and writes
         log = lambda *args, **kwargs: None  # noqa: E731

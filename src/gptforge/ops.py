@@ -1,0 +1,117 @@
+"""Faster CPU versions of two pieces of the training step: the LM head's cross-entropy and dropout.
+
+The model uses them when it trains in fp32 on a CPU, eager (not under torch.compile or autocast);
+everywhere else it uses the plain PyTorch ops. Both compute the same function as the plain ops
+(tests check the loss and every gradient against `F.cross_entropy` and the dropout statistics);
+they differ in how much memory they touch:
+
+- `head_cross_entropy`: GPT-2's vocabulary of 50,257 gives a (tokens × 50,257) logits matrix whose
+  odd row length slows MKL's matmul by ~30%, and the plain path then allocates and streams three
+  more tensors of that size (log-softmax, its gradient, the logits' gradient). Here the logits are
+  written into rows padded to a multiple of 64, turned into softmax probabilities in place, a few
+  rows at a time while they sit in cache, and become the logits' gradient (softmax − one-hot) in
+  the same buffer: one allocation instead of four, and the backward pass is the two matmuls.
+- `dropout`: PyTorch's CPU dropout draws its mask element by element from a Bernoulli
+  distribution; drawing uniform numbers and comparing them with p gives the same distribution
+  (keep with probability 1 − p, scale by 1 / (1 − p)) in about half the time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ROWS_PER_CHUNK = 16  # softmax rows processed together: 16 × 50,257 fp32 ≈ 3 MB, stays in cache
+
+
+def use_cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether the CPU versions apply to x: fp32 on a CPU, eager, outside autocast."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int):
+        n, v = h.shape[0], vocab_size
+        logits = h.new_empty(n, -(-v // 64) * 64)[:, :v]  # rows padded to a multiple of 64 floats
+        torch.mm(h, weight[:v].t(), out=logits)
+        target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+        log_norm = h.new_empty(n)  # log of the softmax denominator (logsumexp) of each row
+        for r in range(0, n, ROWS_PER_CHUNK):  # rows -> softmax probabilities, in place
+            rows = logits[r:r + ROWS_PER_CHUNK]
+            row_max = rows.amax(1, keepdim=True)
+            rows.sub_(row_max).exp_()
+            total = rows.sum(1, keepdim=True)
+            rows.div_(total)
+            log_norm[r:r + ROWS_PER_CHUNK] = (row_max + total.log()).squeeze(1)
+        loss = (log_norm - target_logits).mean()
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            logits[torch.arange(n, device=h.device), targets] -= 1.0  # n × d(loss)/d(logits)
+            ctx.save_for_backward(h, weight)
+            ctx.grad_logits, ctx.vocab_size = logits, v
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        h, weight = ctx.saved_tensors
+        g, v = ctx.grad_logits, ctx.vocab_size
+        scale = grad_loss / h.shape[0]
+        grad_h = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.mm(g, weight[:v]).mul_(scale)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.empty_like(weight)
+            torch.mm(g.t(), h * scale, out=grad_weight[:v])
+            grad_weight[v:].zero_()  # padded vocabulary rows (pad_vocab) get no gradient
+        ctx.grad_logits = None
+        return grad_h, grad_weight, None, None
+
+
+def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       vocab_size: int) -> torch.Tensor:
+    """Mean cross-entropy of logits h @ weight[:vocab_size].T against targets, without keeping the logits.
+
+    h (N, C) fp32 on a CPU, weight (V_padded, C) with V_padded >= vocab_size, targets (N,) int64.
+    Equal to `F.cross_entropy(h @ weight[:vocab_size].T, targets)`, gradients included.
+    """
+    return _HeadCrossEntropy.apply(h, weight, targets, vocab_size)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float):
+        mask = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))  # 1/(1-p) with probability 1-p, else 0
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Causal self-attention of q, k, v (B, heads, T, head size) with dropout on the attention weights.
+
+    `F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)`; with dropout on a
+    CPU, PyTorch itself falls back to this same arithmetic (its math kernel), which is written out
+    here to use the faster dropout mask.
+    """
+    if dropout_p == 0.0 or not use_cpu_kernels(q):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    B, H, T, hs = q.shape
+    causal = torch.full((T, T), float("-inf"), device=q.device).triu_(1)  # 0 where key <= query, else -inf
+    q, k, v = (t.reshape(B * H, T, hs) for t in (q, k, v))
+    weights = torch.baddbmm(causal, q, k.transpose(1, 2), alpha=hs ** -0.5)  # (B * H, T, T)
+    weights = dropout(torch.softmax(weights, dim=-1), dropout_p, True)
+    return torch.bmm(weights, v).view(B, H, T, hs)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout(x, p, training)`, with a faster mask on CPUs (see the module docstring)."""
+    if not training or p == 0.0:
+        return x
+    if use_cpu_kernels(x):
+        return _Dropout.apply(x, p)
+    return F.dropout(x, p, True)

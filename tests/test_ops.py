@@ -1,0 +1,100 @@
+"""The CPU training kernels (ops.py) against PyTorch's own ops, and the model using them against fp64."""
+
+import math
+import resource
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptforge import ops
+from gptforge.model import GPT, GPTConfig
+from gptforge.perf import keep_freed_cpu_memory
+
+
+@pytest.mark.parametrize("vocab,rows,n", [(50257, 50257, 37), (1000, 1024, 16), (97, 97, 5)])
+def test_head_cross_entropy_equals_cross_entropy(vocab, rows, n):
+    g = torch.Generator().manual_seed(vocab)
+    h = torch.randn(n, 24, generator=g, requires_grad=True)
+    w = (torch.randn(rows, 24, generator=g) * 0.3).requires_grad_()
+    y = torch.randint(0, vocab, (n,), generator=g)
+    loss = ops.head_cross_entropy(h, w, y, vocab)
+    (loss * 2.5).backward()  # a non-unit upstream gradient
+    h_ref, w_ref = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h_ref @ w_ref[:vocab].t(), y)
+    (ref * 2.5).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(w.grad[vocab:] == 0)  # padding rows get no gradient
+    with torch.no_grad():
+        torch.testing.assert_close(ops.head_cross_entropy(h, w, y, vocab), ref.detach(), rtol=1e-6, atol=1e-5)
+
+
+def test_dropout_statistics_and_gradient():
+    torch.manual_seed(0)
+    x = torch.full((400, 1000), 2.0, requires_grad=True)
+    out = ops.dropout(x, 0.1, True)
+    kept = (out != 0).float().mean().item()
+    assert abs(kept - 0.9) < 5 * math.sqrt(0.9 * 0.1 / x.numel())  # within 5 sigma of Binomial(n, 0.9)
+    assert torch.all((out == 0) | torch.isclose(out, torch.tensor(2.0 / 0.9)))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, out.detach() / 2.0)  # d(out)/dx is the scaled mask
+    assert ops.dropout(x, 0.1, False) is x and ops.dropout(x, 0.0, True) is x
+
+
+def test_causal_attention_is_sdpa_with_the_drawn_mask():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=g, requires_grad=True) for _ in range(3))
+    torch.manual_seed(5)
+    out = ops.causal_attention(q, k, v, 0.2)
+    torch.manual_seed(5)
+    keep = (torch.rand(6, 16, 16) >= 0.2).view(2, 3, 16, 16)  # the mask the kernel drew
+    weights = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(torch.ones(16, 16).triu(1).bool(), -math.inf)
+    ref = (weights.softmax(-1) * keep / 0.8) @ v
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ops.causal_attention(q, k, v, 0.0),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("pad_vocab", [False, True])
+def test_model_loss_and_gradients_match_fp64_reference(pad_vocab):
+    """The fp32 CPU path (fused head loss, sparse tied embedding gradient, own attention) against the
+    same model in fp64, which runs PyTorch's plain ops (embedding, SDPA, cross_entropy) throughout."""
+    cfg = GPTConfig(vocab_size=211, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+                    pad_vocab=pad_vocab)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    ref = GPT(cfg).double()
+    ref.load_state_dict(model.state_dict())
+    x, y = torch.randint(0, 211, (3, 16)), torch.randint(0, 211, (3, 16))
+    assert ops.use_cpu_kernels(model.wte.weight) and not ops.use_cpu_kernels(ref.wte.weight)
+    loss = model(x, targets=y)
+    loss.backward()
+    ref_loss = F.cross_entropy(ref(x).flatten(0, 1), y.flatten())
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    grads = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad.float(), rtol=1e-4, atol=1e-6, msg=name)
+    assert not grads["wte.weight"].grad.is_sparse
+    model.eval()  # eval: the same loss without gradients
+    with torch.no_grad():
+        assert abs(model(x, targets=y).item() - ref_loss.item()) < 1e-5
+
+
+def test_keep_freed_cpu_memory_reuses_pages():
+    if not keep_freed_cpu_memory():
+        pytest.skip("glibc malloc not available here")
+
+    def faults_of_touching_64mb() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = torch.ones(16 * 2**20)  # 64 MB, written, then freed
+        del t
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults = [faults_of_touching_64mb() for _ in range(8)]  # the first ones may still grow the heap
+    assert sum(faults[-3:]) < 1000, faults  # a fresh mmap each time would fault 3 x 16,384 pages
