@@ -214,3 +214,17 @@ def test_page_streams_a_continuation_in_the_browser(server, browser, client):  #
     browser.find_element(By.ID, "generate").click()
     WebDriverWait(browser, 30).until(lambda b: "error 400" in b.find_element(By.ID, "status").text)
     assert "prompt is 600 characters; the limit is 500" in browser.find_element(By.ID, "status").text
+
+
+def test_engine_decodes_with_the_kv_cache_and_matches_uncached_generation():
+    """Greedy tokens from the engine (prefill + cached steps) equal generate() without a cache, also
+    past the 32-token context, where both recompute the cropped context."""
+    from gptforge.generate import SampleConfig, generate
+
+    model = tiny_model().eval()
+    engine = Engine(model, GPT2Tokenizer(), "tiny", limits=Limits(max_tokens=64, max_prompt_chars=500))
+    req = engine.parse(b'{"prompt": "The quick brown fox", "max_tokens": 40, "temperature": 0}')
+    got = list(engine.tokens(req))
+    want = generate(model, torch.tensor([req.prompt_ids]), SampleConfig(max_new_tokens=40), use_cache=False)[0]
+    want = want[: want.index(50256)] if 50256 in want else want  # the engine stops before end-of-text
+    assert got == want and len(got) > 0

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
-from .generate import SampleConfig, next_token
+from .generate import SampleConfig, decode_one_token, next_token, prefill
+from .model import KVCache
 
 MAX_BODY_BYTES = 1 << 20
 # Request fields we take; the rest of OpenAI's fields are accepted only at their "off" values.
@@ -122,7 +123,6 @@ class Engine:
 
     def tokens(self, req: Request) -> Iterator[int]:
         """New token ids one at a time; stops after max_tokens or at the end-of-text token (not yielded)."""
-        ctx = self.model.cfg.context_length
         idx = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
         generator = None
         if req.sample.temperature > 0:
@@ -131,9 +131,11 @@ class Engine:
                 generator.manual_seed(req.seed)
             else:
                 generator.seed()
-        for _ in range(req.sample.max_new_tokens):
-            with self.lock, torch.no_grad():
-                logits = self.model(idx[:, -ctx:])[:, -1, :]  # (1, V)
+        param = next(self.model.parameters())
+        cache = KVCache(self.model.cfg, 1, param.device, param.dtype)  # this request's keys and values
+        for i in range(req.sample.max_new_tokens):
+            with self.lock, torch.no_grad():  # prefill the prompt, then one cached step per token
+                logits = prefill(self.model, idx, cache) if i == 0 else decode_one_token(self.model, idx, cache)
                 tok = next_token(logits, req.sample, generator)  # (1, 1)
             if int(tok) == self.tokenizer.eot_id:
                 return
