@@ -64,3 +64,19 @@ def test_cpu_peak_measurement_leaves_the_training_rng_alone():
     before = torch.get_rng_state()
     measure_cpu_peak(sizes=(64,), repeats=1)
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_compare_train_benchmark_quick():
+    """benchmarks/compare_train.py in a quick mode: the gptforge side always, the book's side when its
+    package is installed (pip install --no-deps llms-from-scratch; not a dev dependency)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_train.py"
+    spec = importlib.util.spec_from_file_location("compare_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    impls = ["gptforge"] + (["book"] if importlib.util.find_spec("llms_from_scratch") else [])
+    for impl in impls:
+        times = bench.run_one(impl, steps=2, warmup=1, layers=1, batch=1, context=16)
+        assert len(times) == 2 and all(t > 0 for t in times), impl
