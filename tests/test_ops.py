@@ -98,3 +98,17 @@ def test_keep_freed_cpu_memory_reuses_pages():
 
     faults = [faults_of_touching_64mb() for _ in range(8)]  # the first ones may still grow the heap
     assert sum(faults[-3:]) < 1000, faults  # a fresh mmap each time would fault 3 x 16,384 pages
+
+
+@pytest.mark.parametrize("out_features,shape,bias", [(50257, (1, 1, 64), False), (96, (3, 2, 64), True),
+                                                     (97, (1, 64), True), (64, (20, 64), True)])
+def test_linear_few_rows_equals_f_linear(out_features, shape, bias):
+    """The split matrix-vector path (decode steps) against F.linear; 97 rows and 20-row inputs fall back."""
+    g = torch.Generator().manual_seed(out_features)
+    w, x = torch.randn(out_features, 64, generator=g), torch.randn(*shape, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    with torch.no_grad():
+        torch.testing.assert_close(ops.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    x.requires_grad_()
+    ops.linear(x, w, b).sum().backward()  # with gradients: F.linear itself
+    torch.testing.assert_close(x.grad, w.sum(0).expand_as(x))

@@ -80,13 +80,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) whose decode-sized CPU products use both cores (ops.linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.drop_rate = cfg.drop_rate
-        self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)  # fused q, k, v
-        self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.c_attn = Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)  # fused q, k, v
+        self.c_proj = Linear(cfg.emb_dim, cfg.emb_dim)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0):
         """x (B, T, C); with kv (a layer of a KVCache), x holds positions pos..pos+T-1 of the sequence."""
@@ -115,8 +122,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.c_fc = Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.c_proj = Linear(4 * cfg.emb_dim, cfg.emb_dim)
         self.drop_rate = cfg.drop_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +170,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
-        self.lm_head = nn.Linear(cfg.emb_dim, self.padded_vocab, bias=False)
+        self.lm_head = Linear(cfg.emb_dim, self.padded_vocab, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)

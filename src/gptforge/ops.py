@@ -115,3 +115,26 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if use_cpu_kernels(x):
         return _Dropout.apply(x, p)
     return F.dropout(x, p, True)
+
+
+FEW_ROWS = 8  # inputs with at most this many rows (decode steps) take the split matrix-vector path
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; on a CPU without gradients, few rows use both cores.
+
+    A decode step multiplies one row per sequence by every weight matrix. MKL runs such a
+    matrix-vector product on one thread, which reads memory at one core's speed (~12 GB/s here);
+    as a batched matmul over blocks of the weight's rows, PyTorch spreads the blocks over all
+    threads (~22 GB/s), and decoding is bound by exactly that memory traffic.
+    """
+    rows = x.numel() // x.size(-1) if x.numel() else 0
+    out_features, in_features = weight.shape
+    blocks = next((k for k in (8, 4, 2, 29) if out_features % k == 0), 0)  # 29: GPT-2's 50,257 rows
+    if (rows == 0 or rows > FEW_ROWS or blocks == 0 or torch.is_grad_enabled() or not use_cpu_kernels(x)
+            or torch.get_num_threads() < 2):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(1, rows, in_features).expand(blocks, rows, in_features)
+    w3 = weight.view(blocks, out_features // blocks, in_features).transpose(1, 2)  # (k, in, out/k)
+    y = torch.bmm(x2, w3).transpose(0, 1).reshape(*x.shape[:-1], out_features)  # (..., out)
+    return y if bias is None else y.add_(bias)
