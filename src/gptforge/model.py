@@ -218,8 +218,8 @@ class GPT(nn.Module):
                 f"{self.cfg.context_length}"
             )
         pos = torch.arange(start, start + T, device=idx.device)
-        # Tied weights on a CPU: the look-up's gradient is sparse (T rows) and is added in place to the
-        # head's dense one, instead of being a dense (vocab x C) zero matrix with T rows filled in.
+        # Tied weights on a CPU: the look-up's gradient is sparse (T rows), added to the head's dense
+        # one, instead of a dense (vocab x C) zero matrix with T rows filled in and then added.
         sparse = self.cfg.tie_weights and torch.is_grad_enabled() and ops.use_cpu_kernels(self.wte.weight)
         tok = F.embedding(idx, self.wte.weight, sparse=sparse)
         x = ops.dropout(tok + self.wpe(pos), self.cfg.drop_rate, self.training)  # (B, T, C)
