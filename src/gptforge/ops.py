@@ -128,11 +128,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     as a batched matmul over blocks of the weight's rows, PyTorch spreads the blocks over all
     threads (~22 GB/s), and decoding is bound by exactly that memory traffic.
     """
-    rows = x.numel() // x.size(-1) if x.numel() else 0
+    if torch.is_grad_enabled() or not use_cpu_kernels(x) or torch.get_num_threads() < 2:  # training, GPUs
+        return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
+    rows = x.numel() // in_features
     blocks = next((k for k in (8, 4, 2, 29) if out_features % k == 0), 0)  # 29: GPT-2's 50,257 rows
-    if (rows == 0 or rows > FEW_ROWS or blocks == 0 or torch.is_grad_enabled() or not use_cpu_kernels(x)
-            or torch.get_num_threads() < 2):
+    if not 0 < rows <= FEW_ROWS or blocks == 0:
         return F.linear(x, weight, bias)
     x2 = x.reshape(1, rows, in_features).expand(blocks, rows, in_features)
     w3 = weight.view(blocks, out_features // blocks, in_features).transpose(1, 2)  # (k, in, out/k)
