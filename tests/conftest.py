@@ -56,3 +56,26 @@ def text_file(tmp_path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(topics[k] for k in sorted(topics)[:6]), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def read_only_dir(tmp_path) -> Path:
+    """A directory nobody can write into, root included: immutable (chattr +i) as root, mode 555 otherwise."""
+    import subprocess
+
+    path = tmp_path / "read-only"
+    path.mkdir()
+    (path / "kept.txt").write_text("the user's file\n")
+    as_root = os.geteuid() == 0
+    if as_root:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)]).returncode != 0:
+            pytest.skip("needs chattr +i to make a directory read-only for root")
+    else:
+        path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        if as_root:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        else:
+            path.chmod(0o755)

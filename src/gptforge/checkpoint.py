@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import faults
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, tokenizer_metadata
 
@@ -60,10 +63,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see either the old content or the whole new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    faults.point(f"write-{path.name}")
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -168,6 +174,69 @@ def latest_checkpoint(run_dir: Path, warn=None) -> Path | None:
     return None
 
 
+def resume_point(run_dir: Path, warn) -> tuple[Path | None, list[Path]]:
+    """The checkpoint a resumed run continues from, and the damaged newer ones it passes over.
+
+    A run killed before its first checkpoint has none and starts again from step 0; a run whose
+    checkpoints are all damaged is an error, and nothing in the run directory is touched.
+    """
+    dirs = checkpoint_dirs(run_dir)
+    damaged: list[Path] = []
+    for d in reversed(dirs):
+        try:
+            verify_checkpoint(d)
+            return d, damaged
+        except CheckpointError as e:
+            warn(f"gptforge: warning: passing over damaged checkpoint: {e}")
+            damaged.append(d)
+    if damaged:
+        raise CheckpointError(
+            f"{run_dir}: every checkpoint is damaged ({', '.join(d.name for d in damaged)}: checksum mismatch or "
+            "missing files); nothing was changed. Restore a checkpoint from a copy, or start a new run with --out")
+    return None, []
+
+
+def set_aside(damaged: list[Path], warn) -> None:
+    """Rename damaged checkpoints to damaged-step-N: kept for inspection, never resumed from or pruned."""
+    for d in damaged:
+        target = d.with_name(f"damaged-{d.name}")
+        n = 1
+        while target.exists():
+            target, n = d.with_name(f"damaged-{d.name}-{n}"), n + 1
+        os.replace(d, target)
+        warn(f"gptforge: warning: moved the damaged checkpoint {d.name} aside to {target}")
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Fail now, not after hours of work, when `path` (a directory to create or fill) cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{flag} {path}: is a file, not a directory; choose another {flag}")
+    place = path
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise CheckpointError(f"{flag} {path}: {place} is a file, not a directory; choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gptforge-probe-", dir=place)
+    except OSError as e:
+        raise CheckpointError(f"{flag} {path}: cannot write in {place} ({e.strerror}); choose a writable {flag}") \
+            from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def saved_run_config(run_dir: Path) -> tuple[dict, str] | None:
+    """(config.toml's content as saved in the newest checkpoint that has it, that checkpoint's name), or None."""
+    for d in reversed(checkpoint_dirs(run_dir)):
+        try:
+            meta = read_weights_meta(d / WEIGHTS)
+            return json.loads(meta["run_config"]), d.name
+        except (CheckpointError, KeyError, ValueError):
+            continue  # damaged (train will pass over it) or written before configs were saved
+    return None
+
+
 def rng_state() -> dict:
     """This process's random number generator states (Python, NumPy, torch CPU and CUDA)."""
     np_state = np.random.get_state()
@@ -191,8 +260,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer | str, state: dict, keep_last: int,
-                    weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write checkpoints/step-N atomically, then delete all but the newest keep_last (0 keeps all)."""
+                    weights: dict[str, torch.Tensor] | None = None, run_config: dict | None = None) -> Path:
+    """Write checkpoints/step-N atomically, then delete all but the newest keep_last (0 keeps all).
+
+    `run_config` (config.toml's content) goes into the weights' metadata: a damaged config.toml can
+    be told and restored from it without loading the training state.
+    """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -201,26 +274,32 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer |
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     try:
         tmp.mkdir()
-        save_weights(tmp / WEIGHTS, model, tokenizer, extra={"step": step}, weights=weights)
+        extra = {"step": step, **({"run_config": json.dumps(run_config)} if run_config is not None else {})}
+        save_weights(tmp / WEIGHTS, model, tokenizer, extra=extra, weights=weights)
+        faults.point("ckpt-after-weights")
         torch.save(state, tmp / STATE)
+        faults.point("ckpt-after-state")
         sums = {f: file_sha256(tmp / f) for f in (WEIGHTS, STATE)}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
         for f in (WEIGHTS, STATE, CHECKSUMS):
             _fsync_file(tmp / f)
         _fsync_dir(tmp)
-    except (OSError, SafetensorError) as e:  # e.g. a full disk: the previous checkpoints are untouched
-        shutil.rmtree(tmp, ignore_errors=True)
+    # a full disk: OSError from our writes, SafetensorError from safetensors, RuntimeError from torch.save
+    except (OSError, SafetensorError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints are untouched
         previous = latest_checkpoint(run_dir)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise CheckpointError(
             f"could not write the checkpoint for step {step} in {root} ({reason}); "
             + (f"{previous.name} is intact: free space and continue with --resume {run_dir}" if previous
                else "no earlier checkpoint exists")
         ) from None
+    faults.point("ckpt-before-rename")
     if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
+    faults.point("ckpt-before-prune")
     if keep_last > 0:
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old)
@@ -231,7 +310,14 @@ def load_state(ckpt_dir: Path) -> dict:
     path = Path(ckpt_dir) / STATE
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir}: no {STATE}; this checkpoint cannot be resumed")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only found something other than tensors and plain values
+        raise CheckpointError(f"{path}: holds Python objects other than tensors, numbers and strings, which "
+                              "gptforge never writes; refusing to load it (it could run code). Delete this "
+                              "checkpoint to resume from the one before") from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable training state ({str(e).splitlines()[0]})") from None
 
 
 def resolve_weights(source: str | Path) -> Path:

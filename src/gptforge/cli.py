@@ -16,9 +16,10 @@ from typing import Any
 
 import click
 
-from .checkpoint import CONFIG, CheckpointError
-from .config import ConfigError, build, default_of, field_types, help_of, read_toml
+from .checkpoint import CONFIG, CheckpointError, check_writable, saved_run_config
+from .config import SEED_MAX, ConfigError, build, check_range, check_toml, default_of, field_types, help_of, read_toml
 from .data import DataConfig, DataError, data_defaults
+from .evaluate import EvalConfig
 from .generate import SampleConfig
 from .model import PRESETS, GPTConfig
 from .prepare import PrepareConfig
@@ -148,10 +149,8 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
     layers: list[dict] = []
     if resume:
         run_dir = Path(resume)
-        saved_path = run_dir / CONFIG
-        if not saved_path.is_file():
-            raise ConfigError(f"{run_dir}: no {CONFIG}; is this a gptforge run directory?")
-        saved = read_toml(saved_path, TRAIN_SECTIONS, TRAIN_TOP_LEVEL)
+        saved = saved_train_config(run_dir)
+        check_writable(run_dir, "--resume")
         changes = {**file_values, **flags}
         if data:
             changes["inputs"] = list(data)
@@ -183,11 +182,51 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         if (run_dir / CONFIG).exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                               "or choose another --out")
+        if run_dir.is_dir() and (held := sorted(p.name for p in run_dir.iterdir())):
+            raise ConfigError(f"--out {run_dir}: the directory is not empty (it holds {', '.join(held[:3])}"
+                              + (", ..." if len(held) > 3 else "") + "); a new run needs a new or empty directory")
+        check_writable(run_dir, "--out")
     cfg = RunConfig(model=build(GPTConfig, *layers), data=build(DataConfig, *layers),
                     train=build(TrainConfig, *layers), inputs=[str(p) for p in inputs], preset=preset_name,
                     init_from=init_from)
     cfg.train.out = str(run_dir)
     return cfg, run_dir
+
+
+def saved_train_config(run_dir: Path) -> dict:
+    """A run's config.toml, checked against the copy its newest checkpoint carries (and restored from it).
+
+    Settings that fix the model and data must agree (else one line names the key); a config.toml
+    that cannot be read is replaced by the checkpoint's copy with a warning; changed training
+    settings (a hand edit, or a resume killed before its first checkpoint) are named in a warning.
+    """
+    path = run_dir / CONFIG
+    copy = saved_run_config(run_dir)
+    if copy is None and not path.is_file():
+        raise ConfigError(f"{run_dir}: no {CONFIG}; is this a gptforge run directory?")
+    try:
+        saved = read_toml(path, TRAIN_SECTIONS, TRAIN_TOP_LEVEL)
+    except ConfigError as e:
+        if copy is None:
+            raise
+        click.echo(f"gptforge: warning: {e}; using the copy saved in checkpoint {copy[1]}", err=True)
+        return check_toml(copy[0], f"{copy[1]}'s run config", TRAIN_SECTIONS, TRAIN_TOP_LEVEL)
+    if copy is None:  # no checkpoint yet, or one written before checkpoints carried the config
+        return saved
+    theirs = check_toml(copy[0], f"{copy[1]}'s run config", TRAIN_SECTIONS, TRAIN_TOP_LEVEL)
+    fixed = {f.name for cls in (GPTConfig, DataConfig) for f in fields(cls)} | {"preset", "inputs", "init_from"}
+    for key in sorted(fixed & (set(saved) | set(theirs))):
+        if saved.get(key) != theirs.get(key):
+            raise ConfigError(f"{path}: {key} is {saved.get(key)!r}, but checkpoint {copy[1]} was trained with "
+                              f"{theirs.get(key)!r} (the file was edited or damaged); restore {key} = "
+                              f"{theirs.get(key)!r} or delete {CONFIG} to use the checkpoint's copy")
+    changed = [k for k in sorted(set(saved) | set(theirs)) if k not in fixed and k != "out"
+               and saved.get(k) != theirs.get(k)]
+    if changed:
+        click.echo(f"gptforge: warning: {path} differs from the settings of checkpoint {copy[1]} in "
+                   + ", ".join(f"{k} ({theirs.get(k)!r} -> {saved.get(k)!r})" for k in changed[:5])
+                   + f"; using {CONFIG}'s", err=True)
+    return saved
 
 
 # ----------------------------------------------------------------------------- eval
@@ -197,11 +236,7 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
 @click.argument("source")
 @click.argument("data", nargs=-1, required=True, type=click.Path())
 @config_option
-@click.option("--context-length", type=int, default=None,
-              help="Tokens per scored window; at most the model's.  [default: the model's context length]")
-@click.option("--stride", type=int, default=None, help="Step between window starts.  [default: context length]")
-@click.option("--batch-size", type=int, default=None, help="Windows per batch.  [default: 8]")
-@click.option("--max-batches", type=int, default=None, help="Score only the first N batches.  [default: all]")
+@dataclass_options(EvalConfig)
 @device_option
 @click.option("--json", "as_json", is_flag=True, default=None, help="Print a JSON line last.")
 def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flags) -> None:
@@ -216,22 +251,22 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flag
     from .tokenizer import tokenizer_from_metadata
     from .train import pick_device
 
-    opts = {"context_length": None, "stride": None, "batch_size": 8, "max_batches": None, "device": "auto",
-            "as_json": False}
+    opts: dict[str, Any] = {f.name: default_of(f) for f in fields(EvalConfig)}
+    opts.update({"device": "auto", "as_json": False})
     opts.update(_flat_config(config_file, opts, rename={"json": "as_json"}))
     opts.update(given(flags))
+    e = build(EvalConfig, opts)
     device = pick_device(opts["device"])
     model, meta = load_any(source, device)
     check_vocab(source, model, meta)
-    ctx = opts["context_length"] or model.cfg.context_length
-    if not 0 < ctx <= model.cfg.context_length:
+    ctx = e.context_length or model.cfg.context_length
+    if ctx > model.cfg.context_length:
         raise ConfigError(f"--context-length {ctx} must be between 1 and the model's {model.cfg.context_length}")
     tokenizer = tokenizer_from_metadata(meta)
     tokens = eval_tokens(data, tokenizer)
-    windows = TokenWindows(tokens, ctx, opts["stride"])
-    check_windows(windows, len(tokens), "evaluation", opts["batch_size"], drop_last=False)
-    result = evaluate(model, Batches(windows, opts["batch_size"], shuffle=False, drop_last=False),
-                      opts["max_batches"], device)
+    windows = TokenWindows(tokens, ctx, e.stride)
+    check_windows(windows, len(tokens), "evaluation", e.batch_size, drop_last=False)
+    result = evaluate(model, Batches(windows, e.batch_size, shuffle=False, drop_last=False), e.max_batches, device)
     click.echo(f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | tokens {result.tokens:,}")
     if opts["as_json"]:
         click.echo(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens}))
@@ -258,8 +293,8 @@ def generate(source: str, config_file: str | None, **flags) -> None:
     opts.update({f.name: default_of(f) for f in fields(SampleConfig)})
     opts.update(_flat_config(config_file, opts))
     opts.update(given(flags))
-    if opts["num_samples"] < 1:
-        raise ConfigError(f"--num-samples must be at least 1, got {opts['num_samples']}")
+    check_range("num_samples", opts["num_samples"], 1)
+    check_range("seed", opts["seed"], 0, SEED_MAX)
     sample_cfg = build(SampleConfig, opts)
     device = pick_device(opts["device"])
     model, meta = load_any(source, device)
@@ -310,6 +345,8 @@ def bench_train_cmd(preset: str | None, steps: int, warmup: int, profile: bool, 
     """
     from .perf import bench_train
 
+    check_range("steps", steps, 1)
+    check_range("warmup", warmup, 0)
     flags = given(flags)
     t = build(TrainConfig, flags)
     model_cfg, device = _bench_setup(preset, flags)
@@ -333,12 +370,12 @@ def bench_generate_cmd(preset: str | None, max_new_tokens: int, prompt_tokens: i
     from .perf import bench_generate
 
     flags = given(flags)
+    t = build(TrainConfig, {"batch_size": 1, "seed": 0}, flags)
     model_cfg, device = _bench_setup(preset, flags)
     if prompt_tokens < 1 or max_new_tokens < 2 or prompt_tokens + max_new_tokens > model_cfg.context_length:
         raise ConfigError(f"--prompt-tokens {prompt_tokens} (at least 1) plus --max-new-tokens {max_new_tokens} "
                           f"(at least 2) must fit in the context length {model_cfg.context_length}")
-    bench_generate(model_cfg, flags.get("batch_size", 1), device, prompt_tokens, max_new_tokens,
-                   flags.get("seed", 0), log=click.echo)
+    bench_generate(model_cfg, t.batch_size, device, prompt_tokens, max_new_tokens, t.seed, log=click.echo)
 
 
 # ----------------------------------------------------------------------------- convert
@@ -353,10 +390,16 @@ def bench_generate_cmd(preset: str | None, max_new_tokens: int, prompt_tokens: i
 @click.option("--n-heads", type=int, default=None,
               help="Attention heads of a book model.pth (not stored in it).  [default: emb_dim / 64, as in GPT-2]")
 def convert(source: str, target: str, out: str, n_heads: int | None) -> None:
-    """Convert the model in SOURCE (any format `eval` takes) to OUT."""
-    from .tokenizer import tokenizer_from_metadata
-    from .weights import to_gptforge, to_hf
+    """Convert the model in SOURCE (any format `eval` takes) to OUT.
 
+    OUT is a new or empty directory (or, for --to gptforge, a new .safetensors file): nothing there
+    is ever overwritten.
+    """
+    from .tokenizer import tokenizer_from_metadata
+    from .weights import convert_target, to_gptforge, to_hf
+
+    check_range("n_heads", n_heads, 1)
+    convert_target(out, target)  # before the model is read
     model, meta = load_any(source, n_heads=n_heads)
     tokenizer = meta.get("tokenizer", "gpt2")
     if target == "hf":
@@ -382,8 +425,9 @@ def check_vocab(source: str, model, meta: dict) -> None:
 
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="HTML file to write.  [default: report.html in the run directory, or ./report.html for several]")
+@click.option("--out", type=click.Path(), default=None,
+              help="HTML file to write (a new file, or an earlier report to replace).  [default: report.html in the "
+                   "run directory, or ./report.html for several]")
 def report(run_dirs: tuple[str, ...], out: str | None) -> None:
     """Write one self-contained HTML report of the runs in RUN_DIRS (several runs are compared).
 
@@ -470,7 +514,7 @@ def _flat_config(config_file: str | None, opts: dict[str, Any], rename: dict[str
     types = {rename.get(k, k): (type(v) if v is not None else object) for k, v in opts.items()}
     inverse = {v: k for k, v in rename.items()}
     types = {inverse.get(k, k): t for k, t in types.items()}
-    types.update({k: v for k, v in field_types(SampleConfig).items() if k in opts})
+    types.update({k: v for cls in (SampleConfig, EvalConfig) for k, v in field_types(cls).items() if k in opts})
     values = read_toml(config_file, {}, types)
     return {rename.get(k, k): v for k, v in values.items()}
 
@@ -504,6 +548,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except USER_ERRORS as e:
         click.echo(f"gptforge: error: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:  # a write that failed (full disk, read-only place): the path and the reason, no traceback
+        path = f"{e.filename}: " if e.filename else ""
+        click.echo(f"gptforge: error: {path}{e.strerror or e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -14,6 +14,7 @@ and a ``--config`` TOML file uses the same names, flat or in tables named after 
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 import types
 import typing
@@ -29,6 +30,40 @@ else:  # pragma: no cover
 
 class ConfigError(ValueError):
     """A setting a user must fix; the message names the file, key or flag."""
+
+
+SEED_MAX = 2**32 - 1  # numpy's seed range; the data order seeds torch with seed * 1_000_003 + epoch (< 2**64)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: emb_dim -> --emb-dim (a --config file takes either spelling)."""
+    return "--" + name.replace("_", "-")
+
+
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                above: bool = False, below: bool = False) -> None:
+    """Refuse a number outside [low, high] with a ConfigError naming its flag; None passes (unset).
+
+    `above` makes the low end open (value > low), `below` the high end (value < high). Floats must
+    be finite. ConfigError is a ValueError, so the dataclass checks raise what a library user expects.
+    """
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{flag(name)} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag(name)} must be a finite number, got {value}")
+    ok = low is None or (value > low if above else value >= low)
+    ok = ok and (high is None or (value < high if below else value <= high))
+    if ok:
+        return
+    if high is None:
+        want = f"above {low}" if above else f"at least {low}"
+    elif low is None:
+        want = f"below {high}" if below else f"at most {high}"
+    else:
+        want = f"in {'(' if above else '['}{low}, {high}{')' if below else ']'}"
+    raise ConfigError(f"{flag(name)} must be {want}, got {value}")
 
 
 def help_of(f: Field) -> str:
@@ -86,7 +121,14 @@ def read_toml(path: str | Path, sections: dict[str, type], top_level: dict[str, 
         raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML (not UTF-8 text at byte {e.start})") from None
+    return check_toml(raw, path, sections, top_level)
 
+
+def check_toml(raw: dict[str, Any], path: str | Path, sections: dict[str, type],
+               top_level: dict[str, Any]) -> dict[str, Any]:
+    """read_toml's checks of keys and types on an already parsed TOML dict (`path` names it in errors)."""
     types_by_key = dict(top_level)
     for cls in sections.values():
         types_by_key.update(field_types(cls))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import faults
 from .checkpoint import atomic_write_bytes
 
 
@@ -19,27 +20,55 @@ class MetricsLog:
     first, so the file reads as if the run had never stopped (-1 drops everything).
     """
 
-    def __init__(self, path: Path | None, resume_step: int = -1):
+    def __init__(self, path: Path | None, resume_step: int = -1, warn=None):
         """path None keeps the records in memory only (the ranks of a torchrun launch other than 0)."""
         self.path = Path(path) if path is not None else None
         self.records: list[dict] = []
         if self.path is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    try:
-                        self.records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        continue  # a line cut off by a crash
+            self.records = self._read(warn or (lambda message: None))
             self.records = [r for r in self.records if r.get("step", 0) <= resume_step]
             text = "".join(json.dumps(r) + "\n" for r in self.records)
             atomic_write_bytes(self.path, text.encode())
+
+    def _read(self, warn) -> list[dict]:
+        """The file's records; a torn last line (a crash mid-write) is dropped, damaged lines kept in a copy."""
+        data = self.path.read_bytes()
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        records, bad = [], []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(line)
+                records.append(record)
+            except ValueError:
+                bad.append(i)
+        if bad == [len(lines)] and not data.endswith(b"\n"):
+            warn(f"gptforge: warning: {self.path}: dropped the cut-off last line {bad[0]} (written when the run "
+                 "was killed)")
+        elif bad:
+            copy = self.path.with_name(self.path.name + ".damaged")
+            n = 1
+            while copy.exists():
+                copy, n = self.path.with_name(f"{self.path.name}.damaged-{n}"), n + 1
+            copy.write_bytes(data)
+            warn(f"gptforge: warning: {self.path}: line(s) {', '.join(map(str, bad[:5]))} are not JSON records "
+                 f"and were left out; the file as it was is kept in {copy}")
+        return records
 
     def log(self, **record) -> None:
         record = {k: v for k, v in record.items() if v is not None}
         self.records.append(record)
         if self.path is not None:
+            line = json.dumps(record) + "\n"
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                if faults.hit("metrics-line"):  # a test's kill in the middle of writing a line
+                    f.write(line[: len(line) // 2])
+                    f.flush()
+                    faults.kill()
+                f.write(line)
 
     def evals(self) -> list[dict]:
         return [r for r in self.records if r.get("event") == "eval"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -15,6 +16,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from . import faults
 from .config import ConfigError, opt, to_toml_dict
 from .data import (
     Batches,
@@ -89,15 +91,24 @@ class TrainConfig:
                                                 "about a third more compute.")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "epochs", "eval_every", "eval_batches", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every", "warmup_steps"):
-            value = getattr(self, name)
-            if value is not None and value < (0 if name == "warmup_steps" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {value}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        from .config import SEED_MAX, check_range
+
+        for name in ("batch_size", "grad_accum", "epochs", "max_steps", "eval_every", "eval_batches", "log_every",
+                     "save_every", "sample_top_k"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_last", "sample_tokens", "sample_temperature"):
+            check_range(name, getattr(self, name), 0)
+        check_range("lr", self.lr, 0, above=True)
+        check_range("min_lr", self.min_lr, 0)
+        check_range("save_every_minutes", self.save_every_minutes, 0, above=True)
+        check_range("beta1", self.beta1, 0, 1, below=True)
+        check_range("beta2", self.beta2, 0, 1, below=True)
+        check_range("seed", self.seed, 0, SEED_MAX)
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
+        if self.warmup_steps is not None and self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ConfigError(f"--warmup-steps {self.warmup_steps} must not exceed --max-steps {self.max_steps} "
+                              "(the learning rate would never reach --lr)")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -235,6 +246,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     if not main:  # only rank 0 prints, plots and writes
         log = lambda *args, **kwargs: None  # noqa: E731
+
+    def warn(message: str) -> None:
+        if main:
+            print(message, file=sys.stderr, flush=True)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -281,14 +296,16 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     model.activation_checkpointing = t.activation_checkpointing
     amp = Precision(t.precision, device)
     step, tokens_seen, epoch, batch_pos = 0, 0, 0, 0
-    last = ckpt.latest_checkpoint(run_dir, warn=log) if resume else None
+    last, damaged = ckpt.resume_point(run_dir, warn=warn) if resume else (None, [])
     if resume and last is None:
-        log(f"{run_dir}: no intact checkpoint yet; starting the run from step 0")
+        log(f"{run_dir}: no checkpoint yet; starting the run from step 0")
     state = ckpt.load_state(last) if last is not None else None
     if state is not None:
         if state["data_hash"] != data_hash:
             raise ConfigError(f"{run_dir}: the training data differs from the data the run started with "
                               f"(token hash {data_hash} vs {state['data_hash']}); restore it or start a new run")
+        if main:
+            ckpt.set_aside(damaged, warn)
         ckpt.load_weights_into(model, last / ckpt.WEIGHTS)
         if "scaler" in state and amp.scaler.is_enabled():
             amp.scaler.load_state_dict(state["scaler"])
@@ -313,9 +330,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
     if state is not None:
         dist.load_optimizer_state(model, optimizer, state["optimizer"])
+    run_toml = cfg.to_toml()  # also saved in each checkpoint: a damaged config.toml can be told and restored
     if main:
         ckpt.atomic_write_bytes(run_dir / ckpt.CONFIG, _toml_bytes(cfg))
-    metrics = MetricsLog(run_dir / ckpt.METRICS if main else None, resume_step=step if state is not None else -1)
+    metrics = MetricsLog(run_dir / ckpt.METRICS if main else None, resume_step=step if state is not None else -1,
+                         warn=warn)
     trackers = open_trackers(t.logger, run_dir, cfg.to_toml(), resume_step=step if state is not None else None)
 
     tokens_per_step = t.batch_size * t.grad_accum * ctx * world  # the global batch
@@ -370,7 +389,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                          schedule=dict(lr=t.lr, min_lr=min_lr, warmup=warmup, total_steps=total_steps))
             if amp.scaler.is_enabled():
                 state["scaler"] = amp.scaler.state_dict()
-            ckpt.save_checkpoint(run_dir, step, core, tokenizer, state, t.keep_last, weights=weights)
+            ckpt.save_checkpoint(run_dir, step, core, tokenizer, state, t.keep_last, weights=weights,
+                                 run_config=run_toml)
         dist.barrier()
 
     # --- the loop
@@ -392,6 +412,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                     x, y = next_batch()
                     with dist.grad_sync(model, sync=micro == t.grad_accum - 1):  # reduce on the last micro-step
                         loss_sum += amp.backward(step_model, x, y, t.grad_accum)
+                faults.point("step-mid")
             except torch.cuda.OutOfMemoryError:
                 raise TrainingError(
                     f"out of memory at step {step + 1} with micro-batch {t.batch_size}: keep the global batch with a "
