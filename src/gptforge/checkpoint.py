@@ -152,7 +152,9 @@ def verify_checkpoint(ckpt_dir: Path) -> None:
     ckpt_dir = Path(ckpt_dir)
     try:
         expected = json.loads((ckpt_dir / CHECKSUMS).read_text())
-    except (OSError, json.JSONDecodeError):
+        if not isinstance(expected, dict) or not expected:
+            raise ValueError(expected)
+    except (OSError, ValueError):  # ValueError: not JSON, not UTF-8, or not {file: digest}
         raise CheckpointError(f"{ckpt_dir}: {CHECKSUMS} is missing or unreadable") from None
     for name, digest in expected.items():
         path = ckpt_dir / name
