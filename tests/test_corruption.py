@@ -12,8 +12,8 @@ import shutil
 
 import pytest
 import torch
-
 from clirun import run as cli
+
 from gptforge import checkpoint as ckpt
 from gptforge.data import DataConfig
 from gptforge.model import GPTConfig
