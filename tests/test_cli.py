@@ -143,13 +143,22 @@ def test_help_explains_every_flag(capsys):
 
     from gptforge.cli import cli
 
-    for name, command in cli.commands.items():
-        code, out, _ = run([name, "--help"], capsys)
-        assert code == 0
+    def walk(group, path):
+        for name, command in group.commands.items():
+            yield [*path, name], command
+            if isinstance(command, click.Group):
+                yield from walk(command, [*path, name])
+
+    seen = []
+    for path, command in walk(cli, []):
+        code, out, _ = run([*path, "--help"], capsys)
+        assert code == 0 and out.startswith(f"Usage: gptforge {' '.join(path)} "), path
         for param in command.params:
             if isinstance(param, click.Option):
-                assert param.help and len(param.help) > 10, (name, param.name)
-                assert param.opts[0] in out
+                assert param.help and len(param.help) > 10, (path, param.name)
+                assert param.opts[0] in out, (path, param.opts[0])
+        seen.append(" ".join(path))
+    assert {"train", "eval", "bench", "bench train", "bench generate", "tokenizer", "tokenizer train"} <= set(seen)
     code, out, _ = run(["train", "--help"], capsys)
     for flag in ("--val-fraction", "--stride", "--warmup-steps", "--min-lr", "--grad-clip", "--grad-accum",
                  "--epochs", "--max-steps", "--eval-every", "--eval-batches", "--sample-prompt", "--seed",

@@ -75,10 +75,17 @@ def test_context_is_cropped(tiny_model, tiny_cfg):
 
 
 def test_sample_config_validation():
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(ValueError, match="--top-p"):
         SampleConfig(top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         SampleConfig(temperature=-1)
+    with pytest.raises(ValueError, match="--temperature must be a finite number"):
+        SampleConfig(temperature=float("inf"))
+    with pytest.raises(ValueError, match="--top-k must be at least 1, got 0"):
+        SampleConfig(top_k=0)
+    with pytest.raises(ValueError, match=r"--top-p must be in \(0, 1\], got 0"):
+        SampleConfig(top_p=0)
+    SampleConfig(max_new_tokens=0, temperature=0.0, top_k=1, top_p=1.0)  # the edges are allowed
 
 
 def test_kv_cache_generation_equals_recomputation(tiny_model, tiny_cfg):

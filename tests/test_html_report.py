@@ -68,6 +68,8 @@ def test_cli_report(two_runs, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out and out.read_text().startswith("<!DOCTYPE html>")
     main(["report", str(two_runs[0])])  # one run: report.html inside it
     assert (two_runs[0] / "report.html").is_file()
+    main(["report", *map(str, two_runs), "--out", str(out)])  # an earlier report is replaced; other files never are
+    assert "wrote" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(["report", str(tmp_path)])
     err = capsys.readouterr().err

@@ -103,11 +103,17 @@ def test_missing_tracker_is_a_one_line_error_before_training(tmp_path, capsys, m
 
 
 def test_logger_flag_choices_and_config_file(tmp_path, capsys, text_file):
-    try:
-        main(["train", str(text_file), "--logger", "mlflow"])
-    except SystemExit as e:
-        assert e.code == 2
-    assert "'mlflow' is not one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(text_file), "--logger", "mlflow", "--out", str(tmp_path / "a")])
+    assert e.value.code == 2 and "'mlflow' is not one of" in capsys.readouterr().err
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\nlogger = ["neptune"]\n')  # a config file is not checked by click's choices
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(text_file), "--config", str(config), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("gptforge: error: unknown --logger 'neptune'")
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before anything is written
     with pytest.raises(Exception, match="logger must be a list"):
         check_loggers("tensorboard")
     with pytest.raises(Exception, match="unknown --logger 'neptune'"):

@@ -101,8 +101,14 @@ def test_evaluate_restores_training_mode_and_limits_batches(tiny_model, tiny_cfg
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ValueError, match="--emb-dim 30 must be divisible by --n-heads 4"):
         GPTConfig(emb_dim=30, n_heads=4)
+    with pytest.raises(ValueError, match=r"--drop-rate must be in \[0, 1\), got 1.0"):
+        GPTConfig(drop_rate=1.0)
+    with pytest.raises(ValueError, match="--n-heads must be at least 1, got 0"):
+        GPTConfig(n_heads=0)
+    with pytest.raises(ValueError, match="--vocab-size must be a whole number, got 50257.5"):
+        GPTConfig.from_dict({"vocab_size": 50257.5})  # e.g. from a checkpoint's metadata
     with pytest.raises(ValueError, match="unknown model setting"):
         GPTConfig.from_dict({"emb": 3})
 

@@ -273,7 +273,9 @@ def test_train_progress_records_mfu(text_file, tmp_path):
     run = tmp_path / "run"
     train(tiny_run(text_file, max_steps=2, sample_tokens=0), run, log=lambda *_: None)
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert all(0 < r["mfu"] < 1 for r in records if r["event"] == "train")
+    mfu = {r["step"]: r.get("mfu") for r in records if r["event"] == "train"}
+    assert list(mfu) == [1, 2]  # log_every=1: one record per step, each with its MFU
+    assert all(isinstance(v, float) and 0 < v < 1 for v in mfu.values()), mfu
 
 
 @pytest.mark.slow

@@ -279,6 +279,44 @@ def test_hub_id_resolves_from_cache_offline(tmp_path, monkeypatch):
                           "the cache") and "HF_HUB_OFFLINE" in msg
 
 
+def test_local_paths_never_ask_the_hub(tmp_path, monkeypatch):
+    """A SOURCE that is, or is written as, a local path fails at once: no hub lookup (its retries take ~25 s)."""
+    import huggingface_hub
+
+    from gptforge import weights
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"the hub was asked: {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        "runs/x": "runs/x: a directory without checkpoints or model weights",  # exists, holds nothing
+        "./runs/y": "./runs/y: no such file or directory",
+        "../nowhere/y": "../nowhere/y: no such file or directory",
+        str(tmp_path / "none"): "none: no such file or directory",
+        "~/surely-not-here-gptforge": "surely-not-here-gptforge: no such file or directory",
+        "runs/y": "runs/y: no such file or directory (runs is a local directory",
+    }
+    for source, message in cases.items():
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            load_any(source)
+    # a hub id still goes to the hub, also when ./gpt2/ exists (the book's downloads live there)
+    (tmp_path / "gpt2").mkdir()
+    asked = []
+
+    def fake_hub(repo_id):
+        asked.append(repo_id)
+        raise LookupError(repo_id)
+
+    monkeypatch.setattr(weights, "_hub_snapshot", fake_hub)
+    for source in ("gpt2", "someone/model"):
+        with pytest.raises(LookupError):
+            load_any(source)
+    assert asked == ["gpt2", "someone/model"]
+
+
 def test_cli_eval_hub_id_offline_env(tmp_path, text_file):
     """The real environment variables, through the CLI: HF_HOME's cache, HF_HUB_OFFLINE=1."""
     hf = hf_model(seed=6, vocab_size=50257, n_positions=64, n_embd=16, n_head=2, n_layer=1)
@@ -450,8 +488,12 @@ def test_cli_convert_to_hf_and_back(tmp_path, capsys):
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     idx = torch.randint(0, 101, (2, 10))
     torch.testing.assert_close(hf_logits(back, idx), hf_logits(hf, idx), atol=1e-5, rtol=0)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    capsys.readouterr()  # transformers' progress bar above
     code, out, err = run(["convert", str(tmp_path / "g"), "--to", "hf", str(tmp_path / "hf")], capsys)
-    assert code == 1 and "already holds a model" in err and "Traceback" not in err
+    assert code == 1 and "not empty (holds config.json, merges.txt, model.safetensors, ...)" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
     code, out, err = run(["generate", str(tmp_path / "hf"), "--prompt", "Hello"], capsys)
     assert code == 1 and "101 token ids" in err and "Traceback" not in err
     code, out, err = run(["convert", str(tmp_path / "missing"), "--to", "hf", str(tmp_path / "x")], capsys)

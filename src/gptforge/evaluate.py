@@ -8,6 +8,23 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import check_range, opt
+
+
+@dataclass
+class EvalConfig:
+    """Which windows `gptforge eval` scores, and how many at a time."""
+
+    context_length: int | None = opt(None, "Tokens per scored window; at most the model's; default: the model's "
+                                           "context length.")
+    stride: int | None = opt(None, "Step between window starts; default: the context length.")
+    batch_size: int = opt(8, "Windows per batch.")
+    max_batches: int | None = opt(None, "Score only the first N batches; default: all.")
+
+    def __post_init__(self) -> None:
+        for name in ("context_length", "stride", "batch_size", "max_batches"):
+            check_range(name, getattr(self, name), 1)
+
 
 def loss_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of one batch; x, y are (B, T) token ids."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import opt
+from .config import check_range, opt
 from .model import KVCache
 
 
@@ -27,14 +27,10 @@ class SampleConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_range("max_new_tokens", self.max_new_tokens, 0)
+        check_range("temperature", self.temperature, 0)
+        check_range("top_k", self.top_k, 1)
+        check_range("top_p", self.top_p, 0, 1, above=True)
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .checkpoint import CONFIG, METRICS, atomic_write_bytes
+from .checkpoint import CONFIG, METRICS, atomic_write_bytes, check_writable
 from .config import ConfigError, tomllib
 from .loggers import flat_config
+
+REPORT_MARK = b"<title>gptforge report"  # in the head of every report: only those are replaced
 
 
 @dataclass
@@ -227,10 +229,31 @@ def render(runs: list[Run]) -> str:
 """
 
 
-def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Render the runs in run_dirs into the HTML file out; returns its path."""
-    runs = load_runs(run_dirs)
+def check_target(out: str | Path) -> Path:
+    """The report's file, checked before any run is read: a new file, or a gptforge report to replace.
+
+    Anything else at that path (a directory, the user's own file) is refused, as is a place that
+    cannot be written.
+    """
     out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a directory; give the name of the HTML file to write")
+    if out.exists():
+        try:
+            with open(out, "rb") as f:
+                head = f.read(512)
+        except OSError as e:
+            raise ConfigError(f"--out {out}: cannot read the file already there ({e.strerror})") from None
+        if REPORT_MARK not in head:
+            raise ConfigError(f"--out {out}: exists and is not a gptforge report; remove it or choose another --out")
+    check_writable(out.parent, "--out")
+    return out
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Render the runs in run_dirs into the HTML file out (see check_target); returns its path."""
+    out = check_target(out)
+    runs = load_runs(run_dirs)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, render(runs).encode())
     return out

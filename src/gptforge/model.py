@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
+from .config import check_range, flag
 
 
 @dataclass
@@ -46,15 +47,13 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"model setting {name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{flag(name)} must be a whole number, got {value!r}")
+            check_range(name, value, 1)
         if self.emb_dim % self.n_heads:
-            raise ValueError(
-                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
-                "change one of them"
-            )
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+            raise ValueError(f"--emb-dim {self.emb_dim} must be divisible by --n-heads {self.n_heads}; "
+                             "change one of them")
+        check_range("drop_rate", self.drop_rate, 0, 1, below=True)
 
     def to_dict(self) -> dict:
         return asdict(self)

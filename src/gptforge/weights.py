@@ -43,6 +43,7 @@ HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_SHARD_INDEX = "model.safetensors.index.json"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+LOCAL_PREFIXES = ("./", "../", "/", "~")  # a SOURCE written like this is a path here, never a hub id
 HEAD_SIZE = 64  # every OpenAI GPT-2 size has 64-wide heads (768/12 ... 1600/25)
 SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
 
@@ -379,15 +380,18 @@ def _plan_book(cfg: GPTConfig) -> list[Entry]:
 
 def open_source(source: str | Path, n_heads: int | None = None) -> Source:
     """Detect what SOURCE is and read its config and tensor shapes (not its weights)."""
-    p = Path(source)
+    p = Path(source).expanduser()
     if p.is_dir():
         if (p / "hparams.json").is_file() or (p / "checkpoint").is_file() or any(p.glob("*.ckpt.index")):
             return _tf_source(p)
         if (p / "config.json").is_file():
             return _hf_source(p)
-        if (p / ckpt.WEIGHTS).is_file() or (p / ckpt.CHECKPOINTS).is_dir() or not _looks_like_hub_id(str(source)):
+        if (p / ckpt.WEIGHTS).is_file() or (p / ckpt.CHECKPOINTS).is_dir():
             return _gptforge_source(p)
-        # else a directory that happens to be named like a hub id (the book's downloads live in ./gpt2/)
+        if str(source) not in HUB_NAMES:  # ./gpt2/ (where the book's downloads live) still means the hub's gpt2
+            raise WeightsError(f"{p}: a directory without checkpoints or model weights (no {ckpt.CHECKPOINTS}/, "
+                               f"{ckpt.WEIGHTS}, config.json or TensorFlow checkpoint); give a run directory, a "
+                               "checkpoint, a weights file or a Hugging Face model id")
     if p.is_file():
         if p.name.endswith(".index") or ".ckpt." in p.name:
             return _tf_source(p.parent)
@@ -405,8 +409,14 @@ def open_source(source: str | Path, n_heads: int | None = None) -> Source:
             return _hf_source(p.parent, weights=p, reader=reader)
         raise WeightsError(f"{p}: a state dict of neither the book's GPTModel (no tok_emb.weight) nor GPT-2 "
                            "(no transformer.wte.weight)")
-    if _looks_like_hub_id(str(source)):
-        return _hf_source(_hub_snapshot(str(source)), hub_id=str(source))
+    name = str(source)
+    if name.startswith(LOCAL_PREFIXES):
+        raise WeightsError(f"{source}: no such file or directory")
+    if "/" in name and p.parent.is_dir():  # runs/x where runs/ is here: a mistyped run, never a hub lookup
+        raise WeightsError(f"{source}: no such file or directory ({p.parent} is a local directory, so {source} "
+                           "is not looked up on the Hugging Face hub)")
+    if _looks_like_hub_id(name):
+        return _hf_source(_hub_snapshot(name), hub_id=name)
     raise WeightsError(f"{source}: no such file or directory (nor a Hugging Face model id such as gpt2)")
 
 
@@ -723,6 +733,28 @@ def hf_config(cfg: GPTConfig) -> dict:
     }
 
 
+def convert_target(out: str | Path, target: str) -> Path:
+    """What `convert --to TARGET OUT` writes, checked before any model is read; refused unless nothing is overwritten.
+
+    OUT must be a new or empty directory, so no file of the user's (nor a model converted there
+    earlier) is replaced; for gptforge, OUT may instead be a new .safetensors file. Returns the
+    directory (hf) or the weights file (gptforge).
+    """
+    out = Path(out)
+    if target == "gptforge" and out.suffix == ".safetensors":
+        if out.exists():
+            raise WeightsError(f"OUT {out}: already exists; remove it or choose another OUT")
+        ckpt.check_writable(out.parent, "OUT")
+        return out
+    ckpt.check_writable(out, "OUT")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        raise WeightsError(f"OUT {out}: not empty (holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
+                           "convert writes only into a new or empty directory, so that nothing is overwritten: "
+                           "choose another OUT or empty this one")
+    return out if target == "hf" else out / ckpt.WEIGHTS
+
+
 def to_hf(model: GPT, out_dir: str | Path, tokenizer: str = "gpt2") -> Path:
     """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads.
 
@@ -730,10 +762,7 @@ def to_hf(model: GPT, out_dir: str | Path, tokenizer: str = "gpt2") -> Path:
     (GPT-2 always has them; the gptforge config in the file's metadata brings qkv_bias back on import).
     With the GPT-2 tokenizer, its vocab.json and merges.txt are written too.
     """
-    out = Path(out_dir)
-    for name in ("config.json", "model.safetensors"):
-        if (out / name).exists():
-            raise WeightsError(f"{out}: already holds a model ({name}); remove it or choose another directory")
+    out = convert_target(out_dir, "hf")
     from safetensors.torch import save_file
 
     cfg = model.cfg
@@ -770,10 +799,7 @@ def _write_gpt2_tokenizer(out: Path, context_length: int) -> None:
 
 def to_gptforge(model: GPT, out: str | Path, tokenizer="gpt2", source: str | None = None) -> Path:
     """Write a gptforge weights file: OUT itself if it ends in .safetensors, else OUT/model.safetensors."""
-    out = Path(out)
-    path = out if out.suffix == ".safetensors" else out / ckpt.WEIGHTS
-    if path.exists():
-        raise WeightsError(f"{path}: already exists; remove it or choose another output")
+    path = convert_target(out, "gptforge")
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt.save_weights(path, model, tokenizer, extra={"converted_from": source} if source else None)
     return path

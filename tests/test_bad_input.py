@@ -1,0 +1,166 @@
+"""Every user mistake ends in one line on stderr, a non-zero exit, no traceback, and nothing lost.
+
+Each row of CASES is one mistake: (id, command line, a fragment of the message, exit code). Every
+row runs in-process in a fresh directory holding the files of `make_tree` (a user's own notes, an
+empty run directory, a tiny model, ...), and after it the directory must be byte for byte as it
+was: nothing written, nothing overwritten, nothing removed. The Hugging Face hub is never asked:
+a SOURCE such as gpt2 proves that OUT and the flags are checked before any model is read.
+
+Exit code 1 is gptforge's own form, one line `gptforge: error: ...`; exit code 2 is click's usage
+error (`Usage: ...`, `Try ... for help.`, `Error: ...`), used only for what click itself parses
+(a missing option, a choice, a value that is not a number). To add a case, add a row; to add a
+file the case needs, add it to `make_tree`.
+"""
+
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from clirun import run
+
+from gptforge import weights
+from gptforge.model import GPT, GPTConfig
+
+# (id, command line, fragment of the one-line message, exit code)
+CASES = [
+    # train: GPTConfig, DataConfig and TrainConfig checks (nothing is read or written before them)
+    ("train-min-lr-above-lr", "train --min-lr 0.01 --lr 0.001", "--min-lr 0.01 must not exceed --lr 0.001", 1),
+    ("train-lr-zero", "train --lr 0", "--lr must be above 0, got 0.0", 1),
+    ("train-lr-nan", "train --lr nan", "--lr must be a finite number", 1),
+    ("train-weight-decay-negative", "train --weight-decay -0.1", "--weight-decay must be at least 0", 1),
+    ("train-grad-clip-negative", "train --grad-clip -1", "--grad-clip must be at least 0", 1),
+    ("train-beta1-one", "train --beta1 1", "--beta1 must be in [0, 1), got 1.0", 1),
+    ("train-beta2-negative", "train --beta2 -0.5", "--beta2 must be in [0, 1)", 1),
+    ("train-warmup-past-max-steps", "train --warmup-steps 10 --max-steps 5",
+     "--warmup-steps 10 must not exceed --max-steps 5", 1),
+    ("train-warmup-negative", "train --warmup-steps -1", "--warmup-steps must be at least 0", 1),
+    ("train-batch-size-zero", "train --batch-size 0", "--batch-size must be at least 1, got 0", 1),
+    ("train-grad-accum-zero", "train --grad-accum 0", "--grad-accum must be at least 1", 1),
+    ("train-max-steps-zero", "train --max-steps 0", "--max-steps must be at least 1", 1),
+    ("train-epochs-zero", "train --epochs 0", "--epochs must be at least 1", 1),
+    ("train-eval-every-zero", "train --eval-every 0", "--eval-every must be at least 1", 1),
+    ("train-eval-batches-zero", "train --eval-batches 0", "--eval-batches must be at least 1", 1),
+    ("train-log-every-zero", "train --log-every 0", "--log-every must be at least 1", 1),
+    ("train-save-every-zero", "train --save-every 0", "--save-every must be at least 1", 1),
+    ("train-save-every-minutes-zero", "train --save-every-minutes 0", "--save-every-minutes must be above 0", 1),
+    ("train-keep-last-negative", "train --keep-last -1", "--keep-last must be at least 0", 1),
+    ("train-sample-tokens-negative", "train --sample-tokens -1", "--sample-tokens must be at least 0", 1),
+    ("train-sample-temperature-negative", "train --sample-temperature -1", "--sample-temperature must be at least 0",
+     1),
+    ("train-sample-top-k-zero", "train --sample-top-k 0", "--sample-top-k must be at least 1", 1),
+    ("train-seed-negative", "train --seed -1", "--seed must be in [0, 4294967295], got -1", 1),
+    ("train-seed-too-large", "train --seed 18446744073709551616", "--seed must be in [0, 4294967295]", 1),
+    ("train-drop-rate-one", "train --drop-rate 1", "--drop-rate must be in [0, 1), got 1.0", 1),
+    ("train-n-layers-zero", "train --n-layers 0", "--n-layers must be at least 1, got 0", 1),
+    ("train-emb-dim-not-divisible", "train --emb-dim 30 --n-heads 4",
+     "--emb-dim 30 must be divisible by --n-heads 4", 1),
+    ("train-val-fraction-one", "train --val-fraction 1", "val_fraction must be in [0, 1)", 1),
+    ("train-stride-zero", "train --stride 0", "stride must be a positive integer", 1),
+    ("train-config-file-range", "train --config weight_decay.toml", "--weight-decay must be at least 0, got -1.0",
+     1),
+    # eval: EvalConfig, from flags or a --config file, before the model is read
+    ("eval-batch-size-zero", "eval gpt2 data.txt --batch-size 0", "--batch-size must be at least 1, got 0", 1),
+    ("eval-max-batches-zero", "eval gpt2 data.txt --max-batches 0", "--max-batches must be at least 1, got 0", 1),
+    ("eval-stride-zero", "eval gpt2 data.txt --stride 0", "--stride must be at least 1, got 0", 1),
+    ("eval-context-length-zero", "eval gpt2 data.txt --context-length 0", "--context-length must be at least 1", 1),
+    ("eval-context-length-past-model", "eval model data.txt --context-length 33",
+     "--context-length 33 must be between 1 and the model's 32", 1),
+    ("eval-config-file-range", "eval gpt2 data.txt --config eval.toml", "--batch-size must be at least 1, got 0", 1),
+    # SOURCE: a local path is never looked up on the hub (no 25 s of retries)
+    ("source-dir-without-checkpoints", "eval runs/x data.txt", "runs/x: a directory without checkpoints", 1),
+    ("source-dot-path-missing", "eval ./runs/y data.txt", "./runs/y: no such file or directory", 1),
+    ("source-under-local-dir-missing", "generate runs/y", "runs is a local directory, so runs/y is not looked up", 1),
+    # generate: SampleConfig, --num-samples and --seed
+    ("generate-temperature-negative", "generate gpt2 --temperature -1", "--temperature must be at least 0", 1),
+    ("generate-temperature-inf", "generate gpt2 --temperature inf", "--temperature must be a finite number", 1),
+    ("generate-top-k-zero", "generate gpt2 --top-k 0", "--top-k must be at least 1, got 0", 1),
+    ("generate-top-p-zero", "generate gpt2 --top-p 0", "--top-p must be in (0, 1], got 0.0", 1),
+    ("generate-top-p-above-one", "generate gpt2 --top-p 1.5", "--top-p must be in (0, 1]", 1),
+    ("generate-max-new-tokens-negative", "generate gpt2 --max-new-tokens -1", "--max-new-tokens must be at least 0",
+     1),
+    ("generate-num-samples-zero", "generate gpt2 --num-samples 0", "--num-samples must be at least 1, got 0", 1),
+    ("generate-seed-negative", "generate gpt2 --seed -1", "--seed must be in [0, 4294967295]", 1),
+    # bench
+    ("bench-train-steps-zero", "bench train --steps 0", "--steps must be at least 1, got 0", 1),
+    ("bench-train-steps-not-a-number", "bench train --steps x", "'x' is not a valid integer", 2),
+    ("bench-train-warmup-negative", "bench train --warmup -1", "--warmup must be at least 0", 1),
+    ("bench-train-batch-size-zero", "bench train --batch-size 0", "--batch-size must be at least 1", 1),
+    ("bench-train-not-divisible", "bench train --emb-dim 30 --n-heads 4", "must be divisible by --n-heads 4", 1),
+    ("bench-generate-batch-size-zero", "bench generate --batch-size 0", "--batch-size must be at least 1", 1),
+    ("bench-generate-prompt-tokens-zero", "bench generate --prompt-tokens 0", "--prompt-tokens 0 (at least 1)", 1),
+    # convert: OUT checked before the model is read; only a new or empty directory (or new file) is written
+    ("convert-hf-into-users-files", "convert gpt2 --to hf notes", "OUT notes: not empty (holds mine.txt)", 1),
+    ("convert-hf-over-earlier-convert", "convert gpt2 --to hf hf",
+     "OUT hf: not empty (holds config.json, model.safetensors)", 1),
+    ("convert-gptforge-into-users-files", "convert gpt2 --to gptforge notes", "OUT notes: not empty", 1),
+    ("convert-gptforge-existing-file", "convert gpt2 --to gptforge model/model.safetensors", "already exists", 1),
+    ("convert-hf-out-is-a-file", "convert gpt2 --to hf afile", "OUT afile: is a file, not a directory", 1),
+    ("convert-file-under-a-file", "convert gpt2 --to gptforge afile/m.safetensors",
+     "OUT afile: is a file, not a directory", 1),
+    ("convert-read-only", "convert gpt2 --to hf ro/hf", "cannot write in ro", 1),
+    ("convert-n-heads-zero", "convert gpt2 --to hf new --n-heads 0", "--n-heads must be at least 1, got 0", 1),
+    # report: --out checked before any run is read
+    ("report-out-is-a-directory", "report runs/x --out notes", "--out notes: is a directory", 1),
+    ("report-over-users-file", "report runs/x --out notes/mine.txt", "exists and is not a gptforge report", 1),
+    ("report-under-a-file", "report runs/x --out afile/r.html", "is a file, not a directory", 1),
+    ("report-read-only", "report runs/x --out ro/r.html", "cannot write in ro", 1),
+]
+
+
+def make_tree(root: Path, model_bytes: bytes) -> None:
+    """The files a user has where the commands run."""
+    (root / "notes").mkdir()
+    (root / "notes" / "mine.txt").write_text("my own notes\n")
+    (root / "runs" / "x").mkdir(parents=True)
+    (root / "afile").write_text("a file, not a directory\n")
+    (root / "data.txt").write_text("Every effort moves you. " * 50)
+    (root / "hf").mkdir()
+    (root / "hf" / "config.json").write_text("{}\n")  # what an earlier convert --to hf left
+    (root / "hf" / "model.safetensors").write_bytes(b"weights of an earlier convert")
+    (root / "model").mkdir()
+    (root / "model" / "model.safetensors").write_bytes(model_bytes)
+    (root / "weight_decay.toml").write_text("[train]\nweight_decay = -1\n")
+    (root / "eval.toml").write_text("batch_size = 0\n")
+    (root / "ro").mkdir()
+    (root / "ro" / "kept.txt").write_text("kept\n")
+    (root / "ro").chmod(0o555)
+
+
+@pytest.fixture(scope="module")
+def model_bytes(tmp_path_factory) -> bytes:
+    """A tiny gptforge model that reads GPT-2 text (full vocabulary, 32 positions)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(context_length=32, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
+    path = weights.to_gptforge(model, tmp_path_factory.mktemp("model") / "m.safetensors")
+    return path.read_bytes()
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def no_hub(repo_id):
+    raise AssertionError(f"the Hugging Face hub was asked for {repo_id!r}")
+
+
+@pytest.mark.parametrize("args,fragment,code", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_nothing_is_lost(args, fragment, code, tmp_path, capsys, monkeypatch, model_bytes):
+    make_tree(tmp_path, model_bytes)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(weights, "_hub_snapshot", no_hub)
+    if "ro/" in args and os.access("ro", os.W_OK):
+        pytest.skip("this user (root) may write into a directory without write permission")
+    before = snapshot(tmp_path)
+    got, _, err = run(shlex.split(args), capsys)
+    assert got == code, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    if code == 2:  # click's usage error
+        assert len(lines) == 3 and lines[0].startswith("Usage: gptforge") and lines[-1].startswith("Error: "), err
+    else:
+        assert len(lines) == 1 and lines[0].startswith("gptforge: error: "), err
+    assert fragment in lines[-1]
+    assert snapshot(tmp_path) == before
