@@ -17,7 +17,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import faults
-from .config import ConfigError, opt, to_toml_dict
+from .config import SEED_MAX, ConfigError, check_range, opt, to_toml_dict
 from .data import (
     Batches,
     DataConfig,
@@ -91,8 +91,6 @@ class TrainConfig:
                                                 "about a third more compute.")
 
     def __post_init__(self) -> None:
-        from .config import SEED_MAX, check_range
-
         for name in ("batch_size", "grad_accum", "epochs", "max_steps", "eval_every", "eval_batches", "log_every",
                      "save_every", "sample_top_k"):
             check_range(name, getattr(self, name), 1)
