@@ -447,22 +447,35 @@ def report(run_dirs: tuple[str, ...], out: str | None) -> None:
 @cli.command()
 @click.argument("source")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; the default serves this machine only (loopback).")
+              help="Address to listen on; the default serves this machine only (loopback). Requests must name "
+                   "a loopback host or this address in their Host header (0.0.0.0 or ::: any IP address too).")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on; 0 picks a free one.")
+@click.option("--allowed-host", multiple=True, metavar="NAME",
+              help="Another name the Host header may give, e.g. the public name of a reverse proxy in front; "
+                   "repeatable. Other names get 403, which stops DNS-rebinding pages.")
 @click.option("--max-tokens-limit", type=int, default=256, show_default=True,
               help="Largest max_tokens a request may ask for; larger requests are rejected.")
 @click.option("--max-prompt-chars", type=int, default=20_000, show_default=True,
               help="Longest prompt accepted, in characters (prompts are also limited to the model's context).")
+@click.option("--max-concurrent", type=int, default=4, show_default=True,
+              help="Generations run at once; more get 503 with Retry-After. Each holds a full-context KV cache "
+                   "of 2 * n_layers * context_length * emb_dim * bytes per element (GPT-2 124M in fp32: 72 MiB); "
+                   "the start-up line prints this model's.")
 @device_option
-def serve(source: str, host: str, port: int, max_tokens_limit: int, max_prompt_chars: int,
-          device: str | None) -> None:
+def serve(source: str, host: str, port: int, allowed_host: tuple[str, ...], max_tokens_limit: int,
+          max_prompt_chars: int, max_concurrent: int, device: str | None) -> None:
     """Serve the model in SOURCE: a web page to try prompts and an OpenAI-style /v1/completions API."""
     from .serve import Limits
     from .serve import serve as run_server
 
-    if max_tokens_limit < 1 or max_prompt_chars < 1:
-        raise ConfigError("--max-tokens-limit and --max-prompt-chars must be at least 1")
-    run_server(source, host, port, device or "auto", Limits(max_tokens_limit, max_prompt_chars), log=click.echo)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}")
+    for flag, value in (("--max-tokens-limit", max_tokens_limit), ("--max-prompt-chars", max_prompt_chars),
+                        ("--max-concurrent", max_concurrent)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    limits = Limits(max_tokens_limit, max_prompt_chars, max_concurrent)
+    run_server(source, host, port, device or "auto", limits, allowed_host, log=click.echo)
 # ----------------------------------------------------------------------------- prepare, tokenizer
 
 

@@ -10,20 +10,32 @@ client-disconnect handling that a hand-written stdlib server would have to re-im
 final ``data: [DONE]``. Requests run concurrently: each has its own token buffer and random
 generator, and the model's forward pass is taken under a lock one token at a time, so clients
 take turns token by token and never see each other's tokens.
+
+What a web page the user visits could do with a server on localhost is shut off: POST bodies must
+be ``application/json`` (a page can only send that after a CORS preflight, which this server never
+grants), and the Host header must name this server (loopback, the ``--host`` address or an
+``--allowed-host``), so a DNS-rebinding page cannot read the answers. Bodies are capped while they
+are read (chunked ones too), JSON nesting is bounded before parsing, at most ``max_concurrent``
+generations run at once (each holds a full-context KV cache; others get 503 with Retry-After), and
+a generation stops when its client goes away.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
+import re
 import socket
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from html import escape
 from importlib import resources
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -33,6 +45,10 @@ from .generate import SampleConfig, decode_one_token, next_token, prefill
 from .model import KVCache
 
 MAX_BODY_BYTES = 1 << 20
+MAX_DEPTH = 8  # arrays and objects inside each other in a request body; the fields we take need 2
+MAX_SEED = 2**63 - 1  # seeds are 0 .. 2^63 - 1 (OpenAI's int64; torch.Generator takes them all)
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+WILDCARD = ("0.0.0.0", "::", "")
 # Request fields we take; the rest of OpenAI's fields are accepted only at their "off" values.
 ACCEPTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stream", "seed", "user"}
 OFF_VALUES = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, 0), "frequency_penalty": (0,),
@@ -52,6 +68,65 @@ class RequestError(ValueError):
 class Limits:
     max_tokens: int = 256  # the largest max_tokens a request may ask for
     max_prompt_chars: int = 20_000  # checked before tokenizing
+    max_concurrent: int = 4  # generations at once, each holding a full-context KV cache (kv_cache_bytes)
+
+
+def kv_cache_bytes(cfg, dtype: torch.dtype) -> int:
+    """Memory of one request's KV cache: keys and values of every layer for the whole context."""
+    return 2 * cfg.n_layers * cfg.context_length * cfg.emb_dim * dtype.itemsize
+
+
+def size(n: float) -> str:
+    """Bytes in binary units: 512 bytes, 8 KiB, 37.5 MiB."""
+    units = ["bytes", "KiB", "MiB", "GiB", "TiB"]
+    while n >= 1024 and len(units) > 1:
+        n, units = n / 1024, units[1:]
+    return f"{n:.4g} {units[0]}"
+
+
+@dataclass(frozen=True)
+class AllowedHosts:
+    """The names a request's Host header may give: loopback, the listening address, --allowed-host names;
+    when listening on every address (0.0.0.0, ::) also any IP address and this machine's name. A
+    DNS-rebinding page always sends its own domain name, so it is refused."""
+
+    names: frozenset[str]
+    any_ip: bool = False
+
+    @classmethod
+    def serving(cls, host: str, extra: Iterable[str] = ()) -> AllowedHosts:
+        names = set(LOOPBACK)
+        for given in extra:
+            if (name := host_name(given)) is None:
+                raise ConfigError(f"--allowed-host {given!r} is not a host name; give one like example.org")
+            names.add(name)
+        wildcard = host in WILDCARD
+        names.add(socket.gethostname().lower() if wildcard else _normal(host))
+        return cls(frozenset(names), any_ip=wildcard)
+
+    def accepts(self, header: str | None) -> bool:
+        name = host_name(header)
+        if name is None:
+            return False
+        return name in self.names or (self.any_ip and _is_ip(name))
+
+
+def _normal(name: str) -> str:
+    return name.strip().lower().removeprefix("[").removesuffix("]").removesuffix(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def host_name(header: str | None) -> str | None:
+    """The name in a Host header without its port ("[::1]:8000" -> "::1"), lower case; None if malformed."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(:\d{1,5})?", (header or "").strip())
+    return _normal(match.group(1)) if match else None
 
 
 @dataclass
@@ -63,7 +138,7 @@ class Request:
 
 
 class Engine:
-    """A model, its tokenizer and a lock: turns requests into streams of text."""
+    """A model, its tokenizer, a lock and the generation slots: turns requests into streams of text."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, name: str, device: torch.device | str = "cpu",
                  limits: Limits | None = None):
@@ -73,19 +148,16 @@ class Engine:
         self.device = torch.device(device)
         self.limits = limits or Limits()
         self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(self.limits.max_concurrent)  # one per running generation
+
+    def cache_bytes(self) -> int:
+        return kv_cache_bytes(self.model.cfg, next(self.model.parameters()).dtype)
 
     # ------------------------------------------------------------------ request checking
 
     def parse(self, body: bytes) -> Request:
         """A request body -> Request, or RequestError naming the field at fault."""
-        if len(body) > MAX_BODY_BYTES:
-            raise RequestError(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", status=413)
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise RequestError("the request body must be a JSON object")
+        data = read_json(body)
         for key, value in data.items():
             if key in OFF_VALUES:
                 if value not in OFF_VALUES[key]:
@@ -112,7 +184,7 @@ class Engine:
         if top_p == 0.0:
             raise RequestError("top_p must be above 0", "top_p")
         top_k = _number(data, "top_k", None, int, 1, None)
-        seed = _number(data, "seed", None, int, None, None)
+        seed = _number(data, "seed", None, int, 0, MAX_SEED)
         stream = data.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError("stream must be true or false", "stream")
@@ -162,31 +234,81 @@ class Engine:
         if len(text) > len(sent):
             yield text[len(sent):]
 
+    async def pieces_while(self, req: Request, usage: dict, gone: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+        """pieces() run in worker threads one piece at a time, stopping as soon as gone() says the client left."""
+        from starlette.concurrency import run_in_threadpool
+
+        it = self.pieces(req, usage)
+        try:  # a cancelled await still waits for its thread, so `it` is never closed while it runs
+            while not await gone() and (piece := await run_in_threadpool(next, it, None)) is not None:
+                yield piece
+        finally:
+            it.close()
+
     # ------------------------------------------------------------------ OpenAI-shaped answers
 
     def _shell(self, cid: str, created: int) -> dict:
         return {"id": cid, "object": "text_completion", "created": created, "model": self.name}
 
-    def complete(self, req: Request) -> dict:
-        usage: dict = {}
-        text = "".join(self.pieces(req, usage))
+    def reply(self, text: str, usage: dict) -> dict:
         reply = self._shell(f"cmpl-{uuid.uuid4().hex}", int(time.time()))
-        reply["choices"] = [{"text": text, "index": 0, "logprobs": None, "finish_reason": usage.pop("finish_reason")}]
-        reply["usage"] = dict(usage, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
+        reply["choices"] = [{"text": text, "index": 0, "logprobs": None, "finish_reason": usage["finish_reason"]}]
+        counts = {k: usage[k] for k in ("prompt_tokens", "completion_tokens")}
+        reply["usage"] = dict(counts, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])
         return reply
 
-    def stream(self, req: Request) -> Iterator[str]:
+    def complete(self, req: Request) -> dict:
+        usage: dict = {}
+        return self.reply("".join(self.pieces(req, usage)), usage)
+
+    def event(self, cid: str, created: int, text: str, finish_reason: str | None = None) -> str:
+        """One server-sent event of a streamed completion."""
+        chunk = dict(self._shell(cid, created), choices=[{"text": text, "index": 0, "logprobs": None,
+                                                           "finish_reason": finish_reason}])
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    async def events(self, req: Request, gone: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
         """Server-sent events: one chunk per text piece, a last chunk with finish_reason, then [DONE]."""
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         usage: dict = {}
-        for piece in self.pieces(req, usage):
-            chunk = dict(self._shell(cid, created), choices=[{"text": piece, "index": 0, "logprobs": None,
-                                                               "finish_reason": None}])
-            yield f"data: {json.dumps(chunk)}\n\n"
-        last = dict(self._shell(cid, created), choices=[{"text": "", "index": 0, "logprobs": None,
-                                                          "finish_reason": usage.pop("finish_reason")}])
-        yield f"data: {json.dumps(last)}\n\n"
+        async for piece in self.pieces_while(req, usage, gone):
+            yield self.event(cid, created, piece)
+        yield self.event(cid, created, "", usage["finish_reason"])
         yield "data: [DONE]\n\n"
+
+
+def read_json(body: bytes) -> dict:
+    """A request body -> its JSON object; RequestError for bodies too big, not UTF-8, too deep or not JSON."""
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"the request body is not UTF-8 ({e}); send JSON text") from None
+    if (depth := nesting(text)) > MAX_DEPTH:
+        raise RequestError(f"the request body nests arrays and objects {depth} deep; the limit is {MAX_DEPTH}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"the request body is not valid JSON ({e})") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise RequestError(f"the request body holds a number of more than {sys.get_int_max_str_digits()} "
+                           "digits; send shorter numbers") from None
+    if not isinstance(data, dict):
+        raise RequestError("the request body must be a JSON object")
+    return data
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]+|\\.)*"?')  # a string, or the rest of the text after an unclosed quote
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def nesting(text: str) -> int:
+    """How deep arrays and objects nest in a JSON text, found without parsing it (brackets in strings are
+    skipped); linear in the text, about 0.1 s for a megabyte of brackets."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
 def _number(data: dict, key: str, default, typ: type, low, high):
@@ -194,9 +316,9 @@ def _number(data: dict, key: str, default, typ: type, low, high):
     if value is None:
         return default
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if typ is int:
-        ok = ok and float(value).is_integer()
-    if not ok or not math.isfinite(value):
+    if ok and isinstance(value, float):  # ints are compared exactly, however many digits they have
+        ok = math.isfinite(value) and (typ is float or value.is_integer())
+    if not ok:
         raise RequestError(f"{key} must be {'an integer' if typ is int else 'a number'}, got {value!r}", key)
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
@@ -204,24 +326,79 @@ def _number(data: dict, key: str, default, typ: type, low, high):
     return typ(value)
 
 
-def error_body(message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
 def page() -> str:
     return resources.files("gptforge").joinpath("serve_page.html").read_text(encoding="utf-8")
 
 
-def make_app(engine: Engine):
+async def read_body(request) -> bytes:
+    """The body of a Starlette request, read chunk by chunk and refused (413) as soon as it passes
+    MAX_BODY_BYTES, whether its length was declared or it comes chunked."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(f"request body is {declared} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise RequestError(f"request body is over {MAX_BODY_BYTES} bytes; the limit is {MAX_BODY_BYTES}",
+                               status=413)
+    return bytes(body)
+
+
+def check_content_type(header: str | None) -> None:
+    """POST bodies must be declared JSON: a web page can send text/plain or a form anywhere without asking,
+    but application/json only after a CORS preflight, which this server never answers."""
+    media = (header or "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise RequestError(f"Content-Type must be application/json, got {header or 'none'!r}; send the JSON body "
+                           "with that header", "Content-Type", status=415)
+
+
+class HostCheck:
+    """ASGI middleware: requests whose Host header is not one of `hosts` get 403 (DNS rebinding)."""
+
+    def __init__(self, app, hosts: AllowedHosts):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        from starlette.datastructures import Headers
+        from starlette.responses import JSONResponse
+
+        if scope["type"] == "http":
+            host = Headers(scope=scope).get("host")
+            if not self.hosts.accepts(host):
+                name = host_name(host) or "NAME"
+                message = (f"Host {host or 'none'!r} is not a name this server answers to; open it by localhost "
+                           f"or its address, or start it with --allowed-host {name}")
+                await JSONResponse(error_body(message, "Host"), status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def make_app(engine: Engine, hosts: AllowedHosts | None = None):
     """The Starlette application: GET / (the page), GET /v1/models, POST /v1/completions."""
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.requests import Request as HTTPRequest
-    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     html = page().replace("{{MODEL}}", escape(engine.name)).replace("{{MAX_TOKENS}}", str(engine.limits.max_tokens))
+
+    class SlotStream(StreamingResponse):
+        """Stops the generator and frees its slot however the response ends (done, client gone, error)."""
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                await self.body_iterator.aclose()
+                engine.slots.release()
 
     async def index(request: HTTPRequest):
         return HTMLResponse(html)
@@ -231,24 +408,34 @@ def make_app(engine: Engine):
                                                           "owned_by": "gptforge"}]})
 
     async def completions(request: HTTPRequest):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return JSONResponse(error_body(f"request body is {declared} bytes; the limit is {MAX_BODY_BYTES}"),
-                                status_code=413)
         try:
-            req = engine.parse(await request.body())
+            check_content_type(request.headers.get("content-type"))
+            req = engine.parse(await read_body(request))
         except RequestError as e:
             return JSONResponse(error_body(str(e), e.param), status_code=e.status)
+        if not engine.slots.acquire(blocking=False):
+            n = engine.limits.max_concurrent
+            message = (f"{n} generation{'s are' if n > 1 else ' is'} running, the most this server runs at once "
+                       "(gptforge serve --max-concurrent); retry in a moment")
+            return JSONResponse(error_body(message, kind="server_busy"), status_code=503, headers={"Retry-After": "1"})
         if req.stream:
-            return StreamingResponse(engine.stream(req), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await run_in_threadpool(engine.complete, req))
+            return SlotStream(engine.events(req, request.is_disconnected), media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache"})
+        try:
+            usage: dict = {}
+            text = "".join([piece async for piece in engine.pieces_while(req, usage, request.is_disconnected)])
+        finally:
+            engine.slots.release()
+        if await request.is_disconnected():  # nobody to answer; 499 as nginx logs a client that closed
+            return Response(status_code=499)
+        return JSONResponse(engine.reply(text, usage))
 
     async def http_error(request: HTTPRequest, exc: HTTPException):
         return JSONResponse(error_body(exc.detail), status_code=exc.status_code)
 
     routes = [Route("/", index), Route("/v1/models", models), Route("/v1/completions", completions, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    middleware = [Middleware(HostCheck, hosts=hosts or AllowedHosts.serving("127.0.0.1"))]
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error})
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -265,28 +452,43 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          limits: Limits | None = None, log=print) -> None:
-    """Load the model in source and serve it until interrupted."""
-    import uvicorn
-
+def load_engine(source: str | Path, device: str = "auto", limits: Limits | None = None) -> Engine:
+    """The model in source with the tokenizer its checkpoint names or carries, ready to serve."""
     from . import checkpoint as ckpt
-    from .tokenizer import get_tokenizer
+    from .tokenizer import tokenizer_from_metadata
     from .train import pick_device
     from .weights import load_any
 
-    sock = listen(host, port)  # before loading, so a busy port fails fast
     dev = pick_device(device)
     model, meta = load_any(source, dev)
+    tokenizer = tokenizer_from_metadata(meta)
+    if model.cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"{source}: the model has {model.cfg.vocab_size} token ids, fewer than its "
+                          f"{meta.get('tokenizer', 'gpt2')} tokenizer's {tokenizer.vocab_size}; it cannot read text")
     path = Path(source).resolve()  # the model's name: its run directory's, else the file's or directory's
     path = path.parent if path.name == ckpt.WEIGHTS else path
     path = path.parent.parent if path.parent.name == ckpt.CHECKPOINTS else path
     name = path.stem if path.is_file() else path.name
-    engine = Engine(model, get_tokenizer(meta.get("tokenizer", "gpt2")), name, dev, limits)
+    return Engine(model, tokenizer, name, dev, limits)
+
+
+def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          limits: Limits | None = None, allowed_hosts: Iterable[str] = (), log=print) -> None:
+    """Load the model in source and serve it until interrupted."""
+    import uvicorn
+
+    hosts = AllowedHosts.serving(host, allowed_hosts)
+    sock = listen(host, port)  # before loading, so a busy port fails fast
+    engine = load_engine(source, device, limits)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK:
         log(f"warning: listening on {host}, not loopback: anyone who can reach this machine can use the model")
-    log(f"serving {name} at http://{shown}:{bound}/  (API: POST http://{shown}:{bound}/v1/completions)")
-    config = uvicorn.Config(make_app(engine), log_level="warning", timeout_graceful_shutdown=2)
+    cfg, n, each = engine.model.cfg, engine.limits.max_concurrent, engine.cache_bytes()
+    element = next(engine.model.parameters()).dtype.itemsize
+    log(f"memory: each generation holds a {size(each)} KV cache (2 * {cfg.n_layers} layers * {cfg.context_length} "
+        f"positions * {cfg.emb_dim} emb_dim * {element} bytes); at most {n} at once (--max-concurrent): "
+        f"{size(n * each)}")
+    log(f"serving {engine.name} at http://{shown}:{bound}/  (API: POST http://{shown}:{bound}/v1/completions)")
+    config = uvicorn.Config(make_app(engine, hosts), log_level="warning", timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[sock])
