@@ -1,3 +1,5 @@
+import gzip
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,43 @@ def test_unreadable_file_and_special_files(tmp_path, monkeypatch):
 def test_default_corpus_when_no_inputs():
     texts = read_texts([])
     assert len(texts) == 1 and len(texts[0]) > 400_000
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("a.jsonl", b'{"text": "hello"}\n', "a.jsonl: a JSON Lines file; only gptforge prepare reads those: gptforge "
+                                        "prepare"),
+    ("a.json", b'{"text": "hello"}', "a.json: a JSON Lines file"),
+    ("a.txt.gz", gzip.compress(b"hello"), "a.txt.gz: a gzip-compressed file"),
+    ("a.txt.zst", _zstd(b"hello"), "a.txt.zst: a zstd-compressed file"),
+    ("a.parquet", b"PAR1", "a.parquet: a Parquet file"),
+    ("nul.txt", b"\0" * 100, r"nul.txt: a binary file, not text (a NUL byte at byte 0)"),
+    ("utf16.txt", "hello".encode("utf-16"), "utf16.txt: a binary file, not text (a NUL byte at byte 3); give UTF-8 "
+                                            "text (a UTF-16 file: convert it with iconv -f utf-16 -t utf-8)"),
+    ("controls.txt", bytes(range(1, 9)) * 20 + b"some text", "controls.txt: a binary file, not text (95% of its "
+                                                             "bytes are control characters); give UTF-8 text"),
+])
+def test_files_that_are_not_plain_text_are_refused(tmp_path, name, content, says):
+    """train and eval read plain UTF-8 text; other formats point to prepare, binary files are not taken for text."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as e:
+        read_texts([tmp_path / name])
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_text_with_tabs_escapes_and_form_feeds_is_text(tmp_path):
+    text = "col\tcol\r\n\x1b[1mbold\x1b[0m\x0cpage two\n"
+    (tmp_path / "a.txt").write_text(text)
+    assert read_texts([tmp_path / "a.txt"]) == [text]
+
+
+def test_directory_of_prepare_formats_points_to_prepare(tmp_path):
+    (tmp_path / "a.jsonl.zst").write_bytes(_zstd(b'{"text": "hello"}\n'))
+    with pytest.raises(DataError, match=r"holds no text files .*; it holds a.jsonl.zst and the like, which gptforge "
+                                        r"prepare reads: gptforge prepare .* --out DIR, then give DIR"):
+        read_texts([tmp_path])

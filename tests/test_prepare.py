@@ -1,10 +1,16 @@
 """gptforge prepare: every input format against tiktoken's own encoding, splits, resume, bad input."""
 
 import gzip
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from clirun import run
 
 from gptforge import prepare as prep
 from gptforge.data import DataError, ShardedTokens, open_prepared
@@ -107,6 +113,17 @@ def test_large_text_file_in_pieces_equals_whole_file(tmp_path, docs, tiktoken_gp
     assert m["splits"]["train"]["documents"] == 1
 
 
+def test_zstd_file_of_several_frames_is_read_whole(tmp_path, docs, tiktoken_gpt2, monkeypatch):
+    """Frames one after another (as zstd -c a b > ab.zst or pzstd write them), read in small chunks."""
+    import zstandard
+
+    monkeypatch.setattr(prep, "TEXT_CHUNK", 500)
+    c = zstandard.ZstdCompressor()
+    (tmp_path / "a.txt.zst").write_bytes(b"".join(c.compress(d.encode()) for d in docs[:3]) + c.compress(b""))
+    prepare([tmp_path / "a.txt.zst"], tmp_path / "out", cfg(), log=quiet)
+    np.testing.assert_array_equal(stream(tmp_path / "out"), reference(["".join(docs[:3])], tiktoken_gpt2))
+
+
 # ----------------------------------------------------------------------------- splits
 
 
@@ -160,7 +177,7 @@ def test_interrupted_prepare_resumes_without_redoing_shards(tmp_path, docs, monk
     full = prepare([src], tmp_path / "full", cfg(**settings), log=quiet)
 
     out = tmp_path / "out"
-    real_atomic = prep._atomic_json
+    real_atomic = prep._atomic_write
     commits = []
 
     def crash_after_three(path, obj):
@@ -169,10 +186,10 @@ def test_interrupted_prepare_resumes_without_redoing_shards(tmp_path, docs, monk
         if len(commits) == 3:
             raise KeyboardInterrupt  # as a Ctrl-C right after the third shard group is finished
 
-    monkeypatch.setattr(prep, "_atomic_json", crash_after_three)
+    monkeypatch.setattr(prep, "_atomic_write", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         prepare([src], out, cfg(**settings), log=quiet)
-    monkeypatch.setattr(prep, "_atomic_json", real_atomic)
+    monkeypatch.setattr(prep, "_atomic_write", real_atomic)
     assert not (out / "manifest.json").exists() and (out / "prepare-state.json").exists()
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.bin")}
     assert finished and not list(out.glob(".*.tmp"))
@@ -193,7 +210,7 @@ def test_resume_inside_a_document(tmp_path, docs, tiktoken_gpt2, monkeypatch):
     monkeypatch.setattr(prep, "TEXT_CHUNK", 400)
     (tmp_path / "a.txt").write_text("\n".join(docs[:4]))
     (tmp_path / "b.txt").write_text("\n".join(docs[4:8]))
-    real_atomic, n = prep._atomic_json, []
+    real_atomic, n = prep._atomic_write, []
 
     def crash(path, obj):
         real_atomic(path, obj)
@@ -201,12 +218,12 @@ def test_resume_inside_a_document(tmp_path, docs, tiktoken_gpt2, monkeypatch):
         if len(n) == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep, "_atomic_json", crash)
+    monkeypatch.setattr(prep, "_atomic_write", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", cfg(shard_tokens=700), log=quiet)
     state = json.loads((tmp_path / "out" / "prepare-state.json").read_text())
     assert state["open_doc"] == "train" and state["position"][1] > 0  # stopped in the middle of a.txt
-    monkeypatch.setattr(prep, "_atomic_json", real_atomic)
+    monkeypatch.setattr(prep, "_atomic_write", real_atomic)
     prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", cfg(shard_tokens=700), log=quiet)
     expected = reference(["\n".join(docs[:4]), "\n".join(docs[4:8])], tiktoken_gpt2)
     np.testing.assert_array_equal(stream(tmp_path / "out"), expected)
@@ -259,8 +276,10 @@ def write_positional_shards(out, lengths):
     out.mkdir()
     shards, pos = [], 0
     for i, n in enumerate(lengths):
-        (np.arange(pos, pos + n) % 60000).astype(np.uint16).tofile(out / f"train-{i:06d}.bin")
-        shards.append({"file": f"train-{i:06d}.bin", "tokens": n, "documents": 1, "sha256": str(i)})
+        data = (np.arange(pos, pos + n) % 60000).astype(np.uint16).tobytes()
+        (out / f"train-{i:06d}.bin").write_bytes(data)
+        shards.append({"file": f"train-{i:06d}.bin", "tokens": n, "documents": 1,
+                       "sha256": hashlib.sha256(data).hexdigest()})
         pos += n
     manifest = {"format": "gptforge-shards", "version": 1, "tokenizer": {"name": "gpt2"}, "vocab_size": 50257,
                 "eot_id": EOT, "dtype": "uint16", "splits": {"train": {"tokens": pos, "documents": 3,
@@ -290,7 +309,7 @@ def test_each_rank_reads_a_disjoint_share(tmp_path):
             positions |= set(starts.tolist())
         seen.append(positions)
     assert not (seen[0] & seen[1]) and not (seen[1] & seen[2])
-    with pytest.raises(DataError, match="bytes, the manifest says"):
+    with pytest.raises(DataError, match="100 bytes, manifest.json says 10000"):
         with open(tmp_path / "d" / "train-000001.bin", "r+b") as f:
             f.truncate(100)
         open_prepared(tmp_path / "d")
@@ -443,3 +462,348 @@ def test_cli_prepare_errors_are_one_line(tmp_path, capsys):
         main(["prepare", str(src), "--out", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1 and "c.jsonl:1: not valid JSON" in err
+
+
+# ----------------------------------------------------------------------------- killed, resumed: the same bytes
+
+
+def snapshot(root) -> dict[str, bytes]:
+    """Every file under root (relative name) and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.multiprocess
+def test_prepare_killed_at_each_fault_point_resumes_to_the_same_bytes(tmp_path, docs):
+    """SIGKILL inside a shard and between shards (two counts each), resume: shards and manifest byte for byte.
+
+    The manifest holds nothing that depends on the time of the run (the fingerprint has the inputs' own
+    sizes and mtimes, the same for both runs), so the whole directory is compared.
+    """
+    src = tmp_path / "c.jsonl"
+    write_jsonl(src, docs)
+    settings = dict(val_fraction=0.2, shard_tokens=3000)
+    prepare([src], tmp_path / "ref", cfg(**settings), log=quiet)
+    ref = snapshot(tmp_path / "ref")
+    assert len([n for n in ref if n.endswith(".bin")]) >= 8
+    for point, n, workers in (("prepare-between-shards", 1, 1), ("prepare-between-shards", 5, 2),
+                              ("prepare-inside-shard", 3, 1), ("prepare-inside-shard", 45, 2)):  # 40 documents,
+        out = tmp_path / f"{point}-{n}"  # 2 writes each (<|endoftext|>, its tokens)
+        proc = subprocess.run([sys.executable, "-m", "gptforge", "prepare", str(src), "--out", str(out),
+                               "--shard-tokens", "3000", "--val-fraction", "0.2", "--workers", str(workers),
+                               "--no-progress"],
+                              env={**os.environ, "GPTFORGE_FAULT": f"{point}:{n}"}, capture_output=True, text=True,
+                              timeout=120)  # returns once the workers are gone too: they die with prepare
+        assert proc.returncode == -signal.SIGKILL, f"{point}:{n} did not kill prepare: {proc.stderr}"
+        assert not (out / "manifest.json").exists()
+        if point == "prepare-inside-shard":
+            assert [p.stat().st_size > 0 for p in out.glob(".*.bin.tmp")] == [True]  # a shard half written
+        finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.bin")}
+        assert bool(finished) == (out / "prepare-state.json").exists() == (point.endswith("between-shards") or n > 3)
+        prepare([src], out, cfg(**settings), log=quiet)
+        assert snapshot(out) == ref, f"{point}:{n}"
+        assert {p: out.joinpath(p).stat().st_mtime_ns for p in finished} == finished  # resumed, not redone
+
+
+# ----------------------------------------------------------------------------- damaged shards and manifest
+
+
+def test_damaged_shard_is_named_when_training_opens_it_and_prepared_again(tmp_path, docs):
+    src = tmp_path / "c.jsonl"
+    write_jsonl(src, docs[:10])
+    settings = dict(val_fraction=0.3, shard_tokens=1500)
+    out = tmp_path / "out"
+    prepare([src], out, cfg(**settings), log=quiet)
+    ref = snapshot(out)
+    open_prepared(out)  # verified: the check is cheap from now on (a stat per shard)
+    shard = out / "train-000002.bin"
+    size = shard.stat().st_size
+
+    def flip(at):
+        with open(shard, "r+b") as f:
+            f.seek(at)
+            b = f.read(1)
+            f.seek(at)
+            f.write(bytes([b[0] ^ 0x01]))
+
+    def ids_beyond_vocab():
+        with open(shard, "r+b") as f:
+            f.seek(10)
+            f.write(np.array([65535], dtype="<u2").tobytes())
+
+    damages = [("flip first byte", lambda: flip(0)), ("flip middle byte", lambda: flip(size // 2 + 1)),
+               ("flip last byte", lambda: flip(size - 1)), ("id 65535 > vocab", ids_beyond_vocab),
+               ("truncate", lambda: os.truncate(shard, size - 2)), ("delete", shard.unlink)]
+    for what, damage in damages:
+        damage()
+        with pytest.raises(DataError) as e:
+            open_prepared(out)
+        message = str(e.value)
+        assert message.startswith(str(shard)) and "\n" not in message, what
+        assert ("sha256" in message) if what.startswith(("flip", "id")) else ("missing" in message
+                                                                              or "bytes" in message)
+        logged = []
+        prepare([src], out, cfg(**settings), log=logged.append)
+        assert [line for line in logged if line.startswith("warning: ")] == [
+            f"warning: {message.split('; run the same')[0]}; preparing {out} again from the start"], what
+        assert snapshot(out) == ref, what
+
+
+def test_ids_beyond_the_vocabulary_stop_the_batch_that_reads_them(tmp_path, docs):
+    """A shard edited with its modification time put back (open_prepared sees nothing): the read names it."""
+    src = tmp_path / "c.jsonl"
+    write_jsonl(src, docs[:10])
+    prepare([src], tmp_path / "out", cfg(shard_tokens=1500), log=quiet)
+    shard = tmp_path / "out" / "train-000001.bin"
+    with open(shard, "r+b") as f:
+        f.seek(100)
+        f.write(np.array([50257], dtype="<u2").tobytes())  # the first id past GPT-2's 50,257
+    before = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns - 10**9
+    os.utime(shard, ns=(before, before))
+    train, _ = open_prepared(tmp_path / "out")
+    with pytest.raises(DataError, match=rf"{shard}: holds id 50257, not below the vocabulary size 50257"):
+        train[np.arange(train.offsets[1], train.offsets[2])]
+    np.testing.assert_array_equal(train[np.arange(10)], stream(tmp_path / "out")[:10])  # other shards read on
+
+
+def test_every_flipped_byte_of_the_manifest_is_caught_or_harmless(tmp_path, docs):
+    """A bit or a whole byte flipped anywhere in manifest.json: one line naming the file, or the very same tokens."""
+    from gptforge.tokenizer import GPT2Tokenizer
+
+    src = tmp_path / "c.jsonl"
+    write_jsonl(src, docs[:6])
+    out = tmp_path / "out"
+    prepare([src], out, cfg(val_fraction=0.3, shard_tokens=2000), log=quiet)
+    path = out / "manifest.json"
+    good = path.read_bytes()
+    tok = GPT2Tokenizer()
+
+    def what_is_read(tokens):  # with the shard files unchanged, these fix every token a split yields
+        return [p.name for p in tokens.paths], tokens.lengths.tolist(), tokens.dtype, tokens.start, tokens.stop
+
+    train, val = (what_is_read(t) for t in open_prepared(out, tok))
+    assert train[1] and val[1]
+    caught = harmless = 0
+    with open(path, "r+b", buffering=0) as f:  # one byte rewritten in place, then put back
+        for at in range(len(good)):
+            for mask in (0x01, 0xFF):
+                f.seek(at)
+                f.write(bytes([good[at] ^ mask]))
+                try:
+                    t, v = open_prepared(out, tok)
+                except DataError as e:
+                    assert str(out) in str(e) and "\n" not in str(e), (at, mask, str(e))
+                    caught += 1
+                else:
+                    assert (what_is_read(t), what_is_read(v)) == (train, val), (at, mask)
+                    harmless += 1  # e.g. in the fingerprint or stats, which training does not read
+                f.seek(at)
+                f.write(good[at : at + 1])
+    assert path.read_bytes() == good
+    print(f"manifest flips: {caught} caught, {harmless} harmless, of {2 * len(good)}")
+    assert caught > len(good)  # every 0xFF flip is invalid UTF-8, most others break the JSON or a checked key
+
+
+# ----------------------------------------------------------------------------- bad input: one line, nothing lost
+
+
+def prep_cmd(src, out):
+    return ["prepare", str(src), "--out", str(out), "--no-progress", "--workers", "1"]
+
+
+def tok_cmd(src, out):
+    return ["tokenizer", "train", str(src), "--vocab-size", "300", "--out", str(out)]
+
+
+def train_cmd(data, tmp):
+    return ["train", str(data), "--out", str(tmp / "run"), "--preset", "tiny", "--context-length", "16",
+            "--batch-size", "2", "--max-steps", "1", "--device", "cpu", "--no-progress"]
+
+
+def good_input(tmp):
+    write_jsonl(tmp / "c.jsonl", [f"document {i}: some text to learn from, and then some more. " * 10
+                                  for i in range(6)])
+    return tmp / "c.jsonl"
+
+
+def prepared(tmp, edit=None):
+    """A finished prepare in tmp/data (several shards), its manifest changed by `edit` when given."""
+    prepare([good_input(tmp)], tmp / "data", cfg(shard_tokens=150), log=quiet)
+    if edit:
+        m = json.loads((tmp / "data" / "manifest.json").read_text())
+        edit(m)
+        (tmp / "data" / "manifest.json").write_text(json.dumps(m))
+    return tmp / "data"
+
+
+def out_file(tmp):
+    (tmp / "out").write_text("the user's notes")
+    return tmp / "out"
+
+
+def out_below_file(tmp):
+    (tmp / "notes").write_text("the user's notes")
+    return tmp / "notes" / "sub"
+
+
+def out_with_files(tmp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "notes.txt").write_text("the user's notes")
+    return tmp / "out"
+
+
+def out_with_tokenizer(tmp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "tokenizer.json").write_text("{}")
+    return tmp / "out"
+
+
+def named(name, data):
+    def make(tmp):
+        (tmp / name).write_bytes(data() if callable(data) else data)
+        return tmp / name
+    return make
+
+
+def zstd_half():
+    import zstandard
+
+    data = zstandard.ZstdCompressor().compress(b"some text " * 5000)
+    return data[: len(data) // 2]
+
+
+def gzip_half():
+    data = gzip.compress(b"some text " * 5000)
+    return data[: len(data) // 2]
+
+
+def damaged_manifest(tmp):
+    data = prepared(tmp)
+    (data / "manifest.json").write_bytes((data / "manifest.json").read_bytes()[:100])
+    return data
+
+
+def shard_beyond_vocab(tmp):
+    data = prepared(tmp)
+    with open(data / "train-000001.bin", "r+b") as f:
+        f.write(np.array([65535], dtype="<u2").tobytes())
+    return data
+
+
+def unfinished(tmp):
+    (tmp / "data").mkdir()
+    (tmp / "data" / "prepare-state.json").write_text("{}")
+    return tmp / "data"
+
+
+def del_key(m):
+    del m["splits"]["train"]["shards"][1]["sha256"]
+
+
+def str_count(m):
+    m["splits"]["train"]["shards"][0]["tokens"] = str(m["splits"]["train"]["shards"][0]["tokens"])
+
+
+# (command, what the mistake is, how to make it: () -> argv, what stderr says, checked before any costly work)
+BAD_INPUT = [
+    ("prepare", "--out is a file", lambda t: prep_cmd(good_input(t), out_file(t)), "out: is a file, not a directory",
+     True),
+    ("prepare", "--out below a file", lambda t: prep_cmd(good_input(t), out_below_file(t)),
+     "notes is a file, not a directory", True),
+    ("prepare", "--out holds other files", lambda t: prep_cmd(good_input(t), out_with_files(t)),
+     "holds files gptforge prepare did not make (notes.txt)", True),
+    ("prepare", "--out holds the inputs", lambda t: prep_cmd(out_with_files(t), t / "out"), "every input is inside it",
+     True),
+    ("prepare", ".zst not zstd", lambda t: prep_cmd(named("a.txt.zst", b"plain text")(t), t / "out"),
+     "a.txt.zst: named .zst but not zstd data", True),
+    ("prepare", ".gz not gzip", lambda t: prep_cmd(named("a.jsonl.gz", b"{}")(t), t / "out"),
+     "a.jsonl.gz: named .gz but not gzip data", True),
+    ("prepare", ".zst truncated", lambda t: prep_cmd(named("a.txt.zst", zstd_half)(t), t / "out"),
+     "a.txt.zst: ends inside a zstd frame: the file is truncated", False),
+    ("prepare", ".gz truncated", lambda t: prep_cmd(named("a.txt.gz", gzip_half)(t), t / "out"),
+     "a.txt.gz: cannot decompress or read (Compressed file ended", False),
+    ("prepare", "text of NUL bytes", lambda t: prep_cmd(named("a.txt", b"\0" * 1000)(t), t / "out"),
+     "a.txt: a binary file, not text (a NUL byte at byte 0)", False),
+    ("prepare", "manifest truncated (re-run)", lambda t: prep_cmd(t / "c.jsonl", damaged_manifest(t)),
+     "manifest.json: not valid JSON", False),
+    ("prepare", "resume state damaged", lambda t: prep_cmd(good_input(t), unfinished(t)),
+     "prepare-state.json: fingerprint is missing or damaged; pass --overwrite", False),
+    ("tokenizer train", "--out is a file", lambda t: tok_cmd(good_input(t), out_file(t)),
+     "out: is a file, not a directory", True),
+    ("tokenizer train", "--out holds other files", lambda t: tok_cmd(good_input(t), out_with_files(t)),
+     "holds files gptforge tokenizer train did not make (notes.txt)", True),
+    ("tokenizer train", "--out holds a tokenizer.json", lambda t: tok_cmd(good_input(t), out_with_tokenizer(t)),
+     "already holds tokenizer.json; pass --overwrite", True),
+    ("tokenizer train", ".zst not zstd", lambda t: tok_cmd(named("a.txt.zst", b"plain text")(t), t / "out"),
+     "a.txt.zst: named .zst but not zstd data", True),
+    ("tokenizer train", ".gz not gzip", lambda t: tok_cmd(named("a.txt.gz", b"plain text")(t), t / "out"),
+     "a.txt.gz: named .gz but not gzip data", True),
+    ("tokenizer train", ".zst truncated", lambda t: tok_cmd(named("a.txt.zst", zstd_half)(t), t / "out"),
+     "a.txt.zst: ends inside a zstd frame", False),
+    ("tokenizer train", "text of NUL bytes", lambda t: tok_cmd(named("a.txt", b"\0" * 1000)(t), t / "out"),
+     "a.txt: a binary file, not text", False),
+    ("train", "shard ids beyond the vocabulary", lambda t: train_cmd(shard_beyond_vocab(t), t),
+     "train-000001.bin: changed after manifest.json was written (its sha256", False),
+    ("train", "manifest missing a key", lambda t: train_cmd(prepared(t, del_key), t),
+     "manifest.json: splits.train.shards[1].sha256 is missing", False),
+    ("train", "manifest value of the wrong type", lambda t: train_cmd(prepared(t, str_count), t),
+     'manifest.json: splits.train.shards[0].tokens must be a count, got "', False),
+    ("train", "manifest truncated", lambda t: train_cmd(damaged_manifest(t), t), "manifest.json: not valid JSON",
+     False),
+    ("train", "an unfinished prepare", lambda t: train_cmd(unfinished(t), t),
+     "data: gptforge prepare did not finish there", False),
+    ("train", "a .jsonl file", lambda t: train_cmd(good_input(t), t),
+     "c.jsonl: a JSON Lines file; only gptforge prepare reads those: gptforge prepare", False),
+    ("train", "a .txt.zst file", lambda t: train_cmd(named("a.txt.zst", zstd_half)(t), t),
+     "a.txt.zst: a zstd-compressed file; only gptforge prepare", False),
+    ("train", "text of NUL bytes", lambda t: train_cmd(named("a.txt", b"\0" * 1000)(t), t),
+     "a.txt: a binary file, not text (a NUL byte at byte 0)", False),
+]
+
+
+@pytest.mark.parametrize("command, mistake, make, says, early", BAD_INPUT,
+                         ids=[f"{c}: {m}" for c, m, *_ in BAD_INPUT])
+def test_bad_input_is_one_line_and_nothing_is_lost(tmp_path, capsys, monkeypatch, command, mistake, make, says,
+                                                   early):
+    from gptforge import tokenizer
+
+    argv = make(tmp_path)
+    capsys.readouterr()
+    if early:  # the mistake must be found before the tokenizer loads (prepare) or training starts (tokenizer train)
+        def too_late(*_a, **_k):
+            raise AssertionError(f"{mistake}: costly work started before the check")
+
+        monkeypatch.setattr(prep, "get_tokenizer", too_late)
+        monkeypatch.setattr(tokenizer, "train_bpe", too_late)
+    before = snapshot(tmp_path)
+    code, out, err = run(argv, capsys)
+    assert code == 1 and err.startswith("gptforge: error: ") and err.count("\n") == 1, err
+    assert says in err
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing changed or lost
+    assert sorted(set(after) - set(before)) == []  # and nothing written
+
+
+def test_read_only_out_is_refused_before_any_work(tmp_path, read_only_dir, capsys, monkeypatch):
+    from gptforge import tokenizer
+
+    src = good_input(tmp_path)
+    kept = snapshot(read_only_dir)
+
+    def too_late(*_a, **_k):
+        raise AssertionError("costly work started before the check")
+
+    monkeypatch.setattr(prep, "get_tokenizer", too_late)
+    monkeypatch.setattr(tokenizer, "train_bpe", too_late)
+    for argv, says in ((prep_cmd(src, read_only_dir / "data"), f"cannot write in {read_only_dir} ("),
+                       (tok_cmd(src, read_only_dir / "tok"), f"cannot write in {read_only_dir} ("),
+                       (prep_cmd(src, read_only_dir), "did not make (kept.txt)")):
+        code, out, err = run(argv, capsys)
+        assert code == 1 and err.count("\n") == 1 and says in err, err
+    assert snapshot(read_only_dir) == kept
+
+
+def test_damaged_manifest_is_prepared_anew_with_overwrite(tmp_path, capsys):
+    data = damaged_manifest(tmp_path)
+    code, out, err = run(prep_cmd(tmp_path / "c.jsonl", data) + ["--overwrite"], capsys)
+    assert code == 0, err
+    assert open_prepared(data)[0].to_numpy().size > 0

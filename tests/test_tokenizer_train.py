@@ -113,3 +113,30 @@ def test_tokenizer_travels_from_training_to_data_to_checkpoint(tmp_path, corpus_
     code, out, err = run(args[:1] + [str(tmp_path / "data"), "--out", str(tmp_path / "run3"), "--vocab-size", "200"]
                          + args[4:], capsys)
     assert code == 1 and "vocab_size 200 is smaller than the tokenizer's 300" in err
+
+
+def test_out_is_checked_before_training_and_kept_without_overwrite(tmp_path, corpus_texts, capsys, read_only_dir,
+                                                                    monkeypatch):
+    from gptforge import tokenizer
+
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("\n".join(corpus_texts[:5]))
+    args = ["tokenizer", "train", str(corpus), "--vocab-size", "300", "--out"]
+    code, out, err = run(args + [str(tmp_path / "tok")], capsys)
+    assert code == 0, err
+    first = (tmp_path / "tok" / "tokenizer.json").read_text()
+
+    real_train_bpe = tokenizer.train_bpe
+    trained = []
+    monkeypatch.setattr(tokenizer, "train_bpe", lambda *a, **k: trained.append(1) or real_train_bpe(*a, **k))
+    for where, says in ((tmp_path / "tok", "already holds tokenizer.json; pass --overwrite to replace it"),
+                        (read_only_dir / "tok", f"cannot write in {read_only_dir} ("),
+                        (corpus, "is a file, not a directory")):
+        code, out, err = run(args + [str(where)], capsys)
+        assert code == 1 and err.count("\n") == 1 and says in err, err
+    assert not trained  # refused before training started
+    assert (tmp_path / "tok" / "tokenizer.json").read_text() == first
+
+    code, out, err = run(args[:4] + ["400", "--out", str(tmp_path / "tok"), "--overwrite"], capsys)
+    assert code == 0 and trained, err
+    assert get_tokenizer(str(tmp_path / "tok")).vocab_size == 400

@@ -481,7 +481,7 @@ def serve(source: str, host: str, port: int, allowed_host: tuple[str, ...], max_
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the shards to.")
+@click.option("--out", required=True, type=click.Path(), help="Directory to write the shards to.")
 @dataclass_options(PrepareConfig)
 def prepare(inputs: tuple[str, ...], out: str, **flags) -> None:
     """Tokenize INPUT... (text, JSON Lines, Parquet; .gz/.zst; directories) into token shards in OUT.
@@ -503,19 +503,20 @@ def tokenizer() -> None:
 @tokenizer.command(name="train")
 @click.argument("corpus", nargs=-1, required=True, type=click.Path())
 @click.option("--vocab-size", required=True, type=int, help="Number of ids, <|endoftext|> and the 256 bytes included.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write tokenizer.json to.")
+@click.option("--out", required=True, type=click.Path(), help="Directory to write tokenizer.json to.")
 @click.option("--text-field", default="text", show_default=True, help="Text field of JSON Lines / Parquet records.")
 @click.option("--include", default=None, help="Comma-separated file name patterns searched for in directories.")
 @click.option("--min-frequency", default=2, show_default=True, type=int, help="Merge only pairs seen this often.")
+@click.option("--overwrite", is_flag=True, help="Replace the tokenizer.json that OUT holds.")
 def tokenizer_train(corpus: tuple[str, ...], vocab_size: int, out: str, text_field: str, include: str | None,
-                    min_frequency: int) -> None:
+                    min_frequency: int, overwrite: bool) -> None:
     """Train a byte-level BPE (GPT-2 style, with <|endoftext|>) on CORPUS... and save OUT/tokenizer.json.
 
     Use it with `gptforge prepare --tokenizer OUT` or `gptforge train --tokenizer OUT`.
     """
     from .prepare import train_tokenizer
 
-    path = train_tokenizer(corpus, out, vocab_size, text_field, include, min_frequency)
+    path = train_tokenizer(corpus, out, vocab_size, text_field, include, min_frequency, overwrite)
     click.echo(f"wrote {path}")
 
 

@@ -3,6 +3,9 @@
 Tokens are stored once, as one flat array per split; a window is a start offset into it, never a
 tensor of its own. Batches are gathered from those offsets, in a seeded order per epoch, so the
 position in the data is two integers (epoch, batch) that a checkpoint can hold.
+
+Data that `gptforge prepare` wrote is read here too (prepare.py writes it and imports this module,
+never the other way round): the manifest is checked key by key, the shards are memory-mapped.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,10 +23,18 @@ import numpy as np
 import torch
 
 from .config import opt
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, get_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 SAMPLING = ("shuffle", "random", "sequential")
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"  # a prepared directory (gptforge prepare): see read_manifest
+STATE = "prepare-state.json"  # an unfinished one
+SHARDS_FORMAT = "gptforge-shards"
+SHARDS_VERSION = 1
 
 
 @dataclass
@@ -67,7 +79,11 @@ def find_text_files(paths: Sequence[str | Path], include: Sequence[str] | None =
                                if f.is_file() and any(fnmatch.fnmatch(f.name.lower(), pat) for pat in include))
                 wanted = f"file matching {', '.join(include)}; set --include"
             if not found:
-                raise DataError(f"{p}: directory holds no {wanted}")
+                others = [] if include is not None else sorted(
+                    f for f in p.rglob("*") if f.is_file() and file_format(f) != ("text", None))
+                raise DataError(f"{p}: directory holds no {wanted}" + (
+                    f"; it holds {others[0].name} and the like, which gptforge prepare reads: gptforge prepare {p} "
+                    "--out DIR, then give DIR" if others else ""))
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -78,12 +94,45 @@ def find_text_files(paths: Sequence[str | Path], include: Sequence[str] | None =
     return files
 
 
+def file_format(path: Path) -> tuple[str, str | None]:
+    """('text' | 'jsonl' | 'parquet', 'gzip' | 'zstd' | None) from the file name."""
+    name, compression = path.name.lower(), None
+    for suffix, comp in COMPRESSIONS.items():
+        if name.endswith(suffix):
+            name, compression = name[: -len(suffix)], comp
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl", compression
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet", compression
+    return "text", compression
+
+
+_FORMAT_NAMES = {"jsonl": "JSON Lines", "parquet": "Parquet", "gzip": "gzip-compressed", "zstd": "zstd-compressed"}
+# bytes that no text holds: C0 controls other than tab, newlines, vertical tab, form feed and escape; DEL
+_CONTROL = np.zeros(256, dtype=bool)
+_CONTROL[[*range(0, 9), *range(14, 27), *range(28, 32), 127]] = True
+
+
+def not_text(path: Path, why: str) -> DataError:
+    """The error for a binary file where text is read (a NUL byte: often UTF-16)."""
+    utf16 = " (a UTF-16 file: convert it with iconv -f utf-16 -t utf-8)" if "NUL" in why else ""
+    return DataError(f"{path}: a binary file, not text ({why}); give UTF-8 text{utf16}")
+
+
 def read_text_file(path: Path) -> str:
-    """A file's text as UTF-8; a clear error for unreadable files and invalid bytes."""
+    """A file's text as UTF-8; a clear error for unreadable files, other formats, binary files and invalid bytes."""
+    kind, compression = file_format(path)
+    if kind != "text" or compression:
+        raise DataError(f"{path}: a {_FORMAT_NAMES[compression or kind]} file; only gptforge prepare reads those: "
+                        f"gptforge prepare {path} --out DIR, then give DIR instead of the file")
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read file ({e.strerror})") from None
+    if (nul := raw.find(b"\0")) >= 0:
+        raise not_text(path, f"a NUL byte at byte {nul}")
+    if (control := float(_CONTROL[np.frombuffer(raw, dtype=np.uint8)].mean()) if raw else 0.0) > 0.1:
+        raise not_text(path, f"{control:.0%} of its bytes are control characters")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -301,11 +350,13 @@ class ShardedTokens:
 
     ``len()``, integer-array indexing (any shape) and slicing (a view of a range) are what
     `TokenWindows` needs; only the pages a batch touches are ever read, so the corpus is never
-    loaded into memory. A window may span two shards.
+    loaded into memory. A window may span two shards. With `vocab_size`, every id read is checked
+    against it (a max over the batch, next to nothing beside a training step): an edited shard that
+    slipped past open_prepared's checks stops the run with its name instead of reaching the embedding.
     """
 
     def __init__(self, paths: Sequence[Path], lengths: Sequence[int], dtype, start: int = 0,
-                 stop: int | None = None, digest: str = ""):
+                 stop: int | None = None, digest: str = "", vocab_size: int | None = None):
         self.paths = [Path(p) for p in paths]
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
@@ -313,6 +364,7 @@ class ShardedTokens:
         self.start = start
         self.stop = int(self.offsets[-1]) if stop is None else stop
         self.digest = digest
+        self.vocab_size = vocab_size
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -328,7 +380,7 @@ class ShardedTokens:
             if step != 1:
                 raise ValueError("ShardedTokens slices must have step 1")
             return ShardedTokens(self.paths, self.lengths, self.dtype, self.start + lo, self.start + max(hi, lo),
-                                 self.digest)
+                                 self.digest, self.vocab_size)
         idx = np.asarray(index, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"token index out of range 0..{len(self) - 1}")
@@ -337,7 +389,11 @@ class ShardedTokens:
         out = np.empty(pos.shape, dtype=self.dtype)
         for s in np.unique(which):
             m = which == s
-            out[m] = self._map(int(s))[pos[m] - self.offsets[s]]
+            ids = self._map(int(s))[pos[m] - self.offsets[s]]
+            if self.vocab_size is not None and (top := int(ids.max())) >= self.vocab_size:
+                raise DataError(f"{self.paths[s]}: holds id {top}, not below the vocabulary size {self.vocab_size}: "
+                                "the shard is damaged; prepare the data again (gptforge prepare ... --overwrite)")
+            out[m] = ids
         return out if idx.ndim else out[()]
 
     def to_numpy(self) -> np.ndarray:
@@ -345,34 +401,163 @@ class ShardedTokens:
         return self[np.arange(len(self))]
 
 
+REPREPARE = "the manifest is damaged or was edited: prepare the data again (gptforge prepare ... --overwrite)"
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """A prepared directory's manifest.json, every key that is read checked (see check_manifest)."""
+    path = Path(data_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_bytes())
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the manifest ({e.strerror})") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise DataError(f"{path}: not valid JSON ({e}); {REPREPARE}") from None
+    check_manifest(manifest, path)
+    return manifest
+
+
+def _is_count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _need(path: Path, advice: str, obj: dict, key: str, where: str, ok, what: str):
+    """obj[key], or a DataError naming the file and the key when it is missing or not `what`."""
+    if key not in obj:
+        raise DataError(f"{path}: {where}{key} is missing; {advice}")
+    if not ok(obj[key]):
+        raise DataError(f"{path}: {where}{key} must be {what}, got {json.dumps(obj[key])[:40]}; {advice}")
+    return obj[key]
+
+
+def check_manifest(manifest, path: Path) -> None:
+    """Raise a DataError naming the key when a key that is read is missing or has the wrong type or value.
+
+    A manifest that passes describes shards whose names, sizes and counts agree with each other, so a
+    damaged or hand-edited file cannot send training to other files or past their ends.
+    """
+    if not isinstance(manifest, dict) or manifest.get("format") != SHARDS_FORMAT:
+        raise DataError(f'{path}: not a gptforge shard manifest (no "format": "{SHARDS_FORMAT}"); {REPREPARE}')
+
+    def need(obj, key, where, ok, what):
+        return _need(path, REPREPARE, obj, key, where, ok, what)
+
+    need(manifest, "version", "", lambda v: type(v) is int and v == SHARDS_VERSION,
+         f"{SHARDS_VERSION} (this gptforge's shard format)")
+    tok = need(manifest, "tokenizer", "", lambda v: isinstance(v, dict), "an object")
+    if "file" in tok:
+        need(tok, "file", "tokenizer.", lambda v: isinstance(v, str) and v and Path(v).name == v, "a file name")
+    need(tok, "name", "tokenizer.", lambda v: isinstance(v, str) and (v == "gpt2" or "file" in tok),
+         "gpt2, or come with a tokenizer.file")
+    vocab = need(manifest, "vocab_size", "", lambda v: _is_count(v) and v > 0, "a positive integer")
+    need(manifest, "eot_id", "", lambda v: _is_count(v) and v < vocab, f"an id below vocab_size {vocab}")
+    need(manifest, "dtype", "", lambda v: v in ("uint16", "uint32") and (v == "uint32" or vocab <= 1 << 16),
+         "uint16 (for a vocabulary of at most 65,536 ids) or uint32")
+    check_splits(need(manifest, "splits", "", lambda v: isinstance(v, dict), "an object"), path, REPREPARE)
+
+
+def check_splits(splits: dict, path: Path, advice: str) -> None:
+    """The "splits" of a manifest (or of prepare-state.json): shard names in order, counts that add up."""
+    for split in SPLITS:
+        s = _need(path, advice, splits, split, "splits.", lambda v: isinstance(v, dict), "an object")
+        where = f"splits.{split}."
+        shards = _need(path, advice, s, "shards", where,
+                       lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), "a list of objects")
+        for i, sh in enumerate(shards):
+            at, name = f"{where}shards[{i}].", f"{split}-{i:06d}.bin"
+            _need(path, advice, sh, "file", at, lambda v, name=name: v == name, json.dumps(name))
+            _need(path, advice, sh, "sha256", at, lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v),
+                  "64 hex digits")
+            for key in ("tokens", "documents"):
+                _need(path, advice, sh, key, at, _is_count, "a count")
+        for key in ("tokens", "documents"):
+            total = sum(sh[key] for sh in shards)
+            _need(path, advice, s, key, where, lambda v, total=total: v == total, f"the sum over its shards, {total}")
+
+
+def manifest_tokenizer(data_dir: str | Path, manifest: dict) -> str:
+    """The tokenizer spec (for get_tokenizer) of prepared data."""
+    t = manifest["tokenizer"]
+    return str(Path(data_dir) / t["file"]) if "file" in t else t["name"]
+
+
+def damaged_shards(data_dir: Path, splits: dict, dtype: str, written: Path) -> list[str]:
+    """What is wrong with the shards that `splits` (of a manifest or prepare-state.json) lists, one line each.
+
+    Every shard's size is checked (a stat). Its sha256 is checked only when the shard was modified at
+    or after the time `written` (the file that lists it, saved after its shards were complete) was:
+    hashing a whole corpus at every start would cost minutes, and a shard that changed since has a
+    later modification time. After a successful check `written` is touched, so the same shards are
+    not hashed again (a copy made with `cp -r` gets new times, and is checked once).
+    """
+    itemsize = np.dtype(dtype).itemsize
+    since = written.stat().st_mtime_ns
+    problems, hashed = [], 0
+    for split in SPLITS:
+        for sh in splits[split]["shards"]:
+            path = data_dir / sh["file"]
+            try:
+                st = path.stat()
+            except OSError:
+                problems.append(f"{path}: missing")
+                continue
+            if st.st_size != sh["tokens"] * itemsize:
+                problems.append(f"{path}: {st.st_size} bytes, {written.name} says {sh['tokens'] * itemsize}")
+            elif st.st_mtime_ns >= since:
+                hashed += 1
+                if _sha256(path) != sh["sha256"]:
+                    problems.append(f"{path}: changed after {written.name} was written (its sha256, checked because "
+                                    "the file is newer, is not the one recorded)")
+    if hashed and not problems:
+        try:
+            os.utime(written)
+        except OSError:  # a read-only copy of the data: it is checked again next time, nothing else changes
+            pass
+    return problems
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def open_prepared(data_dir: str | Path, tokenizer: Tokenizer | None = None, rank: int = 0,
                   world_size: int = 1) -> tuple[ShardedTokens, ShardedTokens]:
     """The train and val tokens of a prepared directory, memory-mapped; train is this rank's share.
 
     Rank r of W gets the r-th of W equal, disjoint ranges of the train tokens; every rank sees all
-    of val. A tokenizer other than the one the data was made with is an error.
+    of val. A tokenizer other than the one the data was made with is an error, and so is a damaged
+    manifest or shard (see check_manifest and damaged_shards for what is checked, and how cheaply).
     """
-    from .prepare import read_manifest
-
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     if tokenizer is not None and tokenizer.name != manifest["tokenizer"]["name"]:
         raise DataError(f"{data_dir} was tokenized with {manifest['tokenizer']['name']}, but the model's "
                         f"tokenizer is {tokenizer.name}: train with the data's own tokenizer (leave --tokenizer "
                         "out), or prepare the data again with --tokenizer set to the model's")
+    ids = (manifest["vocab_size"], manifest["eot_id"])
+    if tokenizer is not None and ids != (tokenizer.vocab_size, tokenizer.eot_id):
+        raise DataError(f"{data_dir / MANIFEST}: vocab_size {ids[0]} and eot_id {ids[1]}, but tokenizer "
+                        f"{tokenizer.name} has {tokenizer.vocab_size} and {tokenizer.eot_id}; {REPREPARE}")
+    problems = damaged_shards(data_dir, manifest["splits"], manifest["dtype"], data_dir / MANIFEST)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}; run the same gptforge prepare command again: it prepares damaged "
+                        "data anew")
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")  # shards are little-endian on every machine
     splits = []
-    for split in ("train", "val"):
+    for split in SPLITS:
         shards = manifest["splits"][split]["shards"]
-        for sh in shards:
-            path = data_dir / sh["file"]
-            size = path.stat().st_size if path.is_file() else None
-            if size != sh["tokens"] * dtype.itemsize:
-                raise DataError(f"{path}: {'missing' if size is None else f'{size} bytes'}, the manifest says "
-                                f"{sh['tokens'] * dtype.itemsize}; run gptforge prepare again with --overwrite")
         digest = hashlib.sha256(json.dumps([sh["sha256"] for sh in shards]).encode()).hexdigest()[:16]
         splits.append(ShardedTokens([data_dir / sh["file"] for sh in shards], [sh["tokens"] for sh in shards],
-                                    dtype, digest=digest))
+                                    dtype, digest=digest, vocab_size=manifest["vocab_size"]))
     train, val = splits
     n = len(train)
     share = train[rank * n // world_size : (rank + 1) * n // world_size]
@@ -382,19 +567,19 @@ def open_prepared(data_dir: str | Path, tokenizer: Tokenizer | None = None, rank
 
 def prepared_dir(inputs: Sequence[str | Path]) -> Path | None:
     """The prepared data directory when the inputs are exactly one (it holds a manifest.json)."""
-    from .prepare import is_prepared
-
-    if len(inputs) == 1 and is_prepared(inputs[0]):
+    if len(inputs) != 1:
+        return None
+    if is_prepared(inputs[0]):
         return Path(inputs[0])
+    if (Path(inputs[0]) / STATE).is_file():
+        raise DataError(f"{inputs[0]}: gptforge prepare did not finish there ({STATE}, no {MANIFEST}); run the "
+                        "same prepare command again to finish it")
     return None
 
 
 def data_defaults(inputs: Sequence[str | Path], explicit: dict) -> dict:
     """Settings that follow the data unless given: a prepared directory's tokenizer; the model's vocab_size
     from the tokenizer."""
-    from .prepare import manifest_tokenizer, read_manifest
-    from .tokenizer import get_tokenizer
-
     out = {}
     data_dir = prepared_dir(inputs)
     if data_dir is not None and "tokenizer" not in explicit:

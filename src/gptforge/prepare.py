@@ -13,7 +13,10 @@ each split (``.train-000003.bin.tmp``). When a shard reaches ``--shard-tokens`` 
 shard is fsynced and renamed to its final name and ``prepare-state.json`` records where in the
 input the next shard starts: an interrupted run resumes there, and a file without a final name is
 never taken for a shard. The manifest is written last; when it exists and the inputs and settings
-are unchanged, a new run does nothing.
+are unchanged, a new run does nothing (but prepares the data anew, with a warning, when a shard was
+damaged since: see data.damaged_shards).
+
+Prepare writes only into a new or empty directory, or one that holds nothing but its own files.
 
 DATA_DIR/
     manifest.json            tokenizer, vocab size, dtype, per split: tokens, documents, shards (sha256)
@@ -24,6 +27,7 @@ DATA_DIR/
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -31,9 +35,9 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import sys
+import tempfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -42,20 +46,28 @@ from pathlib import Path
 
 import numpy as np
 
+from . import faults
 from .config import ConfigError, opt
-from .data import DataError, find_text_files
+from .data import (
+    JSONL_SUFFIXES,
+    MANIFEST,
+    PARQUET_SUFFIXES,
+    SHARDS_FORMAT,
+    SHARDS_VERSION,
+    SPLITS,
+    STATE,
+    TEXT_SUFFIXES,
+    DataError,
+    check_splits,
+    damaged_shards,
+    file_format,
+    find_text_files,
+    not_text,
+    read_manifest,
+)
 from .tokenizer import HFTokenizer, Tokenizer, get_tokenizer
 
-MANIFEST = "manifest.json"
-STATE = "prepare-state.json"
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT = "gptforge-shards"
-VERSION = 1
-SPLITS = ("train", "val")
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-PARQUET_SUFFIXES = (".parquet",)
-COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 DEFAULT_INCLUDE = tuple(f"*{s}{c}" for s in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
                         for c in ("", ".gz", ".zst"))
 TEXT_CHUNK = 1 << 20  # bytes of a text file per piece (cut at a line start, see _cut_point)
@@ -106,20 +118,27 @@ class PrepareConfig:
 # ----------------------------------------------------------------------------- finding and opening inputs
 
 
+MAGIC = {"gzip": ("1f 8b", lambda h: h[:2] == b"\x1f\x8b"),
+         "zstd": ("28 b5 2f fd", lambda h: h == b"\x28\xb5\x2f\xfd" or (h[1:] == b"\x2a\x4d\x18" and h[0] >> 4 == 5))}
+
+
 def file_kind(path: Path) -> tuple[str, str | None]:
-    """('text' | 'jsonl' | 'parquet', compression or None) from the file name."""
-    name = path.name.lower()
-    compression = None
-    for suffix, comp in COMPRESSIONS.items():
-        if name.endswith(suffix):
-            name, compression = name[: -len(suffix)], comp
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl", compression
-    if name.endswith(PARQUET_SUFFIXES):
-        if compression:
-            raise DataError(f"{path}: a compressed Parquet file; Parquet compresses itself, decompress it first")
-        return "parquet", None
-    return "text", compression
+    """('text' | 'jsonl' | 'parquet', compression or None) from the file name; a compressed file must start
+    as its compression does (checked now, before any work)."""
+    kind, compression = file_format(path)
+    if kind == "parquet" and compression:
+        raise DataError(f"{path}: a compressed Parquet file; Parquet compresses itself, decompress it first")
+    if compression:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read file ({e.strerror})") from None
+        magic, ok = MAGIC[compression]
+        if head and not ok(head):  # an empty file is an empty document
+            raise DataError(f"{path}: named {path.suffix} but not {compression} data (it starts with "
+                            f"{head.hex(' ')}, not {magic}); decompress it, or rename it to what it holds")
+    return kind, compression
 
 
 def find_inputs(paths: Sequence[str | Path], include: Sequence[str]) -> list[Path]:
@@ -151,16 +170,54 @@ class _Counted(io.RawIOBase):
         return k
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a file of zstd frames; a file that stops inside a frame is an error
+    (zstandard's stream_reader returns what it has, as if the file ended there)."""
+
+    def __init__(self, f, path: Path):
+        import zstandard
+
+        self.f, self.path, self.zstd = f, path, zstandard
+        self.frame, self.inside = zstandard.ZstdDecompressor().decompressobj(), False
+        self.out, self.at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self.at == len(self.out):
+            chunk = self.f.read(1 << 16)
+            if not chunk:
+                if self.inside:
+                    raise DataError(f"{self.path}: ends inside a zstd frame: the file is truncated")
+                return 0
+            self.out, self.at = self._decompress(chunk), 0
+        n = min(len(b), len(self.out) - self.at)
+        b[:n] = self.out[self.at : self.at + n]
+        self.at += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        parts = []
+        try:
+            while chunk:
+                parts.append(self.frame.decompress(chunk))
+                self.inside = not self.frame.eof
+                chunk = b""
+                if self.frame.eof:  # the next frame starts in what is left
+                    chunk, self.frame = self.frame.unused_data, self.zstd.ZstdDecompressor().decompressobj()
+        except self.zstd.ZstdError as e:
+            raise DataError(f"{self.path}: not valid zstd data ({e})") from None
+        return b"".join(parts)
+
+
 def open_input(path: Path, compression: str | None) -> tuple[io.BufferedIOBase, _Counted]:
     """A binary stream of the file's (decompressed) bytes, and the counter of the file bytes read."""
     raw = _Counted(open(path, "rb", buffering=0))
     if compression == "gzip":
         return gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 20)), raw
     if compression == "zstd":
-        import zstandard
-
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(raw, 1 << 20), read_size=1 << 20)
-        return io.BufferedReader(reader, 1 << 20), raw
+        return io.BufferedReader(_ZstdFrames(io.BufferedReader(raw, 1 << 20), path), 1 << 20), raw
     return io.BufferedReader(raw, 1 << 20), raw
 
 
@@ -252,6 +309,8 @@ def read_items(files: list[Path], kinds: list[tuple[str, str | None]], text_fiel
                     else:
                         prev = None
                         for ri, (offset, piece) in enumerate(text_pieces(stream, TEXT_CHUNK)):
+                            if (nul := piece.find(b"\0")) >= 0:
+                                raise not_text(path, f"a NUL byte at byte {offset + nul}")
                             if prev is not None:
                                 yield prev
                             prev = (Item(fi, ri, offset, ri == 0, False), piece) if ri >= skip else None
@@ -260,12 +319,8 @@ def read_items(files: list[Path], kinds: list[tuple[str, str | None]], text_fiel
                         if prev is not None:
                             prev[0].last = True
                             yield prev
-                except (OSError, EOFError, gzip.BadGzipFile) as e:
+                except (OSError, EOFError, gzip.BadGzipFile) as e:  # zstd: _ZstdFrames raises DataErrors itself
                     raise DataError(f"{path}: cannot decompress or read ({e})") from None
-                except Exception as e:
-                    if type(e).__module__.startswith("zstd"):
-                        raise DataError(f"{path}: cannot decompress ({e})") from None
-                    raise
         done += path.stat().st_size
         if on_bytes:
             on_bytes(done)
@@ -297,12 +352,26 @@ def _parquet_items(fi: int, path: Path, text_field: str, skip: int):
 _W: dict = {}
 
 
-def _init_worker(tokenizer_spec: tuple[str, str], dtype: str, text_field: str, in_process: bool = False) -> None:
-    if not in_process:
+def _init_worker(tokenizer_spec: tuple[str, str], dtype: str, text_field: str, main_pid: int | None = None) -> None:
+    """Set up a worker process (main_pid: the process it works for), or the main process itself (None)."""
+    if main_pid is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
+        _die_with(main_pid)
     kind, value = tokenizer_spec
     tok = get_tokenizer("gpt2") if kind == "gpt2" else HFTokenizer(value)
     _W.update(tokenizer=tok, dtype=np.dtype(dtype), text_field=text_field)
+
+
+def _die_with(main_pid: int) -> None:
+    """End this worker when the main process ends, also when it is killed (SIGKILL, the OOM killer), which
+    runs no cleanup: else the worker would wait for tasks forever. Linux only (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != main_pid:  # it died before the line above
+        os._exit(1)
 
 
 def _decode(b: bytes) -> tuple[str, int, int]:
@@ -409,11 +478,11 @@ def _run(fn, tasks, pool: ProcessPoolExecutor | None, workers: int):
 
 def _pool(workers: int, init_args: tuple) -> ProcessPoolExecutor | None:
     if workers == 1:
-        _init_worker(*init_args, in_process=True)
+        _init_worker(*init_args)
         return None
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods and sys.platform != "darwin" else "spawn")
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(*init_args, os.getpid()))
 
 
 # ----------------------------------------------------------------------------- the main side: shards, state
@@ -425,7 +494,10 @@ class ShardWriter:
     def __init__(self, out: Path, split: str, index: int, dtype: np.dtype):
         self.name = f"{split}-{index:06d}.bin"
         self.final, self.tmp = out / self.name, out / f".{self.name}.tmp"
-        self.f = open(self.tmp, "wb")
+        try:
+            self.f = open(self.tmp, "wb")
+        except OSError as e:
+            raise DataError(f"{self.tmp}: cannot write ({e.strerror})") from None
         self.sha = hashlib.sha256()
         self.dtype = dtype
         self.tokens = 0
@@ -433,21 +505,68 @@ class ShardWriter:
 
     def write(self, ids: np.ndarray) -> None:
         b = ids.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
-        self.f.write(b)
+        try:
+            self.f.write(b)
+        except OSError as e:
+            raise DataError(f"{self.tmp}: cannot write ({e.strerror})") from None
         self.sha.update(b)
         self.tokens += len(ids)
+        if faults.hit("prepare-inside-shard"):  # a kill leaves this much of the shard on disk
+            self.f.flush()
+            faults.kill()
 
     def close(self) -> dict:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.final)
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.final)
+        except OSError as e:
+            raise DataError(f"{self.tmp}: cannot write ({e.strerror})") from None
         return {"file": self.name, "tokens": self.tokens, "documents": self.documents,
                 "sha256": self.sha.hexdigest()}
 
     def discard(self) -> None:
-        self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the write that failed (a full disk) is reported already
+            self.f.close()
+            self.tmp.unlink(missing_ok=True)
+
+
+class OpenShards:
+    """The shard of each split being written, and the commit that makes them final and records where the
+    input is then (prepare-state.json), so that an interrupted run resumes there."""
+
+    def __init__(self, out: Path, state: dict, dtype: np.dtype):
+        self.out, self.state, self.dtype = out, state, dtype
+        self.writers: dict[str, ShardWriter] = {}
+
+    def __getitem__(self, split: str) -> ShardWriter:
+        if split not in self.writers:
+            self.writers[split] = ShardWriter(self.out, split, len(self.state["splits"][split]["shards"]), self.dtype)
+        return self.writers[split]
+
+    def tokens(self) -> int:
+        """Tokens written so far, in finished shards and open ones."""
+        return sum(s["tokens"] for s in self.state["splits"].values()) + sum(w.tokens for w in self.writers.values())
+
+    def full(self, shard_tokens: int) -> bool:
+        return any(w.tokens >= shard_tokens for w in self.writers.values())
+
+    def commit(self, position: list[int], open_doc: str | None, stats: Stats) -> None:
+        for split, w in self.writers.items():
+            entry = w.close()
+            s = self.state["splits"][split]
+            s["shards"].append(entry)
+            s["tokens"] += entry["tokens"]
+            s["documents"] += entry["documents"]
+        self.writers.clear()
+        self.state.update(position=position, open_doc=open_doc, stats=asdict(stats))
+        _atomic_write(self.out / STATE, self.state)
+        faults.point("prepare-between-shards")
+
+    def discard(self) -> None:
+        for w in self.writers.values():
+            w.discard()
 
 
 def _splitmix64(x: int) -> int:
@@ -462,18 +581,27 @@ def in_val(doc: int, seed: int, val_fraction: float) -> bool:
     return _splitmix64(_splitmix64(seed) ^ doc) < val_fraction * 2.0**64
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
+def _atomic_write(path: Path, content: dict | str) -> None:
+    """Write a JSON object (or text) to `path` so that a kill at any moment leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(tmp, "w", encoding="utf-8") as f:
+            if isinstance(content, str):
+                f.write(content)
+            else:
+                json.dump(content, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot write ({e.strerror})") from None
 
 
 def _fingerprint(files: list[Path], tokenizer: Tokenizer, cfg: PrepareConfig, dtype: str) -> dict:
@@ -483,7 +611,7 @@ def _fingerprint(files: list[Path], tokenizer: Tokenizer, cfg: PrepareConfig, dt
         st = f.stat()
         inputs.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     settings = {k: getattr(cfg, k) for k in ("text_field", "val_fraction", "val_docs", "seed", "shard_tokens")}
-    settings.update(tokenizer=tokenizer.name, dtype=dtype, text_chunk=TEXT_CHUNK, version=VERSION)
+    settings.update(tokenizer=tokenizer.name, dtype=dtype, text_chunk=TEXT_CHUNK, version=SHARDS_VERSION)
     return {"inputs": inputs, "settings": settings}
 
 
@@ -497,21 +625,109 @@ class Stats:
     invalid_examples: list = field(default_factory=list)
 
 
+def made_by_prepare(name: str) -> bool:
+    """Whether a file name in DATA_DIR is one that prepare writes (or its temporary .NAME.tmp)."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:-4]
+    return name in (MANIFEST, STATE, TOKENIZER_FILE) or re.fullmatch(r"(train|val)-\d{6}\.bin", name) is not None
+
+
 def _clean_dir(out: Path) -> None:
     for p in out.iterdir():
-        if p.name in (MANIFEST, STATE, TOKENIZER_FILE) or re.fullmatch(r"\.?(train|val)-\d{6}\.bin(\.tmp)?", p.name):
-            p.unlink()
+        if made_by_prepare(p.name):
+            try:
+                p.unlink()
+            except OSError as e:
+                raise DataError(f"{p}: cannot remove it to prepare anew ({e.strerror})") from None
+
+
+def check_out(out: Path, ours, command: str, probe: bool = True) -> None:
+    """Refuse, before any work, an --out that is a file, cannot be written (`probe`: try), or holds files `command`
+    did not make (`ours(name)` says which names it makes): no command writes where someone else's files are."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
+    place = out
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise DataError(f"--out {out}: {place} is a file, not a directory; choose another --out")
+    try:
+        foreign = sorted(p.name for p in out.iterdir() if not ours(p.name)) if place == out else []
+        if probe and not foreign:
+            fd, name = tempfile.mkstemp(prefix=".gptforge-probe-", dir=place)
+            os.close(fd)
+            os.unlink(name)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write in {place} ({e.strerror}); choose a writable --out") from None
+    if foreign:
+        raise DataError(f"--out {out}: the directory holds files {command} did not make ({', '.join(foreign[:3])}"
+                        + (", ..." if len(foreign) > 3 else "") + "); choose a new or empty directory")
+
+
+def _read_state(path: Path) -> dict:
+    """prepare-state.json of an interrupted run, checked as far as resuming reads it."""
+    try:
+        state = json.loads(path.read_bytes())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the state of the interrupted prepare ({e}); pass --overwrite to "
+                        "prepare anew") from None
+    for key, ok in (("fingerprint", lambda v: isinstance(v, dict)), ("open_doc", lambda v: v in (None, *SPLITS)),
+                    ("position", lambda v: isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)),
+                    ("stats", lambda v: isinstance(v, dict) and set(v) == set(asdict(Stats()))),
+                    ("val_set", lambda v: v is None or isinstance(v, list)), ("splits", lambda v: isinstance(v, dict))):
+        if not ok(state.get(key)):
+            raise DataError(f"{path}: {key} is missing or damaged; pass --overwrite to prepare anew")
+    check_splits(state["splits"], path, "pass --overwrite to prepare anew")
+    return state
+
+
+def _existing(out: Path, fp: dict, dtype: str, cfg: PrepareConfig, log) -> tuple[dict | None, dict | None]:
+    """What `out` holds: (its manifest, None) when it is this very data, finished and intact; (None, the saved
+    state) for an interrupted prepare of it to resume; (None, None) to start afresh, after removing what an
+    earlier prepare left there: data damaged since (with a warning), or with --overwrite, data from other inputs
+    or settings, or that cannot be read."""
+    for name in (MANIFEST, STATE):
+        path = out / name
+        if not path.is_file():
+            continue
+        try:
+            saved = read_manifest(out) if name == MANIFEST else _read_state(path)
+        except DataError:
+            if not cfg.overwrite:
+                raise
+            break
+        if saved.get("fingerprint") != fp:
+            if not cfg.overwrite:
+                what = "prepared" if name == MANIFEST else "being prepared (interrupted)"
+                raise DataError(f"{out} holds data {what} from other inputs or settings; pass --overwrite to "
+                                "replace it, or choose another --out")
+            break
+        if problems := damaged_shards(out, saved["splits"], dtype, path):
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            log(f"warning: {problems[0]}{more}; preparing {out} again from the start")
+            break
+        if name == MANIFEST:
+            log(f"{out}: up to date ({saved['splits']['train']['tokens']:,} train tokens); nothing to do")
+            return saved, None
+        return None, saved
+    if out.is_dir():
+        _clean_dir(out)
+    return None, None
 
 
 def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, log=print) -> dict:
     """Prepare `inputs` into shards in `out`; returns the manifest. Resumes an interrupted run."""
     out = Path(out)
-    patterns = cfg.include_patterns()
     out_abs = out.resolve()
-    files = [f for f in find_inputs(inputs, patterns) if out_abs not in f.resolve().parents]  # not our own output
+    files = [f for f in find_inputs(inputs, cfg.include_patterns())
+             if out_abs not in f.resolve().parents]  # not our own output
     if not files:
-        raise DataError(f"no input files besides {out}'s own")
+        raise DataError(f"--out {out}: every input is inside it; choose an --out outside the inputs")
     kinds = [file_kind(f) for f in files]
+    # finished data may sit in a read-only place, and is only read when it is up to date: no write probe then
+    check_out(out, made_by_prepare, "gptforge prepare", probe=not (out / MANIFEST).is_file())
     tokenizer = get_tokenizer(cfg.tokenizer)
     if tokenizer.eot_id is None:
         raise ConfigError(f"tokenizer {cfg.tokenizer} has no end-of-text token (looked for <|endoftext|>, </s>, "
@@ -521,110 +737,27 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
         raise DataError(f"the tokenizer has {tokenizer.vocab_size:,} ids, too many for uint16 (65,536); "
                         "use --dtype uint32 or auto")
     fp = _fingerprint(files, tokenizer, cfg, dtype)
-
-    # --- finished, unfinished, or something else in the directory?
-    out.mkdir(parents=True, exist_ok=True)
-    state = None
-    for name in (MANIFEST, STATE):
-        if (out / name).is_file():
-            saved = json.loads((out / name).read_text())
-            if saved.get("fingerprint") == fp:
-                if name == MANIFEST:
-                    log(f"{out}: up to date ({saved['splits']['train']['tokens']:,} train tokens); nothing to do")
-                    return saved
-                state = saved
-            elif not cfg.overwrite:
-                what = "prepared" if name == MANIFEST else "being prepared (interrupted)"
-                raise DataError(f"{out} holds data {what} from other inputs or settings; pass --overwrite to "
-                                "replace it, or choose another --out")
-            break
-    if state is None:
-        _clean_dir(out)
+    finished, state = _existing(out, fp, dtype, cfg, log)
+    if finished is not None:
+        return finished
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot create the directory ({e.strerror})") from None
     for p in out.glob(".*.bin.tmp"):  # half-written shards of an interrupted run: never finished
         p.unlink()
     if isinstance(tokenizer, HFTokenizer):
-        (out / TOKENIZER_FILE).write_text(tokenizer.json, encoding="utf-8")
+        _atomic_write(out / TOKENIZER_FILE, tokenizer.json)
+    state = state or {"fingerprint": fp, "position": [0, 0], "open_doc": None, "stats": asdict(Stats()),
+                      "splits": {s: {"tokens": 0, "documents": 0, "shards": []} for s in SPLITS}, "val_set": None}
+    stats = Stats(**state["stats"])
     tok_spec = ("hf", tokenizer.json) if isinstance(tokenizer, HFTokenizer) else ("gpt2", "")
     workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    np_dtype = np.dtype(dtype)
-
-    if state is None:
-        state = {"fingerprint": fp, "position": [0, 0], "open_doc": None, "stats": asdict(Stats()),
-                 "splits": {s: {"tokens": 0, "documents": 0, "shards": []} for s in SPLITS}, "val_set": None}
-    stats = Stats(**state["stats"])
-    splits = state["splits"]
-    total_bytes = sum(f.stat().st_size for f in files)
     pool = _pool(workers, (tok_spec, dtype, cfg.text_field))
     try:
         if cfg.val_docs is not None and state["val_set"] is None:
             state["val_set"] = _choose_val_docs(files, kinds, cfg, pool, workers, log)
-        val_set = set(state["val_set"]) if state["val_set"] is not None else None
-
-        def split_of(doc: int) -> str:
-            held = doc in val_set if val_set is not None else in_val(doc, cfg.seed, cfg.val_fraction)
-            return "val" if held else "train"
-
-        writers: dict[str, ShardWriter] = {}
-
-        def writer(split: str) -> ShardWriter:
-            if split not in writers:
-                writers[split] = ShardWriter(out, split, len(splits[split]["shards"]), np_dtype)
-            return writers[split]
-
-        def commit(position: list[int], open_doc: str | None) -> None:
-            for split, w in list(writers.items()):
-                entry = w.close()
-                splits[split]["shards"].append(entry)
-                splits[split]["tokens"] += entry["tokens"]
-                splits[split]["documents"] += entry["documents"]
-            writers.clear()
-            state.update(position=position, open_doc=open_doc, stats=asdict(stats))
-            _atomic_json(out / STATE, state)
-
-        skipped = sum(f.stat().st_size for f in files[: state["position"][0]])
-        bar = _Progress(cfg.progress, total_bytes, skipped, sum(s["tokens"] for s in splits.values()))
-        position, open_doc = list(state["position"]), state["open_doc"]
-        eot = np.array([tokenizer.eot_id], dtype=np_dtype)
-        items = read_items(files, kinds, cfg.text_field, tuple(position), on_bytes=bar.set_bytes)
-        try:
-            for metas, (tokens, lengths, statuses) in _run(_encode_task, _tasks(items, kinds), pool, workers):
-                at = 0
-                for meta, n, (status, message, bad, bad_at) in zip(metas, lengths, statuses):
-                    path = files[meta.file]
-                    if bad:
-                        stats.invalid_utf8 += bad
-                        if len(stats.invalid_examples) < 3:
-                            stats.invalid_examples.append(_where(path, kinds[meta.file][0], meta, bad_at))
-                    if status == BAD:
-                        where = _where(path, kinds[meta.file][0], meta)
-                        if not cfg.skip_bad_lines:
-                            raise DataError(f"{where}: {message}; fix it, or pass --skip-bad-lines to skip such "
-                                            "records")
-                        stats.bad_lines += 1
-                        if len(stats.bad_examples) < 3:
-                            stats.bad_examples.append(f"{where}: {message}")
-                    elif status == EMPTY:
-                        stats.empty += 1
-                    else:
-                        if meta.first:
-                            open_doc = split_of(stats.documents)
-                            stats.documents += 1
-                            w = writer(open_doc)
-                            w.write(eot)
-                            w.documents += 1
-                        writer(open_doc).write(tokens[at : at + n])
-                        at += n
-                    position = [meta.file, meta.record + 1]
-                    if meta.last:
-                        open_doc = None
-                    if any(w.tokens >= cfg.shard_tokens for w in writers.values()):
-                        commit(position, open_doc)
-                bar.set_tokens(sum(s["tokens"] for s in splits.values()) + sum(w.tokens for w in writers.values()))
-            commit(position, open_doc)
-        finally:
-            for w in writers.values():
-                w.discard()
-            bar.close()
+        _write_shards(files, kinds, cfg, tokenizer, OpenShards(out, state, np.dtype(dtype)), stats, pool, workers)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -635,19 +768,74 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
                         f"only empty documents" + (f" or bad lines ({stats.bad_lines} skipped)"
                                                    if stats.bad_lines else ""))
     manifest = {
-        "format": FORMAT, "version": VERSION,
+        "format": SHARDS_FORMAT, "version": SHARDS_VERSION,
         "tokenizer": {"name": tokenizer.name, **({"file": TOKENIZER_FILE} if isinstance(tokenizer, HFTokenizer)
                                                  else {})},
         "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": dtype,
-        "splits": splits,
-        "stats": {"files": len(files), "bytes": total_bytes, "empty_documents": stats.empty,
+        "splits": state["splits"],
+        "stats": {"files": len(files), "bytes": sum(f.stat().st_size for f in files), "empty_documents": stats.empty,
                   "bad_lines_skipped": stats.bad_lines, "invalid_utf8_replaced": stats.invalid_utf8},
         "fingerprint": fp,
     }
-    _atomic_json(out / MANIFEST, manifest)
+    _atomic_write(out / MANIFEST, manifest)
     (out / STATE).unlink(missing_ok=True)
     _report(manifest, stats, out, cfg, log)
     return manifest
+
+
+def _write_shards(files: list[Path], kinds: list, cfg: PrepareConfig, tokenizer: Tokenizer, shards: OpenShards,
+                  stats: Stats, pool, workers: int) -> None:
+    """Tokenize the input from the saved position on into the shards, committing them whenever one is full."""
+    state = shards.state
+    val_set = set(state["val_set"]) if state["val_set"] is not None else None
+    skipped = sum(f.stat().st_size for f in files[: state["position"][0]])
+    bar = _Progress(cfg.progress, sum(f.stat().st_size for f in files), skipped, shards.tokens())
+    position, open_doc = list(state["position"]), state["open_doc"]
+    eot = np.array([tokenizer.eot_id], dtype=shards.dtype)
+    items = read_items(files, kinds, cfg.text_field, tuple(position), on_bytes=bar.set_bytes)
+    try:
+        for metas, (tokens, lengths, statuses) in _run(_encode_task, _tasks(items, kinds), pool, workers):
+            at = 0
+            for meta, n, status in zip(metas, lengths, statuses):
+                if _count(stats, status, files[meta.file], kinds[meta.file][0], meta, cfg.skip_bad_lines):
+                    if meta.first:
+                        held = (stats.documents in val_set if val_set is not None
+                                else in_val(stats.documents, cfg.seed, cfg.val_fraction))
+                        open_doc = "val" if held else "train"
+                        stats.documents += 1
+                        shards[open_doc].write(eot)
+                        shards[open_doc].documents += 1
+                    shards[open_doc].write(tokens[at : at + n])
+                    at += n
+                position = [meta.file, meta.record + 1]
+                if meta.last:
+                    open_doc = None
+                if shards.full(cfg.shard_tokens):
+                    shards.commit(position, open_doc, stats)
+            bar.set_tokens(shards.tokens())
+        shards.commit(position, open_doc, stats)
+    finally:
+        shards.discard()
+        bar.close()
+
+
+def _count(stats: Stats, status: tuple, path: Path, kind: str, meta: Item, skip_bad_lines: bool) -> bool:
+    """Count one record's invalid UTF-8, emptiness or badness in `stats`; whether it has text to write."""
+    status, message, bad, bad_at = status
+    if bad:
+        stats.invalid_utf8 += bad
+        if len(stats.invalid_examples) < 3:
+            stats.invalid_examples.append(_where(path, kind, meta, bad_at))
+    if status == BAD:
+        where = _where(path, kind, meta)
+        if not skip_bad_lines:
+            raise DataError(f"{where}: {message}; fix it, or pass --skip-bad-lines to skip such records")
+        stats.bad_lines += 1
+        if len(stats.bad_examples) < 3:
+            stats.bad_examples.append(f"{where}: {message}")
+    elif status == EMPTY:
+        stats.empty += 1
+    return status == OK
 
 
 def _where(path: Path, kind: str, meta: Item, offset: int = -1) -> str:
@@ -714,42 +902,12 @@ def _report(manifest: dict, stats: Stats, out: Path, cfg: PrepareConfig, log) ->
         log("warning: no document was held out for validation; raise --val-fraction or use --val-docs")
 
 
-# ----------------------------------------------------------------------------- reading prepared data
+# ----------------------------------------------------------------------------- your own tokenizer
 
 
-def is_prepared(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-def read_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read the manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: not a gptforge shard manifest")
-    return manifest
-
-
-def manifest_tokenizer(data_dir: str | Path, manifest: dict) -> str:
-    """The tokenizer spec (for get_tokenizer) of prepared data."""
-    t = manifest["tokenizer"]
-    return str(Path(data_dir) / t["file"]) if "file" in t else t["name"]
-
-
-def copy_tokenizer(data_dir: str | Path, dest: str | Path) -> None:
-    manifest = read_manifest(data_dir)
-    if "file" in manifest["tokenizer"]:
-        shutil.copy(Path(data_dir) / manifest["tokenizer"]["file"], dest)
-
-
-def document_texts(inputs: Sequence[str | Path], text_field: str = "text", include: str | None = None,
+def document_texts(files: list[Path], kinds: list, text_field: str = "text",
                    skip_bad_lines: bool = True) -> Iterator[str]:
-    """The texts of every document (pieces of large text files) in the inputs, streamed."""
-    patterns = PrepareConfig(include=include).include_patterns()
-    files = find_inputs(inputs, patterns)
-    kinds = [file_kind(f) for f in files]
+    """The texts of every document (pieces of large text files) in the files, streamed."""
     for item, payload in read_items(files, kinds, text_field):
         status, text, _, _ = _record_text(kinds[item.file][0], payload, item.first, item.last, text_field)
         if status == OK:
@@ -759,25 +917,36 @@ def document_texts(inputs: Sequence[str | Path], text_field: str = "text", inclu
 
 
 def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: int, text_field: str = "text",
-                    include: str | None = None, min_frequency: int = 2) -> Path:
-    """Train a byte-level BPE on the inputs and save it as out/tokenizer.json."""
+                    include: str | None = None, min_frequency: int = 2, overwrite: bool = False) -> Path:
+    """Train a byte-level BPE on the inputs and save it as out/tokenizer.json.
+
+    The inputs and `out` are checked before training starts (which can take minutes): `out` must be
+    writable and hold nothing but a tokenizer.json, which is replaced only with `overwrite`.
+    """
     from .tokenizer import train_bpe
 
+    files = find_inputs(inputs, PrepareConfig(include=include).include_patterns())
+    kinds = [file_kind(f) for f in files]
+    out = Path(out)
+    path = out / TOKENIZER_FILE
+    check_out(out, lambda name: name in (TOKENIZER_FILE, f".{TOKENIZER_FILE}.tmp"), "gptforge tokenizer train")
+    if path.exists() and not overwrite:
+        raise DataError(f"--out {out}: already holds {TOKENIZER_FILE}; pass --overwrite to replace it, or choose "
+                        "another --out")
     n = 0
 
     def texts():
         nonlocal n
-        for text in document_texts(inputs, text_field, include):
+        for text in document_texts(files, kinds, text_field):
             n += 1
             yield text
 
     tok = train_bpe(texts(), vocab_size, min_frequency)
     if n == 0:
         raise DataError(f"no text found in {', '.join(map(str, inputs))}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / TOKENIZER_FILE
-    tmp = out / f".{TOKENIZER_FILE}.tmp"
-    tmp.write_text(tok.json, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+    _atomic_write(path, tok.json)
     return path
