@@ -209,8 +209,12 @@ def set_aside(damaged: list[Path], warn) -> None:
         warn(f"gptforge: warning: moved the damaged checkpoint {d.name} aside to {target}")
 
 
-def check_writable(path: Path, flag: str) -> None:
-    """Fail now, not after hours of work, when `path` (a directory to create or fill) cannot be written."""
+def check_writable(path: Path, flag: str, probe: bool = True) -> None:
+    """Fail now, not after hours of work, when `path` (a directory to create or fill) cannot be written.
+
+    The check creates and removes a file (`probe`), so it holds for root too; without `probe`, only
+    that `path` and the place it would be made in are directories.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{flag} {path}: is a file, not a directory; choose another {flag}")
@@ -219,6 +223,8 @@ def check_writable(path: Path, flag: str) -> None:
         place = place.parent
     if not place.is_dir():
         raise CheckpointError(f"{flag} {path}: {place} is a file, not a directory; choose another {flag}")
+    if not probe:
+        return
     try:
         fd, probe = tempfile.mkstemp(prefix=".gptforge-probe-", dir=place)
     except OSError as e:

@@ -37,7 +37,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from . import faults
+from .checkpoint import check_writable
 from .config import ConfigError, opt
 from .data import (
     JSONL_SUFFIXES,
@@ -644,24 +644,12 @@ def _clean_dir(out: Path) -> None:
 def check_out(out: Path, ours, command: str, probe: bool = True) -> None:
     """Refuse, before any work, an --out that is a file, cannot be written (`probe`: try), or holds files `command`
     did not make (`ours(name)` says which names it makes): no command writes where someone else's files are."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
-    place = out
-    while not place.exists():
-        place = place.parent
-    if not place.is_dir():
-        raise DataError(f"--out {out}: {place} is a file, not a directory; choose another --out")
-    try:
-        foreign = sorted(p.name for p in out.iterdir() if not ours(p.name)) if place == out else []
-        if probe and not foreign:
-            fd, name = tempfile.mkstemp(prefix=".gptforge-probe-", dir=place)
-            os.close(fd)
-            os.unlink(name)
-    except OSError as e:
-        raise DataError(f"--out {out}: cannot write in {place} ({e.strerror}); choose a writable --out") from None
+    check_writable(out, "--out", probe=False)
+    foreign = sorted(p.name for p in out.iterdir() if not ours(p.name)) if out.is_dir() else []
     if foreign:
         raise DataError(f"--out {out}: the directory holds files {command} did not make ({', '.join(foreign[:3])}"
                         + (", ..." if len(foreign) > 3 else "") + "); choose a new or empty directory")
+    check_writable(out, "--out", probe=probe)
 
 
 def _read_state(path: Path) -> dict:
