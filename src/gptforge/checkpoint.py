@@ -60,17 +60,25 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either the old content or the whole new one."""
+    """The one atomic write: a temporary file, fsync, rename, fsync of the directory.
+
+    Readers (and a process killed at any moment) see the old content or the whole new one; a write
+    that fails removes its temporary file and raises the OSError.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while writing
         stale.unlink(missing_ok=True)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    faults.point(f"write-{path.name}")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        faults.point(f"write-{path.name}")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from . import faults
-from .checkpoint import check_writable
+from .checkpoint import atomic_write_bytes, check_writable
 from .config import ConfigError, opt
 from .data import (
     JSONL_SUFFIXES,
@@ -582,25 +582,11 @@ def in_val(doc: int, seed: int, val_fraction: float) -> bool:
 
 
 def _atomic_write(path: Path, content: dict | str) -> None:
-    """Write a JSON object (or text) to `path` so that a kill at any moment leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """A JSON object (or text) written with checkpoint.atomic_write_bytes; a failure is one line naming the file."""
+    text = content if isinstance(content, str) else json.dumps(content, indent=1)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            if isinstance(content, str):
-                f.write(content)
-            else:
-                json.dump(content, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic_write_bytes(path, text.encode("utf-8"))
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise DataError(f"{path}: cannot write ({e.strerror})") from None
 
 
@@ -625,10 +611,15 @@ class Stats:
     invalid_examples: list = field(default_factory=list)
 
 
+def written_name(name: str) -> str:
+    """The file a temporary file of an atomic write becomes (.NAME.tmp, .NAME.tmp-PID -> NAME); others as they are."""
+    m = re.fullmatch(r"\.(.+)\.tmp(-\d+)?", name)
+    return m.group(1) if m else name
+
+
 def made_by_prepare(name: str) -> bool:
-    """Whether a file name in DATA_DIR is one that prepare writes (or its temporary .NAME.tmp)."""
-    if name.startswith(".") and name.endswith(".tmp"):
-        name = name[1:-4]
+    """Whether a file name in DATA_DIR is one that prepare writes (or a temporary file of one)."""
+    name = written_name(name)
     return name in (MANIFEST, STATE, TOKENIZER_FILE) or re.fullmatch(r"(train|val)-\d{6}\.bin", name) is not None
 
 
@@ -917,7 +908,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: i
     kinds = [file_kind(f) for f in files]
     out = Path(out)
     path = out / TOKENIZER_FILE
-    check_out(out, lambda name: name in (TOKENIZER_FILE, f".{TOKENIZER_FILE}.tmp"), "gptforge tokenizer train")
+    check_out(out, lambda name: written_name(name) == TOKENIZER_FILE, "gptforge tokenizer train")
     if path.exists() and not overwrite:
         raise DataError(f"--out {out}: already holds {TOKENIZER_FILE}; pass --overwrite to replace it, or choose "
                         "another --out")
