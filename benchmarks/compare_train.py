@@ -40,7 +40,7 @@ def run_one(impl: str, steps: int, warmup: int, layers: int, batch: int, context
     x = torch.randint(0, 50257, (batch, context), generator=g)
     y = torch.randint(0, 50257, (batch, context), generator=g)
     if impl == "gptforge":
-        from gptforge.model import PRESETS, GPT, GPTConfig
+        from gptforge.models.gpt2 import GPT, PRESETS, GPTConfig
         from gptforge.optim import make_optimizer
         from gptforge.perf import keep_freed_cpu_memory
         from gptforge.train import Precision
@@ -97,15 +97,16 @@ def main() -> None:
 
     import torch
 
-    from gptforge.model import PRESETS, GPTConfig
-    from gptforge.perf import device_name, flops_per_token, measure_cpu_peak
+    from gptforge.models import get_spec
+    from gptforge.models.gpt2 import PRESETS, GPTConfig
+    from gptforge.perf import device_name, measure_cpu_peak
 
     try:
         import llms_from_scratch  # noqa: F401
     except ImportError:
         raise SystemExit("the book's code is not installed: pip install --no-deps llms-from-scratch")
     cfg = GPTConfig(**{**PRESETS["gpt2-small"], "context_length": args.context_length, "n_layers": args.layers})
-    fpt = flops_per_token(cfg)
+    fpt = get_spec("gpt2").flops_per_token(cfg)
     peak = measure_cpu_peak.__wrapped__()
     times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for r in range(args.rounds):

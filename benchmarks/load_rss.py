@@ -65,7 +65,7 @@ def write_hf_dir(d: Path, shape: dict) -> None:
     import numpy as np
     from safetensors import safe_open
 
-    from gptforge.model import GPTConfig
+    from gptforge.models.gpt2 import GPTConfig
     from gptforge.weights import hf_config
 
     C, L = shape["n_embd"], shape["n_layer"]

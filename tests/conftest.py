@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptforge.model import GPT, GPTConfig
+from gptforge.models.gpt2 import GPT, GPTConfig
 
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 

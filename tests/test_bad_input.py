@@ -22,7 +22,7 @@ import torch
 from clirun import run
 
 from gptforge import weights
-from gptforge.model import GPT, GPTConfig
+from gptforge.models.gpt2 import GPT, GPTConfig
 
 # (id, command line, fragment of the one-line message, exit code)
 CASES = [

@@ -93,6 +93,7 @@ def test_config_file_and_flags_win(tmp_path, capsys, text_file):
     saved = tomllib.loads((tmp_path / "r" / "config.toml").read_text())
     assert saved["train"]["lr"] == 0.02 and saved["train"]["batch_size"] == 2 and saved["train"]["max_steps"] == 2
     assert saved["model"]["context_length"] == 16 and saved["model"]["emb_dim"] == 64  # preset tiny
+    assert saved["arch"] == "gpt2" and next(iter(saved)) == "arch"
     # the saved config is itself a valid --config
     code, _, err = run(["train", "--config", str(tmp_path / "r" / "config.toml"), "--out", str(tmp_path / "r2")],
                        capsys)
@@ -104,6 +105,7 @@ def test_config_file_and_flags_win(tmp_path, capsys, text_file):
     ("[train]\nlr = 'fast'\n", "lr must be a number, got 'fast'"),
     ("[optim]\nlr = 1\n", "unknown table [optim]"),
     ("lr = \n", "not valid TOML"),
+    ('arch = "llama"\n', "unknown arch 'llama'; known model families: gpt2"),
 ])
 def test_bad_config_files(tmp_path, capsys, toml, message):
     cfg = tmp_path / "bad.toml"

@@ -16,7 +16,7 @@ from clirun import run as cli
 
 from gptforge import checkpoint as ckpt
 from gptforge.data import DataConfig
-from gptforge.model import GPTConfig
+from gptforge.models.gpt2 import GPTConfig
 from gptforge.train import RunConfig, TrainConfig, train
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptforge.generate import SampleConfig, filter_top_k, filter_top_p, generate, next_token
-from gptforge.model import KVCache
+from gptforge.models import KVCache
 
 
 def test_greedy_picks_argmax_and_top_k_1_equals_greedy(tiny_model, tiny_cfg):

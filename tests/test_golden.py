@@ -21,7 +21,7 @@ import torch
 
 from gptforge import checkpoint as ckpt
 from gptforge.data import DataConfig
-from gptforge.model import GPTConfig
+from gptforge.models.gpt2 import GPTConfig
 from gptforge.train import RunConfig, TrainConfig, train
 
 GOLDEN = Path(__file__).parent / "data" / "golden"

@@ -7,7 +7,7 @@ import pytest
 
 from gptforge.cli import main
 from gptforge.loggers import LOGGERS, check_loggers, open_trackers, scalars
-from gptforge.model import GPTConfig
+from gptforge.models.gpt2 import GPTConfig
 from gptforge.train import RunConfig, TrainConfig, train
 
 INSTALLED = [name for name in LOGGERS if importlib.util.find_spec(name) is not None]

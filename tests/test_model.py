@@ -1,10 +1,14 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptforge.evaluate import evaluate, loss_batch, perplexity
-from gptforge.model import GPT, PRESETS, GPTConfig
+from gptforge.models import DEFAULT_ARCH, KVCache, build, config_from_dict, get_spec, spec_for
+from gptforge.models.gpt2 import GPT, PRESETS, GPTConfig
+from gptforge.models.layers import CausalSelfAttention
 
 
 def test_gpt2_small_parameter_count():
@@ -158,3 +162,72 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_cfg):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- models: layers and the registry
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_attention_with_fewer_kv_heads_equals_repeated_heads(n_kv_heads):
+    """Grouped-query attention: each key/value head serves n_heads // n_kv_heads query heads, cached or not."""
+    torch.manual_seed(3)
+    cfg = SimpleNamespace(n_layers=1, n_kv_heads=n_kv_heads, context_length=10, head_dim=8)
+    attn = CausalSelfAttention(32, 4, n_kv_heads, 0.0, qkv_bias=True).eval()
+    assert attn.c_attn.weight.shape == ((4 + 2 * n_kv_heads) * 8, 32)
+    x = torch.randn(2, 10, 32)
+    q, k, v = attn.c_attn(x).split((32, 8 * n_kv_heads, 8 * n_kv_heads), dim=2)
+    q = q.view(2, 10, 4, 8).transpose(1, 2)
+    k, v = (t.view(2, 10, n_kv_heads, 8).transpose(1, 2).repeat_interleave(4 // n_kv_heads, dim=1) for t in (k, v))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 10, 32)
+    torch.testing.assert_close(attn(x), attn.c_proj(ref), atol=1e-5, rtol=1e-5)
+    cache = KVCache(cfg, 2, "cpu", torch.float32)
+    assert cache.k.shape == (1, 2, n_kv_heads, 10, 8)  # (L, B, n_kv_heads, T_max, hs)
+    parts = []
+    for start, end in ((0, 4), (4, 7), (7, 8), (8, 10)):  # prefill, a chunk, single tokens
+        parts.append(attn(x[:, start:end], cache.layer(0), cache.pos))
+        cache.advance(end - start)
+    torch.testing.assert_close(torch.cat(parts, 1), attn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_owns_its_position(tiny_model, tiny_cfg):
+    cache = KVCache(tiny_cfg, 1, "cpu", torch.float32)
+    assert cache.k.shape == (2, 1, tiny_cfg.n_kv_heads, 16, 8) and cache.max_len == 16
+    assert KVCache.nbytes(tiny_cfg, torch.float32) == cache.k.numel() * 4 * 2
+    x = torch.randint(0, tiny_cfg.vocab_size, (1, 6))
+    first = tiny_model(x, cache)
+    assert cache.pos == 6
+    cache.reset()
+    assert cache.pos == 0
+    torch.testing.assert_close(tiny_model(x, cache), first)  # the same positions again
+
+
+def test_registry_maps_arch_to_the_gpt2_spec(tiny_cfg):
+    spec = get_spec("gpt2")
+    assert spec_for(tiny_cfg) is spec and spec.arch == DEFAULT_ARCH == "gpt2"
+    assert spec.config_class is GPTConfig and spec.model_class is GPT and spec.presets is PRESETS
+    assert spec.hf_architecture == "GPT2LMHeadModel"
+    torch.manual_seed(0)
+    model = build(tiny_cfg)
+    assert type(model) is GPT and list(spec.blocks(model)) == list(model.h)
+    assert config_from_dict(tiny_cfg.to_dict()) == tiny_cfg == config_from_dict(tiny_cfg.to_dict(), "gpt2")
+    with pytest.raises(ValueError, match="unknown arch 'llama'; known model families: gpt2"):
+        get_spec("llama")
+
+
+def test_checkpoints_record_arch_and_files_without_it_are_gpt2(tmp_path, tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    from gptforge import checkpoint as ckpt
+
+    path = tmp_path / "w.safetensors"
+    ckpt.save_weights(path, tiny_model, "gpt2")
+    meta = ckpt.read_weights_meta(path)
+    assert meta["arch"] == "gpt2"
+    del meta["arch"]  # as written before model families
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata=meta)
+    model, _ = ckpt.load_model(tmp_path / "old.safetensors")
+    assert type(model) is GPT and model.cfg == tiny_model.cfg
+    meta["arch"] = "llama"
+    save_file(load_file(str(path)), str(tmp_path / "other.safetensors"), metadata=meta)
+    with pytest.raises(ckpt.CheckpointError, match="other.safetensors: bad model config.*unknown arch 'llama'"):
+        ckpt.load_model(tmp_path / "other.safetensors")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gptforge import ops
-from gptforge.model import GPT, GPTConfig
+from gptforge.models.gpt2 import GPT, GPTConfig
 from gptforge.perf import keep_freed_cpu_memory
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gptforge.model import GPT
+from gptforge.models.gpt2 import GPT
 from gptforge.optim import lr_at, param_groups
 
 

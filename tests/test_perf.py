@@ -5,24 +5,26 @@ import torch
 from click.testing import CliRunner
 
 from gptforge.cli import cli
-from gptforge.model import GPT, PRESETS, GPTConfig
-from gptforge.perf import flops_per_token, gpu_peak_flops, matmul_params, mfu
+from gptforge.models import get_spec
+from gptforge.models.gpt2 import GPT, PRESETS, GPTConfig
+from gptforge.perf import gpu_peak_flops, mfu
 
 
 def test_flops_per_token_by_hand_for_gpt2_small_at_256():
     cfg = GPTConfig(**{**PRESETS["gpt2-small"], "context_length": 256})
+    spec = get_spec("gpt2")
     # per layer: q,k,v 768x2304, attention out 768x768, MLP 768x3072 and 3072x768; head 50257x768
     per_layer = 768 * 2304 + 768 * 768 + 768 * 3072 + 3072 * 768
     n = 12 * per_layer + 50257 * 768
-    assert matmul_params(cfg) == n == 123_532_032
-    assert flops_per_token(cfg) == 6 * n + 12 * 12 * 12 * 64 * 256 == 769_503_744
+    assert spec.matmul_params(cfg) == n == 123_532_032
+    assert spec.flops_per_token(cfg) == 6 * n + 12 * 12 * 12 * 64 * 256 == 769_503_744
     # every Linear weight counted, embeddings not: the model agrees with the formula
     with torch.device("meta"):
         model = GPT(cfg)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert linear == n
     # 70 tokens/s against an 80 GFLOP/s peak
-    assert mfu(flops_per_token(cfg), 70.0, 80e9) == pytest.approx(70 * 769_503_744 / 80e9)
+    assert mfu(spec.flops_per_token(cfg), 70.0, 80e9) == pytest.approx(70 * 769_503_744 / 80e9)
     assert mfu(1.0, 1.0, None) is None
 
 

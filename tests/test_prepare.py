@@ -322,7 +322,7 @@ def test_train_on_prepared_dir_resumes_exactly(tmp_path, docs):
 
     from gptforge import checkpoint as ckpt
     from gptforge.data import DataConfig
-    from gptforge.model import GPTConfig
+    from gptforge.models.gpt2 import GPTConfig
     from gptforge.train import RunConfig, TrainConfig, train
 
     src = tmp_path / "c.jsonl"

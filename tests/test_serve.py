@@ -18,7 +18,7 @@ from browser import browser  # noqa: F401  (fixture)
 from clirun import run
 
 from gptforge.checkpoint import save_weights
-from gptforge.model import GPT, GPTConfig
+from gptforge.models.gpt2 import GPT, GPTConfig
 from gptforge.serve import MAX_BODY_BYTES, AllowedHosts, Engine, Limits, RequestError, host_name, load_engine, make_app
 from gptforge.tokenizer import GPT2Tokenizer, get_tokenizer
 

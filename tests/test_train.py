@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from gptforge import checkpoint as ckpt
 from gptforge.data import DataConfig
-from gptforge.model import GPTConfig
+from gptforge.models.gpt2 import GPTConfig
 from gptforge.train import RunConfig, TrainConfig, train
 
 

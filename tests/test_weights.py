@@ -18,7 +18,7 @@ from clirun import run
 
 from gptforge.checkpoint import CheckpointError
 from gptforge.generate import SampleConfig, generate
-from gptforge.model import GPT, GPTConfig
+from gptforge.models.gpt2 import GPT, GPTConfig
 from gptforge.weights import TFCheckpointReader, load_any, to_gptforge, to_hf
 
 transformers = pytest.importorskip("transformers")

@@ -4,7 +4,7 @@ from .checkpoint import load_model
 from .data import Batches, DataConfig, TokenWindows
 from .evaluate import evaluate, perplexity
 from .generate import SampleConfig, generate, sample_text
-from .model import GPT, PRESETS, GPTConfig
+from .models.gpt2 import GPT, PRESETS, GPTConfig
 from .tokenizer import GPT2Tokenizer, Tokenizer, get_tokenizer
 from .train import RunConfig, TrainConfig, train
 from .weights import load_any, to_hf

@@ -6,7 +6,7 @@ A run directory holds::
     metrics.jsonl                    one JSON object per logged event
     loss.png                         train/val loss against steps and tokens seen
     checkpoints/step-00000100/
-        model.safetensors            weights; the model config and tokenizer in its metadata
+        model.safetensors            weights; the arch, model config and tokenizer in its metadata
         state.pt                     optimizer, step, tokens seen, data position, RNG states
         checksums.json               sha256 of each file above, verified on load
 
@@ -33,7 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import faults
-from .model import GPT, GPTConfig
+from .models import build, config_from_dict, spec_for
+from .models.gpt2 import GPT
 from .tokenizer import Tokenizer, tokenizer_metadata
 
 CHECKPOINTS = "checkpoints"
@@ -101,7 +102,8 @@ def model_state(model: GPT, sd: dict[str, torch.Tensor] | None = None) -> dict[s
 def save_weights(path: Path, model: GPT, tokenizer: Tokenizer | str, extra: dict | None = None,
                  weights: dict[str, torch.Tensor] | None = None) -> None:
     """Weights as safetensors; `weights` (a full state dict gathered from shards) replaces model.state_dict()."""
-    meta = {"format": "gptforge", "model": json.dumps(model.cfg.to_dict()), **tokenizer_metadata(tokenizer)}
+    meta = {"format": "gptforge", "arch": spec_for(model.cfg).arch, "model": json.dumps(model.cfg.to_dict()),
+            **tokenizer_metadata(tokenizer)}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     save_file({k: v.cpu() for k, v in model_state(model, weights).items()}, str(path), metadata=meta)
 
@@ -359,7 +361,10 @@ def load_model(source: str | Path, device: torch.device | str = "cpu") -> tuple[
     """A gptforge model from a run dir, checkpoint dir or weights file; returns (model, metadata)."""
     path = resolve_weights(source)
     meta = read_weights_meta(path)
-    cfg = GPTConfig.from_dict(json.loads(meta["model"]))
-    model = GPT(cfg)
+    try:
+        cfg = config_from_dict(json.loads(meta["model"]), meta.get("arch"))  # no arch: written before families
+    except ValueError as e:
+        raise CheckpointError(f"{path}: bad model config in the metadata ({e})") from None
+    model = build(cfg)
     load_weights_into(model, path)
     return model.to(device), meta

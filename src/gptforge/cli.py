@@ -21,7 +21,8 @@ from .config import SEED_MAX, ConfigError, build, check_range, check_toml, defau
 from .data import DataConfig, DataError, data_defaults
 from .evaluate import EvalConfig
 from .generate import SampleConfig
-from .model import PRESETS, GPTConfig
+from .models import DEFAULT_ARCH, ModelSpec, get_spec
+from .models.gpt2 import PRESETS, GPTConfig
 from .prepare import PrepareConfig
 from .train import DEFAULT_CORPUS_RUN, RunConfig, TrainConfig, TrainingError
 from .weights import load_any
@@ -90,7 +91,21 @@ def cli() -> None:
 # ----------------------------------------------------------------------------- train
 
 TRAIN_SECTIONS = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
-TRAIN_TOP_LEVEL = {"preset": str, "inputs": list, "init_from": str}
+TRAIN_TOP_LEVEL = {"arch": str, "preset": str, "inputs": list, "init_from": str}
+
+
+def arch_spec(values: dict, where: str | Path | None) -> ModelSpec:
+    """The model family a run config names (no arch: GPT-2); an unknown one is an error naming the file."""
+    try:
+        return get_spec(values.get("arch", DEFAULT_ARCH))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def fixed_keys(spec: ModelSpec) -> set[str]:
+    """Settings a resumed run keeps: its model family, the model's shape, the data and where the weights came from."""
+    shape = {f.name for cls in (spec.config_class, DataConfig) for f in fields(cls)}
+    return shape | {"arch", "preset", "inputs", "init_from"}
 
 
 @cli.command()
@@ -154,8 +169,8 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         changes = {**file_values, **flags}
         if data:
             changes["inputs"] = list(data)
-        fixed = {f.name for cls in (GPTConfig, DataConfig) for f in fields(cls)} | {"preset", "inputs", "init_from"}
-        for k in sorted(fixed & set(changes)):
+        spec = arch_spec(saved, run_dir / CONFIG)
+        for k in sorted(fixed_keys(spec) & set(changes)):
             if changes[k] != saved.get(k):
                 raise ConfigError(f"cannot change {k} when resuming {run_dir} (the run has {saved.get(k)!r}, "
                                   f"asked for {changes[k]!r}); start a new run with --out instead")
@@ -164,15 +179,17 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         preset_name = saved.get("preset")
         init_from = saved.get("init_from")
     else:
+        spec = arch_spec(file_values, config_file)
         init_from = file_values.get("init_from")
         if init_from and "preset" in file_values:
             raise ConfigError("--preset and --init-from both set the model's shape; give only one")
         preset_name = None if init_from else file_values.get("preset", "mini")
-        if preset_name is not None and preset_name not in PRESETS:
-            raise ConfigError(f"unknown preset {preset_name!r}; choose one of {', '.join(sorted(PRESETS))}")
+        presets = spec.presets
+        if preset_name is not None and preset_name not in presets:
+            raise ConfigError(f"unknown preset {preset_name!r}; choose one of {', '.join(sorted(presets))}")
         inputs = list(data) or list(file_values.get("inputs", []))
-        follow = data_defaults(inputs, {**PRESETS.get(preset_name, {}), **file_values, **flags})  # tokenizer, vocab
-        layers = [PRESETS.get(preset_name, {}), {} if inputs else DEFAULT_CORPUS_RUN, follow, file_values, flags]
+        follow = data_defaults(inputs, {**presets.get(preset_name, {}), **file_values, **flags})  # tokenizer, vocab
+        layers = [presets.get(preset_name, {}), {} if inputs else DEFAULT_CORPUS_RUN, follow, file_values, flags]
         if init_from:
             from .weights import init_model_config
 
@@ -186,7 +203,7 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
             raise ConfigError(f"--out {run_dir}: the directory is not empty (it holds {', '.join(held[:3])}"
                               + (", ..." if len(held) > 3 else "") + "); a new run needs a new or empty directory")
         check_writable(run_dir, "--out")
-    cfg = RunConfig(model=build(GPTConfig, *layers), data=build(DataConfig, *layers),
+    cfg = RunConfig(model=build(spec.config_class, *layers), data=build(DataConfig, *layers),
                     train=build(TrainConfig, *layers), inputs=[str(p) for p in inputs], preset=preset_name,
                     init_from=init_from)
     cfg.train.out = str(run_dir)
@@ -205,16 +222,16 @@ def saved_train_config(run_dir: Path) -> dict:
     if copy is None and not path.is_file():
         raise ConfigError(f"{run_dir}: no {CONFIG}; is this a gptforge run directory?")
     try:
-        saved = read_toml(path, TRAIN_SECTIONS, TRAIN_TOP_LEVEL)
+        saved = {"arch": DEFAULT_ARCH, **read_toml(path, TRAIN_SECTIONS, TRAIN_TOP_LEVEL)}  # no arch: GPT-2
     except ConfigError as e:
         if copy is None:
             raise
         click.echo(f"gptforge: warning: {e}; using the copy saved in checkpoint {copy[1]}", err=True)
-        return check_toml(copy[0], f"{copy[1]}'s run config", TRAIN_SECTIONS, TRAIN_TOP_LEVEL)
+        return {"arch": DEFAULT_ARCH, **check_toml(copy[0], f"{copy[1]}'s run config", TRAIN_SECTIONS, TRAIN_TOP_LEVEL)}
     if copy is None:  # no checkpoint yet, or one written before checkpoints carried the config
         return saved
-    theirs = check_toml(copy[0], f"{copy[1]}'s run config", TRAIN_SECTIONS, TRAIN_TOP_LEVEL)
-    fixed = {f.name for cls in (GPTConfig, DataConfig) for f in fields(cls)} | {"preset", "inputs", "init_from"}
+    theirs = {"arch": DEFAULT_ARCH, **check_toml(copy[0], f"{copy[1]}'s run config", TRAIN_SECTIONS, TRAIN_TOP_LEVEL)}
+    fixed = fixed_keys(arch_spec(saved, path))
     for key in sorted(fixed & (set(saved) | set(theirs))):
         if saved.get(key) != theirs.get(key):
             raise ConfigError(f"{path}: {key} is {saved.get(key)!r}, but checkpoint {copy[1]} was trained with "

@@ -1,6 +1,6 @@
 """Settings from dataclasses, presets, TOML files and command-line flags, in that order of precedence.
 
-Each component owns a small dataclass (GPTConfig in model.py, DataConfig in data.py, TrainConfig in
+Each component owns a small dataclass (GPTConfig in models/gpt2.py, DataConfig in data.py, TrainConfig in
 train.py, SampleConfig in generate.py). Every field carries its help text in
 ``metadata["help"]``; the CLI's flags are generated from the fields (``emb_dim`` -> ``--emb-dim``),
 and a ``--config`` TOML file uses the same names, flat or in tables named after the section::

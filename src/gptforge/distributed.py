@@ -14,6 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .models import spec_for
+
 
 def rank() -> int:
     """This process's rank (0 when not launched by torchrun)."""
@@ -62,7 +64,7 @@ def wrap(model: torch.nn.Module, device: torch.device, parallel: str) -> torch.n
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.h:
+        for block in spec_for(model.cfg).blocks(model):
             fully_shard(block)
         fully_shard(model)
         return model

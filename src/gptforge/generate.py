@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import check_range, opt
-from .model import KVCache
+from .models import KVCache
 
 
 @dataclass
@@ -68,7 +68,7 @@ def prefill(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache | None) ->
     ctx = model.cfg.context_length
     if cache is None:
         return model(idx[:, -ctx:])[:, -1, :]
-    cache.pos = 0
+    cache.reset()
     return model(idx[:, -ctx:], cache)[:, -1, :]
 
 
@@ -78,7 +78,7 @@ def decode_one_token(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache |
     Without a cache, or once the sequence outgrows the context (positions would shift), the model
     recomputes the last context_length tokens, exactly as generation without a cache does.
     """
-    if cache is not None and cache.pos < model.cfg.context_length:
+    if cache is not None and cache.pos < cache.max_len:
         return model(idx[:, -1:], cache)[:, -1, :]
     return prefill(model, idx, None)
 

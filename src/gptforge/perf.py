@@ -1,8 +1,8 @@
 """Throughput and model FLOPs utilization (MFU), and the benchmarks behind `gptforge bench`.
 
-FLOPs per trained token = 6 × (weights of every matrix multiply, the LM head included, embedding
-look-ups excluded) + 12·L·H·Q·T (PaLM, appendix B). MFU = achieved FLOP/s ÷ the device's peak:
-a table of GPU peaks by device name, and on a CPU a measured fp32 matmul peak.
+FLOPs per trained token come from the model family's spec (models.ModelSpec.flops_per_token; for
+GPT-2, 6 × the matmul weights + 12·L·H·Q·T, PaLM appendix B). MFU = achieved FLOP/s ÷ the device's
+peak: a table of GPU peaks by device name, and on a CPU a measured fp32 matmul peak.
 """
 
 from __future__ import annotations
@@ -18,22 +18,11 @@ import time
 
 import torch
 
-from .model import GPT, GPTConfig
+from .models import build, spec_for
+from .models.gpt2 import GPTConfig
 
 # Dense peak TFLOP/s by GPU name (bf16/fp16 tensor cores; TF32 is half of it on these parts).
 GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def matmul_params(cfg: GPTConfig) -> int:
-    """Weights of every matrix multiply: q/k/v, attention out, both MLP layers, and the LM head."""
-    return cfg.n_layers * 12 * cfg.emb_dim**2 + cfg.vocab_size * cfg.emb_dim
-
-
-def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> int:
-    """Training FLOPs (forward + backward) per token at sequence length seq_len (default: context)."""
-    T = seq_len or cfg.context_length
-    head_size = cfg.emb_dim // cfg.n_heads
-    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.n_heads * head_size * T
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None) -> float | None:
@@ -153,7 +142,7 @@ def bench_train(model_cfg: GPTConfig, batch_size: int, device: torch.device, pre
     if device.type == "cpu":
         keep_freed_cpu_memory()  # as train.train does
     torch.manual_seed(seed)
-    model = GPT(model_cfg).to(device)  # set up as train.train does
+    model = build(model_cfg).to(device)  # set up as train.train does
     model.activation_checkpointing = activation_checkpointing
     step_model = torch.compile(model) if compile else model
     optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device)
@@ -163,11 +152,12 @@ def bench_train(model_cfg: GPTConfig, batch_size: int, device: torch.device, pre
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, model_cfg.vocab_size, (batch_size, T), generator=g).to(device)
     y = torch.randint(0, model_cfg.vocab_size, (batch_size, T), generator=g).to(device)
-    fpt = flops_per_token(model_cfg)
+    spec = spec_for(model_cfg)
+    fpt = spec.flops_per_token(model_cfg)
     peak, peak_source = peak_flops(device, amp.name)
     log(f"device: {device_name(device)}; precision {amp.name}; compile {compile}; "
         f"activation checkpointing {activation_checkpointing}")
-    log(f"model: {matmul_params(model_cfg) / 1e6:.2f}M matmul weights, {fpt / 1e6:.1f} MFLOP per trained token; "
+    log(f"model: {spec.matmul_params(model_cfg) / 1e6:.2f}M matmul weights, {fpt / 1e6:.1f} MFLOP per trained token; "
         f"batch {batch_size} x {T} tokens")
     log(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_source})" if peak else peak_source)
     times = []
@@ -210,7 +200,7 @@ def bench_generate(model_cfg: GPTConfig, batch_size: int, device: torch.device, 
     from .generate import SampleConfig, generate
 
     torch.manual_seed(seed)
-    model = GPT(model_cfg).to(device).eval()
+    model = build(model_cfg).to(device).eval()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, model_cfg.vocab_size, (batch_size, prompt_tokens), generator=g).to(device)
     cfg = SampleConfig(max_new_tokens=max_new_tokens)  # greedy
@@ -224,7 +214,7 @@ def bench_generate(model_cfg: GPTConfig, batch_size: int, device: torch.device, 
     prefill_tok_s = batch_size * prompt_tokens / cached["prefill_seconds"]
     decode_tok_s = new / cached["decode_seconds"]
     plain_tok_s = new / plain["decode_seconds"]
-    weight_bytes = matmul_params(model_cfg) * next(model.parameters()).element_size()
+    weight_bytes = spec_for(model_cfg).matmul_params(model_cfg) * next(model.parameters()).element_size()
     bandwidth = measure_copy_bandwidth()
     bound = bandwidth / weight_bytes  # decode steps/s if each step only streamed the weights once
     log(f"prefill {prefill_tok_s:,.1f} tokens/s; decode with KV cache {decode_tok_s:,.2f} tokens/s, "

@@ -42,7 +42,7 @@ import torch
 
 from .config import ConfigError
 from .generate import SampleConfig, decode_one_token, next_token, prefill
-from .model import KVCache
+from .models import KVCache
 
 MAX_BODY_BYTES = 1 << 20
 MAX_DEPTH = 8  # arrays and objects inside each other in a request body; the fields we take need 2
@@ -73,7 +73,7 @@ class Limits:
 
 def kv_cache_bytes(cfg, dtype: torch.dtype) -> int:
     """Memory of one request's KV cache: keys and values of every layer for the whole context."""
-    return 2 * cfg.n_layers * cfg.context_length * cfg.emb_dim * dtype.itemsize
+    return KVCache.nbytes(cfg, dtype)
 
 
 def size(n: float) -> str:

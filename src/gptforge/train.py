@@ -36,9 +36,10 @@ from .data import (
 from .evaluate import evaluate, loss_batch
 from .generate import SampleConfig, sample_text
 from .loggers import LOGGERS, check_loggers, open_trackers
-from .model import GPT, GPTConfig
+from .models import build, spec_for
+from .models.gpt2 import GPT, GPTConfig
 from .optim import lr_at, make_optimizer, set_lr
-from .perf import flops_per_token, keep_freed_cpu_memory, peak_flops
+from .perf import keep_freed_cpu_memory, peak_flops
 from .report import MetricsLog, Progress, format_eval, human, plot_losses
 from .tokenizer import Tokenizer, get_tokenizer
 
@@ -127,8 +128,8 @@ class RunConfig:
     init_from: str | None = None  # a model SOURCE whose weights the run starts from (weights.load_any)
 
     def to_toml(self) -> dict:
-        return to_toml_dict(preset=self.preset, init_from=self.init_from, inputs=self.inputs, model=self.model,
-                            data=self.data, train=self.train)
+        return to_toml_dict(arch=spec_for(self.model).arch, preset=self.preset, init_from=self.init_from,
+                            inputs=self.inputs, model=self.model, data=self.data, train=self.train)
 
 
 class TrainingError(RuntimeError):
@@ -334,7 +335,7 @@ def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> GPT:
                               f"({cfg.model}); use weights.init_model_config to build the config")
         log(f"initialised from {cfg.init_from}")
     else:
-        model = GPT(cfg.model).to(device)
+        model = build(cfg.model).to(device)
     if dist.world_size() > 1:
         torch.manual_seed(cfg.train.seed + 1000 * dist.rank())  # same initial weights, a dropout stream per rank
     model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -502,7 +503,7 @@ def describe_run(cfg: RunConfig, core: GPT, data: TrainData, schedule: Schedule,
     log(data.summary)
     log(f"training: {schedule.total_steps} steps of {human(tokens_per_step)} tokens on {device}, lr {t.lr:g} "
         f"(warmup {schedule.warmup}, cosine to {schedule.min_lr:g}) -> {run_dir}")
-    fpt = flops_per_token(cfg.model)
+    fpt = spec_for(cfg.model).flops_per_token(cfg.model)
     peak, peak_source = peak_flops(device, amp.name)
     log(f"speed: precision {amp.name}, {fpt / 1e6:.1f} MFLOP per token; "
         + (f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))

@@ -37,7 +37,8 @@ import torch
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .model import GPT, GPTConfig
+from .models import build, config_from_dict, get_spec, spec_for
+from .models.gpt2 import GPT, GPTConfig
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -302,7 +303,7 @@ def _block_of(name: str) -> int:
 
 def _our_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = build(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_weights:
         shapes.pop("lm_head.weight")
@@ -320,11 +321,12 @@ def _expected(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _plan_hf(cfg: GPTConfig, prefix: str) -> list[Entry]:
+    """Hugging Face names are ours (the family's spec says which weights are stored transposed)."""
+    transposed = spec_for(cfg).hf_transposed
     plan = []
     for ours in _our_shapes(cfg):
-        conv = ours.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
         src = ours if ours == "lm_head.weight" else prefix + ours
-        plan.append(Entry(ours, (src,), "t" if conv else "copy"))
+        plan.append(Entry(ours, (src,), "t" if ours.endswith(transposed) else "copy"))
     return plan
 
 
@@ -477,7 +479,8 @@ def _need(conf: dict, key: str, path: Path) -> int:
 
 def _hf_config(conf: dict, path: Path) -> GPTConfig:
     """A Hugging Face GPT2Config -> GPTConfig, refusing what gptforge's model cannot compute."""
-    if conf.get("model_type", "gpt2") != "gpt2":
+    model_type = get_spec("gpt2").hf_model_type
+    if conf.get("model_type", model_type) != model_type:
         raise WeightsError(f"{path}: model_type is {conf['model_type']!r}; only GPT-2 models (gpt2) can be loaded")
     n_embd = _need(conf, "n_embd", path)
     unsupported = {
@@ -519,7 +522,8 @@ def _hf_source(d: Path, weights: Path | None = None, reader=None, hub_id: str | 
             reader = SafetensorsReader.single(weights)
         else:
             reader = TorchReader(weights)
-    prefix = "transformer." if any(k.startswith("transformer.") for k in reader.shapes) else ""
+    hf_prefix = spec_for(cfg).hf_prefix
+    prefix = hf_prefix if any(k.startswith(hf_prefix) for k in reader.shapes) else ""
     saved = getattr(reader, "metadata", {}).get("gptforge_model")
     if saved:  # written by to_hf: restore what GPT2Config cannot say (no qkv bias, drop rate)
         try:
@@ -599,7 +603,7 @@ def _gptforge_source(p: Path) -> Source:
     path = ckpt.resolve_weights(p)
     meta = ckpt.read_weights_meta(path)
     try:
-        cfg = GPTConfig.from_dict(json.loads(meta["model"]))
+        cfg = config_from_dict(json.loads(meta["model"]), meta.get("arch"))  # no arch: written before families
     except ValueError as e:
         raise WeightsError(f"{path}: bad model config in the metadata ({e})") from None
     plan = [Entry(k, (k,)) for k in _our_shapes(cfg)]
@@ -670,7 +674,7 @@ def build_model(src: Source, context_length: int | None = None, drop_rate: float
     if drop_rate is not None:
         cfg = replace(cfg, drop_rate=drop_rate)
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = build(cfg)
     groups: dict[int, list[Entry]] = {}
     for e in src.plan:
         groups.setdefault(_block_of(e.ours), []).append(e)
@@ -722,8 +726,9 @@ def init_model_config(source: str, requested: dict) -> GPTConfig:
 
 def hf_config(cfg: GPTConfig) -> dict:
     """The config.json of a transformers GPT2LMHeadModel with this shape."""
+    spec = spec_for(cfg)
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+        "architectures": [spec.hf_architecture], "model_type": spec.hf_model_type, "vocab_size": cfg.vocab_size,
         "n_positions": cfg.context_length, "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
         "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
         "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
@@ -766,15 +771,16 @@ def to_hf(model: GPT, out_dir: str | Path, tokenizer: str = "gpt2") -> Path:
     from safetensors.torch import save_file
 
     cfg = model.cfg
+    spec = spec_for(cfg)
     sd: dict[str, torch.Tensor] = {}
     for k, v in ckpt.model_state(model).items():
         v = v.detach().cpu()
-        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+        if k.endswith(spec.hf_transposed):
             v = v.t()  # Linear (out, in) -> Conv1D (in, out)
-        sd[k if k == "lm_head.weight" else "transformer." + k] = v.contiguous()
+        sd[k if k == "lm_head.weight" else spec.hf_prefix + k] = v.contiguous()
     if not cfg.qkv_bias:
         for i in range(cfg.n_layers):
-            sd[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * cfg.emb_dim)
+            sd[f"{spec.hf_prefix}h.{i}.attn.c_attn.bias"] = torch.zeros(3 * cfg.emb_dim)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "gptforge_model": json.dumps(cfg.to_dict()), "gptforge_tokenizer": tokenizer}
     save_file(sd, str(out / "model.safetensors"), metadata=meta)

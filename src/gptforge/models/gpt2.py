@@ -2,8 +2,8 @@
 
 Parameter names follow OpenAI's GPT-2 checkpoints as Hugging Face stores them (``wte``, ``wpe``,
 ``h.{i}.ln_1``, ``attn.c_attn``, ``mlp.c_fc``, ``ln_f``), so importing GPT-2 weights is a short key
-map. The attention and MLP projections are ``nn.Linear`` (weight shape ``(out, in)``), the
-transpose of GPT-2's ``Conv1D``.
+map. The attention and MLP projections (layers.py) are ``nn.Linear`` (weight shape ``(out, in)``),
+the transpose of GPT-2's ``Conv1D``. GPT-2 attends with as many key/value heads as query heads.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
-from .config import check_range, flag
+from .. import ops
+from ..config import check_range, flag
+from .layers import MLP, CausalSelfAttention, KVCache, Linear
 
 
 @dataclass
@@ -55,6 +56,15 @@ class GPTConfig:
                              "change one of them")
         check_range("drop_rate", self.drop_rate, 0, 1, below=True)
 
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads: as many as query heads (GPT-2 has no grouped-query attention)."""
+        return self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -79,83 +89,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) whose decode-sized CPU products use both cores (ops.linear)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.drop_rate = cfg.drop_rate
-        self.c_attn = Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)  # fused q, k, v
-        self.c_proj = Linear(cfg.emb_dim, cfg.emb_dim)
-
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0):
-        """x (B, T, C); with kv (a layer of a KVCache), x holds positions pos..pos+T-1 of the sequence."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        hs = C // self.n_heads
-        q = q.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_heads, hs).transpose(1, 2)
-        v = v.view(B, T, self.n_heads, hs).transpose(1, 2)
-        drop = self.drop_rate if self.training else 0.0
-        if kv is None:  # whole sequences: training, scoring
-            y = ops.causal_attention(q, k, v, drop)  # (B, nh, T, hs)
-        else:
-            k_all, v_all = kv  # (B, nh, T_max, hs)
-            k_all[:, :, pos:pos + T] = k
-            v_all[:, :, pos:pos + T] = v
-            k, v = k_all[:, :, :pos + T], v_all[:, :, :pos + T]  # (B, nh, pos + T, hs)
-            mask = None
-            if pos > 0 and T > 1:  # query i (at pos + i) sees keys 0..pos + i
-                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=pos == 0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return ops.dropout(self.c_proj(y), drop, self.training)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.c_fc = Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.c_proj = Linear(4 * cfg.emb_dim, cfg.emb_dim)
-        self.drop_rate = cfg.drop_rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.drop_rate, self.training)
-
-
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg.emb_dim, cfg.n_heads, cfg.n_kv_heads, cfg.drop_rate, cfg.qkv_bias)
         self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.emb_dim, 4 * cfg.emb_dim, cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0):
         x = x + self.attn(self.ln_1(x), kv, pos)
         return x + self.mlp(self.ln_2(x))
-
-
-class KVCache:
-    """Keys and values of every layer for the first `pos` positions of a batch of sequences."""
-
-    def __init__(self, cfg: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype):
-        hs = cfg.emb_dim // cfg.n_heads
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, cfg.context_length, hs)  # (L, B, nh, T_max, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # positions filled so far
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i], self.v[i]  # each (B, nh, T_max, hs)
 
 
 class GPT(nn.Module):
@@ -230,7 +176,7 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.ln_f(x)
         if targets is not None and ops.use_cpu_kernels(x):  # the head and the loss without keeping logits
             return ops.head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.cfg.vocab_size)
@@ -246,3 +192,22 @@ class GPT(nn.Module):
         if non_embedding:
             n -= self.wpe.weight.numel()
         return n
+
+
+def blocks(model: GPT) -> nn.ModuleList:
+    """The transformer blocks, in order (FSDP shards each one)."""
+    return model.h
+
+
+def matmul_params(cfg: GPTConfig) -> int:
+    """Weights of every matrix multiply: q/k/v, attention out, both MLP layers, and the LM head."""
+    return cfg.n_layers * 12 * cfg.emb_dim**2 + cfg.vocab_size * cfg.emb_dim
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs (forward + backward) per token at sequence length seq_len (default: context).
+
+    6 x the matmul weights (embedding look-ups excluded) + 12·L·H·Q·T for attention (PaLM, appendix B).
+    """
+    T = seq_len or cfg.context_length
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T

@@ -1,0 +1,74 @@
+"""Model families: an architecture name (``arch``) -> the spec the rest of gptforge asks about it.
+
+Each family is one file (its config dataclass, presets and model, over the shared layers.py) plus
+one line in SPECS below. Training, checkpoints, weights, perf and distributed code ask the spec
+rather than knowing the model: which config and model classes to build, the presets, FLOPs per
+token, the transformer blocks (FSDP), and how the family's weights are named in Hugging Face files
+(weights.py's plans read and write by these names). Files that record no arch are GPT-2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from ..config import ConfigError
+from . import gpt2
+from .layers import KVCache
+
+DEFAULT_ARCH = "gpt2"  # what config.toml files and checkpoints that record no arch hold
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the rest of gptforge needs to know about one model family."""
+
+    arch: str  # the name saved as `arch` in config.toml and checkpoint metadata
+    config_class: type  # a dataclass with to_dict / from_dict, n_layers, context_length, n_kv_heads, head_dim
+    model_class: type  # nn.Module built from a config: model(idx, cache) -> logits, model(idx, targets=y) -> loss
+    presets: dict[str, dict]  # preset name -> config values
+    matmul_params: Callable[[Any], int]  # weights of every matrix multiply, the LM head included
+    flops_per_token: Callable[..., int]  # (cfg, seq_len=None) -> training FLOPs per token
+    blocks: Callable[[nn.Module], Sequence[nn.Module]]  # the transformer blocks, in order
+    hf_architecture: str  # the transformers class an exported config.json names
+    hf_model_type: str  # config.json's model_type
+    hf_prefix: str  # prefix of every Hugging Face key but the head's ("transformer.")
+    hf_transposed: tuple[str, ...] = ()  # name endings of weights Hugging Face stores as (in, out)
+
+
+SPECS: dict[str, ModelSpec] = {
+    "gpt2": ModelSpec("gpt2", gpt2.GPTConfig, gpt2.GPT, gpt2.PRESETS, gpt2.matmul_params, gpt2.flops_per_token,
+                      gpt2.blocks, hf_architecture="GPT2LMHeadModel", hf_model_type="gpt2", hf_prefix="transformer.",
+                      hf_transposed=("c_attn.weight", "c_proj.weight", "c_fc.weight")),  # Conv1D
+}
+
+
+def get_spec(arch: str) -> ModelSpec:
+    """The spec of a family by name; a ConfigError naming the known ones for any other."""
+    if arch not in SPECS:
+        raise ConfigError(f"unknown arch {arch!r}; known model families: {', '.join(sorted(SPECS))}")
+    return SPECS[arch]
+
+
+def spec_for(cfg: Any) -> ModelSpec:
+    """The spec whose config class cfg is an instance of."""
+    for spec in SPECS.values():
+        if type(cfg) is spec.config_class:
+            return spec
+    raise TypeError(f"{type(cfg).__name__} is the config of no registered model family")
+
+
+def build(cfg: Any) -> nn.Module:
+    """A freshly initialised model of cfg's family (on the current default device)."""
+    return spec_for(cfg).model_class(cfg)
+
+
+def config_from_dict(d: dict, arch: str | None = None) -> Any:
+    """A saved model config (checkpoint metadata, config.toml's [model]) of family arch (None: GPT-2)."""
+    return get_spec(arch or DEFAULT_ARCH).config_class.from_dict(d)
+
+
+__all__ = ["DEFAULT_ARCH", "KVCache", "ModelSpec", "SPECS", "build", "config_from_dict", "get_spec", "spec_for"]
