@@ -16,16 +16,24 @@ from typing import Any
 
 import click
 
+from . import distributed
+from .bench import bench_generate, bench_train
 from .checkpoint import CONFIG, CheckpointError, check_writable, saved_run_config
 from .config import SEED_MAX, ConfigError, build, check_range, check_toml, default_of, field_types, help_of, read_toml
-from .data import DataConfig, DataError, data_defaults
-from .evaluate import EvalConfig
-from .generate import SampleConfig
+from .data import Batches, DataConfig, DataError, TokenWindows, check_windows, data_defaults, eval_tokens
+from .evaluate import EvalConfig, evaluate
+from .generate import SampleConfig, sample_text
+from .html_report import write_report
 from .models import DEFAULT_ARCH, ModelSpec, get_spec
 from .models.gpt2 import PRESETS, GPTConfig
-from .prepare import PrepareConfig
-from .train import DEFAULT_CORPUS_RUN, RunConfig, TrainConfig, TrainingError
-from .weights import load_any
+from .prepare import PrepareConfig, train_tokenizer
+from .prepare import prepare as run_prepare
+from .serve import Limits
+from .serve import serve as run_server
+from .tokenizer import tokenizer_from_metadata
+from .train import DEFAULT_CORPUS_RUN, RunConfig, TrainConfig, TrainingError, pick_device
+from .train import train as run_training
+from .weights import convert_target, init_model_config, load_any, to_gptforge, to_hf
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
 
@@ -132,8 +140,6 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, pr
     DATA may also be one directory made by `gptforge prepare`: its shards are memory-mapped, never
     loaded, and its tokenizer and split are used.
     """
-    from . import distributed
-    from .train import train as run_training
 
     if nproc is not None and nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
@@ -191,7 +197,6 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         follow = data_defaults(inputs, {**presets.get(preset_name, {}), **file_values, **flags})  # tokenizer, vocab
         layers = [presets.get(preset_name, {}), {} if inputs else DEFAULT_CORPUS_RUN, follow, file_values, flags]
         if init_from:
-            from .weights import init_model_config
 
             layers.append(init_model_config(init_from, {**file_values, **flags}).to_dict())
         run_dir = Path(flags.get("out") or file_values.get("out")
@@ -263,10 +268,6 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flag
     id or directory, OpenAI's TensorFlow checkpoint directory, or the book's model.pth.
     DATA may be a directory made by `gptforge prepare`: its val split is scored.
     """
-    from .data import Batches, TokenWindows, check_windows, eval_tokens
-    from .evaluate import evaluate
-    from .tokenizer import tokenizer_from_metadata
-    from .train import pick_device
 
     opts: dict[str, Any] = {f.name: default_of(f) for f in fields(EvalConfig)}
     opts.update({"device": "auto", "as_json": False})
@@ -302,9 +303,6 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, **flag
 @device_option
 def generate(source: str, config_file: str | None, **flags) -> None:
     """Continue a prompt with the model in SOURCE (any format `eval` takes, e.g. gpt2-xl or a run dir)."""
-    from .generate import sample_text
-    from .tokenizer import tokenizer_from_metadata
-    from .train import pick_device
 
     opts: dict[str, Any] = {"prompt": "", "seed": None, "num_samples": 1, "device": "auto"}
     opts.update({f.name: default_of(f) for f in fields(SampleConfig)})
@@ -340,7 +338,6 @@ def bench() -> None:
 
 
 def _bench_setup(preset: str | None, flags: dict) -> tuple[GPTConfig, Any]:
-    from .train import pick_device
 
     preset = preset or "mini"
     model_cfg = build(GPTConfig, PRESETS[preset], flags)
@@ -360,7 +357,6 @@ def bench_train_cmd(preset: str | None, steps: int, warmup: int, profile: bool, 
     \b
     Last line: {"tokens_per_s", "ms_per_step", "mfu", "peak_mem_bytes", "device"}
     """
-    from .perf import bench_train
 
     check_range("steps", steps, 1)
     check_range("warmup", warmup, 0)
@@ -384,7 +380,6 @@ def bench_generate_cmd(preset: str | None, max_new_tokens: int, prompt_tokens: i
     \b
     Last line: {"prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_no_cache", "device"}
     """
-    from .perf import bench_generate
 
     flags = given(flags)
     t = build(TrainConfig, {"batch_size": 1, "seed": 0}, flags)
@@ -412,8 +407,6 @@ def convert(source: str, target: str, out: str, n_heads: int | None) -> None:
     OUT is a new or empty directory (or, for --to gptforge, a new .safetensors file): nothing there
     is ever overwritten.
     """
-    from .tokenizer import tokenizer_from_metadata
-    from .weights import convert_target, to_gptforge, to_hf
 
     check_range("n_heads", n_heads, 1)
     convert_target(out, target)  # before the model is read
@@ -429,7 +422,6 @@ def convert(source: str, target: str, out: str, n_heads: int | None) -> None:
 
 def check_vocab(source: str, model, meta: dict) -> None:
     """A model with fewer token ids than its tokenizer cannot read text (e.g. tiny test models)."""
-    from .tokenizer import tokenizer_from_metadata
 
     need = tokenizer_from_metadata(meta).vocab_size
     if model.cfg.vocab_size < need:
@@ -451,7 +443,6 @@ def report(run_dirs: tuple[str, ...], out: str | None) -> None:
     Loss against steps and tokens, learning rate, throughput, the configs side by side with the
     differences highlighted, the sample of each evaluation and the final loss and perplexity.
     """
-    from .html_report import write_report
 
     target = Path(out) if out else (Path(run_dirs[0]) / "report.html" if len(run_dirs) == 1 else Path("report.html"))
     path = write_report(list(run_dirs), target)
@@ -482,8 +473,6 @@ def report(run_dirs: tuple[str, ...], out: str | None) -> None:
 def serve(source: str, host: str, port: int, allowed_host: tuple[str, ...], max_tokens_limit: int,
           max_prompt_chars: int, max_concurrent: int, device: str | None) -> None:
     """Serve the model in SOURCE: a web page to try prompts and an OpenAI-style /v1/completions API."""
-    from .serve import Limits
-    from .serve import serve as run_server
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, got {port}")
@@ -507,7 +496,6 @@ def prepare(inputs: tuple[str, ...], out: str, **flags) -> None:
     gptforge prepare corpus/ --out data/corpus --workers 0
     gptforge train data/corpus --out runs/corpus
     """
-    from .prepare import prepare as run_prepare
 
     run_prepare(inputs, out, build(PrepareConfig, given(flags)), log=click.echo)
 
@@ -531,7 +519,6 @@ def tokenizer_train(corpus: tuple[str, ...], vocab_size: int, out: str, text_fie
 
     Use it with `gptforge prepare --tokenizer OUT` or `gptforge train --tokenizer OUT`.
     """
-    from .prepare import train_tokenizer
 
     path = train_tokenizer(corpus, out, vocab_size, text_field, include, min_frequency, overwrite)
     click.echo(f"wrote {path}")

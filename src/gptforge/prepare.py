@@ -65,7 +65,8 @@ from .data import (
     not_text,
     read_manifest,
 )
-from .tokenizer import HFTokenizer, Tokenizer, get_tokenizer
+from .report import human
+from .tokenizer import HFTokenizer, Tokenizer, get_tokenizer, train_bpe
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_INCLUDE = tuple(f"*{s}{c}" for s in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
@@ -856,7 +857,6 @@ class _Progress:
             self.bar.update(n - self.bar.n)
 
     def set_tokens(self, n: int) -> None:
-        from .report import human
 
         self.tokens = n
         self.bar.set_postfix_str(f"{human(n)} tokens", refresh=False)
@@ -902,7 +902,6 @@ def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: i
     The inputs and `out` are checked before training starts (which can take minutes): `out` must be
     writable and hold nothing but a tokenizer.json, which is replaced only with `overwrite`.
     """
-    from .tokenizer import train_bpe
 
     files = find_inputs(inputs, PrepareConfig(include=include).include_patterns())
     kinds = [file_kind(f) for f in files]

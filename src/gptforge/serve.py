@@ -40,9 +40,13 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint as ckpt
 from .config import ConfigError
 from .generate import SampleConfig, decode_one_token, next_token, prefill
 from .models import KVCache
+from .tokenizer import tokenizer_from_metadata
+from .train import pick_device
+from .weights import load_any
 
 MAX_BODY_BYTES = 1 << 20
 MAX_DEPTH = 8  # arrays and objects inside each other in a request body; the fields we take need 2
@@ -454,10 +458,6 @@ def listen(host: str, port: int) -> socket.socket:
 
 def load_engine(source: str | Path, device: str = "auto", limits: Limits | None = None) -> Engine:
     """The model in source with the tokenizer its checkpoint names or carries, ready to serve."""
-    from . import checkpoint as ckpt
-    from .tokenizer import tokenizer_from_metadata
-    from .train import pick_device
-    from .weights import load_any
 
     dev = pick_device(device)
     model, meta = load_any(source, dev)

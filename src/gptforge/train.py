@@ -42,6 +42,7 @@ from .optim import lr_at, make_optimizer, set_lr
 from .perf import keep_freed_cpu_memory, peak_flops
 from .report import MetricsLog, Progress, format_eval, human, plot_losses
 from .tokenizer import Tokenizer, get_tokenizer
+from .weights import load_any
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -326,7 +327,6 @@ class RunState:
 def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> GPT:
     """Random initial weights from the seed, or --init-from's weights (a resumed run loads its own later)."""
     if cfg.init_from and not resume:
-        from .weights import load_any
 
         model = load_any(cfg.init_from, device, context_length=cfg.model.context_length,
                          drop_rate=cfg.model.drop_rate)[0]

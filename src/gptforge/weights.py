@@ -39,6 +39,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .models import build, config_from_dict, get_spec, spec_for
 from .models.gpt2 import GPT, GPTConfig
+from .tokenizer import _gpt2_data_files
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -791,7 +792,6 @@ def to_hf(model: GPT, out_dir: str | Path, tokenizer: str = "gpt2") -> Path:
 
 
 def _write_gpt2_tokenizer(out: Path, context_length: int) -> None:
-    from .tokenizer import _gpt2_data_files
 
     vocab_bpe, encoder_json = _gpt2_data_files()
     shutil.copyfile(encoder_json, out / "vocab.json")  # the same files under Hugging Face's names

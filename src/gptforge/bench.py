@@ -1,0 +1,127 @@
+"""`gptforge bench train` and `gptforge bench generate`: speed measured on random tokens, last line JSON.
+
+Apart from the code it measures: it builds the model, optimizer and precision as a run does and
+times `Precision.step` (training) and `generate` (decoding with and without the KV cache).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+from .generate import SampleConfig, generate
+from .models import build, spec_for
+from .models.gpt2 import GPTConfig
+from .optim import make_optimizer
+from .perf import (
+    device_name,
+    keep_freed_cpu_memory,
+    measure_copy_bandwidth,
+    measure_cpu_peak,
+    mfu,
+    peak_flops,
+    peak_memory_bytes,
+    sync,
+)
+from .train import Precision
+
+
+def bench_train(model_cfg: GPTConfig, batch_size: int, device: torch.device, precision: str = "auto",
+                compile: bool = False, activation_checkpointing: bool = False, steps: int = 10, warmup: int = 2,
+                seed: int = 0, profile: bool = False, log=print) -> dict:
+    """Time optimizer steps on random tokens, with the training loop's own pieces; returns the JSON result.
+
+    With profile, one more step runs under torch.profiler and its op table (by self time) is printed.
+    """
+
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # as train.train does
+    torch.manual_seed(seed)
+    model = build(model_cfg).to(device)  # set up as train.train does
+    model.activation_checkpointing = activation_checkpointing
+    step_model = torch.compile(model) if compile else model
+    optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device)
+    amp = Precision(precision, device)
+    model.train()
+    T = model_cfg.context_length
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, model_cfg.vocab_size, (batch_size, T), generator=g).to(device)
+    y = torch.randint(0, model_cfg.vocab_size, (batch_size, T), generator=g).to(device)
+    spec = spec_for(model_cfg)
+    fpt = spec.flops_per_token(model_cfg)
+    peak, peak_source = peak_flops(device, amp.name)
+    log(f"device: {device_name(device)}; precision {amp.name}; compile {compile}; "
+        f"activation checkpointing {activation_checkpointing}")
+    log(f"model: {spec.matmul_params(model_cfg) / 1e6:.2f}M matmul weights, {fpt / 1e6:.1f} MFLOP per trained token; "
+        f"batch {batch_size} x {T} tokens")
+    log(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_source})" if peak else peak_source)
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = amp.step(step_model, optimizer, [(x, y)], grad_clip=1.0)[0]
+        sync(device)
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+        log(f"{'warmup' if i < warmup else 'step'} {i + 1}: {dt * 1000:.0f} ms, loss {loss:.3f}")
+    if device.type == "cpu":  # a shared CPU's speed drifts: the best peak seen before or after the steps
+        peak = max(peak, measure_cpu_peak.__wrapped__())
+        log(f"peak re-measured after the steps: {peak / 1e9:.1f} GFLOP/s (the higher one is used)")
+    ms = statistics.median(times) * 1000
+    tok_s = batch_size * T / (ms / 1000)
+    m = mfu(fpt, tok_s, peak)
+    log(f"median {ms:.0f} ms/step (best {min(times) * 1000:.0f}), {tok_s:,.1f} tokens/s"
+        + (f", MFU {m:.3f} (best step: {mfu(fpt, batch_size * T / min(times), peak):.3f})" if m else ""))
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            amp.step(step_model, optimizer, [(x, y)], grad_clip=1.0)
+            sync(device)
+        log(prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda"
+                                      else "self_cpu_time_total", row_limit=20))
+    result = {"tokens_per_s": round(tok_s, 2), "ms_per_step": round(ms, 2), "mfu": round(m, 4) if m else None,
+              "peak_mem_bytes": peak_memory_bytes(device), "device": device_name(device)}
+    log(json.dumps(result))
+    return result
+
+
+def bench_generate(model_cfg: GPTConfig, batch_size: int, device: torch.device, prompt_tokens: int = 10,
+                   max_new_tokens: int = 200, seed: int = 0, log=print) -> dict:
+    """Prefill and decode speed with the KV cache, and decode speed without it; returns the JSON result."""
+
+    torch.manual_seed(seed)
+    model = build(model_cfg).to(device).eval()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, model_cfg.vocab_size, (batch_size, prompt_tokens), generator=g).to(device)
+    cfg = SampleConfig(max_new_tokens=max_new_tokens)  # greedy
+    log(f"device: {device_name(device)}; batch {batch_size}, prompt {prompt_tokens} tokens, "
+        f"{max_new_tokens} new tokens, greedy")
+    generate(model, idx, SampleConfig(max_new_tokens=2))  # warm up
+    cached, plain = {}, {}
+    out_cached = generate(model, idx, cfg, stats=cached)
+    out_plain = generate(model, idx, cfg, use_cache=False, stats=plain)
+    new = batch_size * max(max_new_tokens - 1, 1)  # the first new token comes from the prefill
+    prefill_tok_s = batch_size * prompt_tokens / cached["prefill_seconds"]
+    decode_tok_s = new / cached["decode_seconds"]
+    plain_tok_s = new / plain["decode_seconds"]
+    weight_bytes = spec_for(model_cfg).matmul_params(model_cfg) * next(model.parameters()).element_size()
+    bandwidth = measure_copy_bandwidth()
+    bound = bandwidth / weight_bytes  # decode steps/s if each step only streamed the weights once
+    log(f"prefill {prefill_tok_s:,.1f} tokens/s; decode with KV cache {decode_tok_s:,.2f} tokens/s, "
+        f"without {plain_tok_s:,.2f} tokens/s ({decode_tok_s / plain_tok_s:.1f}x)")
+    log(f"memory: {weight_bytes / 1e6:.0f} MB of matmul weights read per decode step; copy bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s -> bandwidth bound {bound:.1f} steps/s; KV-cache decode: "
+        f"{1000 * batch_size / decode_tok_s:.1f} ms/step = {batch_size * bound / decode_tok_s:.2f}x the bound's "
+        f"{1000 / bound:.1f} ms")
+    log(f"cached and uncached outputs identical: {out_cached == out_plain}")
+    result = {"prefill_tokens_per_s": round(prefill_tok_s, 2), "decode_tokens_per_s": round(decode_tok_s, 2),
+              "decode_tokens_per_s_no_cache": round(plain_tok_s, 2), "device": device_name(device)}
+    log(json.dumps(result))
+    return result
