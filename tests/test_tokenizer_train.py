@@ -5,9 +5,9 @@ import json
 import pytest
 from clirun import run
 
-from gptforge.checkpoint import load_model
 from gptforge.config import ConfigError
 from gptforge.tokenizer import ENDOFTEXT, HFTokenizer, get_tokenizer, tokenizer_from_metadata, train_bpe
+from gptforge.weights import load_model
 
 ROUND_TRIP = [
     "Every effort moves you",

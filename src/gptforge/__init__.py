@@ -1,13 +1,12 @@
 """gptforge: pretrain GPT-2-style language models from raw text."""
 
-from .checkpoint import load_model
 from .data import Batches, DataConfig, TokenWindows
 from .evaluate import evaluate, perplexity
 from .generate import SampleConfig, generate, sample_text
 from .models.gpt2 import GPT, PRESETS, GPTConfig
 from .tokenizer import GPT2Tokenizer, Tokenizer, get_tokenizer
 from .train import RunConfig, TrainConfig, train
-from .weights import load_any, to_hf
+from .weights import load_any, load_model, to_hf
 
 __version__ = "0.1.0"
 __all__ = [

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from .distributed import checkpoint_blocks
 from .generate import SampleConfig, generate
 from .models import build, spec_for
 from .models.gpt2 import GPTConfig
@@ -41,7 +42,8 @@ def bench_train(model_cfg: GPTConfig, batch_size: int, device: torch.device, pre
         keep_freed_cpu_memory()  # as train.train does
     torch.manual_seed(seed)
     model = build(model_cfg).to(device)  # set up as train.train does
-    model.activation_checkpointing = activation_checkpointing
+    if activation_checkpointing:
+        checkpoint_blocks(model)
     step_model = torch.compile(model) if compile else model
     optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device)
     amp = Precision(precision, device)

@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import faults
-from .models import build, config_from_dict, spec_for
+from .models import spec_for
 from .models.gpt2 import GPT
 from .tokenizer import Tokenizer, tokenizer_metadata
 
@@ -117,25 +117,6 @@ def read_weights_meta(path: Path) -> dict:
     if meta.get("format") != "gptforge" or "model" not in meta:
         raise CheckpointError(f"{path}: safetensors file without gptforge metadata (no model config)")
     return meta
-
-
-def load_weights_into(model: GPT, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    sd = load_file(str(path), device="cpu")
-    expected = model_state(model)
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for k, v in sd.items():
-        if v.shape != expected[k].shape:
-            raise CheckpointError(
-                f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}"
-            )
-    model.load_state_dict(sd, strict=not model.cfg.tie_weights)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -356,15 +337,3 @@ def resolve_weights(source: str | Path) -> Path:
         raise CheckpointError(f"{p}: neither a run directory with checkpoints nor a checkpoint directory")
     raise CheckpointError(f"{p}: no such file or directory")
 
-
-def load_model(source: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
-    """A gptforge model from a run dir, checkpoint dir or weights file; returns (model, metadata)."""
-    path = resolve_weights(source)
-    meta = read_weights_meta(path)
-    try:
-        cfg = config_from_dict(json.loads(meta["model"]), meta.get("arch"))  # no arch: written before families
-    except ValueError as e:
-        raise CheckpointError(f"{path}: bad model config in the metadata ({e})") from None
-    model = build(cfg)
-    load_weights_into(model, path)
-    return model.to(device), meta

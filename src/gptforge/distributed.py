@@ -7,12 +7,14 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for every process it starts; a pla
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from .models import spec_for
 
@@ -71,6 +73,19 @@ def wrap(model: torch.nn.Module, device: torch.device, parallel: str) -> torch.n
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing: each of the spec's blocks recomputes its activations in backward instead of
+    storing them, while it trains without a cache (evaluation and decoding run as before). Apply it before `wrap`."""
+    for block in spec_for(model.cfg).blocks(model):
+        block.forward = functools.partial(_checkpointed, block, block.forward)
+
+
+def _checkpointed(block: torch.nn.Module, forward, x: torch.Tensor, *args):
+    if args or not block.training:  # a cached step (layer cache, start position) or evaluation
+        return forward(x, *args)
+    return checkpoint(forward, x, use_reentrant=False)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

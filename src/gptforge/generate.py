@@ -7,6 +7,8 @@ decode steps that read the cache instead of recomputing the whole context.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +85,39 @@ def decode_one_token(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache |
     return prefill(model, idx, None)
 
 
+def sampling_generator(cfg: SampleConfig, seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """The random generator sampling draws from: none for greedy; seeded, or fresh entropy for this generator only
+    (the global RNG is untouched either way)."""
+    if cfg.temperature == 0:
+        return None
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
+
+
+def iter_tokens(model: torch.nn.Module, idx: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None = None,
+                use_cache: bool = True, lock: AbstractContextManager | None = None) -> Iterator[torch.Tensor]:
+    """The one token-by-token loop: the next token ids (B, 1) after idx (B, T), up to cfg.max_new_tokens of them.
+
+    The prompt is prefilled (into a KV cache with use_cache), then each step is one decode step; a
+    caller stops early by not asking for more. Each step runs under `lock` (serve: one request on
+    the model at a time) and without gradients.
+    """
+    cache = None
+    if use_cache and cfg.max_new_tokens > 0:
+        p = next(model.parameters())
+        cache = KVCache(model.cfg, idx.size(0), p.device, p.dtype)
+    for i in range(cfg.max_new_tokens):
+        with lock or nullcontext(), torch.no_grad():
+            logits = prefill(model, idx, cache) if i == 0 else decode_one_token(model, idx, cache)  # (B, V)
+            tok = next_token(logits, cfg, generator)  # (B, 1)
+        yield tok
+        idx = torch.cat([idx, tok], dim=1)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -98,39 +133,32 @@ def generate(
     The model sees at most its context_length most recent tokens. A row stops after it produces
     eos_id (kept in its output); the others go on. Returns the new tokens of each row. With
     use_cache, a KV cache turns each step into a one-token forward pass (same tokens, greedy).
-    A `stats` dict receives prefill_seconds, decode_seconds and tokens (new tokens of all rows).
+    A `stats` dict receives prefill_seconds (the prompt and the first pick), decode_seconds and
+    tokens (new tokens of all rows).
     """
     was_training = model.training
     model.eval()
     B = idx.size(0)
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    cache = None
-    if use_cache and cfg.max_new_tokens > 0:
-        p = next(model.parameters())
-        cache = KVCache(model.cfg, B, p.device, p.dtype)
     t0 = time.perf_counter()
+    t1 = None
     try:
-        logits = prefill(model, idx, cache) if cfg.max_new_tokens > 0 else None
-        if stats is not None and idx.device.type == "cuda":
-            torch.cuda.synchronize(idx.device)  # time the prefill itself, not its launch
-        t1 = time.perf_counter()
-        for i in range(cfg.max_new_tokens):
-            tok = next_token(logits, cfg, generator)  # (B, 1)
+        for tok in iter_tokens(model, idx, cfg, generator, use_cache):  # (B, 1)
             for b, (t, finished) in enumerate(zip(tok.flatten().tolist(), done.tolist())):
                 if not finished:  # one host copy per step, not one per row
                     out[b].append(t)
+            if t1 is None:
+                t1 = time.perf_counter()  # after the first host copy: the prefill has finished
             if eos_id is not None:
                 done |= tok.squeeze(1) == eos_id
                 if bool(done.all()):
                     break
-            idx = torch.cat([idx, tok], dim=1)
-            if i + 1 < cfg.max_new_tokens:
-                logits = decode_one_token(model, idx, cache)  # (B, V)
     finally:
         model.train(was_training)
     if stats is not None:
         t2 = time.perf_counter()
+        t1 = t0 if t1 is None else t1
         stats.update(prefill_seconds=t1 - t0, decode_seconds=t2 - t1, tokens=sum(len(o) for o in out))
     return out
 
@@ -152,12 +180,6 @@ def sample_text(
             raise ValueError("the prompt is empty; give some text to continue")
         ids = [tokenizer.eot_id]  # an empty prompt starts a fresh document
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    generator = None
-    if cfg.temperature > 0:
-        generator = torch.Generator(device=device)
-        if seed is not None:
-            generator.manual_seed(seed)
-        else:
-            generator.seed()  # fresh entropy for this generator only; the global RNG is untouched
+    generator = sampling_generator(cfg, seed, device)
     outs = generate(model, idx, cfg, eos_id=tokenizer.eot_id, generator=generator, stats=stats)
     return [tokenizer.decode([t for t in o if t != tokenizer.eot_id]) for o in outs]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 
 from tqdm import tqdm
 
 from . import faults
 from .checkpoint import atomic_write_bytes
+from .evaluate import perplexity
+from .perf import mfu
 
 
 class MetricsLog:
@@ -132,8 +133,9 @@ class Progress:
         """Advance one step that trained `tokens` tokens in `seconds`; returns the smoothed tokens/s."""
         tok_s = tokens / max(seconds, 1e-9)
         self.rate = tok_s if self.rate is None else 0.9 * self.rate + 0.1 * tok_s
-        mfu = f", MFU {self.flops_per_token * self.rate / self.peak_flops:.2f}" if self.peak_flops else ""
-        self.bar.set_postfix_str(f"loss {loss:.3f}, {human(self.rate)} tok/s{mfu}, lr {lr:.2e}", refresh=False)
+        m = mfu(self.flops_per_token, self.rate, self.peak_flops)
+        shown = f", MFU {m:.2f}" if m is not None else ""
+        self.bar.set_postfix_str(f"loss {loss:.3f}, {human(self.rate)} tok/s{shown}, lr {lr:.2e}", refresh=False)
         self.bar.update(1)
         return self.rate
 
@@ -152,5 +154,5 @@ def format_eval(step: int, tokens: int, train_loss: float | None, val_loss: floa
     if train_loss is not None:
         parts.append(f"train loss {train_loss:.3f}")
     if val_loss is not None:
-        parts.append(f"val loss {val_loss:.3f} (ppl {math.exp(min(val_loss, 700)):.1f})")
+        parts.append(f"val loss {val_loss:.3f} (ppl {perplexity(val_loss):.1f})")
     return " | ".join(parts)

@@ -42,7 +42,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .generate import SampleConfig, decode_one_token, next_token, prefill
+from .generate import SampleConfig, iter_tokens, sampling_generator
 from .models import KVCache
 from .tokenizer import tokenizer_from_metadata
 from .train import pick_device
@@ -200,23 +200,11 @@ class Engine:
     def tokens(self, req: Request) -> Iterator[int]:
         """New token ids one at a time; stops after max_tokens or at the end-of-text token (not yielded)."""
         idx = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
-        generator = None
-        if req.sample.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            if req.seed is not None:
-                generator.manual_seed(req.seed)
-            else:
-                generator.seed()
-        param = next(self.model.parameters())
-        cache = KVCache(self.model.cfg, 1, param.device, param.dtype)  # this request's keys and values
-        for i in range(req.sample.max_new_tokens):
-            with self.lock, torch.no_grad():  # prefill the prompt, then one cached step per token
-                logits = prefill(self.model, idx, cache) if i == 0 else decode_one_token(self.model, idx, cache)
-                tok = next_token(logits, req.sample, generator)  # (1, 1)
+        generator = sampling_generator(req.sample, req.seed, self.device)
+        for tok in iter_tokens(self.model, idx, req.sample, generator, lock=self.lock):  # a KV cache of its own
             if int(tok) == self.tokenizer.eot_id:
                 return
             yield int(tok)
-            idx = torch.cat([idx, tok], dim=1)
 
     def pieces(self, req: Request, usage: dict) -> Iterator[str]:
         """The continuation as text pieces, each ending on a whole character; fills usage and finish_reason."""

@@ -33,16 +33,16 @@ from .data import (
     tokens_digest,
     training_batches,
 )
-from .evaluate import evaluate, loss_batch
+from .evaluate import evaluate, loss_batch, perplexity
 from .generate import SampleConfig, sample_text
 from .loggers import LOGGERS, check_loggers, open_trackers
 from .models import build, spec_for
 from .models.gpt2 import GPT, GPTConfig
 from .optim import lr_at, make_optimizer, set_lr
-from .perf import keep_freed_cpu_memory, peak_flops
+from .perf import keep_freed_cpu_memory, mfu, peak_flops
 from .report import MetricsLog, Progress, format_eval, human, plot_losses
 from .tokenizer import Tokenizer, get_tokenizer
-from .weights import load_any
+from .weights import load_any, load_model
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -338,7 +338,8 @@ def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> GPT:
         model = build(cfg.model).to(device)
     if dist.world_size() > 1:
         torch.manual_seed(cfg.train.seed + 1000 * dist.rank())  # same initial weights, a dropout stream per rank
-    model.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.activation_checkpointing:
+        dist.checkpoint_blocks(model)
     return model
 
 
@@ -370,7 +371,7 @@ class Checkpointer:
                               "new run")
         if dist.is_main():
             ckpt.set_aside(damaged, self.warn)
-        ckpt.load_weights_into(model, last / ckpt.WEIGHTS)
+        model.load_state_dict(load_model(last)[0].state_dict())
         if "scaler" in saved and self.amp.scaler.is_enabled():
             self.amp.scaler.load_state_dict(saved["scaler"])
         state.load_state_dict(saved)
@@ -427,7 +428,7 @@ class Evaluator:
         record = dict(event="eval", step=step, tokens=state.tokens, lr=self.schedule.lr_at(max(step - 1, 0)),
                       **losses)
         if "val_loss" in losses:
-            record["val_perplexity"] = math.exp(min(losses["val_loss"], 700))
+            record["val_perplexity"] = perplexity(losses["val_loss"])
         self.progress.write(format_eval(step, state.tokens, losses.get("train_loss"), losses.get("val_loss")))
         if t.sample_tokens > 0:  # its own seeded generator: the training RNG stays untouched
             sample_cfg = SampleConfig(t.sample_tokens, t.sample_temperature, t.sample_top_k)
@@ -572,7 +573,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             seconds = time.perf_counter() - t0
             train_seconds += seconds
             tok_s = progress.step(result.loss, tokens_per_step, seconds, lr)
-            log_step(result, state, lr, tok_s, fpt * tok_s / peak if peak else None, t, metrics, trackers, progress)
+            log_step(result, state, lr, tok_s, mfu(fpt, tok_s, peak), t, metrics, trackers, progress)
             if state.step % t.eval_every == 0 or state.step == schedule.total_steps:
                 last_eval = evaluator(model, state)
             if state.step % save_every == 0 or state.step == schedule.total_steps or stopping or result.save_due:

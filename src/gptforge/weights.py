@@ -703,6 +703,13 @@ def load_any(source: str | Path, device: torch.device | str = "cpu", *, context_
     return model.to(device), src.meta
 
 
+def load_model(source: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+    """A gptforge model from a run dir (its newest intact checkpoint), checkpoint dir or weights file;
+    returns (model, the weights file's metadata). The one reader of gptforge weights files."""
+    src = _gptforge_source(Path(source))
+    return build_model(src).to(device), src.meta
+
+
 def init_model_config(source: str, requested: dict) -> GPTConfig:
     """The model config for `train --init-from SOURCE`: the source's shape, with requested settings checked.
 

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..config import check_range, flag
@@ -108,7 +107,6 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.activation_checkpointing = False  # recompute each block in backward instead of storing it
         # Rows of the embedding and head: the vocabulary, padded (pad_vocab) to a multiple of 64.
         self.padded_vocab = -(-cfg.vocab_size // 64) * 64 if cfg.pad_vocab else cfg.vocab_size
         self.wte = nn.Embedding(self.padded_vocab, cfg.emb_dim)
@@ -171,8 +169,6 @@ class GPT(nn.Module):
         for i, block in enumerate(self.h):
             if cache is not None:
                 x = block(x, cache.layer(i), start)
-            elif self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         if cache is not None:
