@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gptforge.cli import DEFAULT_CORPUS_RUN, resolve_train_config
+from gptforge.runconfig import DEFAULT_CORPUS_RUN, resolve_train_config
 from gptforge.train import train
 
 

@@ -168,3 +168,25 @@ def test_help_explains_every_flag(capsys):
                  "--drop-rate", "--qkv-bias", "--batch-size", "--lr", "--weight-decay", "--resume", "--config",
                  "--out"):
         assert flag in out, flag
+
+
+def test_command_flags_are_the_component_dataclasses_fields(capsys):
+    """eval, generate, serve and bench take their flags from the dataclasses their modules own."""
+    from dataclasses import fields
+
+    from gptforge.bench import BenchConfig
+    from gptforge.evaluate import EvalConfig
+    from gptforge.generate import GenerateConfig, SampleConfig
+    from gptforge.serve import ServeConfig
+
+    wanted = {("eval",): [f.name for f in fields(EvalConfig)],
+              ("generate",): [f.name for cls in (GenerateConfig, SampleConfig) for f in fields(cls)],
+              ("serve",): [f.name for f in fields(ServeConfig)],
+              ("bench", "train"): ["steps", "warmup", "profile"],
+              ("bench", "generate"): ["max_new_tokens", "prompt_tokens"]}
+    assert set(wanted[("bench", "train")] + wanted[("bench", "generate")]) == {f.name for f in fields(BenchConfig)}
+    for path, names in wanted.items():
+        code, out, _ = run([*path, "--help"], capsys)
+        assert code == 0
+        for name in names:
+            assert "--" + name.replace("_", "-") in out, (path, name)

@@ -17,7 +17,8 @@ from clirun import run as cli
 from gptforge import checkpoint as ckpt
 from gptforge.data import DataConfig
 from gptforge.models.gpt2 import GPTConfig
-from gptforge.train import RunConfig, TrainConfig, train
+from gptforge.runconfig import RunConfig, TrainConfig
+from gptforge.train import train
 
 
 @pytest.fixture(scope="module")

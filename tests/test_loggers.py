@@ -8,7 +8,8 @@ import pytest
 from gptforge.cli import main
 from gptforge.loggers import LOGGERS, check_loggers, open_trackers, scalars
 from gptforge.models.gpt2 import GPTConfig
-from gptforge.train import RunConfig, TrainConfig, train
+from gptforge.runconfig import RunConfig, TrainConfig
+from gptforge.train import train
 
 INSTALLED = [name for name in LOGGERS if importlib.util.find_spec(name) is not None]
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from gptforge import checkpoint as ckpt
 from gptforge.data import DataConfig
 from gptforge.models.gpt2 import GPTConfig
-from gptforge.train import RunConfig, TrainConfig, train
+from gptforge.runconfig import RunConfig, TrainConfig
+from gptforge.train import train
 
 
 def tiny_run(text_file, **train_kw) -> RunConfig:

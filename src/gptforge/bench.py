@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
+from .config import ConfigError, check_range, opt
+from .devices import pick_device
 from .distributed import checkpoint_blocks
 from .generate import SampleConfig, generate
 from .models import build, spec_for
@@ -27,16 +30,34 @@ from .perf import (
     peak_memory_bytes,
     sync,
 )
+from .runconfig import TrainConfig
 from .train import Precision
 
 
-def bench_train(model_cfg: GPTConfig, batch_size: int, device: torch.device, precision: str = "auto",
-                compile: bool = False, activation_checkpointing: bool = False, steps: int = 10, warmup: int = 2,
-                seed: int = 0, profile: bool = False, log=print) -> dict:
+@dataclass
+class BenchConfig:
+    """How `gptforge bench` measures: timed and untimed training steps, profiling, and the lengths it generates."""
+
+    steps: int = opt(10, "Timed optimizer steps (median reported).")
+    warmup: int = opt(2, "Untimed steps first.")
+    profile: bool = opt(False, "Also profile one step and print torch.profiler's op table.")
+    max_new_tokens: int = opt(200, "Tokens to generate per row.")
+    prompt_tokens: int = opt(10, "Length of the (random) prompt.")
+
+    def __post_init__(self) -> None:
+        check_range("steps", self.steps, 1)
+        check_range("warmup", self.warmup, 0)
+
+
+def bench_train(model_cfg: GPTConfig, t: TrainConfig, b: BenchConfig, log=print) -> dict:
     """Time optimizer steps on random tokens, with the training loop's own pieces; returns the JSON result.
 
-    With profile, one more step runs under torch.profiler and its op table (by self time) is printed.
+    From `t`: batch_size, device, precision, compile, activation_checkpointing, seed. With b.profile,
+    one more step runs under torch.profiler and its op table (by self time) is printed.
     """
+    batch_size, precision, seed, steps, warmup = t.batch_size, t.precision, t.seed, b.steps, b.warmup
+    compile, activation_checkpointing = t.compile, t.activation_checkpointing
+    device = pick_device(t.device)
 
     if device.type == "cpu":
         keep_freed_cpu_memory()  # as train.train does
@@ -78,7 +99,7 @@ def bench_train(model_cfg: GPTConfig, batch_size: int, device: torch.device, pre
     m = mfu(fpt, tok_s, peak)
     log(f"median {ms:.0f} ms/step (best {min(times) * 1000:.0f}), {tok_s:,.1f} tokens/s"
         + (f", MFU {m:.3f} (best step: {mfu(fpt, batch_size * T / min(times), peak):.3f})" if m else ""))
-    if profile:
+    if b.profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
@@ -94,9 +115,16 @@ def bench_train(model_cfg: GPTConfig, batch_size: int, device: torch.device, pre
     return result
 
 
-def bench_generate(model_cfg: GPTConfig, batch_size: int, device: torch.device, prompt_tokens: int = 10,
-                   max_new_tokens: int = 200, seed: int = 0, log=print) -> dict:
-    """Prefill and decode speed with the KV cache, and decode speed without it; returns the JSON result."""
+def bench_generate(model_cfg: GPTConfig, t: TrainConfig, b: BenchConfig, log=print) -> dict:
+    """Prefill and decode speed with the KV cache, and decode speed without it; returns the JSON result.
+
+    From `t`: batch_size, device, seed; from `b`: prompt_tokens, max_new_tokens (both fit in the context).
+    """
+    batch_size, seed, prompt_tokens, max_new_tokens = t.batch_size, t.seed, b.prompt_tokens, b.max_new_tokens
+    if prompt_tokens < 1 or max_new_tokens < 2 or prompt_tokens + max_new_tokens > model_cfg.context_length:
+        raise ConfigError(f"--prompt-tokens {prompt_tokens} (at least 1) plus --max-new-tokens {max_new_tokens} "
+                          f"(at least 2) must fit in the context length {model_cfg.context_length}")
+    device = pick_device(t.device)
 
     torch.manual_seed(seed)
     model = build(model_cfg).to(device).eval()

@@ -1,7 +1,8 @@
 """Settings from dataclasses, presets, TOML files and command-line flags, in that order of precedence.
 
 Each component owns a small dataclass (GPTConfig in models/gpt2.py, DataConfig in data.py, TrainConfig in
-train.py, SampleConfig in generate.py). Every field carries its help text in
+runconfig.py, SampleConfig and GenerateConfig in generate.py, EvalConfig in evaluate.py, ServeConfig in serve.py,
+BenchConfig in bench.py, PrepareConfig in prepare.py). Every field carries its help text in
 ``metadata["help"]``; the CLI's flags are generated from the fields (``emb_dim`` -> ``--emb-dim``),
 and a ``--config`` TOML file uses the same names, flat or in tables named after the section::
 
@@ -64,6 +65,12 @@ def check_range(name: str, value: Any, low: float | None = None, high: float | N
     else:
         want = f"in {'(' if above else '['}{low}, {high}{')' if below else ']'}"
     raise ConfigError(f"{flag(name)} must be {want}, got {value}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Refuse a value that is not one of `choices` with a ConfigError naming its flag."""
+    if value not in choices:
+        raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def help_of(f: Field) -> str:

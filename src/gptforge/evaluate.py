@@ -8,7 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import check_range, opt
+from .config import ConfigError, check_choice, check_range, opt
+from .data import Batches, TokenWindows, check_windows, eval_tokens
+from .devices import DEVICES, device_opt, pick_device
+from .weights import load_for_text
 
 
 @dataclass
@@ -20,10 +23,12 @@ class EvalConfig:
     stride: int | None = opt(None, "Step between window starts; default: the context length.")
     batch_size: int = opt(8, "Windows per batch.")
     max_batches: int | None = opt(None, "Score only the first N batches; default: all.")
+    device: str = device_opt()
 
     def __post_init__(self) -> None:
         for name in ("context_length", "stride", "batch_size", "max_batches"):
             check_range(name, getattr(self, name), 1)
+        check_choice("device", self.device, DEVICES)
 
 
 def loss_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -71,3 +76,17 @@ def evaluate(
     if count == 0:
         raise ValueError("no batches to evaluate: the data gives no complete window")
     return EvalResult(loss=total / count, tokens=count)
+
+
+def evaluate_text(source, data: Iterable[str], cfg: EvalConfig) -> EvalResult:
+    """`gptforge eval`: the loss of the model in source (any format weights.load_any reads) on the text
+    files in `data` (or a prepared directory's val split), windows and batches as cfg says."""
+    device = pick_device(cfg.device)
+    model, tokenizer, _ = load_for_text(source, device)
+    ctx = cfg.context_length or model.cfg.context_length
+    if ctx > model.cfg.context_length:
+        raise ConfigError(f"--context-length {ctx} must be between 1 and the model's {model.cfg.context_length}")
+    tokens = eval_tokens(tuple(data), tokenizer)
+    windows = TokenWindows(tokens, ctx, cfg.stride)
+    check_windows(windows, len(tokens), "evaluation", cfg.batch_size, drop_last=False)
+    return evaluate(model, Batches(windows, cfg.batch_size, shuffle=False, drop_last=False), cfg.max_batches, device)

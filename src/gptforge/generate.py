@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import check_range, opt
+from .config import SEED_MAX, check_choice, check_range, opt
+from .devices import DEVICES, device_opt, pick_device
 from .models import KVCache
+from .weights import load_for_text
 
 
 @dataclass
@@ -33,6 +35,21 @@ class SampleConfig:
         check_range("temperature", self.temperature, 0)
         check_range("top_k", self.top_k, 1)
         check_range("top_p", self.top_p, 0, 1, above=True)
+
+
+@dataclass
+class GenerateConfig:
+    """What `gptforge generate` continues, how many times, and where (SampleConfig: how tokens are picked)."""
+
+    prompt: str = opt("", "Text to continue; default: empty, which starts a new document.")
+    num_samples: int = opt(1, "Continuations to generate.")
+    seed: int | None = opt(None, "Seed for sampling: the same seed repeats the samples.")
+    device: str = device_opt()
+
+    def __post_init__(self) -> None:
+        check_range("num_samples", self.num_samples, 1)
+        check_range("seed", self.seed, 0, SEED_MAX)
+        check_choice("device", self.device, DEVICES)
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -183,3 +200,11 @@ def sample_text(
     generator = sampling_generator(cfg, seed, device)
     outs = generate(model, idx, cfg, eos_id=tokenizer.eot_id, generator=generator, stats=stats)
     return [tokenizer.decode([t for t in o if t != tokenizer.eot_id]) for o in outs]
+
+
+def generate_text(source, cfg: GenerateConfig, sample: SampleConfig, stats: dict | None = None) -> list[str]:
+    """`gptforge generate`: cfg.num_samples continuations of cfg.prompt by the model in source (any format
+    weights.load_any reads), prompt excluded; stats as in generate()."""
+    device = pick_device(cfg.device)
+    model, tokenizer, _ = load_for_text(source, device)
+    return sample_text(model, tokenizer, cfg.prompt, sample, cfg.num_samples, cfg.seed, device, stats=stats)

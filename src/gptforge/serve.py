@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from importlib import resources
 from itertools import accumulate
@@ -41,12 +41,11 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError
+from .config import ConfigError, check_choice, check_range, opt
+from .devices import DEVICES, device_opt, pick_device
 from .generate import SampleConfig, iter_tokens, sampling_generator
 from .models import KVCache
-from .tokenizer import tokenizer_from_metadata
-from .train import pick_device
-from .weights import load_any
+from .weights import load_for_text
 
 MAX_BODY_BYTES = 1 << 20
 MAX_DEPTH = 8  # arrays and objects inside each other in a request body; the fields we take need 2
@@ -73,6 +72,38 @@ class Limits:
     max_tokens: int = 256  # the largest max_tokens a request may ask for
     max_prompt_chars: int = 20_000  # checked before tokenizing
     max_concurrent: int = 4  # generations at once, each holding a full-context KV cache (kv_cache_bytes)
+
+
+@dataclass
+class ServeConfig:
+    """Where `gptforge serve` listens, which Host headers it answers, and how much requests may ask for."""
+
+    host: str = opt("127.0.0.1", "Address to listen on; the default serves this machine only (loopback). Requests "
+                                 "must name a loopback host or this address in their Host header (0.0.0.0 or ::: any "
+                                 "IP address too).")
+    port: int = opt(8000, "Port to listen on; 0 picks a free one.")
+    allowed_host: list[str] = field(default_factory=list, metadata={
+        "help": "Another name the Host header may give, e.g. the public name of a reverse proxy in front; "
+                "repeatable. Other names get 403, which stops DNS-rebinding pages.", "metavar": "NAME"})
+    max_tokens_limit: int = opt(256, "Largest max_tokens a request may ask for; larger requests are rejected.")
+    max_prompt_chars: int = opt(20_000, "Longest prompt accepted, in characters (prompts are also limited to the "
+                                        "model's context).")
+    max_concurrent: int = opt(4, "Generations run at once; more get 503 with Retry-After. Each holds a full-context "
+                                 "KV cache of 2 * n_layers * context_length * emb_dim * bytes per element (GPT-2 124M "
+                                 "in fp32: 72 MiB); the start-up line prints this model's.")
+    device: str = device_opt()
+
+    def __post_init__(self) -> None:
+        check_range("port", self.port)  # a number
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
+        for name in ("max_tokens_limit", "max_prompt_chars", "max_concurrent"):
+            check_range(name, getattr(self, name), 1)
+        check_choice("device", self.device, DEVICES)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_tokens_limit, self.max_prompt_chars, self.max_concurrent)
 
 
 def kv_cache_bytes(cfg, dtype: torch.dtype) -> int:
@@ -448,11 +479,7 @@ def load_engine(source: str | Path, device: str = "auto", limits: Limits | None 
     """The model in source with the tokenizer its checkpoint names or carries, ready to serve."""
 
     dev = pick_device(device)
-    model, meta = load_any(source, dev)
-    tokenizer = tokenizer_from_metadata(meta)
-    if model.cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"{source}: the model has {model.cfg.vocab_size} token ids, fewer than its "
-                          f"{meta.get('tokenizer', 'gpt2')} tokenizer's {tokenizer.vocab_size}; it cannot read text")
+    model, tokenizer, _ = load_for_text(source, dev)
     path = Path(source).resolve()  # the model's name: its run directory's, else the file's or directory's
     path = path.parent if path.name == ckpt.WEIGHTS else path
     path = path.parent.parent if path.parent.name == ckpt.CHECKPOINTS else path
@@ -460,14 +487,15 @@ def load_engine(source: str | Path, device: str = "auto", limits: Limits | None 
     return Engine(model, tokenizer, name, dev, limits)
 
 
-def serve(source: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          limits: Limits | None = None, allowed_hosts: Iterable[str] = (), log=print) -> None:
+def serve(source: str | Path, settings: ServeConfig | None = None, log=print) -> None:
     """Load the model in source and serve it until interrupted."""
     import uvicorn
 
-    hosts = AllowedHosts.serving(host, allowed_hosts)
-    sock = listen(host, port)  # before loading, so a busy port fails fast
-    engine = load_engine(source, device, limits)
+    settings = settings or ServeConfig()
+    host = settings.host
+    hosts = AllowedHosts.serving(host, settings.allowed_host)
+    sock = listen(host, settings.port)  # before loading, so a busy port fails fast
+    engine = load_engine(source, settings.device, settings.limits)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     if host not in LOOPBACK:

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +18,9 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import faults
-from .config import SEED_MAX, ConfigError, check_range, opt, to_toml_dict
+from .config import ConfigError
 from .data import (
     Batches,
-    DataConfig,
     RandomBatches,
     TokenWindows,
     check_windows,
@@ -33,104 +32,18 @@ from .data import (
     tokens_digest,
     training_batches,
 )
+from .devices import pick_device
 from .evaluate import evaluate, loss_batch, perplexity
 from .generate import SampleConfig, sample_text
-from .loggers import LOGGERS, check_loggers, open_trackers
+from .loggers import check_loggers, open_trackers
 from .models import build, spec_for
-from .models.gpt2 import GPT, GPTConfig
+from .models.gpt2 import GPT
 from .optim import lr_at, make_optimizer, set_lr
 from .perf import keep_freed_cpu_memory, mfu, peak_flops
 from .report import MetricsLog, Progress, format_eval, human, plot_losses
+from .runconfig import RunConfig, TrainConfig
 from .tokenizer import Tokenizer, get_tokenizer
 from .weights import load_any, load_model
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-# The recipe for `gptforge train` with no DATA (the built-in corpus, ~115K tokens): ~10 minutes on
-# a 2-core CPU with the default "mini" preset. Flags and --config still win over these.
-DEFAULT_CORPUS_RUN = {"epochs": 5, "lr": 1e-3, "sample_prompt": "The", "sample_temperature": 0.8,
-                      "sample_top_k": 40}
-
-
-@dataclass
-class TrainConfig:
-    """How a run trains, evaluates and saves."""
-
-    out: str | None = opt(None, "Run directory to write; default: runs/<date>-<time>.")
-    batch_size: int = opt(8, "Windows per micro-batch.")
-    grad_accum: int = opt(1, "Micro-batches whose gradients add up to one optimizer step.")
-    lr: float = opt(4e-4, "Peak learning rate, reached at the end of warmup.")
-    min_lr: float | None = opt(None, "Learning rate at the end of the cosine decay; default: lr / 10.")
-    warmup_steps: int | None = opt(None, "Steps of linear warmup; default: 5% of the run's steps.")
-    weight_decay: float = opt(0.1, "AdamW weight decay, applied to weight matrices and embeddings only.")
-    beta1: float = opt(0.9, "AdamW beta1.")
-    beta2: float = opt(0.95, "AdamW beta2.")
-    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 turns clipping off.")
-    skip_nonfinite: bool = opt(False, "Skip a step whose loss or gradient is NaN/inf instead of stopping the run.")
-    epochs: int = opt(1, "Passes over the training windows (when --max-steps is not given).")
-    max_steps: int | None = opt(None, "Optimizer steps to train; overrides --epochs. Larger extends a run.")
-    eval_every: int = opt(50, "Evaluate train and val loss (and print a sample) every this many steps.")
-    eval_batches: int = opt(10, "Batches of train and of val data each evaluation scores.")
-    log_every: int = opt(10, "Write the training loss to metrics.jsonl every this many steps.")
-    save_every: int | None = opt(None, "Save a checkpoint every this many steps; default: at each evaluation.")
-    save_every_minutes: float | None = opt(None, "Also save a checkpoint when this many minutes passed since the last.")
-    keep_last: int = opt(3, "Checkpoints to keep (older ones are deleted); 0 keeps all.")
-    sample_prompt: str = opt("Every effort moves you", "Prompt for the sample shown at each evaluation.")
-    sample_tokens: int = opt(40, "Tokens in that sample; 0 turns samples off.")
-    sample_temperature: float = opt(0.0, "Temperature of that sample; 0 is greedy.")
-    sample_top_k: int | None = opt(None, "Top-k of that sample (with a temperature above 0).")
-    seed: int = opt(123, "Seed for weights, data order and dropout: a CPU run repeats exactly.")
-    device: str = opt("auto", "auto picks cuda, then mps, then cpu.", choices=DEVICES)
-    parallel: str = opt("ddp", "Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard).",
-                        choices=("ddp", "fsdp"))
-    progress: bool = opt(True, "Show the progress bar.")
-    logger: list[str] = field(default_factory=list, metadata={
-        "help": "Also log to this experiment tracker (repeatable); metrics.jsonl is always written.",
-        "choices": LOGGERS})
-    precision: str = opt("auto", "auto: bf16 autocast on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU.",
-                         choices=PRECISIONS)
-    compile: bool = opt(False, "Compile the model with torch.compile (checkpoints stay plain model weights).")
-    activation_checkpointing: bool = opt(False, "Recompute each block's activations in backward: less memory, "
-                                                "about a third more compute.")
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "epochs", "max_steps", "eval_every", "eval_batches", "log_every",
-                     "save_every", "sample_top_k"):
-            check_range(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_last", "sample_tokens", "sample_temperature"):
-            check_range(name, getattr(self, name), 0)
-        check_range("lr", self.lr, 0, above=True)
-        check_range("min_lr", self.min_lr, 0)
-        check_range("save_every_minutes", self.save_every_minutes, 0, above=True)
-        check_range("beta1", self.beta1, 0, 1, below=True)
-        check_range("beta2", self.beta2, 0, 1, below=True)
-        check_range("seed", self.seed, 0, SEED_MAX)
-        if self.min_lr is not None and self.min_lr > self.lr:
-            raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
-        if self.warmup_steps is not None and self.max_steps is not None and self.warmup_steps > self.max_steps:
-            raise ConfigError(f"--warmup-steps {self.warmup_steps} must not exceed --max-steps {self.max_steps} "
-                              "(the learning rate would never reach --lr)")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs: what is saved as RUN_DIR/config.toml."""
-
-    model: GPTConfig = field(default_factory=GPTConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    inputs: list[str] = field(default_factory=list)  # text files / directories; empty: the default corpus
-    preset: str | None = None
-    init_from: str | None = None  # a model SOURCE whose weights the run starts from (weights.load_any)
-
-    def to_toml(self) -> dict:
-        return to_toml_dict(arch=spec_for(self.model).arch, preset=self.preset, init_from=self.init_from,
-                            inputs=self.inputs, model=self.model, data=self.data, train=self.train)
 
 
 class TrainingError(RuntimeError):
@@ -162,20 +75,6 @@ def stop_requests():
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps: no Apple MPS device is available; use --device cpu or auto")
-    return torch.device(name)
 
 
 class Precision:

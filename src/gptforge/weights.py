@@ -39,7 +39,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .models import build, config_from_dict, get_spec, spec_for
 from .models.gpt2 import GPT, GPTConfig
-from .tokenizer import _gpt2_data_files
+from .tokenizer import Tokenizer, _gpt2_data_files, tokenizer_from_metadata
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -816,3 +816,27 @@ def to_gptforge(model: GPT, out: str | Path, tokenizer="gpt2", source: str | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt.save_weights(path, model, tokenizer, extra={"converted_from": source} if source else None)
     return path
+
+
+def load_for_text(source: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """load_any's model with the tokenizer its metadata names or carries: (model, tokenizer, metadata).
+
+    A model with fewer token ids than its tokenizer (e.g. a tiny test model) cannot read text: an error.
+    """
+    model, meta = load_any(source, device)
+    tokenizer = tokenizer_from_metadata(meta)
+    if model.cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"{source}: the model has {model.cfg.vocab_size} token ids, fewer than its "
+                          f"{meta.get('tokenizer', 'gpt2')} tokenizer's {tokenizer.vocab_size}; it cannot read or "
+                          "write text")
+    return model, tokenizer, meta
+
+
+def convert(source: str | Path, target: str, out: str | Path, n_heads: int | None = None) -> tuple[Path, GPT, dict]:
+    """`gptforge convert`: the model in source written to out as `target` (hf or gptforge), out checked before
+    the model is read; a gptforge checkpoint carries the whole tokenizer. Returns (path written, model, metadata)."""
+    convert_target(out, target)
+    model, meta = load_any(source, n_heads=n_heads)
+    if target == "hf":
+        return to_hf(model, out, meta.get("tokenizer", "gpt2")), model, meta
+    return to_gptforge(model, out, tokenizer_from_metadata(meta), source=str(source)), model, meta

@@ -1,0 +1,228 @@
+"""A run's settings and how they are layered: defaults < preset < saved run < --config file < flags.
+
+TrainConfig (how a run trains, evaluates and saves) and RunConfig (everything saved as
+RUN_DIR/config.toml) live here with `resolve_train_config`, which layers them for `gptforge train`
+(a new run or --resume) and checks --resume and --out before anything is written.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+
+from .checkpoint import CONFIG, check_writable, saved_run_config
+from .config import SEED_MAX, ConfigError, build, check_range, check_toml, opt, read_toml, to_toml_dict
+from .data import DataConfig, data_defaults
+from .devices import DEVICES
+from .loggers import LOGGERS
+from .models import DEFAULT_ARCH, ModelSpec, get_spec, spec_for
+from .models.gpt2 import GPTConfig
+from .weights import init_model_config
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# The recipe for `gptforge train` with no DATA (the built-in corpus, ~115K tokens): ~10 minutes on
+# a 2-core CPU with the default "mini" preset. Flags and --config still win over these.
+DEFAULT_CORPUS_RUN = {"epochs": 5, "lr": 1e-3, "sample_prompt": "The", "sample_temperature": 0.8,
+                      "sample_top_k": 40}
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains, evaluates and saves."""
+
+    out: str | None = opt(None, "Run directory to write; default: runs/<date>-<time>.")
+    batch_size: int = opt(8, "Windows per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches whose gradients add up to one optimizer step.")
+    lr: float = opt(4e-4, "Peak learning rate, reached at the end of warmup.")
+    min_lr: float | None = opt(None, "Learning rate at the end of the cosine decay; default: lr / 10.")
+    warmup_steps: int | None = opt(None, "Steps of linear warmup; default: 5% of the run's steps.")
+    weight_decay: float = opt(0.1, "AdamW weight decay, applied to weight matrices and embeddings only.")
+    beta1: float = opt(0.9, "AdamW beta1.")
+    beta2: float = opt(0.95, "AdamW beta2.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 turns clipping off.")
+    skip_nonfinite: bool = opt(False, "Skip a step whose loss or gradient is NaN/inf instead of stopping the run.")
+    epochs: int = opt(1, "Passes over the training windows (when --max-steps is not given).")
+    max_steps: int | None = opt(None, "Optimizer steps to train; overrides --epochs. Larger extends a run.")
+    eval_every: int = opt(50, "Evaluate train and val loss (and print a sample) every this many steps.")
+    eval_batches: int = opt(10, "Batches of train and of val data each evaluation scores.")
+    log_every: int = opt(10, "Write the training loss to metrics.jsonl every this many steps.")
+    save_every: int | None = opt(None, "Save a checkpoint every this many steps; default: at each evaluation.")
+    save_every_minutes: float | None = opt(None, "Also save a checkpoint when this many minutes passed since the last.")
+    keep_last: int = opt(3, "Checkpoints to keep (older ones are deleted); 0 keeps all.")
+    sample_prompt: str = opt("Every effort moves you", "Prompt for the sample shown at each evaluation.")
+    sample_tokens: int = opt(40, "Tokens in that sample; 0 turns samples off.")
+    sample_temperature: float = opt(0.0, "Temperature of that sample; 0 is greedy.")
+    sample_top_k: int | None = opt(None, "Top-k of that sample (with a temperature above 0).")
+    seed: int = opt(123, "Seed for weights, data order and dropout: a CPU run repeats exactly.")
+    device: str = opt("auto", "auto picks cuda, then mps, then cpu.", choices=DEVICES)
+    parallel: str = opt("ddp", "Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard).",
+                        choices=("ddp", "fsdp"))
+    progress: bool = opt(True, "Show the progress bar.")
+    logger: list[str] = field(default_factory=list, metadata={
+        "help": "Also log to this experiment tracker (repeatable); metrics.jsonl is always written.",
+        "choices": LOGGERS})
+    precision: str = opt("auto", "auto: bf16 autocast on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU.",
+                         choices=PRECISIONS)
+    compile: bool = opt(False, "Compile the model with torch.compile (checkpoints stay plain model weights).")
+    activation_checkpointing: bool = opt(False, "Recompute each block's activations in backward: less memory, "
+                                                "about a third more compute.")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "epochs", "max_steps", "eval_every", "eval_batches", "log_every",
+                     "save_every", "sample_top_k"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_last", "sample_tokens", "sample_temperature"):
+            check_range(name, getattr(self, name), 0)
+        check_range("lr", self.lr, 0, above=True)
+        check_range("min_lr", self.min_lr, 0)
+        check_range("save_every_minutes", self.save_every_minutes, 0, above=True)
+        check_range("beta1", self.beta1, 0, 1, below=True)
+        check_range("beta2", self.beta2, 0, 1, below=True)
+        check_range("seed", self.seed, 0, SEED_MAX)
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
+        if self.warmup_steps is not None and self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ConfigError(f"--warmup-steps {self.warmup_steps} must not exceed --max-steps {self.max_steps} "
+                              "(the learning rate would never reach --lr)")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs: what is saved as RUN_DIR/config.toml."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inputs: list[str] = field(default_factory=list)  # text files / directories; empty: the default corpus
+    preset: str | None = None
+    init_from: str | None = None  # a model SOURCE whose weights the run starts from (weights.load_any)
+
+    def to_toml(self) -> dict:
+        return to_toml_dict(arch=spec_for(self.model).arch, preset=self.preset, init_from=self.init_from,
+                            inputs=self.inputs, model=self.model, data=self.data, train=self.train)
+
+
+def print_warning(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+TRAIN_SECTIONS = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
+TRAIN_TOP_LEVEL = {"arch": str, "preset": str, "inputs": list, "init_from": str}
+
+
+def arch_spec(values: dict, where: str | Path | None) -> ModelSpec:
+    """The model family a run config names (no arch: GPT-2); an unknown one is an error naming the file."""
+    try:
+        return get_spec(values.get("arch", DEFAULT_ARCH))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def fixed_keys(spec: ModelSpec) -> set[str]:
+    """Settings a resumed run keeps: its model family, the model's shape, the data and where the weights came from."""
+    shape = {f.name for cls in (spec.config_class, DataConfig) for f in fields(cls)}
+    return shape | {"arch", "preset", "inputs", "init_from"}
+
+
+def resolve_train_config(data, config_file, resume, preset, flags, init_from=None,
+                         warn: Callable[[str], None] = print_warning) -> tuple[RunConfig, Path]:
+    """Layers, later winning: dataclass defaults, preset, saved run config (resume), --config file, flags.
+
+    With --init-from, the model's shape is the source's instead (weights.init_model_config). `data`,
+    `config_file`, `resume`, `preset` and `init_from` are the command's arguments, `flags` the flags
+    given; warnings about a resumed run's saved config go to `warn`. Returns the config and the run directory.
+    """
+    file_values = read_toml(config_file, TRAIN_SECTIONS, TRAIN_TOP_LEVEL) if config_file else {}
+    if preset is not None:
+        file_values["preset"] = preset
+    if init_from is not None:
+        file_values["init_from"] = init_from
+    layers: list[dict] = []
+    if resume:
+        run_dir = Path(resume)
+        saved = saved_train_config(run_dir, warn)
+        check_writable(run_dir, "--resume")
+        changes = {**file_values, **flags}
+        if data:
+            changes["inputs"] = list(data)
+        spec = arch_spec(saved, run_dir / CONFIG)
+        for k in sorted(fixed_keys(spec) & set(changes)):
+            if changes[k] != saved.get(k):
+                raise ConfigError(f"cannot change {k} when resuming {run_dir} (the run has {saved.get(k)!r}, "
+                                  f"asked for {changes[k]!r}); start a new run with --out instead")
+        layers = [saved, changes]
+        inputs = saved.get("inputs", [])
+        preset_name = saved.get("preset")
+        init_from = saved.get("init_from")
+    else:
+        spec = arch_spec(file_values, config_file)
+        init_from = file_values.get("init_from")
+        if init_from and "preset" in file_values:
+            raise ConfigError("--preset and --init-from both set the model's shape; give only one")
+        preset_name = None if init_from else file_values.get("preset", "mini")
+        presets = spec.presets
+        if preset_name is not None and preset_name not in presets:
+            raise ConfigError(f"unknown preset {preset_name!r}; choose one of {', '.join(sorted(presets))}")
+        inputs = list(data) or list(file_values.get("inputs", []))
+        follow = data_defaults(inputs, {**presets.get(preset_name, {}), **file_values, **flags})  # tokenizer, vocab
+        layers = [presets.get(preset_name, {}), {} if inputs else DEFAULT_CORPUS_RUN, follow, file_values, flags]
+        if init_from:
+            layers.append(init_model_config(init_from, {**file_values, **flags}).to_dict())
+        run_dir = Path(flags.get("out") or file_values.get("out")
+                       or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        if (run_dir / CONFIG).exists():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                              "or choose another --out")
+        if run_dir.is_dir() and (held := sorted(p.name for p in run_dir.iterdir())):
+            raise ConfigError(f"--out {run_dir}: the directory is not empty (it holds {', '.join(held[:3])}"
+                              + (", ..." if len(held) > 3 else "") + "); a new run needs a new or empty directory")
+        check_writable(run_dir, "--out")
+    cfg = RunConfig(model=build(spec.config_class, *layers), data=build(DataConfig, *layers),
+                    train=build(TrainConfig, *layers), inputs=[str(p) for p in inputs], preset=preset_name,
+                    init_from=init_from)
+    cfg.train.out = str(run_dir)
+    return cfg, run_dir
+
+
+def saved_train_config(run_dir: Path, warn: Callable[[str], None] = print_warning) -> dict:
+    """A run's config.toml, checked against the copy its newest checkpoint carries (and restored from it).
+
+    Settings that fix the model and data must agree (else one line names the key); a config.toml
+    that cannot be read is replaced by the checkpoint's copy with a warning; changed training
+    settings (a hand edit, or a resume killed before its first checkpoint) are named in a warning.
+    """
+    path = run_dir / CONFIG
+    copy = saved_run_config(run_dir)
+    if copy is None and not path.is_file():
+        raise ConfigError(f"{run_dir}: no {CONFIG}; is this a gptforge run directory?")
+    try:
+        saved = {"arch": DEFAULT_ARCH, **read_toml(path, TRAIN_SECTIONS, TRAIN_TOP_LEVEL)}  # no arch: GPT-2
+    except ConfigError as e:
+        if copy is None:
+            raise
+        warn(f"gptforge: warning: {e}; using the copy saved in checkpoint {copy[1]}")
+        return {"arch": DEFAULT_ARCH, **check_toml(copy[0], f"{copy[1]}'s run config", TRAIN_SECTIONS, TRAIN_TOP_LEVEL)}
+    if copy is None:  # no checkpoint yet, or one written before checkpoints carried the config
+        return saved
+    theirs = {"arch": DEFAULT_ARCH, **check_toml(copy[0], f"{copy[1]}'s run config", TRAIN_SECTIONS, TRAIN_TOP_LEVEL)}
+    fixed = fixed_keys(arch_spec(saved, path))
+    for key in sorted(fixed & (set(saved) | set(theirs))):
+        if saved.get(key) != theirs.get(key):
+            raise ConfigError(f"{path}: {key} is {saved.get(key)!r}, but checkpoint {copy[1]} was trained with "
+                              f"{theirs.get(key)!r} (the file was edited or damaged); restore {key} = "
+                              f"{theirs.get(key)!r} or delete {CONFIG} to use the checkpoint's copy")
+    changed = [k for k in sorted(set(saved) | set(theirs)) if k not in fixed and k != "out"
+               and saved.get(k) != theirs.get(k)]
+    if changed:
+        warn(f"gptforge: warning: {path} differs from the settings of checkpoint {copy[1]} in "
+             + ", ".join(f"{k} ({theirs.get(k)!r} -> {saved.get(k)!r})" for k in changed[:5])
+             + f"; using {CONFIG}'s")
+    return saved
