@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 import torch
@@ -149,7 +150,6 @@ def default_corpus() -> str:
     Layout is tidied so the text reads as prose: indentation and runs of spaces are collapsed,
     reStructuredText underlines dropped, and blank-line runs shortened to one blank line.
     """
-    from pydoc_data.topics import topics
 
     docs = []
     for key in sorted(topics):

