@@ -115,18 +115,25 @@ def sampling_generator(cfg: SampleConfig, seed: int | None, device: torch.device
     return generator
 
 
+def new_cache(model: torch.nn.Module, batch_size: int) -> KVCache:
+    """An empty KV cache for the model, on its device and in its dtype."""
+    p = next(model.parameters())
+    return KVCache(model.cfg, batch_size, p.device, p.dtype)
+
+
 def iter_tokens(model: torch.nn.Module, idx: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None = None,
-                use_cache: bool = True, lock: AbstractContextManager | None = None) -> Iterator[torch.Tensor]:
+                use_cache: bool = True, lock: AbstractContextManager | None = None,
+                cache: KVCache | None = None) -> Iterator[torch.Tensor]:
     """The one token-by-token loop: the next token ids (B, 1) after idx (B, T), up to cfg.max_new_tokens of them.
 
-    The prompt is prefilled (into a KV cache with use_cache), then each step is one decode step; a
-    caller stops early by not asking for more. Each step runs under `lock` (serve: one request on
-    the model at a time) and without gradients.
+    The prompt is prefilled (into a KV cache with use_cache: `cache`, or a new one), then each step
+    is one decode step; a caller stops early by not asking for more. Each step runs under `lock`
+    (serve: one request on the model at a time) and without gradients.
     """
-    cache = None
-    if use_cache and cfg.max_new_tokens > 0:
-        p = next(model.parameters())
-        cache = KVCache(model.cfg, idx.size(0), p.device, p.dtype)
+    if use_cache and cache is None and cfg.max_new_tokens > 0:
+        cache = new_cache(model, idx.size(0))
+    if not use_cache:
+        cache = None
     for i in range(cfg.max_new_tokens):
         with lock or nullcontext(), torch.no_grad():
             logits = prefill(model, idx, cache) if i == 0 else decode_one_token(model, idx, cache)  # (B, V)
@@ -150,18 +157,19 @@ def generate(
     The model sees at most its context_length most recent tokens. A row stops after it produces
     eos_id (kept in its output); the others go on. Returns the new tokens of each row. With
     use_cache, a KV cache turns each step into a one-token forward pass (same tokens, greedy).
-    A `stats` dict receives prefill_seconds (the prompt and the first pick), decode_seconds and
-    tokens (new tokens of all rows).
+    A `stats` dict receives prefill_seconds (the prompt and the first pick; the cache is allocated
+    before the clock starts), decode_seconds and tokens (new tokens of all rows).
     """
     was_training = model.training
     model.eval()
     B = idx.size(0)
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    cache = new_cache(model, B) if use_cache and cfg.max_new_tokens > 0 else None  # allocated before the clock
     t0 = time.perf_counter()
     t1 = None
     try:
-        for tok in iter_tokens(model, idx, cfg, generator, use_cache):  # (B, 1)
+        for tok in iter_tokens(model, idx, cfg, generator, use_cache, cache=cache):  # (B, 1)
             for b, (t, finished) in enumerate(zip(tok.flatten().tolist(), done.tolist())):
                 if not finished:  # one host copy per step, not one per row
                     out[b].append(t)
