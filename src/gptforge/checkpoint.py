@@ -155,16 +155,23 @@ def verify_checkpoint(ckpt_dir: Path) -> None:
             raise CheckpointError(f"{path}: checksum mismatch (the file is damaged or incomplete)")
 
 
-def latest_checkpoint(run_dir: Path, warn=None) -> Path | None:
-    """The newest checkpoint whose checksums verify; damaged newer ones are reported through warn."""
+def _newest_intact(run_dir: Path, warn, prefix: str) -> tuple[Path | None, list[Path]]:
+    """(the newest checkpoint whose checksums verify or None, the damaged newer ones), each reported via warn."""
+    damaged: list[Path] = []
     for d in reversed(checkpoint_dirs(run_dir)):
         try:
             verify_checkpoint(d)
-            return d
+            return d, damaged
         except CheckpointError as e:
             if warn is not None:
-                warn(f"skipping damaged checkpoint: {e}")
-    return None
+                warn(f"{prefix}{e}")
+            damaged.append(d)
+    return None, damaged
+
+
+def latest_checkpoint(run_dir: Path, warn=None) -> Path | None:
+    """The newest checkpoint whose checksums verify; damaged newer ones are reported through warn."""
+    return _newest_intact(run_dir, warn, "skipping damaged checkpoint: ")[0]
 
 
 def resume_point(run_dir: Path, warn) -> tuple[Path | None, list[Path]]:
@@ -173,20 +180,12 @@ def resume_point(run_dir: Path, warn) -> tuple[Path | None, list[Path]]:
     A run killed before its first checkpoint has none and starts again from step 0; a run whose
     checkpoints are all damaged is an error, and nothing in the run directory is touched.
     """
-    dirs = checkpoint_dirs(run_dir)
-    damaged: list[Path] = []
-    for d in reversed(dirs):
-        try:
-            verify_checkpoint(d)
-            return d, damaged
-        except CheckpointError as e:
-            warn(f"gptforge: warning: passing over damaged checkpoint: {e}")
-            damaged.append(d)
-    if damaged:
+    last, damaged = _newest_intact(run_dir, warn, "gptforge: warning: passing over damaged checkpoint: ")
+    if last is None and damaged:
         raise CheckpointError(
             f"{run_dir}: every checkpoint is damaged ({', '.join(d.name for d in damaged)}: checksum mismatch or "
             "missing files); nothing was changed. Restore a checkpoint from a copy, or start a new run with --out")
-    return None, []
+    return last, damaged
 
 
 def set_aside(damaged: list[Path], warn) -> None:

@@ -23,6 +23,7 @@ from pydoc_data.topics import topics
 import numpy as np
 import torch
 
+from .checkpoint import file_sha256
 from .config import opt
 from .tokenizer import Tokenizer, get_tokenizer
 
@@ -509,7 +510,7 @@ def damaged_shards(data_dir: Path, splits: dict, dtype: str, written: Path) -> l
                 problems.append(f"{path}: {st.st_size} bytes, {written.name} says {sh['tokens'] * itemsize}")
             elif st.st_mtime_ns >= since:
                 hashed += 1
-                if _sha256(path) != sh["sha256"]:
+                if file_sha256(path) != sh["sha256"]:
                     problems.append(f"{path}: changed after {written.name} was written (its sha256, checked because "
                                     "the file is newer, is not the one recorded)")
     if hashed and not problems:
@@ -518,14 +519,6 @@ def damaged_shards(data_dir: Path, splits: dict, dtype: str, written: Path) -> l
         except OSError:  # a read-only copy of the data: it is checked again next time, nothing else changes
             pass
     return problems
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_prepared(data_dir: str | Path, tokenizer: Tokenizer | None = None, rank: int = 0,

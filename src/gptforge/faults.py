@@ -8,7 +8,9 @@ launch, several separated by commas::
     GPTFORGE_FAULT=step-mid:5@1 gptforge train --nproc 2 ...   rank 1 dies in the middle of step 5
 
 The process dies by SIGKILL, as from the kernel's OOM killer or a pulled plug: no handler, no
-cleanup runs. With the variable unset, `point` is one dictionary lookup.
+cleanup runs. ``NAME:N:SIGTERM`` (any signal name) sends that signal instead, at that moment, e.g.
+to test what the handlers of SIGTERM and SIGINT do. With the variable unset, `point` is one
+dictionary lookup.
 
 Points (where they sit is what a kill there leaves behind):
 
@@ -31,15 +33,16 @@ import signal
 ENV = "GPTFORGE_FAULT"
 
 
-def _parse(spec: str) -> dict[str, int]:
+def _parse(spec: str) -> dict[str, tuple[int, signal.Signals]]:
     rank = os.environ.get("RANK", "0")
-    armed: dict[str, int] = {}
+    armed: dict[str, tuple[int, signal.Signals]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         item, _, only_rank = item.partition("@")
         if only_rank and only_rank != rank:
             continue
-        name, _, count = item.partition(":")
-        armed[name] = int(count or 1)
+        name, _, rest = item.partition(":")
+        count, _, sig = rest.partition(":")
+        armed[name] = (int(count or 1), signal.Signals[sig or "SIGKILL"])
     return armed
 
 
@@ -52,15 +55,15 @@ def hit(name: str) -> bool:
     if not _ARMED or name not in _ARMED:
         return False
     _passed[name] = _passed.get(name, 0) + 1
-    return _passed[name] == _ARMED[name]
+    return _passed[name] == _ARMED[name][0]
 
 
-def kill() -> None:
-    """Die at once, as a SIGKILL from outside would make the process die."""
-    os.kill(os.getpid(), signal.SIGKILL)
+def kill(name: str | None = None) -> None:
+    """Die at once, as a SIGKILL from outside would make the process die (or send the signal `name` was armed with)."""
+    os.kill(os.getpid(), _ARMED[name][1] if name in _ARMED else signal.SIGKILL)
 
 
 def point(name: str) -> None:
-    """Die here if a test armed this point for this pass."""
+    """Die here (or receive the armed signal) if a test armed this point for this pass."""
     if hit(name):
-        kill()
+        kill(name)

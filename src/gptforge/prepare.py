@@ -515,7 +515,7 @@ class ShardWriter:
         self.tokens += len(ids)
         if faults.hit("prepare-inside-shard"):  # a kill leaves this much of the shard on disk
             self.f.flush()
-            faults.kill()
+            faults.kill("prepare-inside-shard")
 
     def close(self) -> dict:
         try:

@@ -68,7 +68,7 @@ class MetricsLog:
                 if faults.hit("metrics-line"):  # a test's kill in the middle of writing a line
                     f.write(line[: len(line) // 2])
                     f.flush()
-                    faults.kill()
+                    faults.kill("metrics-line")
                 f.write(line)
 
 

@@ -203,16 +203,17 @@ def saved_train_config(run_dir: Path, warn: Callable[[str], None] = print_warnin
     copy = saved_run_config(run_dir)
     if copy is None and not path.is_file():
         raise ConfigError(f"{run_dir}: no {CONFIG}; is this a gptforge run directory?")
+    theirs = None if copy is None else {  # no arch: GPT-2
+        "arch": DEFAULT_ARCH, **check_toml(copy[0], f"{copy[1]}'s run config", TRAIN_SECTIONS, TRAIN_TOP_LEVEL)}
     try:
-        saved = {"arch": DEFAULT_ARCH, **read_toml(path, TRAIN_SECTIONS, TRAIN_TOP_LEVEL)}  # no arch: GPT-2
+        saved = {"arch": DEFAULT_ARCH, **read_toml(path, TRAIN_SECTIONS, TRAIN_TOP_LEVEL)}
     except ConfigError as e:
-        if copy is None:
+        if theirs is None:
             raise
         warn(f"gptforge: warning: {e}; using the copy saved in checkpoint {copy[1]}")
-        return {"arch": DEFAULT_ARCH, **check_toml(copy[0], f"{copy[1]}'s run config", TRAIN_SECTIONS, TRAIN_TOP_LEVEL)}
-    if copy is None:  # no checkpoint yet, or one written before checkpoints carried the config
+        return theirs
+    if theirs is None:  # no checkpoint yet, or one written before checkpoints carried the config
         return saved
-    theirs = {"arch": DEFAULT_ARCH, **check_toml(copy[0], f"{copy[1]}'s run config", TRAIN_SECTIONS, TRAIN_TOP_LEVEL)}
     fixed = fixed_keys(arch_spec(saved, path))
     for key in sorted(fixed & (set(saved) | set(theirs))):
         if saved.get(key) != theirs.get(key):

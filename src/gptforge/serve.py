@@ -80,7 +80,7 @@ class RequestError(ValueError):
 class Limits:
     max_tokens: int = 256  # the largest max_tokens a request may ask for
     max_prompt_chars: int = 20_000  # checked before tokenizing
-    max_concurrent: int = 4  # generations at once, each holding a full-context KV cache (kv_cache_bytes)
+    max_concurrent: int = 4  # generations at once, each holding a full-context KV cache (Engine.cache_bytes)
 
 
 @dataclass
@@ -113,11 +113,6 @@ class ServeConfig:
     @property
     def limits(self) -> Limits:
         return Limits(self.max_tokens_limit, self.max_prompt_chars, self.max_concurrent)
-
-
-def kv_cache_bytes(cfg, dtype: torch.dtype) -> int:
-    """Memory of one request's KV cache: keys and values of every layer for the whole context."""
-    return KVCache.nbytes(cfg, dtype)
 
 
 def size(n: float) -> str:
@@ -195,7 +190,7 @@ class Engine:
         self.slots = threading.BoundedSemaphore(self.limits.max_concurrent)  # one per running generation
 
     def cache_bytes(self) -> int:
-        return kv_cache_bytes(self.model.cfg, next(self.model.parameters()).dtype)
+        return KVCache.nbytes(self.model.cfg, next(self.model.parameters()).dtype)  # one request's
 
     # ------------------------------------------------------------------ request checking
 

@@ -270,7 +270,7 @@ class Checkpointer:
                               "new run")
         if dist.is_main():
             ckpt.set_aside(damaged, self.warn)
-        model.load_state_dict(load_model(last)[0].state_dict())
+        model.load_state_dict(load_model(last / ckpt.WEIGHTS)[0].state_dict())  # verified just above
         if "scaler" in saved and self.amp.scaler.is_enabled():
             self.amp.scaler.load_state_dict(saved["scaler"])
         state.load_state_dict(saved)
@@ -394,14 +394,19 @@ def log_step(result: StepResult, state: RunState, lr: float, tok_s: float, mfu: 
         trackers.log(metrics.records[-1])
 
 
+def tokens_per_step(cfg: RunConfig) -> int:
+    """Training tokens in one optimizer step of the whole job (the global batch)."""
+    t = cfg.train
+    return t.batch_size * t.grad_accum * cfg.model.context_length * dist.world_size()
+
+
 def describe_run(cfg: RunConfig, core: GPT, data: TrainData, schedule: Schedule, device, amp: Precision,
                  run_dir: Path, log) -> tuple[float, float | None]:
     """The start-up lines (model, data, schedule, speed); returns (FLOPs per token, peak FLOP/s or None)."""
     t = cfg.train
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context_length * dist.world_size()
     log(describe_model(core))
     log(data.summary)
-    log(f"training: {schedule.total_steps} steps of {human(tokens_per_step)} tokens on {device}, lr {t.lr:g} "
+    log(f"training: {schedule.total_steps} steps of {human(tokens_per_step(cfg))} tokens on {device}, lr {t.lr:g} "
         f"(warmup {schedule.warmup}, cosine to {schedule.min_lr:g}) -> {run_dir}")
     fpt = spec_for(cfg.model).flops_per_token(cfg.model)
     peak, peak_source = peak_flops(device, amp.name)
@@ -454,7 +459,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                         flops_per_token=fpt, peak_flops=peak)
     evaluator = Evaluator(cfg, tokenizer, data, schedule, metrics, trackers, progress, run_dir, device)
 
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context_length * dist.world_size()
+    step_tokens = tokens_per_step(cfg)
     last_eval = evaluator(model, state) if state.step == 0 else {}
     save_every = t.save_every or t.eval_every
     model.train()
@@ -468,10 +473,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                 time.monotonic() - last_save >= 60 * t.save_every_minutes
             result = train_step(model, step_model, optimizer, amp, t, data, state, device, stop, save_due)
             stopping = result.stop_requested
-            state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
+            state.step, state.tokens = state.step + 1, state.tokens + step_tokens
             seconds = time.perf_counter() - t0
             train_seconds += seconds
-            tok_s = progress.step(result.loss, tokens_per_step, seconds, lr)
+            tok_s = progress.step(result.loss, step_tokens, seconds, lr)
             log_step(result, state, lr, tok_s, mfu(fpt, tok_s, peak), t, metrics, trackers, progress)
             if state.step % t.eval_every == 0 or state.step == schedule.total_steps:
                 last_eval = evaluator(model, state)
@@ -485,7 +490,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     if stopped_by:
         log(f"stopped by {stopped_by} at step {state.step}; checkpoint saved, continue with --resume {run_dir}")
     return dict(last_eval, steps=state.step, train_seconds=train_seconds, stopped_by=stopped_by,
-                tokens_per_s=(state.step - start_step) * tokens_per_step / max(train_seconds, 1e-9))
+                tokens_per_s=(state.step - start_step) * step_tokens / max(train_seconds, 1e-9))
 
 
 def _toml_bytes(cfg: RunConfig) -> bytes:

@@ -70,7 +70,6 @@ class SafetensorsReader:
         self.file_of = files  # tensor name -> file
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.metadata: dict[str, str] = {}
-
         for path in sorted(set(files.values())):
             try:
                 with safe_open(str(path), framework="pt") as f:
@@ -82,7 +81,6 @@ class SafetensorsReader:
 
     @classmethod
     def single(cls, path: Path) -> SafetensorsReader:
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
@@ -104,7 +102,6 @@ class SafetensorsReader:
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         # Opening the file per group and closing it again unmaps the pages already copied.
-
         out: dict[str, torch.Tensor] = {}
         by_file: dict[Path, list[str]] = {}
         for k in keys:
@@ -430,7 +427,6 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def _hub_snapshot(repo_id: str) -> Path:
     """The cached snapshot directory of a hub model (config.json + weights), downloading what is missing."""
-
     def fail_offline(name: str) -> WeightsError:
         why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub could not be reached"
         return WeightsError(f"{repo_id}: no such local path, and as a Hugging Face model id its {name} is not in the "
@@ -775,7 +771,6 @@ def to_hf(model: GPT, out_dir: str | Path, tokenizer: str = "gpt2") -> Path:
     With the GPT-2 tokenizer, its vocab.json and merges.txt are written too.
     """
     out = convert_target(out_dir, "hf")
-
     cfg = model.cfg
     spec = spec_for(cfg)
     sd: dict[str, torch.Tensor] = {}
@@ -797,7 +792,6 @@ def to_hf(model: GPT, out_dir: str | Path, tokenizer: str = "gpt2") -> Path:
 
 
 def _write_gpt2_tokenizer(out: Path, context_length: int) -> None:
-
     vocab_bpe, encoder_json = _gpt2_data_files()
     shutil.copyfile(encoder_json, out / "vocab.json")  # the same files under Hugging Face's names
     shutil.copyfile(vocab_bpe, out / "merges.txt")
