@@ -8,9 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ops
 from .config import ConfigError, check_choice, check_range, opt
 from .data import Batches, TokenWindows, check_windows, eval_tokens
 from .devices import DEVICES, device_opt, pick_device
+from .models.layers import cross_entropy
 from .weights import load_for_text
 
 
@@ -31,9 +33,23 @@ class EvalConfig:
         check_choice("device", self.device, DEVICES)
 
 
+def lm_loss(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean cross-entropy of the LM head's logits for final hidden states h (B, T, C) against targets (B, T).
+
+    In fp32 on a CPU, the fused head + loss kernel (ops.head_cross_entropy: the logits are never kept);
+    elsewhere the head's matmul and F.cross_entropy.
+    """
+    if ops.use_cpu_kernels(h):
+        return ops.head_cross_entropy(h.flatten(0, 1), head_weight, targets.flatten(), vocab_size)
+    return cross_entropy(h, head_weight, targets, vocab_size)
+
+
 def loss_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one batch; x, y are (B, T) token ids."""
-    return model(x, targets=y)  # the model computes it (on a CPU without materializing the logits)
+    """Mean next-token cross-entropy of one batch; x, y are (B, T) token ids.
+
+    The loss is computed inside the model's forward (so DDP and FSDP see it), with the kernel lm_loss picks.
+    """
+    return model(x, targets=y, loss=lm_loss)
 
 
 @dataclass

@@ -6,6 +6,7 @@ decode steps that read the cache instead of recomputing the whole context.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -15,7 +16,7 @@ import torch
 
 from .config import SEED_MAX, check_choice, check_range, opt
 from .devices import DEVICES, device_opt, pick_device
-from .models import KVCache
+from .models import KVCache, max_positions
 from .weights import load_for_text
 
 
@@ -83,12 +84,17 @@ def next_token(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generat
 
 
 def prefill(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-    """Logits (B, V) for the next token after idx (B, T), filling the cache with idx when one is given."""
-    ctx = model.cfg.context_length
+    """Logits (B, V) for the next token after idx (B, T), filling the cache with idx when one is given.
+
+    A model with learned positions reads the last context_length tokens; a rotary one all of them.
+    """
+    limit = max_positions(model.cfg)
+    if limit is not None:
+        idx = idx[:, -limit:]
     if cache is None:
-        return model(idx[:, -ctx:])[:, -1, :]
+        return model(idx)[:, -1, :]
     cache.reset()
-    return model(idx[:, -ctx:], cache)[:, -1, :]
+    return model(idx, cache)[:, -1, :]
 
 
 def decode_one_token(model: torch.nn.Module, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
@@ -115,10 +121,25 @@ def sampling_generator(cfg: SampleConfig, seed: int | None, device: torch.device
     return generator
 
 
-def new_cache(model: torch.nn.Module, batch_size: int) -> KVCache:
-    """An empty KV cache for the model, on its device and in its dtype."""
+def cache_length(cfg, total: int) -> int:
+    """Positions a KV cache holds for sequences of `total` tokens: the context with learned positions, else total."""
+    limit = max_positions(cfg)
+    return limit if limit is not None else max(total, 1)
+
+
+def new_cache(model: torch.nn.Module, batch_size: int, total: int | None = None) -> KVCache:
+    """An empty KV cache for the model (for sequences of `total` tokens), on its device and in its dtype."""
     p = next(model.parameters())
-    return KVCache(model.cfg, batch_size, p.device, p.dtype)
+    max_len = cache_length(model.cfg, total) if total is not None else None
+    return KVCache(model.cfg, batch_size, p.device, p.dtype, max_len)
+
+
+def past_context(cfg, total: int) -> str | None:
+    """A warning when sequences of `total` tokens run past the length a rotary model was trained at."""
+    if max_positions(cfg) is None and total > cfg.context_length:
+        return (f"gptforge: warning: generating {total} tokens (prompt + new), past the {cfg.context_length} the "
+                "model was trained at; rotary positions extrapolate, and quality may fall")
+    return None
 
 
 def iter_tokens(model: torch.nn.Module, idx: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None = None,
@@ -131,7 +152,7 @@ def iter_tokens(model: torch.nn.Module, idx: torch.Tensor, cfg: SampleConfig, ge
     (serve: one request on the model at a time) and without gradients.
     """
     if use_cache and cache is None and cfg.max_new_tokens > 0:
-        cache = new_cache(model, idx.size(0))
+        cache = new_cache(model, idx.size(0), idx.size(1) + cfg.max_new_tokens)
     if not use_cache:
         cache = None
     for i in range(cfg.max_new_tokens):
@@ -165,7 +186,8 @@ def generate(
     B = idx.size(0)
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    cache = new_cache(model, B) if use_cache and cfg.max_new_tokens > 0 else None  # allocated before the clock
+    total = idx.size(1) + cfg.max_new_tokens
+    cache = new_cache(model, B, total) if use_cache and cfg.max_new_tokens > 0 else None  # allocated before the clock
     t0 = time.perf_counter()
     t1 = None
     try:
@@ -205,6 +227,8 @@ def sample_text(
             raise ValueError("the prompt is empty; give some text to continue")
         ids = [tokenizer.eot_id]  # an empty prompt starts a fresh document
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    if (warning := past_context(model.cfg, len(ids) + cfg.max_new_tokens)) is not None:
+        print(warning, file=sys.stderr)
     generator = sampling_generator(cfg, seed, device)
     outs = generate(model, idx, cfg, eos_id=tokenizer.eot_id, generator=generator, stats=stats)
     return [tokenizer.decode([t for t in o if t != tokenizer.eot_id]) for o in outs]

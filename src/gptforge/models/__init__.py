@@ -16,7 +16,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..config import ConfigError
-from . import gpt2
+from . import gpt2, llama
 from .layers import KVCache
 
 DEFAULT_ARCH = "gpt2"  # what config.toml files and checkpoints that record no arch hold
@@ -37,12 +37,16 @@ class ModelSpec:
     hf_model_type: str  # config.json's model_type
     hf_prefix: str  # prefix of every Hugging Face key but the head's ("transformer.")
     hf_transposed: tuple[str, ...] = ()  # name endings of weights Hugging Face stores as (in, out)
+    learned_positions: bool = True  # a table of context_length positions (GPT-2); False: rotary, no limit
 
 
 SPECS: dict[str, ModelSpec] = {
     "gpt2": ModelSpec("gpt2", gpt2.GPTConfig, gpt2.GPT, gpt2.PRESETS, gpt2.matmul_params, gpt2.flops_per_token,
                       gpt2.blocks, hf_architecture="GPT2LMHeadModel", hf_model_type="gpt2", hf_prefix="transformer.",
                       hf_transposed=("c_attn.weight", "c_proj.weight", "c_fc.weight")),  # Conv1D
+    "llama": ModelSpec("llama", llama.LlamaConfig, llama.Llama, llama.PRESETS, llama.matmul_params,
+                       llama.flops_per_token, llama.blocks, hf_architecture="LlamaForCausalLM", hf_model_type="llama",
+                       hf_prefix="model.", learned_positions=False),
 }
 
 
@@ -71,4 +75,10 @@ def config_from_dict(d: dict, arch: str | None = None) -> Any:
     return get_spec(arch or DEFAULT_ARCH).config_class.from_dict(d)
 
 
-__all__ = ["DEFAULT_ARCH", "KVCache", "ModelSpec", "SPECS", "build", "config_from_dict", "get_spec", "spec_for"]
+def max_positions(cfg: Any) -> int | None:
+    """The longest sequence a model of cfg can read: context_length with learned positions, else no limit (None)."""
+    return cfg.context_length if spec_for(cfg).learned_positions else None
+
+
+__all__ = ["DEFAULT_ARCH", "KVCache", "ModelSpec", "SPECS", "build", "config_from_dict", "get_spec", "max_positions",
+           "spec_for"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import check_range, flag
-from .layers import MLP, CausalSelfAttention, KVCache, Linear
+from .layers import MLP, CausalSelfAttention, KVCache, Linear, cross_entropy, padded_rows, vocab_padding_hooks
 
 
 @dataclass
@@ -107,8 +107,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        # Rows of the embedding and head: the vocabulary, padded (pad_vocab) to a multiple of 64.
-        self.padded_vocab = -(-cfg.vocab_size // 64) * 64 if cfg.pad_vocab else cfg.vocab_size
+        self.padded_vocab = padded_rows(cfg.vocab_size, cfg.pad_vocab)
         self.wte = nn.Embedding(self.padded_vocab, cfg.emb_dim)
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -121,22 +120,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
-        if self.padded_vocab != cfg.vocab_size:  # state dicts hold vocab_size rows, as unpadded models do
-            self.register_state_dict_post_hook(self._unpad_state)
-            self.register_load_state_dict_pre_hook(self._pad_state)
-
-    @staticmethod
-    def _unpad_state(module: GPT, state_dict: dict, prefix: str, local_metadata) -> None:
-        for name in ("wte.weight", "lm_head.weight"):
-            if prefix + name in state_dict:
-                state_dict[prefix + name] = state_dict[prefix + name][: module.cfg.vocab_size]
-
-    @staticmethod
-    def _pad_state(module: GPT, state_dict: dict, prefix: str, *args) -> None:
-        for name in ("wte.weight", "lm_head.weight"):
-            w = state_dict.get(prefix + name)
-            if w is not None and w.size(0) == module.cfg.vocab_size:
-                state_dict[prefix + name] = torch.cat([w, w.new_zeros(module.padded_vocab - w.size(0), w.size(1))])
+        vocab_padding_hooks(self, ("wte.weight", "lm_head.weight"), cfg.vocab_size, self.padded_vocab)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -147,11 +131,16 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size); with targets (B, T), their mean cross-entropy.
+    def tie(self) -> None:
+        """Share the head with the embedding again (after parameters were assigned one by one)."""
+        if self.cfg.tie_weights:
+            self.lm_head.weight = self.wte.weight
 
-        With a cache, idx continues the cached positions, and their keys and values are added to it.
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, targets: torch.Tensor | None = None,
+                loss=cross_entropy) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size); with targets (B, T), loss(hidden, head weight, targets,
+        vocab_size) (evaluate.lm_loss picks the kernel). With a cache, idx continues the cached positions, and
+        their keys and values are added to it.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -174,11 +163,9 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x)
-        if targets is not None and ops.use_cpu_kernels(x):  # the head and the loss without keeping logits
-            return ops.head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.cfg.vocab_size)
-        logits = self.lm_head(x)  # (B, T, padded_vocab)
         if targets is not None:
-            return F.cross_entropy(logits[..., : self.cfg.vocab_size].flatten(0, 1).float(), targets.flatten())
+            return loss(x, self.lm_head.weight, targets, self.cfg.vocab_size)
+        logits = self.lm_head(x)  # (B, T, padded_vocab)
         return logits[..., : self.cfg.vocab_size] if self.padded_vocab != self.cfg.vocab_size else logits
 
     def num_params(self, non_embedding: bool = False) -> int:

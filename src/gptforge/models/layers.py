@@ -1,4 +1,5 @@
-"""Layers the model families share: linear layers, causal attention over n_kv_heads, MLP, KV cache.
+"""Layers the model families share: linear layers, causal attention over n_kv_heads, norms, MLPs,
+rotary position embeddings, the output head and its loss, and the KV cache.
 
 Attention takes a number of key/value heads that divides the number of query heads: equal for
 multi-head attention (GPT-2), fewer for grouped-query attention, where each key/value head serves
@@ -76,6 +77,87 @@ class CausalSelfAttention(nn.Module):
         return ops.dropout(self.c_proj(y), drop, self.training)
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm as Llama and Qwen compute it: in fp32, then scaled by ``weight`` in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin (T, head_dim) of rotary embeddings at positions (T,), in the rotate-half layout.
+
+    Frequency i (of head_dim / 2) is theta^(-2i / head_dim), computed in fp32; both halves of a
+    head share the frequencies, as Hugging Face's Llama and Qwen models lay them out.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim / 2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, hs) by the angles whose cos and sin are (T, hs): pairs (i, i + hs/2) turn together."""
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class GroupedQueryAttention(nn.Module):
+    """Separate q/k/v projections (``q_proj``, ``k_proj``, ``v_proj``) into n_heads query and n_kv_heads
+    key/value heads of head_dim, optional RMSNorm of each query and key head (``q_norm``, ``k_norm``),
+    rotary positions, causal attention, output projection (``o_proj``)."""
+
+    def __init__(self, emb_dim: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool,
+                 qk_norm: bool, norm_eps: float, drop_rate: float):
+        super().__init__()
+        assert n_heads % n_kv_heads == 0, (n_heads, n_kv_heads)
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.drop_rate = drop_rate
+        self.q_proj = Linear(emb_dim, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(emb_dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(emb_dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = Linear(n_heads * head_dim, emb_dim, bias=False)
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
+        """x (B, T, C) at positions pos..pos+T-1, whose rotary cos and sin (T, head_dim) are `rope`."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), *rope)  # (B, nh, T, hs)
+        k = apply_rotary(k.transpose(1, 2), *rope)  # (B, nkv, T, hs)
+        drop = self.drop_rate if self.training else 0.0
+        y = causal_attention(q, k, v, drop, kv, pos)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return ops.dropout(self.o_proj(y), drop, self.training)
+
+
+class SwiGLU(nn.Module):
+    """down_proj(silu(gate_proj(x)) * up_proj(x)), no biases, dropout on the output."""
+
+    def __init__(self, emb_dim: int, hidden_dim: int, drop_rate: float):
+        super().__init__()
+        self.gate_proj = Linear(emb_dim, hidden_dim, bias=False)
+        self.up_proj = Linear(emb_dim, hidden_dim, bias=False)
+        self.down_proj = Linear(hidden_dim, emb_dim, bias=False)
+        self.drop_rate = drop_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return ops.dropout(y, self.drop_rate, self.training)
+
+
 class MLP(nn.Module):
     """Linear (``c_fc``), GELU with the tanh approximation, linear back (``c_proj``), dropout."""
 
@@ -89,23 +171,58 @@ class MLP(nn.Module):
         return ops.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.drop_rate, self.training)
 
 
+def padded_rows(vocab_size: int, pad: bool) -> int:
+    """Rows of the embedding and head: the vocabulary, padded (pad_vocab) to a multiple of 64."""
+    return -(-vocab_size // 64) * 64 if pad else vocab_size
+
+
+def cross_entropy(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean cross-entropy of the head's logits h (B, T, C) @ head_weight[:vocab_size].T against targets (B, T)."""
+    logits = F.linear(h, head_weight)[..., :vocab_size]  # (B, T, vocab_size)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def vocab_padding_hooks(model: nn.Module, names: tuple[str, ...], vocab_size: int, padded: int) -> None:
+    """State dicts of a model with padded rows hold vocab_size rows of the named tensors, as unpadded models do."""
+    if padded == vocab_size:
+        return
+
+    def unpad(module, state_dict, prefix, local_metadata):
+        for name in names:
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = state_dict[prefix + name][:vocab_size]
+
+    def pad(module, state_dict, prefix, *args):
+        for name in names:
+            w = state_dict.get(prefix + name)
+            if w is not None and w.size(0) == vocab_size:
+                state_dict[prefix + name] = torch.cat([w, w.new_zeros(padded - w.size(0), w.size(1))])
+
+    model.register_state_dict_post_hook(unpad)
+    model.register_load_state_dict_pre_hook(pad)
+
+
 class KVCache:
     """Keys and values of every layer for the first `pos` positions of a batch of sequences.
 
-    Sized by the model config's n_layers, n_kv_heads, context_length and head_dim. The model writes
-    positions pos.. and then advances pos; generation resets it before each prompt.
+    Sized by the model config's n_layers, n_kv_heads and head_dim, for max_len positions (default:
+    context_length). The model writes positions pos.. and then advances pos; generation resets it
+    before each prompt.
     """
 
-    def __init__(self, cfg, batch_size: int, device: torch.device | str, dtype: torch.dtype):
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.context_length, cfg.head_dim)  # (L, B, nkv, T_max, hs)
+    def __init__(self, cfg, batch_size: int, device: torch.device | str, dtype: torch.dtype,
+                 max_len: int | None = None):
+        positions = max_len or cfg.context_length
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, positions, cfg.head_dim)  # (L, B, nkv, T_max, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # positions filled so far
 
     @staticmethod
-    def nbytes(cfg, dtype: torch.dtype, batch_size: int = 1) -> int:
-        """Memory of a cache for this config: keys and values of every layer for the whole context."""
-        return 2 * cfg.n_layers * batch_size * cfg.n_kv_heads * cfg.context_length * cfg.head_dim * dtype.itemsize
+    def nbytes(cfg, dtype: torch.dtype, batch_size: int = 1, max_len: int | None = None) -> int:
+        """Memory of a cache for this config: keys and values of every layer for max_len positions (the context)."""
+        positions = max_len or cfg.context_length
+        return 2 * cfg.n_layers * batch_size * cfg.n_kv_heads * positions * cfg.head_dim * dtype.itemsize
 
     @property
     def max_len(self) -> int:

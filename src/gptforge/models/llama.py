@@ -1,0 +1,214 @@
+"""The Llama/Qwen family: RMSNorm, rotary positions, grouped-query attention, SwiGLU; and nothing else.
+
+One config covers Llama 2/3 (no QK-norm), Qwen2 (a q/k/v bias) and Qwen3 and minimind (RMSNorm of
+each query and key head, ``qk_norm``). Parameter names follow Hugging Face's ``LlamaForCausalLM``
+without its ``model.`` prefix (``embed_tokens``, ``layers.{i}.self_attn.q_proj``,
+``layers.{i}.mlp.gate_proj``, ``input_layernorm``, ``norm``, ``lm_head``), which are also minimind's
+names, so loading either is a key map. Positions are rotary: nothing is learned per position, so a
+sequence may run past context_length (the length the model trains at) when generating.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..config import check_range, flag
+from .layers import (
+    GroupedQueryAttention,
+    KVCache,
+    Linear,
+    RMSNorm,
+    SwiGLU,
+    cross_entropy,
+    padded_rows,
+    rotary_tables,
+    vocab_padding_hooks,
+)
+
+
+def swiglu_hidden(emb_dim: int) -> int:
+    """The default SwiGLU width: 8/3 of emb_dim (as many weights as a 4x GELU MLP), rounded up to a multiple of 64."""
+    return 64 * ((int(emb_dim * 8 / 3) + 63) // 64)
+
+
+@dataclass
+class LlamaConfig:
+    """Shape of a Llama/Qwen3-style model. The defaults are the CPU-sized "llama-mini" preset."""
+
+    vocab_size: int = field(default=50257, metadata={"help": "Number of token ids."})
+    context_length: int = field(
+        default=128, metadata={"help": "Sequence length the model trains at (rotary positions: no table to outgrow)."}
+    )
+    emb_dim: int = field(default=128, metadata={"help": "Width of the residual stream."})
+    n_heads: int = field(default=4, metadata={"help": "Query heads per layer."})
+    n_kv_heads: int | None = field(
+        default=None, metadata={"help": "Key/value heads per layer (grouped-query attention; 1 is multi-query); "
+                                        "must divide --n-heads. Default: --n-heads."})
+    head_dim: int | None = field(default=None, metadata={"help": "Width of each head; default: emb_dim / n_heads."})
+    n_layers: int = field(default=4, metadata={"help": "Number of transformer blocks."})
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "Width of the SwiGLU MLP; default: 8/3 of emb_dim rounded up to a multiple "
+                                        "of 64 (Llama's rule, and MiniMind2's)."})
+    norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of every RMSNorm."})
+    rope_theta: float = field(default=1e6, metadata={"help": "Base of the rotary embedding frequencies."})
+    qk_norm: bool = field(default=False, metadata={"help": "RMSNorm on each query and key head (Qwen3, minimind)."})
+    qkv_bias: bool = field(default=False, metadata={"help": "Bias on the query/key/value projections (Qwen2)."})
+    tie_weights: bool = field(default=True, metadata={"help": "Share the output head with the token embedding."})
+    drop_rate: float = field(default=0.0, metadata={"help": "Dropout on attention and residual branches in training."})
+    pad_vocab: bool = field(
+        default=False,
+        metadata={"help": "Pad the embedding and output head to a multiple of 64 rows for faster matmuls; "
+                          "the padding never shows in logits, losses, samples or saved weights."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers",
+                     "intermediate_size"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{flag(name)} must be a whole number, got {value!r}")
+            check_range(name, value, 1)
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"--n-kv-heads {self.n_kv_heads} must divide --n-heads {self.n_heads} (each key/value "
+                             "head serves a whole group of query heads); change one of them")
+        if self.head_dim is None and self.emb_dim % self.n_heads:
+            raise ValueError(f"--emb-dim {self.emb_dim} must be divisible by --n-heads {self.n_heads}, "
+                             "or give --head-dim")
+        if self.head_dim is not None and self.head_dim % 2:
+            raise ValueError(f"--head-dim {self.head_dim} must be even (rotary embeddings turn pairs of dimensions)")
+        if self.head_dim is None and (self.emb_dim // self.n_heads) % 2:
+            raise ValueError(f"--emb-dim {self.emb_dim} / --n-heads {self.n_heads} gives odd heads of "
+                             f"{self.emb_dim // self.n_heads}; rotary embeddings need even ones (give --head-dim)")
+        # the defaults resolved, so that a saved config says what the model is
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.emb_dim // self.n_heads
+        self.intermediate_size = self.intermediate_size or swiglu_hidden(self.emb_dim)
+        check_range("norm_eps", self.norm_eps, 0, above=True)
+        check_range("rope_theta", self.rope_theta, 1, above=True)
+        check_range("drop_rate", self.drop_rate, 0, 1, below=True)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LlamaConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+# minimind's published shapes (jingyaogong/minimind: model/model_minimind.py, its README's table and
+# pretraining scripts: minimind-3 trains at 340 tokens, MiniMind2 at 512; minimind-3's MLP is
+# ceil(768·π/64)·64 wide, MiniMind2's 8/3 of its width), and small ones that train on a laptop CPU.
+# In `train`, vocab_size follows the run's tokenizer unless --vocab-size is given.
+PRESETS: dict[str, dict] = {
+    "minimind-3": dict(vocab_size=6400, context_length=340, emb_dim=768, n_layers=8, n_heads=8, n_kv_heads=4,
+                       intermediate_size=2432, rope_theta=1e6, norm_eps=1e-6, qk_norm=True),
+    "minimind2-small": dict(vocab_size=6400, context_length=512, emb_dim=512, n_layers=8, n_heads=8, n_kv_heads=2,
+                            intermediate_size=1408, rope_theta=1e6, norm_eps=1e-5),
+    "minimind2": dict(vocab_size=6400, context_length=512, emb_dim=768, n_layers=16, n_heads=8, n_kv_heads=2,
+                      intermediate_size=2048, rope_theta=1e6, norm_eps=1e-5),
+    "llama-tiny": dict(context_length=64, emb_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=192),
+    "llama-mini": dict(context_length=128, emb_dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=384),
+}
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + self_attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        self.self_attn = GroupedQueryAttention(cfg.emb_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                               qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                                               drop_rate=cfg.drop_rate)
+        self.post_attention_layernorm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.emb_dim, cfg.intermediate_size, cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.padded_vocab = padded_rows(cfg.vocab_size, cfg.pad_vocab)
+        self.embed_tokens = nn.Embedding(self.padded_vocab, cfg.emb_dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        self.lm_head = Linear(cfg.emb_dim, self.padded_vocab, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # projections into the residual stream: std / sqrt(2L)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        vocab_padding_hooks(self, ("embed_tokens.weight", "lm_head.weight"), cfg.vocab_size, self.padded_vocab)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def tie(self) -> None:
+        """Share the head with the embedding again (after parameters were assigned one by one)."""
+        if self.cfg.tie_weights:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, targets: torch.Tensor | None = None,
+                loss=cross_entropy) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size); with targets (B, T), loss(hidden, head weight, targets,
+        vocab_size). With a cache, idx continues the cached positions, and their keys and values are added to it."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        rope = rotary_tables(torch.arange(start, start + T, device=idx.device), self.cfg.head_dim,
+                             self.cfg.rope_theta, self.embed_tokens.weight.dtype)
+        sparse = self.cfg.tie_weights and torch.is_grad_enabled() and ops.use_cpu_kernels(self.embed_tokens.weight)
+        x = F.embedding(idx, self.embed_tokens.weight, sparse=sparse)  # (B, T, C)
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, cache.layer(i), start) if cache is not None else block(x, rope)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        if targets is not None:
+            return loss(x, self.lm_head.weight, targets, self.cfg.vocab_size)
+        logits = self.lm_head(x)  # (B, T, padded_vocab)
+        return logits[..., : self.cfg.vocab_size] if self.padded_vocab != self.cfg.vocab_size else logits
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Distinct parameters (no position embeddings to leave out: non_embedding changes nothing)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields tied tensors once
+        return n - (self.padded_vocab - self.cfg.vocab_size) * self.cfg.emb_dim * (1 if self.cfg.tie_weights else 2)
+
+
+def blocks(model: Llama) -> nn.ModuleList:
+    """The transformer blocks, in order (FSDP shards each one)."""
+    return model.layers
+
+
+def matmul_params(cfg: LlamaConfig) -> int:
+    """Weights of every matrix multiply: q, k, v and o projections, the three SwiGLU matrices, and the LM head."""
+    attn = cfg.emb_dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)  # q and o: nh heads; k and v: nkv
+    return cfg.n_layers * (attn + 3 * cfg.emb_dim * cfg.intermediate_size) + cfg.vocab_size * cfg.emb_dim
+
+
+def flops_per_token(cfg: LlamaConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs (forward + backward) per token: 6 x the matmul weights + 12·L·H·Q·T for attention
+    with H query heads of width Q (PaLM, appendix B)."""
+    T = seq_len or cfg.context_length
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
