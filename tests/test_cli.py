@@ -105,7 +105,7 @@ def test_config_file_and_flags_win(tmp_path, capsys, text_file):
     ("[train]\nlr = 'fast'\n", "lr must be a number, got 'fast'"),
     ("[optim]\nlr = 1\n", "unknown table [optim]"),
     ("lr = \n", "not valid TOML"),
-    ('arch = "llama"\n', "unknown arch 'llama'; known model families: gpt2"),
+    ('arch = "mamba"\n', "unknown arch 'mamba'; known model families: gpt2, llama"),
 ])
 def test_bad_config_files(tmp_path, capsys, toml, message):
     cfg = tmp_path / "bad.toml"

@@ -69,6 +69,21 @@ def test_two_processes_equal_one_with_the_same_global_batch(single, parallel):
     assert losses(cut) == losses(run)
 
 
+LLAMA = ["--preset", "llama-tiny", "--n-heads", "4", "--n-kv-heads", "2", "--qk-norm", *COMMON[2:]]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_llama_family_two_processes_equal_one(single, parallel):
+    """Grouped-query attention, QK-norm and rotary positions under DDP and FSDP2: 2 gloo processes = 1 process."""
+    d, text = single
+    one = d / "llama-single"
+    if not one.exists():
+        gptforge(text, "--out", one, "--batch-size", "4", *LLAMA)
+    run = d / f"llama-{parallel}"
+    gptforge(text, "--out", run, "--batch-size", "2", "--nproc", "2", "--parallel", parallel, *LLAMA)
+    assert_same_losses(one, run, tol=1e-5)
+
+
 def test_resume_on_a_different_world_size(single):
     d, text = single
     run = d / "resize"

@@ -18,7 +18,6 @@ from .devices import pick_device
 from .distributed import checkpoint_blocks
 from .generate import SampleConfig, generate
 from .models import build, spec_for
-from .models.gpt2 import GPTConfig
 from .optim import make_optimizer
 from .perf import (
     device_name,
@@ -49,7 +48,7 @@ class BenchConfig:
         check_range("warmup", self.warmup, 0)
 
 
-def bench_train(model_cfg: GPTConfig, t: TrainConfig, b: BenchConfig, log=print) -> dict:
+def bench_train(model_cfg, t: TrainConfig, b: BenchConfig, log=print) -> dict:
     """Time optimizer steps on random tokens, with the training loop's own pieces; returns the JSON result.
 
     From `t`: batch_size, device, precision, compile, activation_checkpointing, seed. With b.profile,
@@ -115,7 +114,7 @@ def bench_train(model_cfg: GPTConfig, t: TrainConfig, b: BenchConfig, log=print)
     return result
 
 
-def bench_generate(model_cfg: GPTConfig, t: TrainConfig, b: BenchConfig, log=print) -> dict:
+def bench_generate(model_cfg, t: TrainConfig, b: BenchConfig, log=print) -> dict:
     """Prefill and decode speed with the KV cache, and decode speed without it; returns the JSON result.
 
     From `t`: batch_size, device, seed; from `b`: prompt_tokens, max_new_tokens (both fit in the context).

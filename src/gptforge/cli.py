@@ -1,6 +1,6 @@
 """The `gptforge` command: each subcommand parses, calls one library function and prints.
 
-Flags are generated from the component dataclasses (GPTConfig, DataConfig, TrainConfig, EvalConfig,
+Flags are generated from the component dataclasses (the model families' settings, DataConfig, TrainConfig, EvalConfig,
 SampleConfig, GenerateConfig, ServeConfig, BenchConfig, PrepareConfig); a `--config` TOML file can set
 any of them for train, eval and generate, and flags given on the command line win.
 """
@@ -24,7 +24,7 @@ from .data import DataConfig, DataError
 from .evaluate import EvalConfig, evaluate_text
 from .generate import GenerateConfig, SampleConfig, generate_text
 from .html_report import write_report
-from .models.gpt2 import PRESETS, GPTConfig
+from .models import SPECS, ModelSettings, all_presets, check_settings, get_spec, preset_arch
 from .prepare import PrepareConfig, train_tokenizer
 from .prepare import prepare as run_prepare
 from .runconfig import TrainConfig, resolve_train_config
@@ -73,6 +73,15 @@ def given(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+arch_option = click.option(
+    "--arch", type=click.Choice(sorted(SPECS)), default=None,
+    help="Model family: gpt2 (GPT-2: learned positions, LayerNorm, GELU) or llama (Llama/Qwen3/minimind: RMSNorm, "
+         "rotary positions, grouped-query attention, SwiGLU).  [default: the preset's, else gpt2]")
+preset_option = click.option(
+    "--preset", type=click.Choice(all_presets()), default=None,
+    help="Model shape to start from (it sets --arch); shape flags override single values.  "
+         "[default: mini (gpt2), llama-mini (llama)]")
+
 config_option = click.option(
     "--config", "config_file", type=click.Path(dir_okay=False),
     help="TOML file with settings (same names as the flags, with _ or -); flags given here win.",
@@ -101,8 +110,8 @@ def cli() -> None:
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this directory from its last checkpoint (its config.toml is the base; "
                    "training flags such as a larger --max-steps may change).")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-              help="Model shape to start from; shape flags override single values.  [default: mini]")
+@arch_option
+@preset_option
 @click.option("--init-from", type=str, default=None,
               help="Start from these weights instead of random ones: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging "
                    "Face id or directory, OpenAI's TensorFlow checkpoint, the book's model.pth or a gptforge run. "
@@ -110,8 +119,8 @@ def cli() -> None:
 @click.option("--nproc", type=int, default=None,
               help="Train with N processes on this machine: relaunches this command under torchrun "
                    "(DDP, or FSDP with --parallel fsdp). Multi-node: run torchrun yourself (see README).")
-@dataclass_options(GPTConfig, DataConfig, TrainConfig)
-def train(data: tuple[str, ...], config_file: str | None, resume: str | None, preset: str | None,
+@dataclass_options(ModelSettings, DataConfig, TrainConfig)
+def train(data: tuple[str, ...], config_file: str | None, resume: str | None, arch: str | None, preset: str | None,
           init_from: str | None = None, nproc: int | None = None, **flags) -> None:
     """Train a GPT on DATA (text files or directories of .txt/.md files) and write a run directory.
 
@@ -125,7 +134,7 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, pr
     if nproc and nproc > 1 and not distributed.is_distributed():
         sys.exit(distributed.launch(nproc, _without_nproc(_ARGV)))
     cfg, run_dir = resolve_train_config(data, config_file, resume, preset, given(flags), init_from,
-                                        warn=lambda message: click.echo(message, err=True))
+                                        warn=lambda message: click.echo(message, err=True), arch=arch)
     try:
         summary = run_training(cfg, run_dir, resume=resume is not None, log=click.echo)
     finally:
@@ -194,16 +203,24 @@ def bench() -> None:
     """Measure training and generation speed; the last line printed is JSON."""
 
 
-def _bench_model(preset: str | None, flags: dict) -> GPTConfig:
-    return build(GPTConfig, PRESETS[preset or "mini"], flags)
+def _bench_model(arch: str | None, preset: str | None, flags: dict):
+    """The model config a benchmark measures: --arch or the preset's family, its preset, shape flags over it."""
+    if preset is not None:
+        if arch is not None and preset_arch(preset) != arch:
+            raise ConfigError(f"preset {preset!r} is a {preset_arch(preset)} model, not --arch {arch}")
+        arch = preset_arch(preset)
+    spec = get_spec(arch or "gpt2")
+    check_settings(spec, flags, "")
+    return build(spec.config_class, spec.presets[preset or spec.default_preset], flags)
 
 
 @bench.command(name="train")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-              help="Model shape to start from; shape flags override single values.  [default: mini]")
-@dataclass_options(GPTConfig, TrainConfig, only=tuple(f.name for f in fields(GPTConfig)) + BENCH_TRAIN_FLAGS)
+@arch_option
+@preset_option
+@dataclass_options(ModelSettings)
+@dataclass_options(TrainConfig, only=BENCH_TRAIN_FLAGS)
 @dataclass_options(BenchConfig, only=("steps", "warmup", "profile"))
-def bench_train_cmd(preset: str | None, **flags) -> None:
+def bench_train_cmd(arch: str | None, preset: str | None, **flags) -> None:
     """Training speed on random tokens: tokens/s, ms/step, MFU, peak memory.
 
     \b
@@ -212,16 +229,16 @@ def bench_train_cmd(preset: str | None, **flags) -> None:
 
     flags = given(flags)
     bench = build(BenchConfig, flags)
-    bench_train(_bench_model(preset, flags), build(TrainConfig, flags), bench, log=click.echo)
+    bench_train(_bench_model(arch, preset, flags), build(TrainConfig, flags), bench, log=click.echo)
 
 
 @bench.command(name="generate")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-              help="Model shape to start from; shape flags override single values.  [default: mini]")
-@dataclass_options(GPTConfig, TrainConfig, only=tuple(f.name for f in fields(GPTConfig)) + ("batch_size", "device",
-                                                                                              "seed"))
+@arch_option
+@preset_option
+@dataclass_options(ModelSettings)
+@dataclass_options(TrainConfig, only=("batch_size", "device", "seed"))
 @dataclass_options(BenchConfig, only=("max_new_tokens", "prompt_tokens"))
-def bench_generate_cmd(preset: str | None, **flags) -> None:
+def bench_generate_cmd(arch: str | None, preset: str | None, **flags) -> None:
     """Generation speed, greedy, on a random prompt: prefill, and decode with and without the KV cache.
 
     \b
@@ -231,7 +248,7 @@ def bench_generate_cmd(preset: str | None, **flags) -> None:
     flags = given(flags)
     bench = build(BenchConfig, flags)
     t = build(TrainConfig, {"batch_size": 1, "seed": 0}, flags)
-    bench_generate(_bench_model(preset, flags), t, bench, log=click.echo)
+    bench_generate(_bench_model(arch, preset, flags), t, bench, log=click.echo)
 
 
 # ----------------------------------------------------------------------------- convert

@@ -12,13 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import CONFIG, check_writable, saved_run_config
 from .config import SEED_MAX, ConfigError, build, check_range, check_toml, opt, read_toml, to_toml_dict
 from .data import DataConfig, data_defaults
 from .devices import DEVICES
 from .loggers import LOGGERS
-from .models import DEFAULT_ARCH, ModelSpec, get_spec, spec_for
+from .models import DEFAULT_ARCH, ModelSettings, ModelSpec, check_settings, get_spec, preset_arch, spec_for
 from .models.gpt2 import GPTConfig
 from .weights import init_model_config
 
@@ -98,7 +99,7 @@ class TrainConfig:
 class RunConfig:
     """Everything a run needs: what is saved as RUN_DIR/config.toml."""
 
-    model: GPTConfig = field(default_factory=GPTConfig)
+    model: Any = field(default_factory=GPTConfig)  # the config of the run's model family (models.SPECS)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inputs: list[str] = field(default_factory=list)  # text files / directories; empty: the default corpus
@@ -114,7 +115,7 @@ def print_warning(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-TRAIN_SECTIONS = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
+TRAIN_SECTIONS = {"model": ModelSettings, "data": DataConfig, "train": TrainConfig}  # [model]: any family's keys
 TRAIN_TOP_LEVEL = {"arch": str, "preset": str, "inputs": list, "init_from": str}
 
 
@@ -132,8 +133,35 @@ def fixed_keys(spec: ModelSpec) -> set[str]:
     return shape | {"arch", "preset", "inputs", "init_from"}
 
 
-def resolve_train_config(data, config_file, resume, preset, flags, init_from=None,
-                         warn: Callable[[str], None] = print_warning) -> tuple[RunConfig, Path]:
+def new_run_shape(file_values: dict, flags: dict, config_file) -> tuple[ModelSpec, str | None, Any]:
+    """A new run's model family, preset and (with --init-from) the source's model config.
+
+    The family is --arch, else the preset's, else the init source's, else GPT-2; the preset defaults
+    to the family's (none with --init-from). Settings of another family are refused.
+    """
+    where = f"{config_file}: " if config_file else ""
+    arch, preset, init_from = file_values.get("arch"), file_values.get("preset"), file_values.get("init_from")
+    if init_from and preset is not None:
+        raise ConfigError("--preset and --init-from both set the model's shape; give only one")
+    init_cfg = init_model_config(init_from, {**file_values, **flags}) if init_from else None
+    if preset is not None:
+        family = preset_arch(preset)
+        if arch is not None and arch != family:
+            raise ConfigError(f"{where}preset {preset!r} is a {family} model, not {arch}; "
+                              f"choose one of {', '.join(sorted(get_spec(arch).presets))} or --arch {family}")
+        arch = family
+    if init_cfg is not None:
+        family = spec_for(init_cfg).arch
+        if arch is not None and arch != family:
+            raise ConfigError(f"--init-from {init_from} holds a {family} model, not --arch {arch}")
+        arch = family
+    spec = arch_spec({"arch": arch or DEFAULT_ARCH}, config_file)
+    check_settings(spec, {**file_values, **flags}, where)
+    return spec, None if init_cfg is not None else (preset or spec.default_preset), init_cfg
+
+
+def resolve_train_config(data, config_file, resume, preset, flags, init_from=None, warn: Callable[[str], None] =
+                         print_warning, arch: str | None = None) -> tuple[RunConfig, Path]:
     """Layers, later winning: dataclass defaults, preset, saved run config (resume), --config file, flags.
 
     With --init-from, the model's shape is the source's instead (weights.init_model_config). `data`,
@@ -145,6 +173,8 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         file_values["preset"] = preset
     if init_from is not None:
         file_values["init_from"] = init_from
+    if arch is not None:
+        file_values["arch"] = arch
     layers: list[dict] = []
     if resume:
         run_dir = Path(resume)
@@ -163,19 +193,14 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         preset_name = saved.get("preset")
         init_from = saved.get("init_from")
     else:
-        spec = arch_spec(file_values, config_file)
+        spec, preset_name, init_cfg = new_run_shape(file_values, flags, config_file)
         init_from = file_values.get("init_from")
-        if init_from and "preset" in file_values:
-            raise ConfigError("--preset and --init-from both set the model's shape; give only one")
-        preset_name = None if init_from else file_values.get("preset", "mini")
         presets = spec.presets
-        if preset_name is not None and preset_name not in presets:
-            raise ConfigError(f"unknown preset {preset_name!r}; choose one of {', '.join(sorted(presets))}")
         inputs = list(data) or list(file_values.get("inputs", []))
-        follow = data_defaults(inputs, {**presets.get(preset_name, {}), **file_values, **flags})  # tokenizer, vocab
+        follow = data_defaults(inputs, {**file_values, **flags})  # tokenizer; vocab_size (a preset's follows it too)
         layers = [presets.get(preset_name, {}), {} if inputs else DEFAULT_CORPUS_RUN, follow, file_values, flags]
-        if init_from:
-            layers.append(init_model_config(init_from, {**file_values, **flags}).to_dict())
+        if init_cfg is not None:
+            layers.append(init_cfg.to_dict())
         run_dir = Path(flags.get("out") or file_values.get("out")
                        or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
         if (run_dir / CONFIG).exists():

@@ -37,7 +37,6 @@ from .evaluate import evaluate, loss_batch, perplexity
 from .generate import SampleConfig, sample_text
 from .loggers import check_loggers, open_trackers
 from .models import build, spec_for
-from .models.gpt2 import GPT
 from .optim import lr_at, make_optimizer, set_lr
 from .perf import keep_freed_cpu_memory, mfu, peak_flops
 from .report import MetricsLog, Progress, format_eval, human, plot_losses
@@ -123,11 +122,13 @@ class Precision:
         return loss_sum, grad_norm
 
 
-def describe_model(model: GPT) -> str:
+def describe_model(model: torch.nn.Module) -> str:
     n = model.num_params()
     head = "tied head" if model.cfg.tie_weights else "untied head"
-    return (f"model: {n / 1e6:.2f}M parameters ({head}; {model.num_params(non_embedding=True) / 1e6:.2f}M "
-            f"without position embeddings), {n * 4 / 1e6:.1f} MB in fp32")
+    arch = spec_for(model.cfg).arch
+    positions = (f"; {model.num_params(non_embedding=True) / 1e6:.2f}M without position embeddings"
+                 if spec_for(model.cfg).learned_positions else "")
+    return f"model: {arch}, {n / 1e6:.2f}M parameters ({head}{positions}), {n * 4 / 1e6:.1f} MB in fp32"
 
 
 def load_splits(cfg: RunConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -223,7 +224,7 @@ class RunState:
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> GPT:
+def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torch.nn.Module:
     """Random initial weights from the seed, or --init-from's weights (a resumed run loads its own later)."""
     if cfg.init_from and not resume:
 
@@ -255,7 +256,7 @@ class Checkpointer:
     log: Callable
     warn: Callable
 
-    def restore(self, model: GPT, state: RunState) -> dict | None:
+    def restore(self, model: torch.nn.Module, state: RunState) -> dict | None:
         """Load the newest intact checkpoint into the model, scaler, RNG and `state`; returns the optimizer
         state to load once the optimizer exists (None for a new run, whose directory is made here)."""
         t, world, run_dir = self.cfg.train, dist.world_size(), self.run_dir
@@ -400,7 +401,7 @@ def tokens_per_step(cfg: RunConfig) -> int:
     return t.batch_size * t.grad_accum * cfg.model.context_length * dist.world_size()
 
 
-def describe_run(cfg: RunConfig, core: GPT, data: TrainData, schedule: Schedule, device, amp: Precision,
+def describe_run(cfg: RunConfig, core: torch.nn.Module, data: TrainData, schedule: Schedule, device, amp: Precision,
                  run_dir: Path, log) -> tuple[float, float | None]:
     """The start-up lines (model, data, schedule, speed); returns (FLOPs per token, peak FLOP/s or None)."""
     t = cfg.train

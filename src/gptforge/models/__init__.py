@@ -10,7 +10,7 @@ token, the transformer blocks (FSDP), and how the family's weights are named in 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any
 
 import torch.nn as nn
@@ -38,6 +38,7 @@ class ModelSpec:
     hf_prefix: str  # prefix of every Hugging Face key but the head's ("transformer.")
     hf_transposed: tuple[str, ...] = ()  # name endings of weights Hugging Face stores as (in, out)
     learned_positions: bool = True  # a table of context_length positions (GPT-2); False: rotary, no limit
+    default_preset: str = "mini"  # the shape `train` and `bench` start from when no --preset is given
 
 
 SPECS: dict[str, ModelSpec] = {
@@ -46,7 +47,8 @@ SPECS: dict[str, ModelSpec] = {
                       hf_transposed=("c_attn.weight", "c_proj.weight", "c_fc.weight")),  # Conv1D
     "llama": ModelSpec("llama", llama.LlamaConfig, llama.Llama, llama.PRESETS, llama.matmul_params,
                        llama.flops_per_token, llama.blocks, hf_architecture="LlamaForCausalLM", hf_model_type="llama",
-                       hf_prefix="model.", learned_positions=False),
+                       hf_prefix="model.", learned_positions=False,
+                       default_preset="llama-mini"),
 }
 
 
@@ -75,10 +77,62 @@ def config_from_dict(d: dict, arch: str | None = None) -> Any:
     return get_spec(arch or DEFAULT_ARCH).config_class.from_dict(d)
 
 
+def preset_arch(name: str) -> str:
+    """The family a preset belongs to (preset names are unique across families); ConfigError for an unknown one."""
+    for spec in SPECS.values():
+        if name in spec.presets:
+            return spec.arch
+    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(all_presets()))}")
+
+
+def all_presets() -> list[str]:
+    return [name for spec in SPECS.values() for name in spec.presets]
+
+
+def _settings_union() -> type:
+    """A dataclass with every family's model settings once (the CLI's shape flags and config.toml's [model] keys).
+
+    Its defaults are None (unset); the help text says which family each setting belongs to and its defaults.
+    """
+    merged: dict[str, dict] = {}
+    for spec in SPECS.values():
+        for f in fields(spec.config_class):
+            entry = merged.setdefault(f.name, {"type": f.type, "help": f.metadata.get("help", ""), "defaults": {}})
+            default = f.default if f.default is not MISSING else None
+            entry["defaults"][spec.arch] = default
+    out = []
+    for name, entry in merged.items():
+        defaults = entry["defaults"]
+        if len(defaults) < len(SPECS):
+            note = f"({', '.join(defaults)} only" + (f"; default: {next(iter(defaults.values()))})"
+                                                     if next(iter(defaults.values())) is not None else ")")
+        elif len(set(map(repr, defaults.values()))) == 1:
+            note = f"[default: {next(iter(defaults.values()))}]" if next(iter(defaults.values())) is not None else ""
+        else:
+            note = "[default: " + ", ".join(f"{v} ({a})" for a, v in defaults.items()) + "]"
+        typ = entry["type"] if "None" in str(entry["type"]) else f"{entry['type']} | None"
+        out.append((name, typ, field(default=None, metadata={"help": f"{entry['help']} {note}".strip(),
+                                                                "archs": tuple(defaults)})))
+    return make_dataclass("ModelSettings", out)
+
+
+ModelSettings = _settings_union()
+
+
+def check_settings(spec: ModelSpec, values: dict, where: str) -> None:
+    """Refuse model settings of another family (e.g. --n-kv-heads with --arch gpt2), naming the family that has them."""
+    own = {f.name for f in fields(spec.config_class)}
+    for f in fields(ModelSettings):
+        if f.name in values and f.name not in own:
+            flag = "--" + f.name.replace("_", "-")
+            raise ConfigError(f"{where}{flag} is a setting of the {' and '.join(f.metadata['archs'])} family, not of "
+                              f"{spec.arch}; add --arch {f.metadata['archs'][0]} or drop {flag}")
+
+
 def max_positions(cfg: Any) -> int | None:
     """The longest sequence a model of cfg can read: context_length with learned positions, else no limit (None)."""
     return cfg.context_length if spec_for(cfg).learned_positions else None
 
 
-__all__ = ["DEFAULT_ARCH", "KVCache", "ModelSpec", "SPECS", "build", "config_from_dict", "get_spec", "max_positions",
-           "spec_for"]
+__all__ = ["DEFAULT_ARCH", "KVCache", "ModelSettings", "ModelSpec", "SPECS", "all_presets", "build", "check_settings",
+           "config_from_dict", "get_spec", "max_positions", "preset_arch", "spec_for"]

@@ -24,9 +24,11 @@ from .layers import MLP, CausalSelfAttention, KVCache, Linear, cross_entropy, pa
 class GPTConfig:
     """Shape of a GPT-2-style model. The defaults are the CPU-sized "mini" preset."""
 
-    vocab_size: int = field(default=50257, metadata={"help": "Number of token ids (50257 for GPT-2 BPE)."})
+    vocab_size: int = field(
+        default=50257, metadata={"help": "Number of token ids; default: the tokenizer's (50257 for GPT-2 BPE)."}
+    )
     context_length: int = field(
-        default=128, metadata={"help": "Longest sequence the model sees: the number of learned positions."}
+        default=128, metadata={"help": "Longest sequence the model trains on (GPT-2: its number of learned positions)."}
     )
     emb_dim: int = field(default=128, metadata={"help": "Width of the residual stream."})
     n_heads: int = field(default=4, metadata={"help": "Attention heads per layer; must divide emb_dim."})
@@ -34,9 +36,11 @@ class GPTConfig:
     drop_rate: float = field(
         default=0.1, metadata={"help": "Dropout on embeddings, attention and residual branches in training."}
     )
-    qkv_bias: bool = field(default=False, metadata={"help": "Bias on the query/key/value projection."})
+    qkv_bias: bool = field(
+        default=False, metadata={"help": "Bias on the query/key/value projections (GPT-2's checkpoints, Qwen2)."}
+    )
     tie_weights: bool = field(
-        default=True, metadata={"help": "Share the output head with the token embedding, as GPT-2 does."}
+        default=True, metadata={"help": "Share the output head with the token embedding (GPT-2, Qwen3, minimind)."}
     )
     pad_vocab: bool = field(
         default=False,
