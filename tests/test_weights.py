@@ -1,4 +1,4 @@
-"""weights.py against Hugging Face transformers (and TensorFlow's own files) as the reference.
+"""The weights package against Hugging Face transformers (and TensorFlow's own files) as the reference.
 
 Random GPT-2 models are built with transformers, saved in each format gptforge reads, loaded back
 through the production path, and must give HF's logits (max abs diff <= 1e-5) and greedy tokens.

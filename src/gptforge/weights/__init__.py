@@ -1,0 +1,371 @@
+"""Model weights in every format gptforge reads, and out to Hugging Face.
+
+A model SOURCE is detected, never named:
+
+- a Hugging Face model id (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``org/name``):
+  fetched into and read from ``huggingface_hub``'s cache, so it works offline once cached;
+- a Hugging Face directory or weights file (``config.json`` + ``model.safetensors``, sharded
+  safetensors or ``pytorch_model.bin``), read by the family whose ``model_type`` config.json names
+  (GPT-2: ``Conv1D`` weights, i.e. ``(in, out)``);
+- OpenAI's TensorFlow GPT-2 checkpoint directory (``hparams.json``, ``checkpoint``, ``model.ckpt.*``),
+  read without TensorFlow: the ``.index`` file is a LevelDB-style table of ``BundleEntryProto``
+  records that locate each variable in ``model.ckpt.data-00000-of-00001``;
+- a state dict of the book's ``GPTModel`` (``tok_emb``, ``trf_blocks.N.att.W_query``, ...), bare or
+  under ``"model_state_dict"``, its shape inferred from the tensors;
+- a gptforge run directory, checkpoint directory or ``model.safetensors`` file (any family: the
+  metadata names its ``arch``).
+
+Every format becomes a *plan*: for each parameter of the model, the source tensors it is made from
+and how (copied, transposed, concatenated). The plan is checked against the source's tensor shapes
+before anything is read, so a wrong or partial file fails with one line naming the file, the
+tensor and both shapes. The model is built on the meta device and its parameters are assigned one
+transformer block at a time, each a fresh fp32 tensor, while the file is memory-mapped (safetensors,
+torch) or read by offset (TensorFlow): the weights are never held twice.
+
+The package: readers.py (the files), plan.py (``Entry``, ``Source``, the plan's family-free parts,
+the block-by-block fill, and ``WeightFamily``: what a family's formats provide), one module of
+formats per model family (gpt2.py) listed in ``FAMILIES``, and here detection, the hub, loading and
+export, which ask the family for its Hugging Face ``model_type`` values, config.json and tensor
+names (both ways) and the torch state dicts it recognises.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from safetensors.torch import save_file
+
+from .. import checkpoint as ckpt
+from ..config import ConfigError
+from ..models import DEFAULT_ARCH, build, config_from_dict, spec_for
+from ..tokenizer import Tokenizer, tokenizer_from_metadata
+from . import gpt2
+from .gpt2 import BOOK_BLOCK_NAMES, BOOK_NAMES, HEAD_SIZE, HUB_NAMES, SHAPE_KEYS
+from .plan import Entry, Source, WeightFamily, expected, fill, our_shapes
+from .readers import SafetensorsReader, TFCheckpointReader, TorchReader, WeightsError, first_line, read_json
+
+FAMILIES: dict[str, WeightFamily] = {"gpt2": gpt2}  # arch -> the module of its weight formats
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HF_SHARD_INDEX = "model.safetensors.index.json"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+LOCAL_PREFIXES = ("./", "../", "/", "~")  # a SOURCE written like this is a path here, never a hub id
+
+__all__ = [
+    "BOOK_BLOCK_NAMES", "BOOK_NAMES", "FAMILIES", "HEAD_SIZE", "HF_SHARD_INDEX", "HF_WEIGHTS", "HUB_NAMES",
+    "LOCAL_PREFIXES", "SHAPE_KEYS", "TORCH_SUFFIXES", "Entry", "SafetensorsReader", "Source", "TFCheckpointReader",
+    "TorchReader", "WeightFamily", "WeightsError", "build_model", "check_source", "convert", "convert_target",
+    "hf_config", "init_model_config", "load_any", "load_for_text", "load_model", "open_source", "to_gptforge", "to_hf",
+]
+
+
+def _family(cfg: Any) -> WeightFamily:
+    """The weight formats of cfg's model family."""
+    arch = spec_for(cfg).arch
+    if arch not in FAMILIES:
+        raise WeightsError(f"the {arch} model family has no weight formats yet (gptforge.weights.FAMILIES: "
+                           f"{', '.join(FAMILIES)}); a {arch} model loads and saves only as gptforge weights")
+    return FAMILIES[arch]
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def open_source(source: str | Path, n_heads: int | None = None) -> Source:
+    """Detect what SOURCE is and read its config and tensor shapes (not its weights)."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        if (p / "hparams.json").is_file() or (p / "checkpoint").is_file() or any(p.glob("*.ckpt.index")):
+            return gpt2.tf_source(p)
+        if (p / "config.json").is_file():
+            return _hf_source(p)
+        if (p / ckpt.WEIGHTS).is_file() or (p / ckpt.CHECKPOINTS).is_dir():
+            return _gptforge_source(p)
+        if str(source) not in HUB_NAMES:  # ./gpt2/ (where the book's downloads live) still means the hub's gpt2
+            raise WeightsError(f"{p}: a directory without checkpoints or model weights (no {ckpt.CHECKPOINTS}/, "
+                               f"{ckpt.WEIGHTS}, config.json or TensorFlow checkpoint); give a run directory, a "
+                               "checkpoint, a weights file or a Hugging Face model id")
+    if p.is_file():
+        if p.name.endswith(".index") or ".ckpt." in p.name:
+            return gpt2.tf_source(p.parent)
+        if p.name == "config.json":
+            return _hf_source(p.parent)
+        if p.suffix not in TORCH_SUFFIXES:  # safetensors, whatever the name
+            reader = SafetensorsReader.single(p)
+            if reader.metadata.get("format") == "gptforge":
+                return _gptforge_source(p)
+            return _hf_source(p.parent, weights=p)
+        return _torch_source(p, n_heads)
+    name = str(source)
+    if name.startswith(LOCAL_PREFIXES):
+        raise WeightsError(f"{source}: no such file or directory")
+    if "/" in name and p.parent.is_dir():  # runs/x where runs/ is here: a mistyped run, never a hub lookup
+        raise WeightsError(f"{source}: no such file or directory ({p.parent} is a local directory, so {source} "
+                           "is not looked up on the Hugging Face hub)")
+    if _looks_like_hub_id(name):
+        return _hf_source(_hub_snapshot(name), hub_id=name)
+    raise WeightsError(f"{source}: no such file or directory (nor a Hugging Face model id such as gpt2)")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name in HUB_NAMES or re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The cached snapshot directory of a hub model (config.json + weights), downloading what is missing."""
+    def fail_offline(name: str) -> WeightsError:
+        why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub could not be reached"
+        return WeightsError(f"{repo_id}: no such local path, and as a Hugging Face model id its {name} is not in the "
+                            f"cache ({constants.HF_HUB_CACHE}) and {why}; download it once with network access, "
+                            "or pass a local directory")
+
+    try:
+        config = Path(hf_hub_download(repo_id, "config.json"))
+        not_cached = False
+        for name in HF_WEIGHTS:
+            try:
+                hf_hub_download(repo_id, name)
+                return config.parent
+            except LocalEntryNotFoundError:
+                not_cached = True
+            except EntryNotFoundError:
+                continue
+        if not_cached:
+            raise fail_offline(" or ".join(HF_WEIGHTS))
+        raise WeightsError(f"{repo_id}: the model repository has neither {' nor '.join(HF_WEIGHTS)}")
+    except LocalEntryNotFoundError:
+        raise fail_offline("config.json") from None
+    except HfHubHTTPError as e:
+        raise WeightsError(f"{repo_id}: no such local path, and fetching it from the Hugging Face hub failed: "
+                           f"{first_line(e)}") from None
+
+
+def _hf_family(conf: dict, path: Path) -> WeightFamily:
+    """The family that reads config.json's model_type (a config.json without one is GPT-2's)."""
+    model_type = conf.get("model_type", FAMILIES[DEFAULT_ARCH].HF_MODEL_TYPES[0])
+    for family in FAMILIES.values():
+        if model_type in family.HF_MODEL_TYPES:
+            return family
+    names = " or ".join(family.NAME for family in FAMILIES.values())
+    types = ", ".join(t for family in FAMILIES.values() for t in family.HF_MODEL_TYPES)
+    raise WeightsError(f"{path}: model_type is {model_type!r}; only {names} models ({types}) can be loaded")
+
+
+def _hf_source(d: Path, weights: Path | None = None, reader=None, hub_id: str | None = None) -> Source:
+    config_path = d / "config.json"
+    where = weights or d
+    if not config_path.is_file():
+        raise WeightsError(f"{where}: Hugging Face weights need a config.json beside them, and there is none")
+    conf = read_json(config_path)
+    family = _hf_family(conf, config_path)
+    cfg = family.config_from_hf(conf, config_path)
+    if reader is None:
+        if weights is None:
+            weights = next((d / n for n in (*HF_WEIGHTS, HF_SHARD_INDEX) if (d / n).is_file()), None)
+            if weights is None:
+                raise WeightsError(f"{d}: has config.json but no weights ({', '.join((*HF_WEIGHTS, HF_SHARD_INDEX))})")
+        if weights.name == HF_SHARD_INDEX:
+            reader = SafetensorsReader.sharded(weights)
+        elif weights.suffix == ".safetensors":
+            reader = SafetensorsReader.single(weights)
+        else:
+            reader = TorchReader(weights)
+    return family.hf_source(cfg, reader, {"format": "hub" if hub_id else "hf", "source": hub_id or str(where)})
+
+
+def _torch_source(path: Path, n_heads: int | None) -> Source:
+    """A torch state dict: one of a family's own formats, or Hugging Face names read with the config.json beside it."""
+    reader = TorchReader(path)
+    for family in FAMILIES.values():
+        src = family.open_state_dict(path, reader, n_heads)
+        if src is not None:
+            return src
+    if any(family.is_hf_state_dict(reader.shapes) for family in FAMILIES.values()):
+        return _hf_source(path.parent, weights=path, reader=reader)
+    kinds = " nor ".join(kind for family in FAMILIES.values() for kind in family.STATE_DICTS)
+    raise WeightsError(f"{path}: a state dict of neither {kinds}")
+
+
+def _gptforge_source(p: Path) -> Source:
+    path = ckpt.resolve_weights(p)
+    meta = ckpt.read_weights_meta(path)
+    try:
+        cfg = config_from_dict(json.loads(meta["model"]), meta.get("arch"))  # no arch: written before families
+    except ValueError as e:
+        raise WeightsError(f"{path}: bad model config in the metadata ({e})") from None
+    plan = [Entry(k, (k,)) for k in our_shapes(cfg)]
+    return Source("gptforge", cfg, SafetensorsReader.single(path), plan, set(), dict(meta))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def check_source(src: Source) -> None:
+    """Every tensor the plan needs is there with the right shape, and nothing else is: or one line saying which."""
+    shapes = our_shapes(src.cfg)
+    where = src.reader.where
+    needed: dict[str, tuple[int, ...]] = {}
+    for e in src.plan:
+        for s in e.src:
+            needed[s] = expected(e, shapes[e.ours])
+    missing = [k for k in needed if k not in src.reader.shapes]
+    if missing:
+        k = missing[0]
+        raise WeightsError(f"{where}: tensor {k!r} is missing (expected shape {needed[k]}); {len(missing)} of "
+                           f"{len(needed)} tensors are missing: a partial or different model?")
+    for k, shape in needed.items():
+        if src.reader.shapes[k] != shape:
+            raise WeightsError(f"{where}: tensor {k!r} has shape {src.reader.shapes[k]}, expected {shape} "
+                               f"({_family(src.cfg).describe(src.cfg)})")
+    extra = sorted(set(src.reader.shapes) - set(needed) - src.ignored)
+    if extra:
+        family = _family(src.cfg)
+        raise WeightsError(f"{where}: unexpected tensor {extra[0]!r} of shape {src.reader.shapes[extra[0]]} "
+                           f"({len(extra)} in all): not part of a {family.NAME} model with {family.describe(src.cfg)}")
+
+
+def build_model(src: Source, context_length: int | None = None, drop_rate: float | None = None) -> nn.Module:
+    """The model a checked source describes, its weights read block by block into a meta-device model.
+
+    context_length below the source's crops the position embeddings (the first positions are kept).
+    """
+    check_source(src)
+    cfg = src.cfg
+    if context_length is not None:
+        if not 0 < context_length <= cfg.context_length:
+            raise ConfigError(f"context_length {context_length} must be between 1 and the model's "
+                              f"{cfg.context_length}")
+        cfg = replace(cfg, context_length=context_length)
+    if drop_rate is not None:
+        cfg = replace(cfg, drop_rate=drop_rate)
+    with torch.device("meta"):
+        model = build(cfg)
+    fill(model, src)
+    return model
+
+
+def load_any(source: str | Path, device: torch.device | str = "cpu", *, context_length: int | None = None,
+             drop_rate: float | None = None, n_heads: int | None = None) -> tuple[nn.Module, dict]:
+    """A model from any supported SOURCE (see the module docstring); returns (model, metadata).
+
+    The metadata holds at least "format" (hub, hf, tf, book or gptforge) and "tokenizer".
+    """
+    src = open_source(source, n_heads=n_heads)
+    model = build_model(src, context_length, drop_rate)
+    return model.to(device), src.meta
+
+
+def load_model(source: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """A gptforge model from a run dir (its newest intact checkpoint), checkpoint dir or weights file;
+    returns (model, the weights file's metadata). The one reader of gptforge weights files."""
+    src = _gptforge_source(Path(source))
+    return build_model(src).to(device), src.meta
+
+
+def init_model_config(source: str, requested: dict) -> Any:
+    """The model config for `train --init-from SOURCE`: the source's shape, with requested settings checked.
+
+    Only context_length (at most the source's: position embeddings are cropped) and drop_rate may differ.
+    """
+    base = open_source(source).cfg
+    for k in _family(base).SHAPE_KEYS:
+        if k in requested and requested[k] != getattr(base, k):
+            flag = "--" + k.replace("_", "-")
+            raise ConfigError(f"{flag} {requested[k]!r}: the model in {source} has {k} {getattr(base, k)!r}, and a run "
+                              "initialised from it keeps its shape (only --context-length may shrink and "
+                              "--drop-rate change)")
+    ctx = requested.get("context_length", base.context_length)
+    if not 0 < ctx <= base.context_length:
+        raise ConfigError(f"--context-length {ctx}: must be between 1 and the {base.context_length} positions "
+                          f"of the model in {source}")
+    return replace(base, context_length=ctx, drop_rate=requested.get("drop_rate", base.drop_rate))
+
+
+def load_for_text(source: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Tokenizer, dict]:
+    """load_any's model with the tokenizer its metadata names or carries: (model, tokenizer, metadata).
+
+    A model with fewer token ids than its tokenizer (e.g. a tiny test model) cannot read text: an error.
+    """
+    model, meta = load_any(source, device)
+    tokenizer = tokenizer_from_metadata(meta)
+    if model.cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"{source}: the model has {model.cfg.vocab_size} token ids, fewer than its "
+                          f"{meta.get('tokenizer', 'gpt2')} tokenizer's {tokenizer.vocab_size}; it cannot read or "
+                          "write text")
+    return model, tokenizer, meta
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def hf_config(cfg: Any) -> dict:
+    """The config.json of the transformers model (GPT2LMHeadModel for GPT-2) with this config."""
+    return _family(cfg).hf_config(cfg)
+
+
+def convert_target(out: str | Path, target: str) -> Path:
+    """What `convert --to TARGET OUT` writes, checked before any model is read; refused unless nothing is overwritten.
+
+    OUT must be a new or empty directory, so no file of the user's (nor a model converted there
+    earlier) is replaced; for gptforge, OUT may instead be a new .safetensors file. Returns the
+    directory (hf) or the weights file (gptforge).
+    """
+    out = Path(out)
+    if target == "gptforge" and out.suffix == ".safetensors":
+        if out.exists():
+            raise WeightsError(f"OUT {out}: already exists; remove it or choose another OUT")
+        ckpt.check_writable(out.parent, "OUT")
+        return out
+    ckpt.check_writable(out, "OUT")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        raise WeightsError(f"OUT {out}: not empty (holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
+                           "convert writes only into a new or empty directory, so that nothing is overwritten: "
+                           "choose another OUT or empty this one")
+    return out if target == "hf" else out / ckpt.WEIGHTS
+
+
+def to_hf(model: nn.Module, out_dir: str | Path, tokenizer: str = "gpt2") -> Path:
+    """Write config.json + model.safetensors that the family's transformers class loads with from_pretrained
+    (GPT2LMHeadModel; the family's hf_config and hf_state_dict say how).
+
+    The safetensors metadata carries the gptforge config, which brings back on import what the
+    Hugging Face config cannot say. With the GPT-2 tokenizer, its vocab.json and merges.txt are written too.
+    """
+    out = convert_target(out_dir, "hf")
+    cfg = model.cfg
+    family = _family(cfg)
+    sd = family.hf_state_dict(model)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "gptforge_model": json.dumps(cfg.to_dict()), "gptforge_tokenizer": tokenizer}
+    save_file(sd, str(out / "model.safetensors"), metadata=meta)
+    (out / "config.json").write_text(json.dumps(family.hf_config(cfg), indent=2) + "\n")
+    if tokenizer == "gpt2":  # the tokenizer's files, whatever the model family
+        gpt2.write_tokenizer(out, cfg.context_length)
+    return out
+
+
+def to_gptforge(model: nn.Module, out: str | Path, tokenizer="gpt2", source: str | None = None) -> Path:
+    """Write a gptforge weights file: OUT itself if it ends in .safetensors, else OUT/model.safetensors."""
+    path = convert_target(out, "gptforge")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.save_weights(path, model, tokenizer, extra={"converted_from": source} if source else None)
+    return path
+
+
+def convert(source: str | Path, target: str, out: str | Path,
+            n_heads: int | None = None) -> tuple[Path, nn.Module, dict]:
+    """`gptforge convert`: the model in source written to out as `target` (hf or gptforge), out checked before
+    the model is read; a gptforge checkpoint carries the whole tokenizer. Returns (path written, model, metadata)."""
+    convert_target(out, target)
+    model, meta = load_any(source, n_heads=n_heads)
+    if target == "hf":
+        return to_hf(model, out, meta.get("tokenizer", "gpt2")), model, meta
+    return to_gptforge(model, out, tokenizer_from_metadata(meta), source=str(source)), model, meta

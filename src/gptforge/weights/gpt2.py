@@ -1,0 +1,244 @@
+"""GPT-2's weight formats: Hugging Face GPT-2 files, OpenAI's TensorFlow checkpoints, the book's state dicts.
+
+The module-level names are this family's ``WeightFamily`` (plan.py): a Hugging Face ``GPT2Config``
+-> ``GPTConfig``, Hugging Face's ``Conv1D`` weights (``(in, out)``) -> a plan of transposes, the
+state dicts it recognises, and the ``config.json`` and weights that ``to_hf`` writes for
+``GPT2LMHeadModel``. GPT-2's alone: OpenAI's TensorFlow checkpoint directory (``hparams.json``,
+``checkpoint``, ``model.ckpt.*``, read by ``readers.TFCheckpointReader``), the book's ``GPTModel``
+state dict (``tok_emb``, ``trf_blocks.N.att.W_query``, ...; its shape inferred from the tensors),
+the GPT-2 tokenizer files of an export, and the hub's GPT-2 ids without an organisation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..models import spec_for
+from ..models.gpt2 import GPT, GPTConfig
+from ..tokenizer import _gpt2_data_files
+from .plan import Entry, Source, block_index, hf_names, hf_prefix_in, our_shapes, plan_hf
+from .readers import Reader, TFCheckpointReader, TorchReader, WeightsError, positive_int, read_json
+
+NAME = "GPT-2"
+HF_MODEL_TYPES = ("gpt2",)
+SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
+STATE_DICTS = ("the book's GPTModel (no tok_emb.weight)", "GPT-2 (no transformer.wte.weight)")
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # hub ids that are GPT-2 without an organisation
+HEAD_SIZE = 64  # every OpenAI GPT-2 size has 64-wide heads (768/12 ... 1600/25)
+
+
+def describe(cfg: GPTConfig) -> str:
+    """The settings that decide GPT-2's tensor shapes, for errors about tensors that do not fit them."""
+    return (f"vocab_size {cfg.vocab_size}, context_length {cfg.context_length}, emb_dim {cfg.emb_dim}, "
+            f"n_layers {cfg.n_layers}, qkv_bias {cfg.qkv_bias}, tie_weights {cfg.tie_weights}")
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def config_from_hf(conf: dict, path: Path) -> GPTConfig:
+    """A Hugging Face GPT2Config -> GPTConfig, refusing what gptforge's model cannot compute."""
+    n_embd = positive_int(conf, "n_embd", path)
+    unsupported = {
+        "activation_function": (conf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+                                "GELU with the tanh approximation (gelu_new)"),
+        "layer_norm_epsilon": (abs(conf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12, "1e-05"),
+        "n_inner": (conf.get("n_inner") in (None, 4 * n_embd), f"null or {4 * n_embd} (4 x n_embd)"),
+        "scale_attn_weights": (conf.get("scale_attn_weights", True) is True, "true"),
+        "scale_attn_by_inverse_layer_idx": (not conf.get("scale_attn_by_inverse_layer_idx", False), "false"),
+        "add_cross_attention": (not conf.get("add_cross_attention", False), "false"),
+    }
+    for key, (ok, wanted) in unsupported.items():
+        if not ok:
+            raise WeightsError(f"{path}: {key} is {conf[key]!r}; gptforge's GPT-2 supports only {wanted}")
+    try:
+        return GPTConfig(vocab_size=positive_int(conf, "vocab_size", path),
+                         context_length=positive_int(conf, "n_positions", path), emb_dim=n_embd,
+                         n_heads=positive_int(conf, "n_head", path), n_layers=positive_int(conf, "n_layer", path),
+                         drop_rate=float(conf.get("resid_pdrop", 0.1)), qkv_bias=True,
+                         tie_weights=bool(conf.get("tie_word_embeddings", True)))
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
+
+
+def hf_source(cfg: GPTConfig, reader: Reader, meta: dict) -> Source:
+    """GPT-2 weights as transformers stores them (``transformer.`` prefix or none, ``Conv1D`` weights)."""
+    prefix = hf_prefix_in(cfg, reader.shapes)
+    saved = getattr(reader, "metadata", {}).get("gptforge_model")
+    if saved:  # written by to_hf: restore what GPT2Config cannot say (no qkv bias, drop rate)
+        try:
+            mine = GPTConfig.from_dict(json.loads(saved))
+        except ValueError as e:
+            raise WeightsError(f"{reader.where}: bad gptforge_model metadata ({e})") from None
+        if all(getattr(mine, k) == getattr(cfg, k) for k in SHAPE_KEYS if k != "qkv_bias"):
+            cfg = replace(cfg, qkv_bias=mine.qkv_bias, drop_rate=mine.drop_rate)
+    plan = plan_hf(cfg, prefix)
+    if not cfg.qkv_bias:  # to_hf stores zeros there; a model trained since then has grown a bias
+        bias_keys = [f"{prefix}h.{i}.attn.c_attn.bias" for i in range(cfg.n_layers)]
+        present = [k for k in bias_keys if k in reader.shapes]
+        if any(bool(t.any()) for t in reader.read(present).values()):
+            cfg = replace(cfg, qkv_bias=True)
+            plan = plan_hf(cfg, prefix)
+    ignored = {k for k in reader.shapes if k.endswith((".attn.bias", ".attn.masked_bias"))}
+    if not cfg.qkv_bias:
+        ignored |= {f"{prefix}h.{i}.attn.c_attn.bias" for i in range(cfg.n_layers)}
+    if cfg.tie_weights:
+        ignored.add("lm_head.weight")
+    return Source("hf", cfg, reader, plan, ignored, {**meta, "tokenizer": "gpt2"})
+
+
+def is_hf_state_dict(shapes: dict[str, tuple[int, ...]]) -> bool:
+    """GPT2LMHeadModel's names (transformer.wte.weight) or GPT2Model's (wte.weight)."""
+    return any(k.endswith("wte.weight") for k in shapes)
+
+
+def hf_config(cfg: GPTConfig) -> dict:
+    """The config.json of a transformers GPT2LMHeadModel with this shape."""
+    spec = spec_for(cfg)
+    return {
+        "architectures": [spec.hf_architecture], "model_type": spec.hf_model_type, "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length, "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+        "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
+        "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "tie_word_embeddings": cfg.tie_weights,
+        "bos_token_id": 50256, "eos_token_id": 50256, "dtype": "float32",
+    }
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's weights: an untied head is kept; a model without a q/k/v bias gets zero biases
+    (GPT-2 always has them; the gptforge config in the file's metadata brings qkv_bias back on import)."""
+    cfg = model.cfg
+    sd = hf_names(model)
+    if not cfg.qkv_bias:
+        prefix = spec_for(cfg).hf_prefix
+        for i in range(cfg.n_layers):
+            sd[f"{prefix}h.{i}.attn.c_attn.bias"] = torch.zeros(3 * cfg.emb_dim)
+    return sd
+
+
+def write_tokenizer(out: Path, context_length: int) -> None:
+    """The GPT-2 tokenizer as transformers' GPT2Tokenizer reads it, into an exported model's directory."""
+    vocab_bpe, encoder_json = _gpt2_data_files()
+    shutil.copyfile(encoder_json, out / "vocab.json")  # the same files under Hugging Face's names
+    shutil.copyfile(vocab_bpe, out / "merges.txt")
+    eot = "<|endoftext|>"
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "bos_token": eot,
+        "eos_token": eot, "unk_token": eot, "add_prefix_space": False,
+    }, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- OpenAI's TensorFlow checkpoints
+
+
+def plan_tf(cfg: GPTConfig) -> list[Entry]:
+    names = {"weight": "g", "bias": "b"}
+    plan = []
+    for ours in our_shapes(cfg):
+        parts = ours.split(".")
+        if parts[0] in ("wte", "wpe"):
+            plan.append(Entry(ours, (f"model/{parts[0]}",)))
+        elif parts[0] == "ln_f":
+            plan.append(Entry(ours, (f"model/ln_f/{names[parts[1]]}",)))
+        elif parts[2] in ("ln_1", "ln_2"):
+            plan.append(Entry(ours, (f"model/h{parts[1]}/{parts[2]}/{names[parts[3]]}",)))
+        else:  # h.i.attn.c_attn.weight -> model/hi/attn/c_attn/w
+            kind = "w" if parts[4] == "weight" else "b"
+            name = f"model/h{parts[1]}/{parts[2]}/{parts[3]}/{kind}"
+            plan.append(Entry(ours, (name,), "tf" if kind == "w" else "copy"))
+    return plan
+
+
+def tf_source(d: Path) -> Source:
+    """OpenAI's TensorFlow checkpoint directory: hparams.json and model.ckpt.* (or the prefix `checkpoint` names)."""
+    hparams_path = d / "hparams.json"
+    if not hparams_path.is_file():
+        raise WeightsError(f"{d}: a TensorFlow GPT-2 checkpoint needs hparams.json (n_vocab, n_ctx, n_embd, "
+                           "n_head, n_layer), and there is none")
+    hp = read_json(hparams_path)
+    try:
+        n = {k: positive_int(hp, k, hparams_path) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}
+        cfg = GPTConfig(vocab_size=n["n_vocab"], context_length=n["n_ctx"], emb_dim=n["n_embd"], n_heads=n["n_head"],
+                        n_layers=n["n_layer"], qkv_bias=True, tie_weights=True)
+    except ValueError as e:
+        raise WeightsError(f"{hparams_path}: {e}") from None
+    prefix = d / "model.ckpt"
+    state = d / "checkpoint"
+    if state.is_file():  # model_checkpoint_path: "model.ckpt"; only the name counts (the directory may have moved)
+        m = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', state.read_text(), re.MULTILINE)
+        if m:
+            prefix = d / Path(m.group(1)).name
+    else:
+        indexes = sorted(d.glob("*.index"))
+        if len(indexes) == 1:
+            prefix = indexes[0].with_suffix("")
+    if not prefix.with_name(prefix.name + ".index").is_file():
+        raise WeightsError(f"{d}: no {prefix.name}.index; the TensorFlow checkpoint is incomplete")
+    reader = TFCheckpointReader(prefix)
+    return Source("tf", cfg, reader, plan_tf(cfg), set(), {"format": "tf", "source": str(d), "tokenizer": "gpt2"})
+
+
+# ----------------------------------------------------------------------------- the book's GPTModel
+
+
+BOOK_NAMES = {
+    "wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight", "ln_f.weight": "final_norm.scale",
+    "ln_f.bias": "final_norm.shift", "lm_head.weight": "out_head.weight",
+}
+BOOK_BLOCK_NAMES = {
+    "ln_1.weight": "norm1.scale", "ln_1.bias": "norm1.shift", "ln_2.weight": "norm2.scale", "ln_2.bias": "norm2.shift",
+    "attn.c_proj.weight": "att.out_proj.weight", "attn.c_proj.bias": "att.out_proj.bias",
+    "mlp.c_fc.weight": "ff.layers.0.weight", "mlp.c_fc.bias": "ff.layers.0.bias",
+    "mlp.c_proj.weight": "ff.layers.2.weight", "mlp.c_proj.bias": "ff.layers.2.bias",
+}
+
+
+def plan_book(cfg: GPTConfig) -> list[Entry]:
+    plan = []
+    for ours in our_shapes(cfg):
+        i = block_index(ours, "h.")
+        if i < 0:
+            plan.append(Entry(ours, (BOOK_NAMES[ours],)))
+            continue
+        rest = ours.split(".", 2)[2]
+        if rest.startswith("attn.c_attn."):
+            kind = rest.rsplit(".", 1)[1]
+            qkv = tuple(f"trf_blocks.{i}.att.W_{p}.{kind}" for p in ("query", "key", "value"))
+            plan.append(Entry(ours, qkv, "cat"))
+        else:
+            plan.append(Entry(ours, (f"trf_blocks.{i}.{BOOK_BLOCK_NAMES[rest]}",)))
+    return plan
+
+
+def open_state_dict(path: Path, reader: TorchReader, n_heads: int | None) -> Source | None:
+    """The book's GPTModel state dict, n_heads given or from GPT-2's head size; None for any other."""
+    shapes = reader.shapes
+    if "tok_emb.weight" not in shapes:
+        return None
+    vocab, emb = shapes["tok_emb.weight"]
+    if "pos_emb.weight" not in shapes:
+        raise WeightsError(f"{path}: tensor 'pos_emb.weight' is missing: a partial GPTModel state dict")
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"trf_blocks\.(\d+)\.", k))}
+    if n_heads is None:
+        if emb % HEAD_SIZE:
+            raise WeightsError(f"{path}: the number of attention heads is not stored in a state dict, and "
+                               f"emb_dim {emb} is not a multiple of GPT-2's head size {HEAD_SIZE}; give n_heads "
+                               "(gptforge convert ... --n-heads N)")
+        n_heads = emb // HEAD_SIZE
+    try:
+        cfg = GPTConfig(vocab_size=vocab, context_length=shapes["pos_emb.weight"][0], emb_dim=emb, n_heads=n_heads,
+                        n_layers=max(blocks, default=-1) + 1, qkv_bias="trf_blocks.0.att.W_query.bias" in shapes,
+                        tie_weights=False)
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    ignored = {k for k in shapes if k.endswith(".att.mask")}
+    meta = {"format": "book", "source": str(path), "tokenizer": "gpt2", "n_heads": str(n_heads)}
+    return Source("book", cfg, reader, plan_book(cfg), ignored, meta)
