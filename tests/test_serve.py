@@ -188,8 +188,9 @@ def test_a_chunked_body_over_the_limit_gets_413_from_the_real_server(server):
 def test_startup_line_states_the_kv_cache_memory(server_run):
     _, lines = server_run
     memory = next(line for line in lines if line.startswith("memory:"))
-    # 2 * n_layers 1 * context 32 * emb_dim 32 * 4 bytes (fp32) = 8 KiB; 8 at once = 64 KiB
-    assert "each generation holds a 8 KiB KV cache (2 * 1 layers * 32 positions * 32 emb_dim * 4 bytes)" in memory
+    # 2 * n_layers 1 * context 32 * (kv heads 2 * head_dim 16) * 4 bytes (fp32) = 8 KiB; 8 at once = 64 KiB
+    assert ("each generation holds a 8 KiB KV cache (2 * 1 layers * 32 positions * 2 key/value heads * 16 head_dim * "
+            "4 bytes)") in memory
     assert "at most 8 at once (--max-concurrent): 64 KiB" in memory
 
 
@@ -197,7 +198,7 @@ def test_help_states_the_memory_per_request(capsys):
     code, out, err = run(["serve", "--help"], capsys)
     text = " ".join(out.split())
     assert code == 0 and "--max-concurrent" in text and "--allowed-host" in text
-    assert "full-context KV cache of 2 * n_layers * context_length * emb_dim * bytes per element" in text
+    assert "full-context KV cache of 2 * n_layers * positions * n_kv_heads * head_dim * bytes per element" in text
 
 
 @pytest.mark.parametrize("args,message", [

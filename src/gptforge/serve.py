@@ -52,7 +52,7 @@ from starlette.routing import Route
 from . import checkpoint as ckpt
 from .config import ConfigError, check_choice, check_range, opt
 from .devices import DEVICES, device_opt, pick_device
-from .generate import SampleConfig, iter_tokens, sampling_generator
+from .generate import SampleConfig, cache_length, iter_tokens, sampling_generator
 from .models import KVCache
 from .weights import load_for_text
 
@@ -98,8 +98,8 @@ class ServeConfig:
     max_prompt_chars: int = opt(20_000, "Longest prompt accepted, in characters (prompts are also limited to the "
                                         "model's context).")
     max_concurrent: int = opt(4, "Generations run at once; more get 503 with Retry-After. Each holds a full-context "
-                                 "KV cache of 2 * n_layers * context_length * emb_dim * bytes per element (GPT-2 124M "
-                                 "in fp32: 72 MiB); the start-up line prints this model's.")
+                                 "KV cache of 2 * n_layers * positions * n_kv_heads * head_dim * bytes per element "
+                                 "(GPT-2 124M in fp32: 72 MiB); the start-up line prints this model's.")
     device: str = device_opt()
 
     def __post_init__(self) -> None:
@@ -189,8 +189,14 @@ class Engine:
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(self.limits.max_concurrent)  # one per running generation
 
+    def cache_positions(self) -> int:
+        """Positions one request's KV cache holds at most: the context (learned positions), or the longest
+        prompt plus the largest max_tokens (rotary positions)."""
+        return cache_length(self.model.cfg, self.model.cfg.context_length + self.limits.max_tokens)
+
     def cache_bytes(self) -> int:
-        return KVCache.nbytes(self.model.cfg, next(self.model.parameters()).dtype)  # one request's
+        dtype = next(self.model.parameters()).dtype
+        return KVCache.nbytes(self.model.cfg, dtype, max_len=self.cache_positions())  # one request's
 
     # ------------------------------------------------------------------ request checking
 
@@ -496,9 +502,9 @@ def serve(source: str | Path, settings: ServeConfig | None = None, log=print) ->
         log(f"warning: listening on {host}, not loopback: anyone who can reach this machine can use the model")
     cfg, n, each = engine.model.cfg, engine.limits.max_concurrent, engine.cache_bytes()
     element = next(engine.model.parameters()).dtype.itemsize
-    log(f"memory: each generation holds a {size(each)} KV cache (2 * {cfg.n_layers} layers * {cfg.context_length} "
-        f"positions * {cfg.emb_dim} emb_dim * {element} bytes); at most {n} at once (--max-concurrent): "
-        f"{size(n * each)}")
+    log(f"memory: each generation holds a {size(each)} KV cache (2 * {cfg.n_layers} layers * "
+        f"{engine.cache_positions()} positions * {cfg.n_kv_heads} key/value heads * {cfg.head_dim} head_dim * "
+        f"{element} bytes); at most {n} at once (--max-concurrent): {size(n * each)}")
     log(f"serving {engine.name} at http://{shown}:{bound}/  (API: POST http://{shown}:{bound}/v1/completions)")
     config = uvicorn.Config(make_app(engine, hosts), log_level="warning", timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[sock])
