@@ -136,7 +136,7 @@ def test_generating_past_the_trained_length_warns_and_keeps_going(capsys):
 
 
 def test_minimind_presets_have_the_published_parameter_counts():
-    """minimind's own model code counts 63,912,192 (minimind-3), 25,829,888 (MiniMind2-small), 104,030,976 (MiniMind2)."""
+    """minimind's code counts 63,912,192 (minimind-3), 25,829,888 (MiniMind2-small), 104,030,976 (MiniMind2)."""
     counts = {name: Llama(LlamaConfig(**PRESETS[name])).num_params()
               for name in ("minimind-3", "minimind2-small", "minimind2")}
     assert counts == {"minimind-3": 63_912_192, "minimind2-small": 25_829_888, "minimind2": 104_030_976}
