@@ -425,7 +425,7 @@ def test_errors_name_file_key_and_shapes(tmp_path):
     conf = json.loads((tmp_path / "ok" / "config.json").read_text())
     for key, value, expect in (("activation_function", "relu", "activation_function is 'relu'"),
                                ("n_embd", "wide", "n_embd must be a positive integer"),
-                               ("model_type", "llama", "only GPT-2")):
+                               ("model_type", "mamba", "model_type is 'mamba'; only GPT-2 or Llama/Qwen models")):
         d = tmp_path / key
         d.mkdir()
         (d / "config.json").write_text(json.dumps({**conf, key: value}))

@@ -257,11 +257,14 @@ def bench_generate_cmd(arch: str | None, preset: str | None, **flags) -> None:
 @cli.command()
 @click.argument("source")
 @click.option("--to", "target", type=click.Choice(["hf", "gptforge"]), required=True,
-              help="hf: a directory transformers.GPT2LMHeadModel.from_pretrained loads; gptforge: a checkpoint "
-                   "directory (or a .safetensors file) that eval, generate and --init-from take.")
+              help="hf: a directory transformers.AutoModelForCausalLM.from_pretrained loads (GPT2LMHeadModel; for "
+                   "the llama family Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with a q/k/v bias, else "
+                   "LlamaForCausalLM); gptforge: a checkpoint directory (or a .safetensors file) that eval, "
+                   "generate and --init-from take.")
 @click.argument("out", type=click.Path())
 @click.option("--n-heads", type=int, default=None,
-              help="Attention heads of a book model.pth (not stored in it).  [default: emb_dim / 64, as in GPT-2]")
+              help="Attention heads of a state dict that does not show them: the book's model.pth [default: emb_dim "
+                   "/ 64, as in GPT-2], or a Llama/minimind .pth without q_norm (MiniMind2's have 8).")
 def convert(source: str, target: str, out: str, n_heads: int | None) -> None:
     """Convert the model in SOURCE (any format `eval` takes) to OUT.
 

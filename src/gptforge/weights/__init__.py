@@ -6,12 +6,15 @@ A model SOURCE is detected, never named:
   fetched into and read from ``huggingface_hub``'s cache, so it works offline once cached;
 - a Hugging Face directory or weights file (``config.json`` + ``model.safetensors``, sharded
   safetensors or ``pytorch_model.bin``), read by the family whose ``model_type`` config.json names
-  (GPT-2: ``Conv1D`` weights, i.e. ``(in, out)``);
+  (GPT-2: ``Conv1D`` weights, i.e. ``(in, out)``; llama: ``llama``, ``qwen2``, ``qwen3``), with the
+  ``tokenizer.json`` beside it if there is one;
 - OpenAI's TensorFlow GPT-2 checkpoint directory (``hparams.json``, ``checkpoint``, ``model.ckpt.*``),
   read without TensorFlow: the ``.index`` file is a LevelDB-style table of ``BundleEntryProto``
   records that locate each variable in ``model.ckpt.data-00000-of-00001``;
 - a state dict of the book's ``GPTModel`` (``tok_emb``, ``trf_blocks.N.att.W_query``, ...), bare or
   under ``"model_state_dict"``, its shape inferred from the tensors;
+- a state dict in Llama/Qwen names without a config.json (minimind's ``.pth`` files, fp16, bare or
+  under ``"model"`` as in its resume files), its shape inferred from the tensors;
 - a gptforge run directory, checkpoint directory or ``model.safetensors`` file (any family: the
   metadata names its ``arch``).
 
@@ -24,9 +27,9 @@ torch) or read by offset (TensorFlow): the weights are never held twice.
 
 The package: readers.py (the files), plan.py (``Entry``, ``Source``, the plan's family-free parts,
 the block-by-block fill, and ``WeightFamily``: what a family's formats provide), one module of
-formats per model family (gpt2.py) listed in ``FAMILIES``, and here detection, the hub, loading and
-export, which ask the family for its Hugging Face ``model_type`` values, config.json and tensor
-names (both ways) and the torch state dicts it recognises.
+formats per model family (gpt2.py, llama.py) listed in ``FAMILIES``, and here detection, the hub,
+loading and export, which ask the family for its Hugging Face ``model_type`` values, config.json
+and tensor names (both ways) and the torch state dicts it recognises.
 """
 
 from __future__ import annotations
@@ -45,16 +48,17 @@ from safetensors.torch import save_file
 
 from .. import checkpoint as ckpt
 from ..config import ConfigError
-from ..models import DEFAULT_ARCH, build, config_from_dict, spec_for
+from ..models import DEFAULT_ARCH, build, config_from_dict, max_positions, spec_for
 from ..tokenizer import Tokenizer, tokenizer_from_metadata
-from . import gpt2
+from . import gpt2, llama
 from .gpt2 import BOOK_BLOCK_NAMES, BOOK_NAMES, HEAD_SIZE, HUB_NAMES, SHAPE_KEYS
 from .plan import Entry, Source, WeightFamily, expected, fill, our_shapes
 from .readers import SafetensorsReader, TFCheckpointReader, TorchReader, WeightsError, first_line, read_json
 
-FAMILIES: dict[str, WeightFamily] = {"gpt2": gpt2}  # arch -> the module of its weight formats
+FAMILIES: dict[str, WeightFamily] = {"gpt2": gpt2, "llama": llama}  # arch -> the module of its weight formats
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_SHARD_INDEX = "model.safetensors.index.json"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # fetched with a hub model that has them
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 LOCAL_PREFIXES = ("./", "../", "/", "~")  # a SOURCE written like this is a path here, never a hub id
 
@@ -126,20 +130,30 @@ def _hub_snapshot(repo_id: str) -> Path:
                             f"cache ({constants.HF_HUB_CACHE}) and {why}; download it once with network access, "
                             "or pass a local directory")
 
+    weights = (HF_WEIGHTS[0], HF_SHARD_INDEX, *HF_WEIGHTS[1:])
     try:
         config = Path(hf_hub_download(repo_id, "config.json"))
         not_cached = False
-        for name in HF_WEIGHTS:
+        for name in weights:
             try:
-                hf_hub_download(repo_id, name)
-                return config.parent
+                path = Path(hf_hub_download(repo_id, name))
             except LocalEntryNotFoundError:
                 not_cached = True
+                continue
             except EntryNotFoundError:
                 continue
+            if name == HF_SHARD_INDEX:
+                for shard in sorted(set(read_json(path).get("weight_map", {}).values())):
+                    hf_hub_download(repo_id, shard)
+            for extra in HF_TOKENIZER_FILES:  # a tokenizer, when the repository has one
+                try:
+                    hf_hub_download(repo_id, extra)
+                except EntryNotFoundError:  # also LocalEntryNotFoundError: offline, and not cached
+                    pass
+            return config.parent
         if not_cached:
-            raise fail_offline(" or ".join(HF_WEIGHTS))
-        raise WeightsError(f"{repo_id}: the model repository has neither {' nor '.join(HF_WEIGHTS)}")
+            raise fail_offline(" or ".join(weights))
+        raise WeightsError(f"{repo_id}: the model repository has neither {' nor '.join(weights)}")
     except LocalEntryNotFoundError:
         raise fail_offline("config.json") from None
     except HfHubHTTPError as e:
@@ -177,7 +191,10 @@ def _hf_source(d: Path, weights: Path | None = None, reader=None, hub_id: str | 
             reader = SafetensorsReader.single(weights)
         else:
             reader = TorchReader(weights)
-    return family.hf_source(cfg, reader, {"format": "hub" if hub_id else "hf", "source": hub_id or str(where)})
+    meta = {"format": "hub" if hub_id else "hf", "source": hub_id or str(where)}
+    if (d / HF_TOKENIZER_FILES[0]).is_file():  # the family may know better (GPT-2's is always gpt2)
+        meta["tokenizer"] = str(d / HF_TOKENIZER_FILES[0])
+    return family.hf_source(cfg, reader, meta)
 
 
 def _torch_source(path: Path, n_heads: int | None) -> Source:
@@ -234,12 +251,13 @@ def check_source(src: Source) -> None:
 def build_model(src: Source, context_length: int | None = None, drop_rate: float | None = None) -> nn.Module:
     """The model a checked source describes, its weights read block by block into a meta-device model.
 
-    context_length below the source's crops the position embeddings (the first positions are kept).
+    context_length below the source's crops the position embeddings (the first positions are kept);
+    a rotary model (no position table) may take any.
     """
     check_source(src)
     cfg = src.cfg
     if context_length is not None:
-        if not 0 < context_length <= cfg.context_length:
+        if not 0 < context_length <= (max_positions(cfg) or context_length):
             raise ConfigError(f"context_length {context_length} must be between 1 and the model's "
                               f"{cfg.context_length}")
         cfg = replace(cfg, context_length=context_length)
@@ -255,7 +273,8 @@ def load_any(source: str | Path, device: torch.device | str = "cpu", *, context_
              drop_rate: float | None = None, n_heads: int | None = None) -> tuple[nn.Module, dict]:
     """A model from any supported SOURCE (see the module docstring); returns (model, metadata).
 
-    The metadata holds at least "format" (hub, hf, tf, book or gptforge) and "tokenizer".
+    The metadata holds at least "format" (hub, hf, tf, book, minimind or gptforge), and "tokenizer" when the
+    source names or carries one (a name such as gpt2, or the path of a tokenizer.json).
     """
     src = open_source(source, n_heads=n_heads)
     model = build_model(src, context_length, drop_rate)
@@ -272,17 +291,19 @@ def load_model(source: str | Path, device: torch.device | str = "cpu") -> tuple[
 def init_model_config(source: str, requested: dict) -> Any:
     """The model config for `train --init-from SOURCE`: the source's shape, with requested settings checked.
 
-    Only context_length (at most the source's: position embeddings are cropped) and drop_rate may differ.
+    Only context_length (at most the source's when position embeddings are cropped; any for a rotary
+    model) and drop_rate may differ.
     """
     base = open_source(source).cfg
+    limit = max_positions(base)
     for k in _family(base).SHAPE_KEYS:
         if k in requested and requested[k] != getattr(base, k):
             flag = "--" + k.replace("_", "-")
             raise ConfigError(f"{flag} {requested[k]!r}: the model in {source} has {k} {getattr(base, k)!r}, and a run "
-                              "initialised from it keeps its shape (only --context-length may shrink and "
-                              "--drop-rate change)")
+                              f"initialised from it keeps its shape (only --context-length may "
+                              f"{'shrink' if limit else 'change'} and --drop-rate change)")
     ctx = requested.get("context_length", base.context_length)
-    if not 0 < ctx <= base.context_length:
+    if not 0 < ctx <= (limit or ctx):
         raise ConfigError(f"--context-length {ctx}: must be between 1 and the {base.context_length} positions "
                           f"of the model in {source}")
     return replace(base, context_length=ctx, drop_rate=requested.get("drop_rate", base.drop_rate))

@@ -90,10 +90,13 @@ class TorchReader:
             if "Weights only load failed" in why:
                 why = "it is not a PyTorch file, or it holds objects other than tensors"
             raise WeightsError(f"{path}: not a readable PyTorch file ({why})") from None
-        if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
-            obj = obj["model_state_dict"]  # the book's {"model_state_dict", "optimizer_state_dict"} files
+        for key in ("model_state_dict", "model"):  # the book's {"model_state_dict", "optimizer_state_dict"} files,
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):  # minimind's {"model", "optimizer", ...}
+                obj = obj[key]
+                break
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise WeightsError(f"{path}: holds no state dict (a dict of tensors, or one under 'model_state_dict')")
+            raise WeightsError(f"{path}: holds no state dict (a dict of tensors, or one under 'model_state_dict' "
+                               "or 'model')")
         # torch.compile'd models save their keys with an '_orig_mod.' prefix
         self.tensors = {k.replace("_orig_mod.", ""): v for k, v in obj.items()}
         self.shapes = {k: tuple(v.shape) for k, v in self.tensors.items()}

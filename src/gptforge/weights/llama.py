@@ -1,0 +1,268 @@
+"""The llama family's weight formats: Hugging Face Llama, Qwen2 and Qwen3 files, and minimind's ``.pth`` state dicts.
+
+The module-level names are this family's ``WeightFamily`` (plan.py). Hugging Face's
+``LlamaForCausalLM``, ``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM`` name their tensors as gptforge's
+``Llama`` does, behind ``model.`` (the head bare), in the ``(out, in)`` layout: a plan of copies. A
+config.json -> ``LlamaConfig``, refusing what the model cannot compute (another activation, scaled
+rotary embeddings, sliding windows, experts, MLP or output-projection biases). Export writes
+``Qwen3ForCausalLM`` when QK-norm is on, else ``Qwen2ForCausalLM`` with a q/k/v bias, else
+``LlamaForCausalLM``.
+
+minimind (jingyaogong/minimind) saves ``{k: v.half()}`` of its model's state dict in these same
+names (``model.embed_tokens.weight``, ..., and ``lm_head.weight`` again although tied), bare or
+under ``"model"`` in its resume files. Such a state dict (or any in these names, with or without
+``model.``) is read without a config: its shape comes from the tensors (QK-norm from ``q_norm``,
+the head width from its length; without it the head count must be given), and what no tensor says
+from minimind's defaults (``MINIMIND_DEFAULTS``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..models.llama import LlamaConfig
+from .plan import Source, hf_names, hf_prefix_in, plan_hf
+from .readers import Reader, TorchReader, WeightsError, positive_int, read_json
+
+NAME = "Llama/Qwen"
+HF_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers", "intermediate_size",
+              "norm_eps", "rope_theta", "qk_norm", "qkv_bias", "tie_weights")
+STATE_DICTS = ("Llama/Qwen/minimind (no model.embed_tokens.weight)",)
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# transformers' defaults for keys a config.json may leave out
+HF_DEFAULTS = {"llama": {"max_position_embeddings": 2048, "head_dim": None},
+               "qwen2": {"max_position_embeddings": 32768, "head_dim": None},
+               "qwen3": {"max_position_embeddings": 32768, "head_dim": 128}}
+# What a minimind .pth does not store: its model code's rope_theta, and rms_norm_eps of minimind-3
+# (QK-norm, 1e-6) or MiniMind2 (no QK-norm, 1e-5); a length to train at (rotary: it limits nothing).
+MINIMIND_DEFAULTS = {"rope_theta": 1e6, "norm_eps_qk_norm": 1e-6, "norm_eps": 1e-5, "context_length": 512}
+SKIPPED = ("rotary_emb.inv_freq",)  # buffers older transformers saved in pytorch_model.bin
+
+
+def describe(cfg: LlamaConfig) -> str:
+    """The settings that decide the family's tensor shapes, for errors about tensors that do not fit them."""
+    return (f"vocab_size {cfg.vocab_size}, emb_dim {cfg.emb_dim}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, "
+            f"n_kv_heads {cfg.n_kv_heads}, head_dim {cfg.head_dim}, intermediate_size {cfg.intermediate_size}, "
+            f"qk_norm {cfg.qk_norm}, qkv_bias {cfg.qkv_bias}, tie_weights {cfg.tie_weights}")
+
+
+# ----------------------------------------------------------------------------- Hugging Face in
+
+
+def _rope_theta(conf: dict, path: Path) -> float:
+    """rope_theta as transformers 5 reads it: from rope_parameters (or rope_scaling) if set, else the top-level key;
+    refused for any rope type but the default."""
+    theta = conf.get("rope_theta", 10000.0)
+    for key in ("rope_scaling", "rope_parameters"):  # the last one set wins, as in transformers 5
+        rope = conf.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise WeightsError(f"{path}: {key} is {rope!r}; expected an object (rope_type, rope_theta) or null")
+        for type_key in ("rope_type", "type"):
+            if rope.get(type_key, "default") not in ("default", None):
+                raise WeightsError(f"{path}: {key}.{type_key} is {rope[type_key]!r}; gptforge's llama family "
+                                   "computes only default rotary embeddings (no scaling)")
+        theta = rope.get("rope_theta", theta)
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        raise WeightsError(f"{path}: rope_theta must be a number, found {theta!r}")
+    return float(theta)
+
+
+def _refuse_unsupported(conf: dict, path: Path, model_type: str) -> None:
+    """One line naming the key and value of anything in conf that gptforge's Llama cannot compute."""
+    if conf.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise WeightsError(f"{path}: hidden_act is {conf['hidden_act']!r}; gptforge's llama family computes only "
+                           "silu (SwiGLU)")
+    if conf.get("use_sliding_window"):
+        raise WeightsError(f"{path}: use_sliding_window is true; gptforge attends over the whole context "
+                           "(no sliding windows)")
+    other = sorted({t for t in conf.get("layer_types") or () if t != "full_attention"})
+    if other:
+        raise WeightsError(f"{path}: layer_types holds {other[0]!r}; gptforge attends over the whole context "
+                           "(full_attention in every layer)")
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if conf.get(key):
+            raise WeightsError(f"{path}: {key} is {conf[key]!r}; gptforge's llama family has dense MLPs only "
+                               "(no mixture of experts)")
+    if conf.get("mlp_bias"):
+        raise WeightsError(f"{path}: mlp_bias is true; gptforge's llama family has no MLP biases")
+    if model_type != "qwen2" and conf.get("attention_bias"):
+        raise WeightsError(f"{path}: attention_bias is true, which puts a bias on o_proj too; gptforge's llama "
+                           "family has a bias on q/k/v only (as Qwen2 has)")
+
+
+def config_from_hf(conf: dict, path: Path) -> LlamaConfig:
+    """A Hugging Face Llama/Qwen2/Qwen3 config.json -> LlamaConfig, refusing what gptforge's model cannot compute."""
+    model_type = conf["model_type"]
+    _refuse_unsupported(conf, path, model_type)
+    defaults = HF_DEFAULTS[model_type]
+    hidden, heads = positive_int(conf, "hidden_size", path), positive_int(conf, "num_attention_heads", path)
+    kv_heads = positive_int(conf, "num_key_value_heads", path) if conf.get("num_key_value_heads") else heads
+    head_dim = positive_int(conf, "head_dim", path) if conf.get("head_dim") else defaults["head_dim"]
+    ctx = (positive_int(conf, "max_position_embeddings", path) if "max_position_embeddings" in conf
+           else defaults["max_position_embeddings"])
+    try:
+        return LlamaConfig(
+            vocab_size=positive_int(conf, "vocab_size", path), context_length=ctx, emb_dim=hidden, n_heads=heads,
+            n_kv_heads=kv_heads, head_dim=head_dim or hidden // heads,
+            n_layers=positive_int(conf, "num_hidden_layers", path),
+            intermediate_size=positive_int(conf, "intermediate_size", path),
+            norm_eps=float(conf.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(conf, path),
+            qk_norm=model_type == "qwen3", qkv_bias=model_type == "qwen2",
+            tie_weights=bool(conf.get("tie_word_embeddings", False)), drop_rate=0.0)
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
+
+
+def _saved_config(cfg: LlamaConfig, reader: Reader) -> LlamaConfig:
+    """cfg with what config.json cannot say (drop_rate, pad_vocab) from the gptforge config to_hf stored, if it fits."""
+    saved = getattr(reader, "metadata", {}).get("gptforge_model")
+    if not saved:
+        return cfg
+    try:
+        mine = LlamaConfig.from_dict(json.loads(saved))
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{reader.where}: bad gptforge_model metadata ({e})") from None
+    same = all(getattr(mine, f.name) == getattr(cfg, f.name) for f in fields(LlamaConfig)
+               if f.name not in ("drop_rate", "pad_vocab"))
+    return replace(cfg, drop_rate=mine.drop_rate, pad_vocab=mine.pad_vocab) if same else cfg
+
+
+def hf_source(cfg: LlamaConfig, reader: Reader, meta: dict) -> Source:
+    """Llama/Qwen weights as transformers stores them (``model.`` prefix or none; a tied head stored or not)."""
+    cfg = _saved_config(cfg, reader)
+    ignored = {k for k in reader.shapes if k.endswith(SKIPPED)}
+    if cfg.tie_weights:
+        ignored.add("lm_head.weight")  # transformers, too, uses the embedding when the head is tied
+    if "tokenizer" not in meta and getattr(reader, "metadata", {}).get("gptforge_tokenizer") == "gpt2":
+        meta = {**meta, "tokenizer": "gpt2"}  # exported with the GPT-2 tokenizer's vocab.json and merges.txt
+    return Source("hf", cfg, reader, plan_hf(cfg, hf_prefix_in(cfg, reader.shapes)), ignored, meta)
+
+
+def is_hf_state_dict(shapes: dict[str, tuple[int, ...]]) -> bool:
+    """LlamaForCausalLM's names (model.embed_tokens.weight) or LlamaModel's (embed_tokens.weight)."""
+    return any(k.endswith("embed_tokens.weight") for k in shapes)
+
+
+# ----------------------------------------------------------------------------- minimind's .pth state dicts
+
+
+def _has_hf_config(path: Path) -> bool:
+    """A Llama/Qwen config.json beside the file: then it is Hugging Face weights, read with that config."""
+    conf = path.parent / "config.json"
+    return conf.is_file() and read_json(conf).get("model_type") in HF_MODEL_TYPES
+
+
+def _heads(path: Path, shapes: dict, prefix: str, n_heads: int | None) -> tuple[int, int, int]:
+    """(n_heads, n_kv_heads, head_dim) from the projections' rows: q_norm's width is head_dim; without it,
+    n_heads must be given."""
+    attn = prefix + "layers.0.self_attn."
+    q_rows, k_rows = shapes[attn + "q_proj.weight"][0], shapes[attn + "k_proj.weight"][0]
+    q_norm = shapes.get(attn + "q_norm.weight")
+    if q_norm is not None:
+        head_dim = q_norm[0]
+        if n_heads is not None and n_heads * head_dim != q_rows:
+            raise WeightsError(f"{path}: n_heads {n_heads} does not fit q_proj's {q_rows} rows of {head_dim}-wide "
+                               f"heads (q_norm); this model has {q_rows // head_dim} heads")
+    elif n_heads is None:
+        raise WeightsError(f"{path}: the number of attention heads is not stored in a state dict without q_norm "
+                           "(MiniMind2, Llama); give n_heads (gptforge convert ... --n-heads N; minimind's models "
+                           "have 8)")
+    else:
+        head_dim = q_rows // n_heads
+        if head_dim * n_heads != q_rows:
+            raise WeightsError(f"{path}: n_heads {n_heads} does not divide q_proj's {q_rows} rows")
+    if q_rows % head_dim or k_rows % head_dim:
+        raise WeightsError(f"{path}: q_proj's {q_rows} and k_proj's {k_rows} rows are not whole heads of {head_dim}")
+    return q_rows // head_dim, k_rows // head_dim, head_dim
+
+
+def _tied(reader: TorchReader, prefix: str) -> bool:
+    """Tied when the state dict has no head, or one equal to the embedding (minimind saves both)."""
+    if "lm_head.weight" not in reader.shapes:
+        return True
+    t = reader.read(["lm_head.weight", prefix + "embed_tokens.weight"])
+    return torch.equal(t["lm_head.weight"], t[prefix + "embed_tokens.weight"])
+
+
+def open_state_dict(path: Path, reader: TorchReader, n_heads: int | None) -> Source | None:
+    """A state dict in Llama/Qwen/minimind names with no config.json, its shape from the tensors; None for any other."""
+    shapes = reader.shapes
+    prefix = "model." if "model.embed_tokens.weight" in shapes else ""
+    if prefix + "embed_tokens.weight" not in shapes or _has_hf_config(path):
+        return None
+    moe = next((k for k in sorted(shapes) if ".mlp.experts." in k or k.endswith(".mlp.gate.weight")), None)
+    if moe:
+        raise WeightsError(f"{path}: tensor {moe!r} belongs to a mixture-of-experts layer (minimind's MoE models); "
+                           "gptforge's llama family has dense MLPs only")
+    layer0 = prefix + "layers.0."
+    for name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.gate_proj.weight"):
+        if layer0 + name not in shapes:
+            raise WeightsError(f"{path}: tensor {layer0 + name!r} is missing: a partial Llama/minimind state dict")
+    vocab, emb = shapes[prefix + "embed_tokens.weight"]
+    heads, kv_heads, head_dim = _heads(path, shapes, prefix, n_heads)
+    qk_norm = layer0 + "self_attn.q_norm.weight" in shapes
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
+    tied = _tied(reader, prefix)
+    d = MINIMIND_DEFAULTS
+    try:
+        cfg = LlamaConfig(vocab_size=vocab, context_length=d["context_length"], emb_dim=emb, n_heads=heads,
+                          n_kv_heads=kv_heads, head_dim=head_dim, n_layers=max(layers) + 1,
+                          intermediate_size=shapes[layer0 + "mlp.gate_proj.weight"][0],
+                          norm_eps=d["norm_eps_qk_norm"] if qk_norm else d["norm_eps"], rope_theta=d["rope_theta"],
+                          qk_norm=qk_norm, qkv_bias=layer0 + "self_attn.q_proj.bias" in shapes, tie_weights=tied,
+                          drop_rate=0.0)
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    ignored = {k for k in shapes if k.endswith(SKIPPED)} | ({"lm_head.weight"} if tied else set())
+    meta = {"format": "minimind", "source": str(path), "n_heads": str(heads)}
+    return Source("minimind", cfg, reader, plan_hf(cfg, prefix), ignored, meta)
+
+
+# ----------------------------------------------------------------------------- Hugging Face out
+
+
+def _hf_kind(cfg: LlamaConfig) -> str:
+    """The transformers model_type a model of cfg exports as, or one line saying there is none."""
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise WeightsError("a model with both qk_norm and qkv_bias has no transformers class (Qwen3's attention_bias "
+                           "puts a bias on o_proj too); convert it --to gptforge instead")
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+
+
+def hf_config(cfg: LlamaConfig) -> dict:
+    """The config.json of the transformers model: Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with a q/k/v bias,
+    else LlamaForCausalLM. rope_theta is written both ways transformers reads it (4: top level, 5: rope_parameters)."""
+    kind = _hf_kind(cfg)
+    conf = {
+        "architectures": [HF_CLASSES[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.emb_dim, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_weights, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "use_cache": True, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "dtype": "float32",
+    }
+    if kind == "llama":
+        conf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    else:
+        conf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
+                    layer_types=["full_attention"] * cfg.n_layers)
+        if kind == "qwen3":
+            conf["attention_bias"] = False
+    return conf
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The transformers model's weights: ours behind ``model.``, the head bare and left out when tied (as
+    save_pretrained does)."""
+    _hf_kind(model.cfg)  # refused before anything is written
+    return hf_names(model)
