@@ -67,6 +67,15 @@ def test_end_token_stops_each_row_independently(tiny_model, tiny_cfg):
     assert out[1][-1] == eos and len(out[1]) <= 3
 
 
+def test_several_end_tokens_stop_a_row_at_the_first_of_them(tiny_model, tiny_cfg):
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 4))
+    free = generate(tiny_model, idx, SampleConfig(max_new_tokens=15))
+    stops = (free[0][5], free[1][2])  # a tokenizer's stop_ids: its eos and <|endoftext|>
+    out = generate(tiny_model, idx, SampleConfig(max_new_tokens=15), eos_id=stops)
+    for row, ref in zip(out, free):
+        assert row == ref[: min(ref.index(s) for s in stops if s in ref) + 1]
+
+
 def test_context_is_cropped(tiny_model, tiny_cfg):
     idx = torch.randint(0, tiny_cfg.vocab_size, (1, tiny_cfg.context_length + 9))
     out = generate(tiny_model, idx, SampleConfig(max_new_tokens=3))

@@ -265,7 +265,11 @@ def bench_generate_cmd(arch: str | None, preset: str | None, **flags) -> None:
 @click.option("--n-heads", type=int, default=None,
               help="Attention heads of a state dict that does not show them: the book's model.pth [default: emb_dim "
                    "/ 64, as in GPT-2], or a Llama/minimind .pth without q_norm (MiniMind2's have 8).")
-def convert(source: str, target: str, out: str, n_heads: int | None) -> None:
+@click.option("--tokenizer", type=str, default=None, metavar="FILE",
+              help="Tokenizer to write with the model (a Hugging Face tokenizer.json, its directory, or gpt2): for a "
+                   "SOURCE that carries none, or to override its own. --to gptforge stores it in the checkpoint, "
+                   "--to hf writes its tokenizer.json and tokenizer_config.json.  [default: the model's]")
+def convert(source: str, target: str, out: str, n_heads: int | None, tokenizer: str | None) -> None:
     """Convert the model in SOURCE (any format `eval` takes) to OUT.
 
     OUT is a new or empty directory (or, for --to gptforge, a new .safetensors file): nothing there
@@ -273,7 +277,7 @@ def convert(source: str, target: str, out: str, n_heads: int | None) -> None:
     """
 
     check_range("n_heads", n_heads, 1)
-    path, model, meta = convert_model(source, target, out, n_heads)
+    path, model, meta = convert_model(source, target, out, n_heads, tokenizer)
     head = "tied" if model.cfg.tie_weights else "untied"
     click.echo(f"{source} ({meta['format']}, {model.num_params():,} parameters, {head} head) -> {path}")
 

@@ -13,6 +13,7 @@ from .config import ConfigError, check_choice, check_range, opt
 from .data import Batches, TokenWindows, check_windows, eval_tokens
 from .devices import DEVICES, device_opt, pick_device
 from .models.layers import cross_entropy
+from .tokenizer import tokenizer_opt
 from .weights import load_for_text
 
 
@@ -26,6 +27,7 @@ class EvalConfig:
     batch_size: int = opt(8, "Windows per batch.")
     max_batches: int | None = opt(None, "Score only the first N batches; default: all.")
     device: str = device_opt()
+    tokenizer: str | None = tokenizer_opt()
 
     def __post_init__(self) -> None:
         for name in ("context_length", "stride", "batch_size", "max_batches"):
@@ -98,7 +100,7 @@ def evaluate_text(source, data: Iterable[str], cfg: EvalConfig) -> EvalResult:
     """`gptforge eval`: the loss of the model in source (any format weights.load_any reads) on the text
     files in `data` (or a prepared directory's val split), windows and batches as cfg says."""
     device = pick_device(cfg.device)
-    model, tokenizer, _ = load_for_text(source, device)
+    model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
     ctx = cfg.context_length or model.cfg.context_length
     if ctx > model.cfg.context_length:
         raise ConfigError(f"--context-length {ctx} must be between 1 and the model's {model.cfg.context_length}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -17,6 +17,7 @@ import torch
 from .config import SEED_MAX, check_choice, check_range, opt
 from .devices import DEVICES, device_opt, pick_device
 from .models import KVCache, max_positions
+from .tokenizer import tokenizer_opt
 from .weights import load_for_text
 
 
@@ -46,6 +47,7 @@ class GenerateConfig:
     num_samples: int = opt(1, "Continuations to generate.")
     seed: int | None = opt(None, "Seed for sampling: the same seed repeats the samples.")
     device: str = device_opt()
+    tokenizer: str | None = tokenizer_opt()
 
     def __post_init__(self) -> None:
         check_range("num_samples", self.num_samples, 1)
@@ -168,7 +170,7 @@ def generate(
     model: torch.nn.Module,
     idx: torch.Tensor,
     cfg: SampleConfig,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     stats: dict | None = None,
@@ -176,16 +178,19 @@ def generate(
     """Continue each row of idx (B, T) by up to cfg.max_new_tokens tokens.
 
     The model sees at most its context_length most recent tokens. A row stops after it produces
-    eos_id (kept in its output); the others go on. Returns the new tokens of each row. With
-    use_cache, a KV cache turns each step into a one-token forward pass (same tokens, greedy).
-    A `stats` dict receives prefill_seconds (the prompt and the first pick; the cache is allocated
-    before the clock starts), decode_seconds and tokens (new tokens of all rows).
+    eos_id (or any of several: a tokenizer's stop_ids), which is kept in its output; the others go on.
+    Returns the new tokens of each row. With use_cache, a KV cache turns each step into a one-token
+    forward pass (same tokens, greedy). A `stats` dict receives prefill_seconds (the prompt and the
+    first pick; the cache is allocated before the clock starts), decode_seconds and tokens (new tokens
+    of all rows).
     """
     was_training = model.training
     model.eval()
     B = idx.size(0)
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    stops = None if eos_id is None else torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id),
+                                                      dtype=torch.long, device=idx.device)
     total = idx.size(1) + cfg.max_new_tokens
     cache = new_cache(model, B, total) if use_cache and cfg.max_new_tokens > 0 else None  # allocated before the clock
     t0 = time.perf_counter()
@@ -197,8 +202,8 @@ def generate(
                     out[b].append(t)
             if t1 is None:
                 t1 = time.perf_counter()  # after the first host copy: the prefill has finished
-            if eos_id is not None:
-                done |= tok.squeeze(1) == eos_id
+            if stops is not None:
+                done |= torch.isin(tok.squeeze(1), stops)
                 if bool(done.all()):
                     break
     finally:
@@ -220,7 +225,10 @@ def sample_text(
     device: torch.device | str = "cpu",
     stats: dict | None = None,
 ) -> list[str]:
-    """Prompt text -> num_samples continuations (text only, prompt excluded); stats as in generate()."""
+    """Prompt text -> num_samples continuations (text only, prompt excluded); stats as in generate().
+
+    Each stops at one of the tokenizer's stop_ids, which is left out of the text (nothing else is).
+    """
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
         if tokenizer.eot_id is None:
@@ -230,13 +238,13 @@ def sample_text(
     if (warning := past_context(model.cfg, len(ids) + cfg.max_new_tokens)) is not None:
         print(warning, file=sys.stderr)
     generator = sampling_generator(cfg, seed, device)
-    outs = generate(model, idx, cfg, eos_id=tokenizer.eot_id, generator=generator, stats=stats)
-    return [tokenizer.decode([t for t in o if t != tokenizer.eot_id]) for o in outs]
+    outs = generate(model, idx, cfg, eos_id=tokenizer.stop_ids, generator=generator, stats=stats)
+    return [tokenizer.decode(o[:-1] if o and o[-1] in tokenizer.stop_ids else o) for o in outs]
 
 
 def generate_text(source, cfg: GenerateConfig, sample: SampleConfig, stats: dict | None = None) -> list[str]:
     """`gptforge generate`: cfg.num_samples continuations of cfg.prompt by the model in source (any format
     weights.load_any reads), prompt excluded; stats as in generate()."""
     device = pick_device(cfg.device)
-    model, tokenizer, _ = load_for_text(source, device)
+    model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
     return sample_text(model, tokenizer, cfg.prompt, sample, cfg.num_samples, cfg.seed, device, stats=stats)

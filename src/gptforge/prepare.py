@@ -21,6 +21,7 @@ Prepare writes only into a new or empty directory, or one that holds nothing but
 DATA_DIR/
     manifest.json            tokenizer, vocab size, dtype, per split: tokens, documents, shards (sha256)
     tokenizer.json           a copy of the tokenizer, when it is a Hugging Face one
+    tokenizer_config.json    its eos_token (the document separator) and pad_token, when its own config gave them
     train-000000.bin ...     raw little-endian uint16 (or uint32) token ids
     val-000000.bin ...
 """
@@ -69,7 +70,7 @@ from .data import (
     read_manifest,
 )
 from .report import human
-from .tokenizer import HFTokenizer, Tokenizer, get_tokenizer, train_bpe
+from .tokenizer import TOKENIZER_CONFIG, HFTokenizer, Tokenizer, get_tokenizer, train_bpe
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_INCLUDE = tuple(f"*{s}{c}" for s in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
@@ -85,7 +86,8 @@ OK, EMPTY, BAD = 0, 1, 2  # status of one record after a worker has looked at it
 class PrepareConfig:
     """How `gptforge prepare` reads a corpus and writes shards."""
 
-    tokenizer: str = opt("gpt2", "Tokenizer: gpt2, or the path of a Hugging Face tokenizer.json (or its directory).")
+    tokenizer: str = opt("gpt2", "Tokenizer: gpt2, or the path of a Hugging Face tokenizer.json (or its directory); "
+                                 "the eos_token of a tokenizer_config.json beside it separates the documents.")
     text_field: str = opt("text", "Field of a JSON Lines record (column of a Parquet file) that holds the text.")
     include: str | None = opt(None, "Comma-separated file name patterns searched for in directories; default: "
                                     "*.txt *.md *.text *.jsonl *.json *.ndjson *.parquet, each also .gz/.zst.")
@@ -622,7 +624,8 @@ def written_name(name: str) -> str:
 def made_by_prepare(name: str) -> bool:
     """Whether a file name in DATA_DIR is one that prepare writes (or a temporary file of one)."""
     name = written_name(name)
-    return name in (MANIFEST, STATE, TOKENIZER_FILE) or re.fullmatch(r"(train|val)-\d{6}\.bin", name) is not None
+    ours = (MANIFEST, STATE, TOKENIZER_FILE, TOKENIZER_CONFIG)
+    return name in ours or re.fullmatch(r"(train|val)-\d{6}\.bin", name) is not None
 
 
 def _clean_dir(out: Path) -> None:
@@ -712,7 +715,8 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
     tokenizer = get_tokenizer(cfg.tokenizer)
     if tokenizer.eot_id is None:
         raise ConfigError(f"tokenizer {cfg.tokenizer} has no end-of-text token (looked for <|endoftext|>, </s>, "
-                          "<eos>); documents could not be separated")
+                          "<eos>); documents could not be separated: give it an eos_token in a "
+                          f"{TOKENIZER_CONFIG} beside its tokenizer.json")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32")
     if dtype == "uint16" and tokenizer.vocab_size > 1 << 16:
         raise DataError(f"the tokenizer has {tokenizer.vocab_size:,} ids, too many for uint16 (65,536); "
@@ -729,6 +733,8 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
         p.unlink()
     if isinstance(tokenizer, HFTokenizer):
         _atomic_write(out / TOKENIZER_FILE, tokenizer.json)
+        if tokenizer.has_config:  # the data's own copy gives the same eos (and name) as the original
+            _atomic_write(out / TOKENIZER_CONFIG, tokenizer.config())
     state = state or {"fingerprint": fp, "position": [0, 0], "open_doc": None, "stats": asdict(Stats()),
                       "splits": {s: {"tokens": 0, "documents": 0, "shards": []} for s in SPLITS}, "val_set": None}
     stats = Stats(**state["stats"])

@@ -54,6 +54,7 @@ from .config import ConfigError, check_choice, check_range, opt
 from .devices import DEVICES, device_opt, pick_device
 from .generate import SampleConfig, cache_length, iter_tokens, sampling_generator
 from .models import KVCache
+from .tokenizer import tokenizer_opt
 from .weights import load_for_text
 
 MAX_BODY_BYTES = 1 << 20
@@ -101,6 +102,7 @@ class ServeConfig:
                                  "KV cache of 2 * n_layers * positions * n_kv_heads * head_dim * bytes per element "
                                  "(GPT-2 124M in fp32: 72 MiB); the start-up line prints this model's.")
     device: str = device_opt()
+    tokenizer: str | None = tokenizer_opt()
 
     def __post_init__(self) -> None:
         check_range("port", self.port)  # a number
@@ -239,11 +241,12 @@ class Engine:
     # ------------------------------------------------------------------ generation
 
     def tokens(self, req: Request) -> Iterator[int]:
-        """New token ids one at a time; stops after max_tokens or at the end-of-text token (not yielded)."""
+        """New token ids one at a time; stops after max_tokens or at a stop token (the tokenizer's eos or
+        <|endoftext|>: see tokenizer.HFTokenizer), which is not yielded."""
         idx = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
         generator = sampling_generator(req.sample, req.seed, self.device)
         for tok in iter_tokens(self.model, idx, req.sample, generator, lock=self.lock):  # a KV cache of its own
-            if int(tok) == self.tokenizer.eot_id:
+            if int(tok) in self.tokenizer.stop_ids:
                 return
             yield int(tok)
 
@@ -476,11 +479,12 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_engine(source: str | Path, device: str = "auto", limits: Limits | None = None) -> Engine:
-    """The model in source with the tokenizer its checkpoint names or carries, ready to serve."""
+def load_engine(source: str | Path, device: str = "auto", limits: Limits | None = None,
+                tokenizer: str | None = None) -> Engine:
+    """The model in source with the tokenizer its checkpoint names or carries (or `tokenizer`), ready to serve."""
 
     dev = pick_device(device)
-    model, tokenizer, _ = load_for_text(source, dev)
+    model, tokenizer, _ = load_for_text(source, dev, tokenizer=tokenizer)
     path = Path(source).resolve()  # the model's name: its run directory's, else the file's or directory's
     path = path.parent if path.name == ckpt.WEIGHTS else path
     path = path.parent.parent if path.parent.name == ckpt.CHECKPOINTS else path
@@ -495,7 +499,7 @@ def serve(source: str | Path, settings: ServeConfig | None = None, log=print) ->
     host = settings.host
     hosts = AllowedHosts.serving(host, settings.allowed_host)
     sock = listen(host, settings.port)  # before loading, so a busy port fails fast
-    engine = load_engine(source, settings.device, settings.limits)
+    engine = load_engine(source, settings.device, settings.limits, settings.tokenizer)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     if host not in LOOPBACK:

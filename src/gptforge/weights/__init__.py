@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from .. import checkpoint as ckpt
 from ..config import ConfigError
 from ..models import DEFAULT_ARCH, build, config_from_dict, max_positions, spec_for
-from ..tokenizer import Tokenizer, tokenizer_from_metadata
+from ..tokenizer import TOKENIZER_CONFIG, HFTokenizer, Tokenizer, get_tokenizer, tokenizer_from_metadata
 from . import gpt2, llama
 from .gpt2 import BOOK_BLOCK_NAMES, BOOK_NAMES, HEAD_SIZE, HUB_NAMES, SHAPE_KEYS
 from .plan import Entry, Source, WeightFamily, expected, fill, our_shapes
@@ -66,7 +66,8 @@ __all__ = [
     "BOOK_BLOCK_NAMES", "BOOK_NAMES", "FAMILIES", "HEAD_SIZE", "HF_SHARD_INDEX", "HF_WEIGHTS", "HUB_NAMES",
     "LOCAL_PREFIXES", "SHAPE_KEYS", "TORCH_SUFFIXES", "Entry", "SafetensorsReader", "Source", "TFCheckpointReader",
     "TorchReader", "WeightFamily", "WeightsError", "build_model", "check_source", "convert", "convert_target",
-    "hf_config", "init_model_config", "load_any", "load_for_text", "load_model", "open_source", "to_gptforge", "to_hf",
+    "hf_config", "init_model_config", "load_any", "load_for_text", "load_model", "open_source", "text_tokenizer",
+    "to_gptforge", "to_hf",
 ]
 
 
@@ -309,18 +310,27 @@ def init_model_config(source: str, requested: dict) -> Any:
     return replace(base, context_length=ctx, drop_rate=requested.get("drop_rate", base.drop_rate))
 
 
-def load_for_text(source: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Tokenizer, dict]:
-    """load_any's model with the tokenizer its metadata names or carries: (model, tokenizer, metadata).
+def load_for_text(source: str | Path, device: torch.device | str = "cpu",
+                  tokenizer: str | None = None) -> tuple[nn.Module, Tokenizer, dict]:
+    """load_any's model with the tokenizer its metadata names or carries, or `tokenizer` (--tokenizer: a
+    tokenizer.json, its directory or gpt2) when given: (model, tokenizer, metadata).
 
     A model with fewer token ids than its tokenizer (e.g. a tiny test model) cannot read text: an error.
     """
     model, meta = load_any(source, device)
-    tokenizer = tokenizer_from_metadata(meta)
-    if model.cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"{source}: the model has {model.cfg.vocab_size} token ids, fewer than its "
-                          f"{meta.get('tokenizer', 'gpt2')} tokenizer's {tokenizer.vocab_size}; it cannot read or "
-                          "write text")
-    return model, tokenizer, meta
+    return model, text_tokenizer(model, meta, source, tokenizer), meta
+
+
+def text_tokenizer(model: nn.Module, meta: dict, source: str | Path, tokenizer: str | None = None) -> Tokenizer:
+    """`tokenizer` (a --tokenizer value) or else the one the model's metadata names or carries, refused
+    when the model has fewer token ids than it."""
+    tok = tokenizer_from_metadata(meta) if tokenizer is None else get_tokenizer(tokenizer)
+    if model.cfg.vocab_size < tok.vocab_size:
+        which = f"the --tokenizer {tokenizer}" if tokenizer is not None else f"its {meta.get('tokenizer', 'gpt2')}"
+        raise ConfigError(f"{source}: the model has {model.cfg.vocab_size} token ids, fewer than {which} "
+                          f"tokenizer's {tok.vocab_size}; it cannot read or write text (pass --tokenizer with the "
+                          "tokenizer the model was trained with)")
+    return tok
 
 
 # ----------------------------------------------------------------------------- export
@@ -353,23 +363,35 @@ def convert_target(out: str | Path, target: str) -> Path:
     return out if target == "hf" else out / ckpt.WEIGHTS
 
 
-def to_hf(model: nn.Module, out_dir: str | Path, tokenizer: str = "gpt2") -> Path:
+def to_hf(model: nn.Module, out_dir: str | Path, tokenizer: Tokenizer | str = "gpt2") -> Path:
     """Write config.json + model.safetensors that the family's transformers class loads with from_pretrained
     (GPT2LMHeadModel; the family's hf_config and hf_state_dict say how).
 
     The safetensors metadata carries the gptforge config, which brings back on import what the
-    Hugging Face config cannot say. With the GPT-2 tokenizer, its vocab.json and merges.txt are written too.
+    Hugging Face config cannot say. The tokenizer's files are written too: GPT-2's vocab.json and
+    merges.txt, or a Hugging Face tokenizer's tokenizer.json and a tokenizer_config.json with its eos
+    (and pad) token, whose ids config.json then gives.
     """
     out = convert_target(out_dir, "hf")
     cfg = model.cfg
     family = _family(cfg)
     sd = family.hf_state_dict(model)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "gptforge_model": json.dumps(cfg.to_dict()), "gptforge_tokenizer": tokenizer}
+    name = tokenizer if isinstance(tokenizer, str) else tokenizer.name
+    meta = {"format": "pt", "gptforge_model": json.dumps(cfg.to_dict()), "gptforge_tokenizer": name}
     save_file(sd, str(out / "model.safetensors"), metadata=meta)
-    (out / "config.json").write_text(json.dumps(family.hf_config(cfg), indent=2) + "\n")
-    if tokenizer == "gpt2":  # the tokenizer's files, whatever the model family
+    conf = family.hf_config(cfg)
+    if isinstance(tokenizer, HFTokenizer):
+        conf["eos_token_id"] = tokenizer.eot_id
+        if tokenizer.pad_id is not None:
+            conf["pad_token_id"] = tokenizer.pad_id
+    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    if name == "gpt2":  # the tokenizer's files, whatever the model family
         gpt2.write_tokenizer(out, cfg.context_length)
+    elif isinstance(tokenizer, HFTokenizer):
+        (out / "tokenizer.json").write_text(tokenizer.json, encoding="utf-8")
+        conf = {**tokenizer.config(), "model_max_length": cfg.context_length}
+        (out / TOKENIZER_CONFIG).write_text(json.dumps(conf, indent=2) + "\n")
     return out
 
 
@@ -381,12 +403,14 @@ def to_gptforge(model: nn.Module, out: str | Path, tokenizer="gpt2", source: str
     return path
 
 
-def convert(source: str | Path, target: str, out: str | Path,
-            n_heads: int | None = None) -> tuple[Path, nn.Module, dict]:
+def convert(source: str | Path, target: str, out: str | Path, n_heads: int | None = None,
+            tokenizer: str | None = None) -> tuple[Path, nn.Module, dict]:
     """`gptforge convert`: the model in source written to out as `target` (hf or gptforge), out checked before
-    the model is read; a gptforge checkpoint carries the whole tokenizer. Returns (path written, model, metadata)."""
+    the model is read, with its tokenizer, or `tokenizer` (--tokenizer) when given: a gptforge checkpoint carries
+    the whole tokenizer, an hf directory gets its files. Returns (path written, model, metadata)."""
     convert_target(out, target)
     model, meta = load_any(source, n_heads=n_heads)
+    tok = tokenizer_from_metadata(meta) if tokenizer is None else text_tokenizer(model, meta, source, tokenizer)
     if target == "hf":
-        return to_hf(model, out, meta.get("tokenizer", "gpt2")), model, meta
-    return to_gptforge(model, out, tokenizer_from_metadata(meta), source=str(source)), model, meta
+        return to_hf(model, out, tok), model, meta
+    return to_gptforge(model, out, tok, source=str(source)), model, meta
