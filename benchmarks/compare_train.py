@@ -41,9 +41,9 @@ def run_one(impl: str, steps: int, warmup: int, layers: int, batch: int, context
     y = torch.randint(0, 50257, (batch, context), generator=g)
     if impl == "gptforge":
         from gptforge.models.gpt2 import GPT, PRESETS, GPTConfig
-        from gptforge.optim import make_optimizer
         from gptforge.perf import keep_freed_cpu_memory
-        from gptforge.train import Precision
+        from gptforge.training.optim import make_optimizer
+        from gptforge.training.step import Precision
 
         device = torch.device("cpu")
         keep_freed_cpu_memory()  # what gptforge train does on a CPU
@@ -104,7 +104,7 @@ def main() -> None:
     try:
         import llms_from_scratch  # noqa: F401
     except ImportError:
-        raise SystemExit("the book's code is not installed: pip install --no-deps llms-from-scratch")
+        raise SystemExit("the book's code is not installed: pip install --no-deps llms-from-scratch") from None
     cfg = GPTConfig(**{**PRESETS["gpt2-small"], "context_length": args.context_length, "n_layers": args.layers})
     fpt = get_spec("gpt2").flops_per_token(cfg)
     peak = measure_cpu_peak.__wrapped__()

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gptforge.runconfig import DEFAULT_CORPUS_RUN, resolve_train_config
-from gptforge.train import train
+from gptforge.training import train
+from gptforge.training.config import DEFAULT_CORPUS_RUN, resolve_train_config
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ from clirun import run as cli
 from gptforge import checkpoint as ckpt
 from gptforge.data import DataConfig
 from gptforge.models.gpt2 import GPTConfig
-from gptforge.runconfig import RunConfig, TrainConfig
-from gptforge.train import train
+from gptforge.training import train
+from gptforge.training.config import RunConfig, TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ import torch
 from gptforge import checkpoint as ckpt
 from gptforge.data import DataConfig
 from gptforge.models.gpt2 import GPTConfig
-from gptforge.runconfig import RunConfig, TrainConfig
-from gptforge.train import train
+from gptforge.training import train
+from gptforge.training.config import RunConfig, TrainConfig
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 RECORD = os.environ.get("GPTFORGE_RECORD_GOLDEN") == "1"

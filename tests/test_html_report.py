@@ -8,7 +8,7 @@ import pytest
 from browser import browser  # noqa: F401  (fixture)
 
 from gptforge.cli import main
-from gptforge.html_report import load_runs, render, write_report
+from gptforge.runs.report import load_runs, render, write_report
 
 
 def make_run(path, lr: float, steps: int = 20, tokens_per_step: int = 256, sample_tag: str = "a"):

@@ -16,8 +16,8 @@ from gptforge.generate import SampleConfig, generate
 from gptforge.models import get_spec, preset_arch
 from gptforge.models.layers import GroupedQueryAttention, RMSNorm, apply_rotary, rotary_tables
 from gptforge.models.llama import PRESETS, Llama, LlamaConfig
-from gptforge.runconfig import RunConfig, TrainConfig
-from gptforge.train import train
+from gptforge.training import train
+from gptforge.training.config import RunConfig, TrainConfig
 
 V = 101
 
@@ -198,7 +198,7 @@ def test_llama_run_learns_and_resumes_bit_for_bit(text_file, tmp_path):
 
 
 def test_settings_of_the_other_family_are_refused(tmp_path):
-    from gptforge.runconfig import resolve_train_config
+    from gptforge.training.config import resolve_train_config
 
     with pytest.raises(ConfigError, match="--n-kv-heads is a setting of the llama family, not of gpt2; add --arch "
                                           "llama"):

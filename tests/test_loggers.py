@@ -6,10 +6,10 @@ import json
 import pytest
 
 from gptforge.cli import main
-from gptforge.loggers import LOGGERS, check_loggers, open_trackers, scalars
 from gptforge.models.gpt2 import GPTConfig
-from gptforge.runconfig import RunConfig, TrainConfig
-from gptforge.train import train
+from gptforge.runs.trackers import LOGGERS, check_loggers, open_trackers, scalars
+from gptforge.training import train
+from gptforge.training.config import RunConfig, TrainConfig
 
 INSTALLED = [name for name in LOGGERS if importlib.util.find_spec(name) is not None]
 
@@ -140,7 +140,7 @@ def test_tensorboard_resume_replaces_the_interrupted_steps(tmp_path):
     """A run resumed from step 2 hides what the interrupted run logged after step 2."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from gptforge.loggers import TensorBoardTracker
+    from gptforge.runs.trackers import TensorBoardTracker
 
     first = TensorBoardTracker(tmp_path, {"train": {"lr": 0.1}}, resume_step=None)
     for step in (1, 2, 3, 4):

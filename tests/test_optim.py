@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptforge.models.gpt2 import GPT
-from gptforge.optim import lr_at, param_groups
+from gptforge.training.optim import lr_at, param_groups
 
 
 def test_warmup_and_cosine_endpoints():
@@ -34,7 +34,7 @@ def test_weight_decay_only_on_matrices(tiny_cfg):
 
 
 def test_optimizer_is_adamw(tiny_cfg):
-    from gptforge.optim import make_optimizer
+    from gptforge.training.optim import make_optimizer
 
     opt = make_optimizer(GPT(tiny_cfg), 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)

@@ -323,8 +323,8 @@ def test_train_on_prepared_dir_resumes_exactly(tmp_path, docs):
     from gptforge import checkpoint as ckpt
     from gptforge.data import DataConfig
     from gptforge.models.gpt2 import GPTConfig
-    from gptforge.runconfig import RunConfig, TrainConfig
-    from gptforge.train import train
+    from gptforge.training import train
+    from gptforge.training.config import RunConfig, TrainConfig
 
     src = tmp_path / "c.jsonl"
     write_jsonl(src, docs[:12])

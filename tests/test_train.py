@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from gptforge import checkpoint as ckpt
 from gptforge.data import DataConfig
 from gptforge.models.gpt2 import GPTConfig
-from gptforge.runconfig import RunConfig, TrainConfig
-from gptforge.train import train
+from gptforge.training import train
+from gptforge.training.config import RunConfig, TrainConfig
 
 
 def tiny_run(text_file, **train_kw) -> RunConfig:
@@ -132,9 +132,9 @@ def test_nonfinite_loss_stops_without_a_nan_checkpoint(text_file, tmp_path, monk
 
     import pytest
 
-    from gptforge.train import TrainingError
+    from gptforge.training import TrainingError
 
-    train_mod = importlib.import_module("gptforge.train")  # the module (gptforge.train is also the function)
+    train_mod = importlib.import_module("gptforge.training.step")  # where the step computes its loss
 
     real = train_mod.loss_batch
     calls = []
@@ -214,12 +214,12 @@ def test_out_of_memory_suggests_smaller_micro_batch(text_file, tmp_path, monkeyp
 
     import pytest
 
-    from gptforge.train import TrainingError
+    from gptforge.training import TrainingError
 
     def oom(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(importlib.import_module("gptforge.train"), "loss_batch", oom)
+    monkeypatch.setattr(importlib.import_module("gptforge.training.step"), "loss_batch", oom)
     with pytest.raises(TrainingError, match="--batch-size 2 --grad-accum 2"):
         train(tiny_run(text_file, eval_every=100, sample_tokens=0), tmp_path / "run", log=lambda *_: None)
 
@@ -227,7 +227,7 @@ def test_out_of_memory_suggests_smaller_micro_batch(text_file, tmp_path, monkeyp
 def test_save_every_minutes(text_file, tmp_path, monkeypatch):
     import importlib
 
-    train_mod = importlib.import_module("gptforge.train")
+    train_mod = importlib.import_module("gptforge.training.loop")
     clock = iter(range(0, 10_000, 40))  # every call to the clock: 40 more seconds
 
     class FakeTime:

@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 from gptforge.data import DataConfig
 from gptforge.generate import SampleConfig, generate
 from gptforge.models.llama import Llama, LlamaConfig
-from gptforge.runconfig import RunConfig, TrainConfig
 from gptforge.tokenizer import get_tokenizer, train_bpe
-from gptforge.train import train
+from gptforge.training import RunConfig, TrainConfig, train
 from gptforge.weights import WeightsError, init_model_config, load_any, to_hf
 
 transformers = pytest.importorskip("transformers")

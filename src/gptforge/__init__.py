@@ -4,9 +4,8 @@ from .data import Batches, DataConfig, TokenWindows
 from .evaluate import evaluate, perplexity
 from .generate import SampleConfig, generate, sample_text
 from .models.gpt2 import GPT, PRESETS, GPTConfig
-from .runconfig import RunConfig, TrainConfig
 from .tokenizer import GPT2Tokenizer, Tokenizer, get_tokenizer
-from .train import train
+from .training import RunConfig, TrainConfig, train
 from .weights import load_any, load_model, to_hf
 
 __version__ = "0.1.0"

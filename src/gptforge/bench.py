@@ -18,7 +18,6 @@ from .devices import pick_device
 from .distributed import checkpoint_blocks
 from .generate import SampleConfig, generate
 from .models import build, spec_for
-from .optim import make_optimizer
 from .perf import (
     device_name,
     keep_freed_cpu_memory,
@@ -29,8 +28,9 @@ from .perf import (
     peak_memory_bytes,
     sync,
 )
-from .runconfig import TrainConfig
-from .train import Precision
+from .training.config import TrainConfig
+from .training.optim import make_optimizer
+from .training.step import Precision
 
 
 @dataclass

@@ -23,15 +23,15 @@ from .config import ConfigError, build, check_range, default_of, field_types, he
 from .data import DataConfig, DataError
 from .evaluate import EvalConfig, evaluate_text
 from .generate import GenerateConfig, SampleConfig, generate_text
-from .html_report import write_report
 from .models import SPECS, ModelSettings, all_presets, check_settings, get_spec, preset_arch
 from .prepare import PrepareConfig, train_tokenizer
 from .prepare import prepare as run_prepare
-from .runconfig import TrainConfig, resolve_train_config
+from .runs.report import write_report
 from .serve import ServeConfig
 from .serve import serve as run_server
-from .train import TrainingError
-from .train import train as run_training
+from .training import TrainingError
+from .training import train as run_training
+from .training.config import TrainConfig, resolve_train_config
 from .weights import convert as convert_model
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)

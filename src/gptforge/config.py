@@ -1,7 +1,7 @@
 """Settings from dataclasses, presets, TOML files and command-line flags, in that order of precedence.
 
 Each component owns a small dataclass (GPTConfig in models/gpt2.py, DataConfig in data.py, TrainConfig in
-runconfig.py, SampleConfig and GenerateConfig in generate.py, EvalConfig in evaluate.py, ServeConfig in serve.py,
+training/config.py, SampleConfig and GenerateConfig in generate.py, EvalConfig in evaluate.py, ServeConfig in serve.py,
 BenchConfig in bench.py, PrepareConfig in prepare.py). Every field carries its help text in
 ``metadata["help"]``; the CLI's flags are generated from the fields (``emb_dim`` -> ``--emb-dim``),
 and a ``--config`` TOML file uses the same names, flat or in tables named after the section::

@@ -69,7 +69,7 @@ from .data import (
     not_text,
     read_manifest,
 )
-from .report import human
+from .runs.metrics import human
 from .tokenizer import TOKENIZER_CONFIG, HFTokenizer, Tokenizer, get_tokenizer, train_bpe
 
 TOKENIZER_FILE = "tokenizer.json"

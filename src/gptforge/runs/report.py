@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .checkpoint import CONFIG, METRICS, atomic_write_bytes, check_writable
-from .config import ConfigError, tomllib
-from .loggers import flat_config
+from ..checkpoint import CONFIG, METRICS, atomic_write_bytes, check_writable
+from ..config import ConfigError, tomllib
+from .trackers import flat_config
 
 REPORT_MARK = b"<title>gptforge report"  # in the head of every report: only those are replaced
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import faults
-from .checkpoint import atomic_write_bytes
-from .evaluate import perplexity
-from .perf import mfu
+from .. import faults
+from ..checkpoint import atomic_write_bytes
+from ..evaluate import perplexity
+from ..perf import mfu
 
 
 class MetricsLog:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
-from .distributed import is_main
+from ..config import ConfigError
+from ..distributed import is_main
 
 LOGGERS = ("tensorboard", "swanlab", "wandb")
 PACKAGE = {"tensorboard": "tensorboard", "swanlab": "swanlab", "wandb": "wandb"}  # tracker -> import name

@@ -14,14 +14,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CONFIG, check_writable, saved_run_config
-from .config import SEED_MAX, ConfigError, build, check_range, check_toml, opt, read_toml, to_toml_dict
-from .data import DataConfig, data_defaults
-from .devices import DEVICES
-from .loggers import LOGGERS
-from .models import DEFAULT_ARCH, ModelSettings, ModelSpec, check_settings, get_spec, preset_arch, spec_for
-from .models.gpt2 import GPTConfig
-from .weights import init_model_config
+from ..checkpoint import CONFIG, check_writable, saved_run_config
+from ..config import SEED_MAX, ConfigError, build, check_range, check_toml, opt, read_toml, to_toml_dict
+from ..data import DataConfig, data_defaults
+from ..devices import DEVICES
+from ..models import DEFAULT_ARCH, ModelSettings, ModelSpec, check_settings, get_spec, preset_arch, spec_for
+from ..models.gpt2 import GPTConfig
+from ..runs.trackers import LOGGERS
+from ..weights import init_model_config
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -1,0 +1,189 @@
+"""The training loop, `train()`: one function, read top to bottom; and the evaluation and logging it runs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ckpt
+from .. import distributed as dist
+from ..config import ConfigError
+from ..devices import pick_device
+from ..evaluate import evaluate, perplexity
+from ..generate import SampleConfig, sample_text
+from ..models import spec_for
+from ..perf import keep_freed_cpu_memory, mfu, peak_flops
+from ..runs.metrics import MetricsLog, Progress, format_eval, human, plot_losses
+from ..runs.trackers import check_loggers, open_trackers
+from ..tokenizer import Tokenizer, get_tokenizer
+from .config import RunConfig, TrainConfig
+from .optim import make_optimizer, set_lr
+from .state import Checkpointer, RunState, Schedule, TrainData, build_data, build_model
+from .step import Precision, StepResult, stop_requests, train_step
+
+
+def describe_model(model: torch.nn.Module) -> str:
+    n = model.num_params()
+    head = "tied head" if model.cfg.tie_weights else "untied head"
+    arch = spec_for(model.cfg).arch
+    positions = (f"; {model.num_params(non_embedding=True) / 1e6:.2f}M without position embeddings"
+                 if spec_for(model.cfg).learned_positions else "")
+    return f"model: {arch}, {n / 1e6:.2f}M parameters ({head}{positions}), {n * 4 / 1e6:.1f} MB in fp32"
+
+
+@dataclass
+class Evaluator:
+    """Evaluation at a step: train/val loss, a sample, metrics.jsonl, trackers and loss.png."""
+
+    cfg: RunConfig
+    tokenizer: Tokenizer
+    data: TrainData
+    schedule: Schedule
+    metrics: MetricsLog
+    trackers: object
+    progress: Progress
+    run_dir: Path
+    device: torch.device
+
+    def __call__(self, model: torch.nn.Module, state: RunState) -> dict:
+        t, step = self.cfg.train, state.step
+        losses = {f"{name}_loss": evaluate(model, b, t.eval_batches, self.device).loss
+                  for name, b in self.data.eval_sets.items()}
+        # every rank scores the same batches (FSDP needs all ranks in each forward), so the losses agree
+        record = dict(event="eval", step=step, tokens=state.tokens, lr=self.schedule.lr_at(max(step - 1, 0)),
+                      **losses)
+        if "val_loss" in losses:
+            record["val_perplexity"] = perplexity(losses["val_loss"])
+        self.progress.write(format_eval(step, state.tokens, losses.get("train_loss"), losses.get("val_loss")))
+        if t.sample_tokens > 0:  # its own seeded generator: the training RNG stays untouched
+            sample_cfg = SampleConfig(t.sample_tokens, t.sample_temperature, t.sample_top_k)
+            text = sample_text(dist.unwrap(model), self.tokenizer, t.sample_prompt, sample_cfg, seed=t.seed + step,
+                               device=self.device)[0]
+            record["sample"] = t.sample_prompt + text
+            self.progress.write(f"  sample: {record['sample']!r}")
+        self.metrics.log(**record)
+        if dist.is_main():
+            self.trackers.log(self.metrics.records[-1])
+            plot_losses(self.metrics.records, self.run_dir / "loss.png")
+        return record
+
+
+def log_step(result: StepResult, state: RunState, lr: float, tok_s: float, mfu: float | None, t: TrainConfig,
+             metrics: MetricsLog, trackers, progress: Progress) -> None:
+    if not result.finite:
+        progress.write(f"step {state.step}: non-finite loss or gradient, update skipped")
+        metrics.log(event="skipped", step=state.step, tokens=state.tokens, lr=lr)
+    elif state.step % t.log_every == 0:
+        metrics.log(event="train", step=state.step, tokens=state.tokens, lr=lr, train_loss=result.loss,
+                    grad_norm=result.grad_norm, tokens_per_s=round(tok_s, 1),
+                    mfu=round(mfu, 4) if mfu is not None else None)
+        trackers.log(metrics.records[-1])
+
+
+def tokens_per_step(cfg: RunConfig) -> int:
+    """Training tokens in one optimizer step of the whole job (the global batch)."""
+    t = cfg.train
+    return t.batch_size * t.grad_accum * cfg.model.context_length * dist.world_size()
+
+
+def describe_run(cfg: RunConfig, core: torch.nn.Module, data: TrainData, schedule: Schedule, device, amp: Precision,
+                 run_dir: Path, log) -> tuple[float, float | None]:
+    """The start-up lines (model, data, schedule, speed); returns (FLOPs per token, peak FLOP/s or None)."""
+    t = cfg.train
+    log(describe_model(core))
+    log(data.summary)
+    log(f"training: {schedule.total_steps} steps of {human(tokens_per_step(cfg))} tokens on {device}, lr {t.lr:g} "
+        f"(warmup {schedule.warmup}, cosine to {schedule.min_lr:g}) -> {run_dir}")
+    fpt = spec_for(cfg.model).flops_per_token(cfg.model)
+    peak, peak_source = peak_flops(device, amp.name)
+    log(f"speed: precision {amp.name}, {fpt / 1e6:.1f} MFLOP per token; "
+        + (f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source))
+    return fpt, peak
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dict:
+    """Train (or resume) the run in run_dir; returns a summary of the last evaluation."""
+    t, run_dir = cfg.train, Path(run_dir)
+    device = dist.setup(pick_device(t.device))
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # no page faults for the step's large tensors after the first steps
+    main = dist.is_main()
+    log = log if main else (lambda *args, **kwargs: None)  # only rank 0 prints, plots and writes
+    warn = (lambda message: print(message, file=sys.stderr, flush=True)) if main else (lambda message: None)
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size}; set --vocab-size to at least that")
+    torch.manual_seed(t.seed)
+    check_loggers(t.logger)
+
+    data = build_data(cfg, tokenizer)
+    schedule = Schedule.plan(t, len(data.batches))
+    model = build_model(cfg, device, resume, log)  # the optimizer comes after wrapping: FSDP replaces parameters
+    amp = Precision(t.precision, device)
+    state, checkpointer = RunState(), Checkpointer(run_dir, cfg, tokenizer, data, schedule, amp.scaler, log, warn)
+    optimizer_state = checkpointer.restore(model, state) if resume else None
+    resumed = optimizer_state is not None
+    if main and not resumed:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    model = dist.wrap(model, device, t.parallel)
+    core = dist.unwrap(model)  # the GPT itself: evaluation, sampling, saving (no _orig_mod. prefixes)
+    step_model = torch.compile(model) if t.compile else model  # what the training step calls
+    optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
+    if resumed:
+        dist.load_optimizer_state(model, optimizer, optimizer_state)
+    if main:
+        ckpt.atomic_write_bytes(run_dir / ckpt.CONFIG, _toml_bytes(cfg))
+    metrics = MetricsLog(run_dir / ckpt.METRICS if main else None, resume_step=state.step if resumed else -1,
+                         warn=warn)
+    trackers = open_trackers(t.logger, run_dir, cfg.to_toml(), resume_step=state.step if resumed else None)
+    fpt, peak = describe_run(cfg, core, data, schedule, device, amp, run_dir, log)
+    progress = Progress(schedule.total_steps, state.step, enabled=t.progress and main, quiet=not main,
+                        flops_per_token=fpt, peak_flops=peak)
+    evaluator = Evaluator(cfg, tokenizer, data, schedule, metrics, trackers, progress, run_dir, device)
+
+    step_tokens = tokens_per_step(cfg)
+    last_eval = evaluator(model, state) if state.step == 0 else {}
+    save_every = t.save_every or t.eval_every
+    model.train()
+    train_seconds, start_step, stopping, last_save = 0.0, state.step, False, time.monotonic()
+    with stop_requests() as stop:
+        while state.step < schedule.total_steps and not stopping:
+            t0 = time.perf_counter()
+            lr = schedule.lr_at(state.step)
+            set_lr(optimizer, lr)
+            save_due = main and t.save_every_minutes is not None and \
+                time.monotonic() - last_save >= 60 * t.save_every_minutes
+            result = train_step(model, step_model, optimizer, amp, t, data, state, device, stop, save_due)
+            stopping = result.stop_requested
+            state.step, state.tokens = state.step + 1, state.tokens + step_tokens
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            tok_s = progress.step(result.loss, step_tokens, seconds, lr)
+            log_step(result, state, lr, tok_s, mfu(fpt, tok_s, peak), t, metrics, trackers, progress)
+            if state.step % t.eval_every == 0 or state.step == schedule.total_steps:
+                last_eval = evaluator(model, state)
+            if state.step % save_every == 0 or state.step == schedule.total_steps or stopping or result.save_due:
+                checkpointer.save(model, optimizer, state)
+                last_save = time.monotonic()
+    progress.close()
+    trackers.close()
+    stopped_by = (stop[0] if stop else "a signal to another rank") if stopping and \
+        state.step < schedule.total_steps else None
+    if stopped_by:
+        log(f"stopped by {stopped_by} at step {state.step}; checkpoint saved, continue with --resume {run_dir}")
+    return dict(last_eval, steps=state.step, train_seconds=train_seconds, stopped_by=stopped_by,
+                tokens_per_s=(state.step - start_step) * step_tokens / max(train_seconds, 1e-9))
+
+
+def _toml_bytes(cfg: RunConfig) -> bytes:
+    import tomli_w
+
+    return tomli_w.dumps(cfg.to_toml()).encode()

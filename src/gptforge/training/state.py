@@ -1,0 +1,211 @@
+"""What a run is made of and carries across a resume: its data (TrainData, build_data), its schedule,
+its position (RunState), its model (build_model) and its checkpoints (Checkpointer: save, and restore
+with the RNG and the world-size remap)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import checkpoint as ckpt
+from .. import distributed as dist
+from ..config import ConfigError
+from ..data import (
+    Batches,
+    RandomBatches,
+    TokenWindows,
+    check_windows,
+    open_prepared,
+    prepared_dir,
+    read_texts,
+    split_tokens,
+    tokenize_documents,
+    tokens_digest,
+    training_batches,
+)
+from ..models import build
+from ..runs.metrics import human
+from ..tokenizer import Tokenizer
+from ..weights import load_any, load_model
+from .config import RunConfig, TrainConfig
+from .optim import lr_at
+
+
+def load_splits(cfg: RunConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    if (data_dir := prepared_dir(cfg.inputs)) is not None:  # shards, memory-mapped; this rank's share of train
+        return open_prepared(data_dir, tokenizer, dist.rank(), dist.world_size())
+    tokens = tokenize_documents(read_texts(cfg.inputs), tokenizer)
+    return split_tokens(tokens, cfg.data.val_fraction)
+
+
+
+
+@dataclass
+class TrainData:
+    """What a run trains and evaluates on: this rank's batches, the evaluation sets, the data's hash."""
+
+    batches: Batches | RandomBatches
+    eval_sets: dict[str, Batches]
+    data_hash: str
+    summary: str  # the log line describing the data
+
+
+def build_data(cfg: RunConfig, tokenizer) -> TrainData:
+    t, world = cfg.train, dist.world_size()
+    train_tokens, val_tokens = load_splits(cfg, tokenizer)
+    ctx = cfg.model.context_length
+    train_windows = TokenWindows(train_tokens, ctx, cfg.data.stride)
+    val_windows = TokenWindows(val_tokens, ctx, cfg.data.stride)
+    batches = training_batches(train_windows, cfg.data.sampling, t.batch_size, t.seed, dist.rank(), world)
+    check_windows(train_windows, len(train_tokens), "train", t.batch_size * batches.world if isinstance(
+        batches, Batches) else t.batch_size, drop_last=True)
+    if cfg.data.val_fraction > 0 and prepared_dir(cfg.inputs) is None:  # prepared data: its own split
+        check_windows(val_windows, len(val_tokens), "val", t.batch_size, drop_last=False)
+    # evaluation scores whole global batches on every rank: the same numbers whatever the world size
+    eval_sets = {"train": Batches(train_windows, t.batch_size * world, shuffle=False, drop_last=True)}
+    if len(val_windows):
+        eval_sets["val"] = Batches(val_windows, t.batch_size * world, shuffle=False, drop_last=False)
+    if len(batches) < t.grad_accum and t.max_steps is None:
+        raise ConfigError(f"one epoch has {len(batches)} batches, fewer than --grad-accum {t.grad_accum}; "
+                          "lower --grad-accum or --batch-size, or set --max-steps")
+    summary = (f"data: {human(len(train_tokens))} train tokens ({len(train_windows)} windows), "
+               f"{human(len(val_tokens))} val tokens ({len(val_windows)} windows); "
+               f"{len(batches)} batches of {t.batch_size * world} per epoch"
+               + (f" ({world} processes x {t.batch_size}, {t.parallel})" if world > 1 else ""))
+    return TrainData(batches, eval_sets, tokens_digest(train_tokens), summary)
+
+
+@dataclass
+class Schedule:
+    """The run's length and learning-rate schedule: linear warmup, cosine decay to min_lr."""
+
+    lr: float
+    min_lr: float
+    warmup: int
+    total_steps: int
+
+    @classmethod
+    def plan(cls, t: TrainConfig, batches_per_epoch: int) -> Schedule:
+        total = t.max_steps or t.epochs * (batches_per_epoch // t.grad_accum)
+        return cls(t.lr, t.min_lr if t.min_lr is not None else t.lr / 10,
+                   t.warmup_steps if t.warmup_steps is not None else max(1, total // 20), total)
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.lr, self.min_lr, self.warmup, self.total_steps)
+
+    def state_dict(self) -> dict:
+        return dict(lr=self.lr, min_lr=self.min_lr, warmup=self.warmup, total_steps=self.total_steps)
+
+
+@dataclass
+class RunState:
+    """Where a run is: optimizer steps done, tokens seen, and the data position (epoch, batch)."""
+
+    step: int = 0
+    tokens: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+    def state_dict(self) -> dict:
+        return dict(step=self.step, tokens=self.tokens, epoch=self.epoch, batch=self.batch)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.tokens, self.epoch, self.batch = d["step"], d["tokens"], d["epoch"], d["batch"]
+
+    def next_batch(self, batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch at the data position, on the device; the position moves on by one."""
+        if self.batch >= len(batches):
+            self.epoch, self.batch = self.epoch + 1, 0
+        x, y = batches.batch(self.epoch, self.batch)
+        self.batch += 1
+        if device.type == "cuda":  # page-locked host memory: the copies overlap with compute
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torch.nn.Module:
+    """Random initial weights from the seed, or --init-from's weights (a resumed run loads its own later)."""
+    if cfg.init_from and not resume:
+
+        model = load_any(cfg.init_from, device, context_length=cfg.model.context_length,
+                         drop_rate=cfg.model.drop_rate)[0]
+        if model.cfg != cfg.model:
+            raise ConfigError(f"the model in {cfg.init_from} ({model.cfg}) differs from the run's model config "
+                              f"({cfg.model}); use weights.init_model_config to build the config")
+        log(f"initialised from {cfg.init_from}")
+    else:
+        model = build(cfg.model).to(device)
+    if dist.world_size() > 1:
+        torch.manual_seed(cfg.train.seed + 1000 * dist.rank())  # same initial weights, a dropout stream per rank
+    if cfg.train.activation_checkpointing:
+        dist.checkpoint_blocks(model)
+    return model
+
+
+@dataclass
+class Checkpointer:
+    """Saving a run's checkpoints and picking a resumed run up from the newest intact one."""
+
+    run_dir: Path
+    cfg: RunConfig
+    tokenizer: Tokenizer
+    data: TrainData
+    schedule: Schedule
+    scaler: torch.amp.GradScaler  # fp16's loss scale is part of the run's state
+    log: Callable
+    warn: Callable
+
+    def restore(self, model: torch.nn.Module, state: RunState) -> dict | None:
+        """Load the newest intact checkpoint into the model, scaler, RNG and `state`; returns the optimizer
+        state to load once the optimizer exists (None for a new run, whose directory is made here)."""
+        t, world, run_dir = self.cfg.train, dist.world_size(), self.run_dir
+        last, damaged = ckpt.resume_point(run_dir, warn=self.warn)
+        if last is None:
+            self.log(f"{run_dir}: no checkpoint yet; starting the run from step 0")
+            return None
+        saved = ckpt.load_state(last)
+        if saved["data_hash"] != self.data.data_hash:
+            raise ConfigError(f"{run_dir}: the training data differs from the data the run started with "
+                              f"(token hash {self.data.data_hash} vs {saved['data_hash']}); restore it or start a "
+                              "new run")
+        if dist.is_main():
+            ckpt.set_aside(damaged, self.warn)
+        model.load_state_dict(load_model(last / ckpt.WEIGHTS)[0].state_dict())  # verified just above
+        if "scaler" in saved and self.scaler.is_enabled():
+            self.scaler.load_state_dict(saved["scaler"])
+        state.load_state_dict(saved)
+        rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
+        old_world, old_batch = saved.get("world_size", 1), saved.get("batch_size", t.batch_size)
+        if (old_world, old_batch) != (world, t.batch_size):
+            state.batch = state.batch * old_batch * old_world // (t.batch_size * world)  # same windows consumed
+            self.log(f"resuming with {world} process(es) x batch {t.batch_size} (was {old_world} x {old_batch}): "
+                     f"data position mapped to batch {state.batch} of epoch {state.epoch}; dropout streams re-seeded")
+        else:
+            ckpt.set_rng_state(rngs[dist.rank()])
+        if state.step >= self.schedule.total_steps:
+            raise ConfigError(f"{run_dir}: the run already finished at step {state.step}; "
+                              f"pass a larger --max-steps to extend it")
+        self.log(f"resuming {run_dir} from step {state.step} ({human(state.tokens)} tokens seen), training to "
+                 f"{self.schedule.total_steps}")
+        return saved["optimizer"]
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
+        # collectives first (every rank takes part), then rank 0 writes
+        weights, optim_state = dist.full_model_state(model), dist.full_optimizer_state(model, optimizer)
+        rngs = dist.gather(ckpt.rng_state())
+        if dist.is_main():
+            t = self.cfg.train
+            saved = dict(state.state_dict(), data_hash=self.data.data_hash, world_size=dist.world_size(),
+                         batch_size=t.batch_size, optimizer=optim_state, rng=rngs,
+                         schedule=self.schedule.state_dict())
+            if self.scaler.is_enabled():
+                saved["scaler"] = self.scaler.state_dict()
+            ckpt.save_checkpoint(self.run_dir, state.step, dist.unwrap(model), self.tokenizer, saved, t.keep_last,
+                                 weights=weights, run_config=self.cfg.to_toml())
+        dist.barrier()
+
+

@@ -1,0 +1,138 @@
+"""One optimizer step: the number format (Precision: autocast, fp16's GradScaler, clipping, the update),
+train_step (micro-batches, one all-reduce, the non-finite check), the stop-signal flag, TrainingError."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .. import distributed as dist
+from .. import faults
+from ..config import ConfigError
+from ..evaluate import loss_batch
+from .config import TrainConfig
+from .state import RunState, TrainData
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step and what to change."""
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGINT/SIGTERM set a flag instead of killing the run: the loop finishes its step, saves, exits.
+
+    A second signal of the same kind while the flag is set falls back to the usual behaviour.
+    """
+    requested: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if requested:
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+        requested.append(signal.Signals(signum).name)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield requested
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+class Precision:
+    """A device's number format for training: the autocast context and, for fp16, a GradScaler."""
+
+    def __init__(self, name: str, device: torch.device):
+        if name == "auto":
+            if device.type == "cuda":
+                name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            else:
+                name = "fp32"  # CPUs without bf16 matrix units are fastest (and exact) in fp32
+        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16")
+        self.name = name
+        if device.type == "cuda":  # fp32 matmuls on tensor cores (TF32)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+
+    def backward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_accum: int = 1) -> float:
+        """Forward and backward of one micro-batch (gradients add up); returns its share of the step's loss."""
+        with self.autocast:
+            loss = loss_batch(model, x, y) / grad_accum
+        self.scaler.scale(loss).backward()
+        return loss.item()
+
+    def clip(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+        """Unscale (fp16) and clip the gradients; returns their global norm before clipping."""
+        self.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+
+    def update(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+        self.scaler.update()
+
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches, grad_clip: float,
+             grad_accum: int = 1) -> tuple[float, float]:
+        """One whole optimizer step of one process (as the benchmark times it): returns (loss, grad norm)."""
+        loss_sum = sum(self.backward(model, x, y, grad_accum) for x, y in micro_batches)
+        grad_norm = self.clip(model, optimizer, grad_clip)
+        self.update(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over ranks
+    grad_norm: float
+    finite: bool
+    stop_requested: bool  # on any rank
+    save_due: bool  # rank 0's --save-every-minutes clock
+
+
+def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, data: TrainData, state: RunState,
+               device: torch.device, stop: list, save_due: bool) -> StepResult:
+    """One optimizer step of the whole job: micro-batches, clipping, one all-reduce, the update (if finite)."""
+    loss_sum = 0.0
+    try:
+        for micro in range(t.grad_accum):
+            x, y = state.next_batch(data.batches, device)
+            with dist.grad_sync(model, sync=micro == t.grad_accum - 1):  # reduce on the last micro-step
+                loss_sum += amp.backward(step_model, x, y, t.grad_accum)
+        faults.point("step-mid")
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(
+            f"out of memory at step {state.step + 1} with micro-batch {t.batch_size}: keep the global batch with a "
+            f"smaller micro-batch and more accumulation, e.g. --batch-size {max(1, t.batch_size // 2)} "
+            f"--grad-accum {t.grad_accum * 2}"
+        ) from None
+    grad_norm = amp.clip(model, optimizer, t.grad_clip)
+    # one all-reduce: the mean loss over ranks, whether any rank was asked to stop, and rank 0's clock
+    loss_total, stop_votes, save_votes = dist.all_sum([loss_sum, float(bool(stop)), float(save_due)], device)
+    loss = loss_total / dist.world_size()
+    # fp16: an overflowing gradient is the GradScaler's to skip (it lowers its scale), not an error
+    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or amp.scaler.is_enabled())
+    if finite:
+        amp.update(optimizer)
+    elif not t.skip_nonfinite:  # stop before the bad update: no NaN ever reaches a checkpoint
+        raise TrainingError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss}, grad norm "
+                            f"{float(grad_norm)}); lower --lr, keep --grad-clip on, or pass --skip-nonfinite")
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, finite, stop_votes > 0, bool(save_votes))
+
+
