@@ -181,8 +181,9 @@ def test_minimind2_state_dict_needs_the_head_count(tmp_path, capsys):
     assert (model.cfg.n_kv_heads, model.cfg.norm_eps, model.cfg.qk_norm) == (2, 1e-5, False)
     assert_same_model(model, fp16_rounded(hf))
     code, out, err = run(["convert", str(tmp_path / "pretrain_512.pth"), "--to", "gptforge", str(tmp_path / "g"),
-                          "--n-heads", "4"], capsys)
-    assert code == 0, err
+                          "--n-heads", "4"], capsys)  # a .pth carries no tokenizer: convert asks for one
+    assert code == 1 and "pretrain_512.pth: carries no tokenizer; pass --tokenizer" in err, err
+    assert not (tmp_path / "g").exists()  # refused before anything was written
 
 
 def test_gptforge_names_untied_fp32_state_dict(tmp_path):

@@ -317,17 +317,22 @@ def load_for_text(source: str | Path, device: torch.device | str = "cpu",
 
     A model with fewer token ids than its tokenizer (e.g. a tiny test model) cannot read text: an error.
     """
-    model, meta = load_any(source, device)
-    return model, text_tokenizer(model, meta, source, tokenizer), meta
+    src = open_source(source)
+    check_source(src)  # a partial file first, then the tokenizer: both before the weights are read
+    tok = text_tokenizer(src.cfg, src.meta, source, tokenizer)
+    return build_model(src).to(device), tok, src.meta
 
 
-def text_tokenizer(model: nn.Module, meta: dict, source: str | Path, tokenizer: str | None = None) -> Tokenizer:
-    """`tokenizer` (a --tokenizer value) or else the one the model's metadata names or carries, refused
-    when the model has fewer token ids than it."""
+def text_tokenizer(cfg: Any, meta: dict, source: str | Path, tokenizer: str | None = None) -> Tokenizer:
+    """`tokenizer` (a --tokenizer value) or else the one the source's metadata names or carries, refused
+    when the model (of config cfg) has fewer token ids than it, or when neither says which."""
+    if tokenizer is None and "tokenizer" not in meta:  # a .pth state dict, a Hugging Face dir without tokenizer files
+        raise ConfigError(f"{source}: carries no tokenizer; pass --tokenizer with the tokenizer the model was trained "
+                          "with (a tokenizer.json, a directory holding one, or gpt2)")
     tok = tokenizer_from_metadata(meta) if tokenizer is None else get_tokenizer(tokenizer)
-    if model.cfg.vocab_size < tok.vocab_size:
+    if cfg.vocab_size < tok.vocab_size:
         which = f"the --tokenizer {tokenizer}" if tokenizer is not None else f"its {meta.get('tokenizer', 'gpt2')}"
-        raise ConfigError(f"{source}: the model has {model.cfg.vocab_size} token ids, fewer than {which} "
+        raise ConfigError(f"{source}: the model has {cfg.vocab_size} token ids, fewer than {which} "
                           f"tokenizer's {tok.vocab_size}; it cannot read or write text (pass --tokenizer with the "
                           "tokenizer the model was trained with)")
     return tok
@@ -409,8 +414,12 @@ def convert(source: str | Path, target: str, out: str | Path, n_heads: int | Non
     the model is read, with its tokenizer, or `tokenizer` (--tokenizer) when given: a gptforge checkpoint carries
     the whole tokenizer, an hf directory gets its files. Returns (path written, model, metadata)."""
     convert_target(out, target)
-    model, meta = load_any(source, n_heads=n_heads)
-    tok = tokenizer_from_metadata(meta) if tokenizer is None else text_tokenizer(model, meta, source, tokenizer)
+    src = open_source(source, n_heads=n_heads)
+    check_source(src)  # a partial file first, then the tokenizer: both before the weights are read
+    meta = src.meta
+    tok = tokenizer_from_metadata(meta) if tokenizer is None and "tokenizer" in meta else text_tokenizer(
+        src.cfg, meta, source, tokenizer)
+    model = build_model(src)
     if target == "hf":
         return to_hf(model, out, tok), model, meta
     return to_gptforge(model, out, tok, source=str(source)), model, meta
