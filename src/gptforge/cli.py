@@ -91,10 +91,11 @@ config_option = click.option(
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="gptforge")
 def cli() -> None:
-    """Pretrain GPT-2-style language models from raw text.
+    """Pretrain GPT-2 or Llama/Qwen3-style language models from raw text.
 
     \b
     gptforge train my_texts/ --out runs/first      train a model (no DATA: a built-in corpus)
+    gptforge train my_texts/ --preset minimind-3   the same with minimind-3's Qwen3-style shape
     gptforge eval runs/first held_out.txt          loss and perplexity on a text
     gptforge generate runs/first --prompt "Once"   sample from the model
     gptforge prepare corpus/ --out data/corpus     token shards for corpora bigger than memory
@@ -122,7 +123,8 @@ def cli() -> None:
 @dataclass_options(ModelSettings, DataConfig, TrainConfig)
 def train(data: tuple[str, ...], config_file: str | None, resume: str | None, arch: str | None, preset: str | None,
           init_from: str | None = None, nproc: int | None = None, **flags) -> None:
-    """Train a GPT on DATA (text files or directories of .txt/.md files) and write a run directory.
+    """Train a model (GPT-2, or Llama/Qwen3 with --arch llama) on DATA (text files or directories of .txt/.md
+    files) and write a run directory.
 
     With no DATA, trains on English text that ships with Python (pydoc's help topics, ~465 KB).
     DATA may also be one directory made by `gptforge prepare`: its shards are memory-mapped, never
