@@ -37,8 +37,12 @@ from .weights import convert as convert_model
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
 
 
-def dataclass_options(*classes: type, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None):
-    """Add a --flag for every field of the given dataclasses (or those named in `only`); unset flags arrive as None."""
+def dataclass_options(*classes: type, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                      defaults: dict[str, Any] | None = None):
+    """Add a --flag for every field of the given dataclasses (or those named in `only`); unset flags arrive as None.
+
+    `defaults` are what the command uses instead of a field's own default, shown in the help as such.
+    """
 
     def decorate(fn):
         for cls in reversed(classes):
@@ -47,7 +51,7 @@ def dataclass_options(*classes: type, exclude: tuple[str, ...] = (), only: tuple
                 if f.name in exclude or (only is not None and f.name not in only):
                     continue
                 flag = "--" + f.name.replace("_", "-")
-                default = default_of(f)
+                default = (defaults or {}).get(f.name, default_of(f))
                 help_text = help_of(f) + (f"  [default: {default}]" if default not in (None, "", []) else "")
                 metavar = f.metadata.get("metavar")
                 if types[f.name] is bool:
@@ -197,6 +201,7 @@ def generate(source: str, config_file: str | None, **flags) -> None:
 
 # ----------------------------------------------------------------------------- bench
 
+BENCH_GENERATE_DEFAULTS = {"batch_size": 1, "seed": 0}  # one prompt, greedy: what a user's generate does
 BENCH_TRAIN_FLAGS = ("batch_size", "precision", "compile", "activation_checkpointing", "device", "seed")
 
 
@@ -238,7 +243,7 @@ def bench_train_cmd(arch: str | None, preset: str | None, **flags) -> None:
 @arch_option
 @preset_option
 @dataclass_options(ModelSettings)
-@dataclass_options(TrainConfig, only=("batch_size", "device", "seed"))
+@dataclass_options(TrainConfig, only=("batch_size", "device", "seed"), defaults=BENCH_GENERATE_DEFAULTS)
 @dataclass_options(BenchConfig, only=("max_new_tokens", "prompt_tokens"))
 def bench_generate_cmd(arch: str | None, preset: str | None, **flags) -> None:
     """Generation speed, greedy, on a random prompt: prefill, and decode with and without the KV cache.
@@ -249,7 +254,7 @@ def bench_generate_cmd(arch: str | None, preset: str | None, **flags) -> None:
 
     flags = given(flags)
     bench = build(BenchConfig, flags)
-    t = build(TrainConfig, {"batch_size": 1, "seed": 0}, flags)
+    t = build(TrainConfig, BENCH_GENERATE_DEFAULTS, flags)
     bench_generate(_bench_model(arch, preset, flags), t, bench, log=click.echo)
 
 
