@@ -1,10 +1,13 @@
 """Model families: an architecture name (``arch``) -> the spec the rest of gptforge asks about it.
 
 Each family is one file (its config dataclass, presets and model, over the shared layers.py) plus
-one line in SPECS below. Training, checkpoints, weights, perf and distributed code ask the spec
-rather than knowing the model: which config and model classes to build, the presets, FLOPs per
-token, the transformer blocks (FSDP), and how the family's weights are named in Hugging Face files
-(weights.py's plans read and write by these names). Files that record no arch are GPT-2.
+one line in SPECS below (its weight formats: weights/<arch>.py and a line in weights.FAMILIES).
+Training, checkpoints, weights, perf, generation and distributed code ask the spec rather than
+knowing the model: which config and model classes to build, the presets, FLOPs per token, the
+transformer blocks (FSDP, activation checkpointing), whether positions are a learned table, and
+how the family's weights are named in Hugging Face files (weights/plan.py reads and writes by these
+names). The CLI's shape flags are ModelSettings, every family's settings once. Files that record no
+arch are GPT-2.
 """
 
 from __future__ import annotations
