@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CONFIG, check_writable, saved_run_config
-from ..config import SEED_MAX, ConfigError, build, check_range, check_toml, opt, read_toml, to_toml_dict
+from ..config import SEED_MAX, ConfigError, build, check_choice, check_range, check_toml, opt, read_toml, to_toml_dict
 from ..data import DataConfig, data_defaults
 from ..devices import DEVICES
 from ..models import DEFAULT_ARCH, ModelSettings, ModelSpec, check_settings, get_spec, preset_arch, spec_for
 from ..models.gpt2 import GPTConfig
 from ..runs.trackers import LOGGERS
 from ..weights import init_model_config
+from .optim import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -39,7 +40,7 @@ class TrainConfig:
     batch_size: int = opt(8, "Windows per micro-batch.")
     grad_accum: int = opt(1, "Micro-batches whose gradients add up to one optimizer step.")
     lr: float = opt(4e-4, "Peak learning rate, reached at the end of warmup.")
-    min_lr: float | None = opt(None, "Learning rate at the end of the cosine decay; default: lr / 10.")
+    min_lr: float | None = opt(None, "Learning rate at the end of the cosine or wsd decay; default: lr / 10.")
     warmup_steps: int | None = opt(None, "Steps of linear warmup; default: 5% of the run's steps.")
     weight_decay: float = opt(0.1, "AdamW weight decay, applied to weight matrices and embeddings only.")
     beta1: float = opt(0.9, "AdamW beta1.")
@@ -48,6 +49,12 @@ class TrainConfig:
     skip_nonfinite: bool = opt(False, "Skip a step whose loss or gradient is NaN/inf instead of stopping the run.")
     epochs: int = opt(1, "Passes over the training windows (when --max-steps is not given).")
     max_steps: int | None = opt(None, "Optimizer steps to train; overrides --epochs. Larger extends a run.")
+    max_tokens: int | None = opt(None, "Training tokens to train on, turned into steps of the global batch "
+                                       "(rounded up); instead of --max-steps or --epochs.")
+    schedule: str = opt("cosine", "Learning rate after warmup: cosine (decay to --min-lr), wsd (warmup-stable-decay: "
+                                  "hold --lr, decay linearly over the last --decay-fraction of the steps) or constant.",
+                        choices=SCHEDULES)
+    decay_fraction: float = opt(0.2, "wsd: the fraction of the run's steps that decays to --min-lr.")
     eval_every: int = opt(50, "Evaluate train and val loss (and print a sample) every this many steps.")
     eval_batches: int = opt(10, "Batches of train and of val data each evaluation scores.")
     log_every: int = opt(10, "Write the training loss to metrics.jsonl every this many steps.")
@@ -73,8 +80,8 @@ class TrainConfig:
                                                 "about a third more compute.")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "epochs", "max_steps", "eval_every", "eval_batches", "log_every",
-                     "save_every", "sample_top_k"):
+        for name in ("batch_size", "grad_accum", "epochs", "max_steps", "max_tokens", "eval_every", "eval_batches",
+                     "log_every", "save_every", "sample_top_k"):
             check_range(name, getattr(self, name), 1)
         for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_last", "sample_tokens", "sample_temperature"):
             check_range(name, getattr(self, name), 0)
@@ -86,6 +93,11 @@ class TrainConfig:
         check_range("seed", self.seed, 0, SEED_MAX)
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_range("decay_fraction", self.decay_fraction, 0, 1, above=True)
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ConfigError(f"--max-steps {self.max_steps} and --max-tokens {self.max_tokens} both set the run's "
+                              "length; give only one")
         if self.warmup_steps is not None and self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ConfigError(f"--warmup-steps {self.warmup_steps} must not exceed --max-steps {self.max_steps} "
                               "(the learning rate would never reach --lr)")

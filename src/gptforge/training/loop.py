@@ -97,7 +97,7 @@ def describe_run(cfg: RunConfig, core: torch.nn.Module, data: TrainData, schedul
     log(describe_model(core))
     log(data.summary)
     log(f"training: {schedule.total_steps} steps of {human(tokens_per_step(cfg))} tokens on {device}, lr {t.lr:g} "
-        f"(warmup {schedule.warmup}, cosine to {schedule.min_lr:g}) -> {run_dir}")
+        f"({schedule.describe()}) -> {run_dir}")
     fpt = spec_for(cfg.model).flops_per_token(cfg.model)
     peak, peak_source = peak_flops(device, amp.name)
     log(f"speed: precision {amp.name}, {fpt / 1e6:.1f} MFLOP per token; "
@@ -125,7 +125,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     check_loggers(t.logger)
 
     data = build_data(cfg, tokenizer)
-    schedule = Schedule.plan(t, len(data.batches))
+    schedule = Schedule.plan(t, len(data.batches), tokens_per_step(cfg))
     model = build_model(cfg, device, resume, log)  # the optimizer comes after wrapping: FSDP replaces parameters
     amp = Precision(t.precision, device)
     state, checkpointer = RunState(), Checkpointer(run_dir, cfg, tokenizer, data, schedule, amp.scaler, log, warn)

@@ -81,24 +81,39 @@ def build_data(cfg: RunConfig, tokenizer) -> TrainData:
 
 @dataclass
 class Schedule:
-    """The run's length and learning-rate schedule: linear warmup, cosine decay to min_lr."""
+    """The run's length and learning-rate schedule: linear warmup, then cosine, wsd or constant (optim.lr_at)."""
 
     lr: float
     min_lr: float
     warmup: int
     total_steps: int
+    kind: str = "cosine"
+    decay_fraction: float = 0.2
 
     @classmethod
-    def plan(cls, t: TrainConfig, batches_per_epoch: int) -> Schedule:
-        total = t.max_steps or t.epochs * (batches_per_epoch // t.grad_accum)
+    def plan(cls, t: TrainConfig, batches_per_epoch: int, tokens_per_step: int) -> Schedule:
+        if t.max_tokens is not None:
+            total = -(-t.max_tokens // tokens_per_step)  # whole steps of the global batch, rounded up
+        else:
+            total = t.max_steps or t.epochs * (batches_per_epoch // t.grad_accum)
+        if t.warmup_steps is not None and t.warmup_steps > total:
+            raise ConfigError(f"--warmup-steps {t.warmup_steps} must not exceed the run's {total} steps "
+                              "(the learning rate would never reach --lr)")
         return cls(t.lr, t.min_lr if t.min_lr is not None else t.lr / 10,
-                   t.warmup_steps if t.warmup_steps is not None else max(1, total // 20), total)
+                   t.warmup_steps if t.warmup_steps is not None else max(1, total // 20), total, t.schedule,
+                   t.decay_fraction)
 
     def lr_at(self, step: int) -> float:
-        return lr_at(step, self.lr, self.min_lr, self.warmup, self.total_steps)
+        return lr_at(step, self.lr, self.min_lr, self.warmup, self.total_steps, self.kind, self.decay_fraction)
+
+    def describe(self) -> str:
+        then = {"cosine": f"cosine to {self.min_lr:g}", "constant": "constant",
+                "wsd": f"stable, then linear to {self.min_lr:g} over the last {self.decay_fraction:g} of the steps"}
+        return f"warmup {self.warmup}, {then[self.kind]}"
 
     def state_dict(self) -> dict:
-        return dict(lr=self.lr, min_lr=self.min_lr, warmup=self.warmup, total_steps=self.total_steps)
+        return dict(lr=self.lr, min_lr=self.min_lr, warmup=self.warmup, total_steps=self.total_steps,
+                    schedule=self.kind, decay_fraction=self.decay_fraction)
 
 
 @dataclass
