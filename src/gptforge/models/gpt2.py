@@ -9,7 +9,7 @@ the transpose of GPT-2's ``Conv1D``. GPT-2 attends with as many key/value heads 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -17,11 +17,20 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import check_range, flag
-from .layers import MLP, CausalSelfAttention, KVCache, Linear, cross_entropy, padded_rows, vocab_padding_hooks
+from .layers import (
+    MLP,
+    CausalSelfAttention,
+    KVCache,
+    Linear,
+    SavedConfig,
+    cross_entropy,
+    padded_rows,
+    vocab_padding_hooks,
+)
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(SavedConfig):
     """Shape of a GPT-2-style model. The defaults are the CPU-sized "mini" preset."""
 
     vocab_size: int = field(
@@ -68,16 +77,6 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
 
 
 # Shapes of OpenAI's GPT-2 checkpoints, and small ones that train on a laptop CPU.

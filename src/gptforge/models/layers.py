@@ -8,11 +8,27 @@ n_heads // n_kv_heads query heads. The projections are ``nn.Linear`` (weight sha
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+
+
+class SavedConfig:
+    """to_dict / from_dict for a family's config dataclass (checkpoint metadata, config.toml's [model])."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
 
 
 class Linear(nn.Linear):

@@ -11,7 +11,7 @@ sequence may run past context_length (the length the model trains at) when gener
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ from .layers import (
     KVCache,
     Linear,
     RMSNorm,
+    SavedConfig,
     SwiGLU,
     cross_entropy,
     padded_rows,
@@ -38,7 +39,7 @@ def swiglu_hidden(emb_dim: int) -> int:
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(SavedConfig):
     """Shape of a Llama/Qwen3-style model. The defaults are the CPU-sized "llama-mini" preset."""
 
     vocab_size: int = field(default=50257, metadata={"help": "Number of token ids."})
@@ -95,16 +96,6 @@ class LlamaConfig:
         check_range("rope_theta", self.rope_theta, 1, above=True)
         check_range("drop_rate", self.drop_rate, 0, 1, below=True)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LlamaConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
 
 
 # minimind's published shapes (jingyaogong/minimind: model/model_minimind.py, its README's table and
