@@ -25,6 +25,7 @@ from .evaluate import EvalConfig, evaluate_text
 from .generate import GenerateConfig, SampleConfig, generate_text
 from .models import SPECS, ModelSettings, all_presets, check_settings, get_spec, preset_arch
 from .prepare import PrepareConfig, train_tokenizer
+from .quality import QualityConfig, bench_quality
 from .prepare import prepare as run_prepare
 from .runs.report import write_report
 from .serve import ServeConfig
@@ -32,6 +33,7 @@ from .serve import serve as run_server
 from .training import TrainingError
 from .training import train as run_training
 from .training.config import TrainConfig, resolve_train_config
+from .training.recipes import RECIPES
 from .weights import convert as convert_model
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
@@ -121,12 +123,15 @@ def cli() -> None:
               help="Start from these weights instead of random ones: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging "
                    "Face id or directory, OpenAI's TensorFlow checkpoint, the book's model.pth or a gptforge run. "
                    "The model keeps its shape; --context-length may crop it.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help="Start from a recipe's settings (book: the book's chapter 5; nanogpt: nanoGPT's train.py; modern: "
+                   "llama + Muon + WSD + document masks); its preset unless --preset; flags and --config win.")
 @click.option("--nproc", type=int, default=None,
               help="Train with N processes on this machine: relaunches this command under torchrun "
                    "(DDP, or FSDP with --parallel fsdp). Multi-node: run torchrun yourself (see README).")
 @dataclass_options(ModelSettings, DataConfig, TrainConfig)
 def train(data: tuple[str, ...], config_file: str | None, resume: str | None, arch: str | None, preset: str | None,
-          init_from: str | None = None, nproc: int | None = None, **flags) -> None:
+          init_from: str | None = None, recipe: str | None = None, nproc: int | None = None, **flags) -> None:
     """Train a model (GPT-2, or Llama/Qwen3 with --arch llama) on DATA (text files or directories of .txt/.md
     files) and write a run directory.
 
@@ -140,7 +145,8 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, ar
     if nproc and nproc > 1 and not distributed.is_distributed():
         sys.exit(distributed.launch(nproc, _without_nproc(_ARGV)))
     cfg, run_dir = resolve_train_config(data, config_file, resume, preset, given(flags), init_from,
-                                        warn=lambda message: click.echo(message, err=True), arch=arch)
+                                        warn=lambda message: click.echo(message, err=True), arch=arch,
+                                        recipe=recipe)
     try:
         summary = run_training(cfg, run_dir, resume=resume is not None, log=click.echo)
     finally:
@@ -237,6 +243,22 @@ def bench_train_cmd(arch: str | None, preset: str | None, **flags) -> None:
     flags = given(flags)
     bench = build(BenchConfig, flags)
     bench_train(_bench_model(arch, preset, flags), build(TrainConfig, flags), bench, log=click.echo)
+
+
+@bench.command(name="quality")
+@click.argument("data", nargs=-1, type=click.Path())
+@dataclass_options(QualityConfig)
+def bench_quality_cmd(data: tuple[str, ...], **flags) -> None:
+    """Held-out bits per byte after --minutes of training with --recipe (no DATA: the built-in corpus).
+
+    Every recipe gets the same text, held-out part, transformer-block parameters and training time.
+
+    \b
+    Last line: {"recipe", "minutes", "steps", "tokens", "val_loss", "val_bpb", "device", "block_params",
+                "params", "tokenizer", "curve"}
+    """
+
+    bench_quality(data, build(QualityConfig, given(flags)), log=click.echo)
 
 
 @bench.command(name="generate")

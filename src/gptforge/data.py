@@ -151,13 +151,17 @@ def default_corpus() -> str:
     Layout is tidied so the text reads as prose: indentation and runs of spaces are collapsed,
     reStructuredText underlines dropped, and blank-line runs shortened to one blank line.
     """
+    return "\n\n".join(default_documents())
 
+
+def default_documents() -> list[str]:
+    """The default corpus's documents (one per help topic, sorted by topic), tidied as default_corpus says."""
     docs = []
     for key in sorted(topics):
         lines = [" ".join(line.split()) for line in topics[key].splitlines()]
         lines = [line for line in lines if not (line and set(line) <= set("*=-^~"))]
         docs.append(re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip())
-    return "\n\n".join(docs)
+    return docs
 
 
 def read_texts(paths: Sequence[str | Path]) -> list[str]:

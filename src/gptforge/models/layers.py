@@ -187,6 +187,22 @@ class MLP(nn.Module):
         return ops.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.drop_rate, self.training)
 
 
+def torch_default_init(model: nn.Module) -> None:
+    """Re-initialise every layer as PyTorch's modules do by default (the book's ``GPTModel`` is built so):
+    linear weights and biases uniform in +-1/sqrt(fan_in), embeddings N(0, 1), norms ones (and zeros).
+
+    A head tied to the embedding keeps the embedding's initialisation.
+    """
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) in tied:
+            continue
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
 def padded_rows(vocab_size: int, pad: bool) -> int:
     """Rows of the embedding and head: the vocabulary, padded (pad_vocab) to a multiple of 64."""
     return -(-vocab_size // 64) * 64 if pad else vocab_size

@@ -28,6 +28,7 @@ from ..data import (
     training_batches,
 )
 from ..models import build
+from ..models.layers import torch_default_init
 from ..runs.metrics import human
 from ..tokenizer import Tokenizer
 from ..weights import load_any, load_model
@@ -143,7 +144,7 @@ class RunState:
 
 
 def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torch.nn.Module:
-    """Random initial weights from the seed, or --init-from's weights (a resumed run loads its own later)."""
+    """Random initial weights from the seed (as --init says), or --init-from's weights (a resumed run loads its own later)."""
     if cfg.init_from and not resume:
 
         model = load_any(cfg.init_from, device, context_length=cfg.model.context_length,
@@ -154,6 +155,8 @@ def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torc
         log(f"initialised from {cfg.init_from}")
     else:
         model = build(cfg.model).to(device)
+        if cfg.train.init == "torch":
+            torch_default_init(model)
     if dist.world_size() > 1:
         torch.manual_seed(cfg.train.seed + 1000 * dist.rank())  # same initial weights, a dropout stream per rank
     if cfg.train.activation_checkpointing:
