@@ -102,7 +102,7 @@ def cli() -> None:
     \b
     gptforge train my_texts/ --out runs/first      train a model (no DATA: a built-in corpus)
     gptforge train my_texts/ --preset minimind-3   the same with minimind-3's Qwen3-style shape
-    gptforge eval runs/first held_out.txt          loss and perplexity on a text
+    gptforge eval runs/first held_out.txt          loss, perplexity and bpb on a text
     gptforge generate runs/first --prompt "Once"   sample from the model
     gptforge prepare corpus/ --out data/corpus     token shards for corpora bigger than memory
     gptforge bench train --preset gpt2-small       training tokens/s and MFU (also: bench generate)
@@ -153,7 +153,7 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, ar
         distributed.cleanup()
     if not distributed.is_main():
         return
-    parts = [f"{k} {summary[k]:.4f}" for k in ("train_loss", "val_loss") if k in summary]
+    parts = [f"{k} {summary[k]:.4f}" for k in ("train_loss", "val_loss", "val_bpb") if k in summary]
     click.echo(f"{'stopped' if summary['stopped_by'] else 'done'}: step {summary['steps']}, " + ", ".join(parts)
                + f", {summary['tokens_per_s']:.0f} tokens/s -> {run_dir}")
 
@@ -168,7 +168,7 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, ar
 @dataclass_options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, default=None, help="Print a JSON line last.")
 def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, as_json: bool | None, **flags) -> None:
-    """Loss and perplexity of the model in SOURCE on the text in DATA.
+    """Loss, perplexity and bits per byte of the model in SOURCE on the text in DATA.
 
     SOURCE: a run dir or checkpoint, gpt2 / gpt2-medium / gpt2-large / gpt2-xl or another Hugging Face
     id or directory, OpenAI's TensorFlow checkpoint directory, or the book's model.pth.
@@ -176,10 +176,13 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, as_jso
     """
 
     values = {**_flat_config(config_file, EvalConfig, extra={"json": bool}), **given(flags)}
-    result = evaluate_text(source, data, build(EvalConfig, values))
-    click.echo(f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | tokens {result.tokens:,}")
+    result = evaluate_text(source, data, build(EvalConfig, values),
+                           warn=lambda message: click.echo(message, err=True))
+    bpb = "n/a" if result.bpb is None else f"{result.bpb:.4f}"
+    click.echo(f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | bpb {bpb} | tokens {result.tokens:,}")
     if as_json if as_json is not None else values.get("json", False):
-        click.echo(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens}))
+        click.echo(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "bpb": result.bpb,
+                               "tokens": result.tokens}))
 
 
 # ----------------------------------------------------------------------------- generate
@@ -322,8 +325,8 @@ def convert(source: str, target: str, out: str, n_heads: int | None, tokenizer: 
 def report(run_dirs: tuple[str, ...], out: str | None) -> None:
     """Write one self-contained HTML report of the runs in RUN_DIRS (several runs are compared).
 
-    Loss against steps and tokens, learning rate, throughput, the configs side by side with the
-    differences highlighted, the sample of each evaluation and the final loss and perplexity.
+    Loss (and bits per byte) against steps and tokens, learning rate, throughput, the configs side by side
+    with the differences highlighted, the sample of each evaluation and the final loss, perplexity and bpb.
     """
 
     target = Path(out) if out else (Path(run_dirs[0]) / "report.html" if len(run_dirs) == 1 else Path("report.html"))

