@@ -24,7 +24,7 @@ from pathlib import Path
 RECIPES = ("nanogpt", "modern", "book")
 VIM_MANUAL = Path("/usr/share/vim/vim90/doc")
 QUICK = ["--emb-dim", "32", "--n-layers", "1", "--head-dim", "16", "--context-length", "32", "--batch-size", "2",
-         "--points", "2", "--tokenizer-vocab", "300"]
+         "--points", "2", "--tokenizer-vocab", "300", "--holdout", "0.005"]
 
 
 def run_recipe(recipe: str, corpus: list[str], minutes: float, extra: list[str]) -> dict:

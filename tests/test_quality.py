@@ -108,7 +108,7 @@ def test_time_to_reach_interpolates_between_points():
 
 
 QUICK = ["--emb-dim", "32", "--n-layers", "1", "--head-dim", "16", "--context-length", "32", "--batch-size", "2",
-         "--points", "2", "--minutes", "0.002"]
+         "--points", "2", "--minutes", "0.002", "--holdout", "0.005"]
 
 
 @pytest.mark.parametrize("recipe", ["nanogpt", "modern"])
