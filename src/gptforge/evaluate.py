@@ -104,7 +104,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    table = None if token_bytes is None else torch.as_tensor(token_bytes, dtype=torch.int64, device=device)
+    table = None if token_bytes is None else torch.tensor(token_bytes, dtype=torch.int64, device=device)
     total, count, n_bytes = 0.0, 0, 0
     try:
         for i, (x, y) in enumerate(batches):

@@ -137,6 +137,7 @@ def _gpt2_token_bytes() -> np.ndarray:
     for i in range(GPT2Tokenizer.vocab_size):
         if i != GPT2Tokenizer.eot_id:
             table[i] = len(enc.decode_single_token_bytes(i))
+    table.flags.writeable = False  # shared by every GPT2Tokenizer
     return table
 
 
@@ -230,9 +231,10 @@ class HFTokenizer:
         """(vocab_size,) int64: the UTF-8 bytes each id decodes to, computed once.
 
         Only for byte-level BPEs (decoder ByteLevel): a vocabulary token's characters map back to
-        bytes one character per byte (`byte_level_alphabet`); a non-special added token (minimind's <think>) is its
-        text; special tokens count 0. Other decoders (metaspace, byte fallback, WordPiece) are a
-        ConfigError: their bytes depend on the neighbouring tokens, so bits per byte is not reported.
+        bytes one character per byte (`byte_level_alphabet`); a non-special added token (minimind's
+        <think>) is its text; special tokens count 0. Other decoders (metaspace, byte fallback,
+        WordPiece) are a ConfigError: their bytes are not a per-token table (a metaspace decoder drops
+        the text's first space), so bits per byte is not reported.
         """
         if self._token_bytes is None:
             decoder = (json.loads(self.json).get("decoder") or {}).get("type")
@@ -251,6 +253,7 @@ class HFTokenizer:
                         raise ConfigError(f"{self.source}: token {i} ({token!r}) is not written in the byte-level "
                                           "alphabet its ByteLevel decoder reads; bits per byte is not known")
                     table[i] = len(token)
+            table.flags.writeable = False
             self._token_bytes = table
         return self._token_bytes
 

@@ -2,7 +2,8 @@
 
 It reads each run's metrics.jsonl and config.toml and writes plots (matplotlib, embedded as base64
 PNG), the configs side by side with differing rows highlighted, the samples of each evaluation and
-the final losses and bits per byte (runs written before bpb existed show none). The file needs no network and no other file to be viewed or shared.
+the final losses and bits per byte (runs written before bpb existed show none). The file needs no
+network and no other file to be viewed or shared.
 """
 
 from __future__ import annotations
