@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
+from .ops import IGNORE_INDEX
 from .config import ConfigError, check_choice, check_range, opt
-from .data import Batches, TokenWindows, check_windows, eval_tokens
+from .data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
 from .devices import DEVICES, device_opt, pick_device
 from .models.layers import cross_entropy
 from .tokenizer import tokenizer_opt
@@ -26,6 +27,8 @@ class EvalConfig:
     stride: int | None = opt(None, "Step between window starts; default: the context length.")
     batch_size: int = opt(8, "Windows per batch.")
     max_batches: int | None = opt(None, "Score only the first N batches; default: all.")
+    document_mask: bool = opt(False, "Score each end-of-text-separated document of a window on its own "
+                                     "(as train --document-mask trains).")
     device: str = device_opt()
     tokenizer: str | None = tokenizer_opt()
 
@@ -46,12 +49,21 @@ def lm_loss(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, v
     return cross_entropy(h, head_weight, targets, vocab_size)
 
 
-def loss_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one batch; x, y are (B, T) token ids.
+def segments_of(x: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Document numbers (B, T) of packed windows x (B, T): a document starts at the window's start and at each
+    end-of-text token, which begins the next document as tokenize_documents and prepare place it."""
+    return (x == eot_id).cumsum(dim=1)
+
+
+def loss_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eot_id: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of one batch; x, y are (B, T) token ids, targets -100 not scored.
 
     The loss is computed inside the model's forward (so DDP and FSDP see it), with the kernel lm_loss picks.
+    With eot_id (--document-mask), each document of a packed window is scored as if it ran alone.
     """
-    return model(x, targets=y, loss=lm_loss)
+    if eot_id is None:
+        return model(x, targets=y, loss=lm_loss)
+    return model(x, targets=y, loss=lm_loss, segments=segments_of(x, eot_id))
 
 
 @dataclass
@@ -74,8 +86,10 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
+    eot_id: int | None = None,
 ) -> EvalResult:
-    """Token-weighted mean loss over the first `max_batches` batches (all when None).
+    """Token-weighted mean loss over the first `max_batches` batches (all when None); only scored targets
+    (not -100) count. eot_id: score each packed document alone (loss_batch).
 
     Puts the model in eval mode (no dropout) and restores the mode it had.
     """
@@ -87,8 +101,9 @@ def evaluate(
             if max_batches is not None and i >= max_batches:
                 break
             x, y = x.to(device), y.to(device)
-            total += loss_batch(model, x, y).item() * y.numel()
-            count += y.numel()
+            scored = int((y != IGNORE_INDEX).sum())  # y.numel() but for padding (--packing pad)
+            total += loss_batch(model, x, y, eot_id).item() * scored
+            count += scored
     finally:
         model.train(was_training)
     if count == 0:
@@ -107,4 +122,6 @@ def evaluate_text(source, data: Iterable[str], cfg: EvalConfig) -> EvalResult:
     tokens = eval_tokens(tuple(data), tokenizer)
     windows = TokenWindows(tokens, ctx, cfg.stride)
     check_windows(windows, len(tokens), "evaluation", cfg.batch_size, drop_last=False)
-    return evaluate(model, Batches(windows, cfg.batch_size, shuffle=False, drop_last=False), cfg.max_batches, device)
+    eot_id = document_eot(tokenizer, "document_mask") if cfg.document_mask else None
+    return evaluate(model, Batches(windows, cfg.batch_size, shuffle=False, drop_last=False), cfg.max_batches, device,
+                    eot_id)

@@ -15,6 +15,7 @@ from .. import distributed as dist
 from .. import faults
 from ..config import ConfigError
 from ..evaluate import loss_batch
+from ..ops import IGNORE_INDEX
 from .config import TrainConfig
 from .state import RunState, TrainData
 
@@ -69,10 +70,12 @@ class Precision:
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
 
-    def backward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_accum: int = 1) -> float:
-        """Forward and backward of one micro-batch (gradients add up); returns its share of the step's loss."""
+    def backward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_accum: int = 1,
+                 eot_id: int | None = None) -> float:
+        """Forward and backward of one micro-batch (gradients add up); returns its share of the step's loss.
+        eot_id: --document-mask (loss_batch)."""
         with self.autocast:
-            loss = loss_batch(model, x, y) / grad_accum
+            loss = loss_batch(model, x, y, eot_id) / grad_accum
         self.scaler.scale(loss).backward()
         return loss.item()
 
@@ -103,17 +106,19 @@ class StepResult:
     finite: bool
     stop_requested: bool  # on any rank
     save_due: bool  # rank 0's --save-every-minutes clock
+    tokens: int  # scored training tokens of the step, all ranks: the global batch, less padding (--packing pad)
 
 
 def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, data: TrainData, state: RunState,
                device: torch.device, stop: list, save_due: bool) -> StepResult:
     """One optimizer step of the whole job: micro-batches, clipping, one all-reduce, the update (if finite)."""
-    loss_sum = 0.0
+    loss_sum, scored = 0.0, 0
     try:
         for micro in range(t.grad_accum):
             x, y = state.next_batch(data.batches, device)
+            scored += int((y != IGNORE_INDEX).sum())  # y.numel() but for padding (backward syncs anyway)
             with dist.grad_sync(model, sync=micro == t.grad_accum - 1):  # reduce on the last micro-step
-                loss_sum += amp.backward(step_model, x, y, t.grad_accum)
+                loss_sum += amp.backward(step_model, x, y, t.grad_accum, data.eot_id)
         faults.point("step-mid")
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
@@ -123,7 +128,8 @@ def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, dat
         ) from None
     grad_norm = amp.clip(model, optimizer, t.grad_clip)
     # one all-reduce: the mean loss over ranks, whether any rank was asked to stop, and rank 0's clock
-    loss_total, stop_votes, save_votes = dist.all_sum([loss_sum, float(bool(stop)), float(save_due)], device)
+    loss_total, stop_votes, save_votes, scored_total = dist.all_sum(
+        [loss_sum, float(bool(stop)), float(save_due), float(scored)], device)
     loss = loss_total / dist.world_size()
     # fp16: an overflowing gradient is the GradScaler's to skip (it lowers its scale), not an error
     finite = math.isfinite(loss) and (math.isfinite(grad_norm) or amp.scaler.is_enabled())
@@ -133,6 +139,6 @@ def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, dat
         raise TrainingError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss}, grad norm "
                             f"{float(grad_norm)}); lower --lr, keep --grad-clip on, or pass --skip-nonfinite")
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, finite, stop_votes > 0, bool(save_votes))
+    return StepResult(loss, grad_norm, finite, stop_votes > 0, bool(save_votes), round(scored_total))
 
 
