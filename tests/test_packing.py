@@ -136,14 +136,24 @@ def test_training_with_pad_packing_counts_scored_tokens(tmp_path):
         (docs / f"{i:02d}.txt").write_text(topics[key][: 60 + 15 * i], encoding="utf-8")
     cfg = tiny_run(docs, max_steps=3, eval_every=3, sample_tokens=0, grad_accum=2)
     cfg.data = DataConfig(val_fraction=0.2, packing="pad")
+    cfg.model.drop_rate = 0.0
     summary = train(cfg, tmp_path / "run", log=lambda *_: None)
     assert np.isfinite(summary["val_loss"])
     data = build_data(cfg, get_tokenizer("gpt2"))
-    per_step = [sum(int((data.batches.batch(0, 2 * s + m)[1] != IGNORE_INDEX).sum()) for m in range(2))
-                for s in range(3)]
+    micro = [data.batches.batch(0, b) for b in range(6)]
+    per_step = [sum(int((y != IGNORE_INDEX).sum()) for _, y in micro[2 * s:2 * s + 2]) for s in range(3)]
     assert 0 < min(per_step) and max(per_step) < 2 * 4 * 32  # padding is left out of the count
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["tokens"] for r in records if r["event"] == "train"] == list(np.cumsum(per_step))
+    train_records = [r for r in records if r["event"] == "train"]
+    assert [r["tokens"] for r in train_records] == list(np.cumsum(per_step))
+    # micro-batches weighted by their scored targets: accumulating 2 x 4 rows trains what 8 rows at once do
+    cfg.train.batch_size, cfg.train.grad_accum = 8, 1
+    train(cfg, tmp_path / "run-8", log=lambda *_: None)
+    at_once = [json.loads(line) for line in open(tmp_path / "run-8" / "metrics.jsonl")]
+    at_once = [r for r in at_once if r["event"] == "train"]
+    assert [r["tokens"] for r in at_once] == [r["tokens"] for r in train_records]
+    for a, b in zip(at_once, train_records):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
 
 
 def test_settings_refused_with_pad_and_shown_in_help(capsys):

@@ -25,6 +25,7 @@ import torch
 
 from .checkpoint import file_sha256
 from .config import ConfigError, opt
+from .ops import IGNORE_INDEX  # the target of a padding position: never scored
 from .tokenizer import Tokenizer, get_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -33,7 +34,6 @@ PARQUET_SUFFIXES = (".parquet",)
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 SAMPLING = ("shuffle", "random", "sequential")
 PACKING = ("concat", "pad")
-IGNORE_INDEX = -100  # the target of a padding position: never scored (ops.IGNORE_INDEX, F.cross_entropy's)
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"  # a prepared directory (gptforge prepare): see read_manifest
 STATE = "prepare-state.json"  # an unfinished one

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .ops import IGNORE_INDEX
 from .config import ConfigError, check_choice, check_range, opt
 from .data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
 from .devices import DEVICES, device_opt, pick_device
 from .models.layers import cross_entropy
+from .ops import IGNORE_INDEX
 from .tokenizer import tokenizer_opt
 from .weights import load_for_text
 

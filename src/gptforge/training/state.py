@@ -54,6 +54,7 @@ class TrainData:
     data_hash: str
     summary: str  # the log line describing the data
     eot_id: int | None = None  # --document-mask: the document separator loss_batch masks attention at
+    padded: bool = False  # --packing pad: rows score different numbers of targets (train_step weighs them)
 
 
 def build_data(cfg: RunConfig, tokenizer) -> TrainData:
@@ -80,7 +81,7 @@ def build_data(cfg: RunConfig, tokenizer) -> TrainData:
                f"{len(batches)} batches of {t.batch_size * world} per epoch"
                + (f" ({world} processes x {t.batch_size}, {t.parallel})" if world > 1 else ""))
     eot_id = document_eot(tokenizer, "document_mask") if cfg.data.document_mask else None
-    return TrainData(batches, eval_sets, tokens_digest(train_tokens), summary, eot_id)
+    return TrainData(batches, eval_sets, tokens_digest(train_tokens), summary, eot_id, cfg.data.packing == "pad")
 
 
 @dataclass
