@@ -128,3 +128,28 @@ def test_training_with_document_mask(tmp_path):
         assert [r["tokens"] for r in records if r["event"] == "train"] == [128, 256, 384]  # 4 x 32 per step
     assert runs[True]["val_loss"] != runs[False]["val_loss"]
     assert 'document_mask = true' in (tmp_path / "run-True" / "config.toml").read_text()
+
+
+def test_eval_with_document_mask(tmp_path, capsys):
+    """`gptforge eval --document-mask` scores each document of a window alone: the masked loss of its windows."""
+    from clirun import run
+
+    from gptforge.checkpoint import save_weights
+    from gptforge.data import Batches, TokenWindows, tokenize_documents
+    from gptforge.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
+    save_weights(tmp_path / "model.safetensors", model, "gpt2")
+    texts = ["The cat sat on the mat.", "A dog ran far away from home today.", "Birds sing."] * 3
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(text, encoding="utf-8")
+    tok = get_tokenizer("gpt2")
+    batches = Batches(TokenWindows(tokenize_documents(texts, tok), 16), 8, shuffle=False, drop_last=False)
+    for flags, eot_id in (([], None), (["--document-mask"], tok.eot_id)):
+        code, out, err = run(["eval", str(tmp_path / "model.safetensors"), *[str(tmp_path / f"{i}.txt")
+                              for i in range(len(texts))], "--json", "--device", "cpu", *flags], capsys)
+        assert code == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["loss"] == pytest.approx(
+            evaluate(model, batches, eot_id=eot_id).loss, rel=1e-6)
+    assert evaluate(model, batches, eot_id=tok.eot_id).loss != evaluate(model, batches).loss

@@ -15,7 +15,16 @@ from test_train import tiny_run
 
 from gptforge import ops
 from gptforge.config import ConfigError, build
-from gptforge.data import IGNORE_INDEX, DataConfig, PaddedDocuments, make_windows, pad_ids, tokenize_documents
+from gptforge.data import (
+    IGNORE_INDEX,
+    DataConfig,
+    PaddedDocuments,
+    ShardedTokens,
+    document_spans,
+    make_windows,
+    pad_ids,
+    tokenize_documents,
+)
 from gptforge.evaluate import evaluate, loss_batch
 from gptforge.models.gpt2 import GPT, GPTConfig
 from gptforge.tokenizer import get_tokenizer, tokenizer_from_metadata, tokenizer_metadata
@@ -88,6 +97,31 @@ def test_documents_of_prepared_shards_are_the_runs_between_separators():
     assert len(a) == len(b) == 3
     for got, want in zip(a.batch(np.arange(3)), b.batch(np.arange(3))):
         assert torch.equal(got, want)
+
+
+def test_documents_read_from_memory_mapped_shards_in_chunks(tmp_path):
+    """Shards are scanned for separators a chunk at a time; a document may cross a shard or a chunk."""
+    g = np.random.default_rng(0)
+    tokens = g.integers(1, 50, 500).astype(np.uint16)
+    tokens[g.choice(500, 40, replace=False)] = 0  # separators, some adjacent (empty documents)
+    tokens[0] = 0
+    paths = []
+    for i, (lo, hi) in enumerate([(0, 130), (130, 131), (131, 500)]):
+        paths.append(tmp_path / f"train-{i:06d}.bin")
+        tokens[lo:hi].tofile(paths[-1])
+    shards = ShardedTokens(paths, [130, 1, 369], np.uint16)
+    starts, lengths = document_spans(shards, 0, chunk=64)
+    want, start = [], 0  # (start, length) of the runs between separators, empty ones left out
+    for i, t in enumerate([*tokens.tolist(), 0]):
+        if t == 0:
+            if i > start:
+                want.append((start, i - start))
+            start = i + 1
+    assert list(zip(starts.tolist(), lengths.tolist())) == want
+    a = PaddedDocuments(shards, 12, 3, 4, 5, 0)
+    b = PaddedDocuments(tokens, 12, 3, 4, 5, 0)
+    for got, expected in zip(a.batch(np.arange(len(a))), b.batch(np.arange(len(b)))):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("vocab,rows", [(97, 97), (1000, 1024)])
