@@ -294,8 +294,8 @@ def document_eot(tokenizer: Tokenizer, setting: str) -> int:
     """The end-of-text id that separates documents, for a setting that needs it (a ConfigError naming it if none)."""
     if tokenizer.eot_id is None:
         raise ConfigError(f"--{setting.replace('_', '-')} needs the documents' end-of-text token, but tokenizer "
-                        f"{tokenizer.name} has none: give a tokenizer_config.json with an eos_token beside its "
-                        "tokenizer.json")
+                          f"{tokenizer.name} has none: give a tokenizer_config.json with an eos_token beside its "
+                          "tokenizer.json")
     return tokenizer.eot_id
 
 

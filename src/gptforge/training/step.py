@@ -140,7 +140,7 @@ def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, dat
             f"--grad-accum {t.grad_accum * 2}"
         ) from None
     grad_norm = amp.clip(model, optimizer, t.grad_clip)
-    # one all-reduce: the mean loss over ranks, whether any rank was asked to stop, and rank 0's clock
+    # one all-reduce: the mean loss over ranks, whether any rank was asked to stop, rank 0's clock, scored tokens
     loss_total, stop_votes, save_votes, scored_total = dist.all_sum(
         [loss_sum, float(bool(stop)), float(save_due), float(sum(counts))], device)
     loss = loss_total / dist.world_size()
