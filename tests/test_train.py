@@ -151,9 +151,9 @@ def test_nonfinite_loss_stops_without_a_nan_checkpoint(text_file, tmp_path, monk
     real = train_mod.loss_batch
     calls = []
 
-    def poisoned(model, x, y):
+    def poisoned(model, x, y, *args):
         calls.append(1)
-        loss = real(model, x, y)
+        loss = real(model, x, y, *args)
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(train_mod, "loss_batch", poisoned)

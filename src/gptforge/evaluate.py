@@ -20,9 +20,10 @@ import torch
 
 from . import ops
 from .config import ConfigError, check_choice, check_range, opt
-from .data import Batches, TokenWindows, check_windows, eval_tokens
+from .data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
 from .devices import DEVICES, device_opt, pick_device
 from .models.layers import cross_entropy
+from .ops import IGNORE_INDEX as IGNORE
 from .tokenizer import Tokenizer, tokenizer_opt
 from .weights import load_for_text
 
@@ -36,6 +37,8 @@ class EvalConfig:
     stride: int | None = opt(None, "Step between window starts; default: the context length.")
     batch_size: int = opt(8, "Windows per batch.")
     max_batches: int | None = opt(None, "Score only the first N batches; default: all.")
+    document_mask: bool = opt(False, "Score each end-of-text-separated document of a window on its own "
+                                     "(as train --document-mask trains).")
     device: str = device_opt()
     tokenizer: str | None = tokenizer_opt()
 
@@ -56,15 +59,21 @@ def lm_loss(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, v
     return cross_entropy(h, head_weight, targets, vocab_size)
 
 
-def loss_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one batch; x, y are (B, T) token ids.
+def segments_of(x: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Document numbers (B, T) of packed windows x (B, T): a document starts at the window's start and at each
+    end-of-text token, which begins the next document as tokenize_documents and prepare place it."""
+    return (x == eot_id).cumsum(dim=1)
+
+
+def loss_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eot_id: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of one batch; x, y are (B, T) token ids, targets -100 not scored.
 
     The loss is computed inside the model's forward (so DDP and FSDP see it), with the kernel lm_loss picks.
+    With eot_id (--document-mask), each document of a packed window is scored as if it ran alone.
     """
-    return model(x, targets=y, loss=lm_loss)
-
-
-IGNORE = -100  # a target that is not scored (F.cross_entropy's ignore_index)
+    if eot_id is None:
+        return model(x, targets=y, loss=lm_loss)
+    return model(x, targets=y, loss=lm_loss, segments=segments_of(x, eot_id))
 
 
 @dataclass
@@ -96,9 +105,11 @@ def evaluate(
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
     token_bytes: np.ndarray | None = None,
+    eot_id: int | None = None,
 ) -> EvalResult:
     """Token-weighted mean loss over the first `max_batches` batches (all when None), over the
     targets that are not IGNORE; with `token_bytes` (a tokenizer's table) also their bytes, for bpb.
+    eot_id (--document-mask): score each packed document alone (loss_batch).
 
     Puts the model in eval mode (no dropout) and restores the mode it had.
     """
@@ -111,10 +122,10 @@ def evaluate(
             if max_batches is not None and i >= max_batches:
                 break
             x, y = x.to(device), y.to(device)
-            scored = y[y != IGNORE]
+            scored = y[y != IGNORE]  # all of y but padding (--packing pad)
             if len(scored) == 0:
                 continue
-            total += loss_batch(model, x, y).item() * len(scored)
+            total += loss_batch(model, x, y, eot_id).item() * len(scored)
             count += len(scored)
             if table is not None:
                 n_bytes += table[scored[scored < len(table)]].sum().item()
@@ -148,7 +159,8 @@ def evaluate_text(source, data: Iterable[str], cfg: EvalConfig, warn=None) -> Ev
     windows = TokenWindows(tokens, ctx, cfg.stride)
     check_windows(windows, len(tokens), "evaluation", cfg.batch_size, drop_last=False)
     batches = Batches(windows, cfg.batch_size, shuffle=False, drop_last=False)
-    result = evaluate(model, batches, cfg.max_batches, device, byte_table(tokenizer, warn))
+    eot_id = document_eot(tokenizer, "document_mask") if cfg.document_mask else None
+    result = evaluate(model, batches, cfg.max_batches, device, byte_table(tokenizer, warn), eot_id)
     if result.bytes == 0:
         warn("gptforge: warning: bits per byte not reported: the scored tokens are all special tokens (no text)")
     return result

@@ -3,7 +3,8 @@ Hugging Face ``tokenizer.json`` (including byte-level BPEs trained here with `tr
 
 A Hugging Face tokenizer's own end-of-sequence and padding tokens are honoured: when a
 ``tokenizer_config.json`` lies beside the ``tokenizer.json``, its ``eos_token`` is the end-of-text
-token (documents are separated by it, generation stops at it) and its ``pad_token`` is recorded.
+token (documents are separated by it, generation stops at it), its ``pad_token`` and ``bos_token`` are
+recorded (`--packing pad` builds its rows from them).
 Without one, the first of EOT_CANDIDATES in the vocabulary is the end-of-text token, as before.
 Generation also stops at ``<|endoftext|>`` when it is a special token of the vocabulary (Qwen's
 convention, kept by minimind, whose eos is ``<|im_end|>`` and whose pad is ``<|endoftext|>``).
@@ -163,7 +164,7 @@ class HFTokenizer:
     """
 
     def __init__(self, json_text: str, source: str = "tokenizer.json", eos_token: str | None = None,
-                 pad_token: str | None = None, config: str | None = None) -> None:
+                 pad_token: str | None = None, config: str | None = None, bos_token: str | None = None) -> None:
 
         try:
             self._tok = _HFTokenizer.from_str(json_text)
@@ -174,9 +175,10 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         default = next((vocab[t] for t in EOT_CANDIDATES if t in vocab), None)
-        self.eos_token, self.pad_token = eos_token, pad_token
+        self.eos_token, self.pad_token, self.bos_token = eos_token, pad_token, bos_token
         self.eot_id = default if eos_token is None else self._id(vocab, eos_token, "eos_token", config)
         self.pad_id = None if pad_token is None else self._id(vocab, pad_token, "pad_token", config)
+        self.bos_id = None if bos_token is None else self._id(vocab, bos_token, "bos_token", config)
         self.name = "hf-" + hashlib.sha256(json_text.encode()).hexdigest()[:16]
         if self.eot_id != default:
             self.name += f"-eos{self.eot_id}"
@@ -203,13 +205,13 @@ class HFTokenizer:
         except OSError as e:
             raise ConfigError(f"{path}: cannot read tokenizer ({e.strerror})") from None
         config = path.parent / TOKENIZER_CONFIG
-        eos, pad = special_tokens(config) if config.is_file() else (None, None)
-        return cls(text, str(path), eos, pad, str(config))
+        eos, pad, bos = special_tokens(config) if config.is_file() else (None, None, None)
+        return cls(text, str(path), eos, pad, str(config), bos)
 
     @property
     def has_config(self) -> bool:
         """Whether a tokenizer_config.json (or checkpoint metadata) named its eos_token or pad_token."""
-        return self.eos_token is not None or self.pad_token is not None
+        return self.eos_token is not None or self.pad_token is not None or self.bos_token is not None
 
     def config(self) -> dict:
         """A tokenizer_config.json giving what this tokenizer honours: eos_token (and pad_token), for
@@ -219,6 +221,8 @@ class HFTokenizer:
             conf["eos_token"] = self._tok.id_to_token(self.eot_id)
         if self.pad_token is not None:
             conf["pad_token"] = self.pad_token
+        if self.bos_token is not None:
+            conf["bos_token"] = self.bos_token
         return conf
 
     def encode(self, text: str) -> list[int]:
@@ -258,8 +262,8 @@ class HFTokenizer:
         return self._token_bytes
 
 
-def special_tokens(config: Path) -> tuple[str | None, str | None]:
-    """(eos_token, pad_token) of a tokenizer_config.json: each a string, {"content": string} or absent."""
+def special_tokens(config: Path) -> tuple[str | None, str | None, str | None]:
+    """(eos_token, pad_token, bos_token) of a tokenizer_config.json: each a string, {"content": string} or absent."""
     try:
         conf = json.loads(config.read_bytes())
     except OSError as e:
@@ -270,7 +274,7 @@ def special_tokens(config: Path) -> tuple[str | None, str | None]:
     if not isinstance(conf, dict):
         raise ConfigError(f"{config}: not a JSON object; fix it, or remove it to use the tokenizer.json alone")
     found = []
-    for key in ("eos_token", "pad_token"):
+    for key in ("eos_token", "pad_token", "bos_token"):
         value = conf.get(key)
         if isinstance(value, dict):
             value = value.get("content")
@@ -278,7 +282,7 @@ def special_tokens(config: Path) -> tuple[str | None, str | None]:
             raise ConfigError(f"{config}: {key} must be a token (a string or {{\"content\": string}}), got "
                               f"{json.dumps(conf[key])[:40]}")
         found.append(value)
-    return found[0], found[1]
+    return found[0], found[1], found[2]
 
 
 def tokenizer_opt() -> str | None:
@@ -308,7 +312,8 @@ def tokenizer_metadata(tokenizer: Tokenizer | str) -> dict[str, str]:
     meta = {"tokenizer": tokenizer.name}
     if isinstance(tokenizer, HFTokenizer):
         meta["tokenizer_json"] = tokenizer.json
-        for key, token in (("tokenizer_eos", tokenizer.eos_token), ("tokenizer_pad", tokenizer.pad_token)):
+        for key, token in (("tokenizer_eos", tokenizer.eos_token), ("tokenizer_pad", tokenizer.pad_token),
+                           ("tokenizer_bos", tokenizer.bos_token)):
             if token is not None:
                 meta[key] = token
     return meta
@@ -319,7 +324,7 @@ def tokenizer_from_metadata(meta: dict[str, str]) -> Tokenizer:
     without tokenizer_eos keep the EOT_CANDIDATES rule."""
     if "tokenizer_json" in meta:
         return HFTokenizer(meta["tokenizer_json"], "checkpoint metadata", meta.get("tokenizer_eos"),
-                           meta.get("tokenizer_pad"))
+                           meta.get("tokenizer_pad"), bos_token=meta.get("tokenizer_bos"))
     return get_tokenizer(meta.get("tokenizer", "gpt2"))
 
 

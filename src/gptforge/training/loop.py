@@ -56,7 +56,7 @@ class Evaluator:
 
     def __call__(self, model: torch.nn.Module, state: RunState) -> dict:
         t, step = self.cfg.train, state.step
-        results = {name: evaluate(model, b, t.eval_batches, self.device, self.token_bytes)
+        results = {name: evaluate(model, b, t.eval_batches, self.device, self.token_bytes, self.data.eot_id)
                    for name, b in self.data.eval_sets.items()}
         # every rank scores the same batches (FSDP needs all ranks in each forward), so the losses agree
         scores = {f"{name}_loss": r.loss for name, r in results.items()}
@@ -157,11 +157,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     evaluator = Evaluator(cfg, tokenizer, data, schedule, metrics, trackers, progress, run_dir, device,
                           byte_table(tokenizer, warn))
 
-    step_tokens = tokens_per_step(cfg)
     last_eval = evaluator(model, state) if state.step == 0 else {}
     save_every = t.save_every or t.eval_every
     model.train()
-    train_seconds, start_step, stopping, last_save = 0.0, state.step, False, time.monotonic()
+    train_seconds, start_tokens, stopping, last_save = 0.0, state.tokens, False, time.monotonic()
     with stop_requests() as stop:
         while state.step < schedule.total_steps and not stopping:
             t0 = time.perf_counter()
@@ -171,10 +170,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                 time.monotonic() - last_save >= 60 * t.save_every_minutes
             result = train_step(model, step_model, optimizer, amp, t, data, state, device, stop, save_due)
             stopping = result.stop_requested
-            state.step, state.tokens = state.step + 1, state.tokens + step_tokens
+            state.step, state.tokens = state.step + 1, state.tokens + result.tokens  # scored: padding left out
             seconds = time.perf_counter() - t0
             train_seconds += seconds
-            tok_s = progress.step(result.loss, step_tokens, seconds, lr)
+            tok_s = progress.step(result.loss, result.tokens, seconds, lr)
             log_step(result, state, lr, tok_s, mfu(fpt, tok_s, peak), t, metrics, trackers, progress)
             if state.step % t.eval_every == 0 or state.step == schedule.total_steps:
                 last_eval = evaluator(model, state)
@@ -188,7 +187,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     if stopped_by:
         log(f"stopped by {stopped_by} at step {state.step}; checkpoint saved, continue with --resume {run_dir}")
     return dict(last_eval, steps=state.step, train_seconds=train_seconds, stopped_by=stopped_by,
-                tokens_per_s=(state.step - start_step) * step_tokens / max(train_seconds, 1e-9))
+                tokens_per_s=(state.tokens - start_tokens) / max(train_seconds, 1e-9))
 
 
 def _toml_bytes(cfg: RunConfig) -> bytes:

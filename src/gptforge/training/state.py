@@ -17,8 +17,9 @@ from ..config import ConfigError
 from ..data import (
     Batches,
     RandomBatches,
-    TokenWindows,
     check_windows,
+    document_eot,
+    make_windows,
     open_prepared,
     prepared_dir,
     read_texts,
@@ -53,14 +54,16 @@ class TrainData:
     eval_sets: dict[str, Batches]
     data_hash: str
     summary: str  # the log line describing the data
+    eot_id: int | None = None  # --document-mask: the document separator loss_batch masks attention at
+    padded: bool = False  # --packing pad: rows score different numbers of targets (train_step weighs them)
 
 
 def build_data(cfg: RunConfig, tokenizer) -> TrainData:
     t, world = cfg.train, dist.world_size()
     train_tokens, val_tokens = load_splits(cfg, tokenizer)
     ctx = cfg.model.context_length
-    train_windows = TokenWindows(train_tokens, ctx, cfg.data.stride)
-    val_windows = TokenWindows(val_tokens, ctx, cfg.data.stride)
+    train_windows = make_windows(train_tokens, ctx, cfg.data, tokenizer)
+    val_windows = make_windows(val_tokens, ctx, cfg.data, tokenizer)
     batches = training_batches(train_windows, cfg.data.sampling, t.batch_size, t.seed, dist.rank(), world)
     check_windows(train_windows, len(train_tokens), "train", t.batch_size * batches.world if isinstance(
         batches, Batches) else t.batch_size, drop_last=True)
@@ -73,11 +76,13 @@ def build_data(cfg: RunConfig, tokenizer) -> TrainData:
     if len(batches) < t.grad_accum and t.max_steps is None:
         raise ConfigError(f"one epoch has {len(batches)} batches, fewer than --grad-accum {t.grad_accum}; "
                           "lower --grad-accum or --batch-size, or set --max-steps")
-    summary = (f"data: {human(len(train_tokens))} train tokens ({len(train_windows)} windows), "
-               f"{human(len(val_tokens))} val tokens ({len(val_windows)} windows); "
+    rows = "documents" if cfg.data.packing == "pad" else "windows"
+    summary = (f"data: {human(len(train_tokens))} train tokens ({len(train_windows)} {rows}), "
+               f"{human(len(val_tokens))} val tokens ({len(val_windows)} {rows}); "
                f"{len(batches)} batches of {t.batch_size * world} per epoch"
                + (f" ({world} processes x {t.batch_size}, {t.parallel})" if world > 1 else ""))
-    return TrainData(batches, eval_sets, tokens_digest(train_tokens), summary)
+    eot_id = document_eot(tokenizer, "document_mask") if cfg.data.document_mask else None
+    return TrainData(batches, eval_sets, tokens_digest(train_tokens), summary, eot_id, cfg.data.packing == "pad")
 
 
 @dataclass
