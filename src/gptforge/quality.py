@@ -1,13 +1,14 @@
 """`gptforge bench quality`: how good a recipe's model gets in M minutes of training, in held-out bits per byte.
 
-The text (DATA, or the built-in corpus) is cut once by characters: the last --holdout of it, from a
-paragraph start, is the held-out text every recipe is scored on, so runs with different tokenizers
-are scored on the same bytes. A recipe (training/recipes.py) trains on the rest with a transformer
-of the same shape for every recipe: --emb-dim, --n-layers and --context-length; a llama model gets
-the SwiGLU width that gives its blocks the parameter count of GPT-2's blocks (matched_llama_shape).
-A short calibration run times the recipe's steps; the run then gets as many steps as fit in
---minutes of training time (its schedule planned for that length), saving --points checkpoints on
-the way, each scored afterwards on the held-out text. Last line: JSON.
+The text (DATA, or the built-in corpus) is cut once: the last --holdout of its characters, whole
+documents from the end (or a paragraph-aligned cut of a single document), is the held-out text
+every recipe is scored on, so runs with different tokenizers are scored on the same bytes. A
+recipe (training/recipes.py) trains on the rest with a transformer of the same shape for every
+recipe: --emb-dim, --n-layers and --context-length; a llama model gets the SwiGLU width that gives
+its blocks the parameter count of GPT-2's blocks (matched_llama_shape). A short calibration run
+times the recipe's steps (the median of 8); the run then gets as many steps as fit in --minutes of
+training time (its schedule planned for that length), saving --points checkpoints on the way, each
+scored afterwards on the held-out text. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .perf import device_name
 from .tokenizer import train_bpe
 from .training.recipes import RECIPES, get_recipe
 
-CALIBRATION_STEPS = 6
+CALIBRATION_STEPS = 8
 
 
 @dataclass
@@ -161,7 +162,7 @@ def measure(q: QualityConfig, recipe: dict, work: Path, tokenizer: str | None, l
     calib_dir = work / f"{q.recipe}-calibration"
     cfg, run_dir = resolve_train_config(inputs, None, None, None,
                                         run_flags(q, recipe, calib_dir, tokenizer, CALIBRATION_STEPS), recipe=q.recipe)
-    seconds = train(cfg, run_dir, log=lambda *a, **k: None)["train_seconds"] / CALIBRATION_STEPS
+    seconds = train(cfg, run_dir, log=lambda *a, **k: None)["median_step_seconds"]  # the first steps are slower
     steps = max(1, int(q.minutes * 60 / seconds))
     log(f"calibration: {seconds * 1000:.0f} ms per step -> {steps} steps in {q.minutes:g} minutes")
     cfg, run_dir = resolve_train_config(inputs, None, None, None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -160,7 +161,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     last_eval = evaluator(model, state) if state.step == 0 else {}
     save_every = t.save_every or t.eval_every
     model.train()
-    train_seconds, start_tokens, stopping, last_save = 0.0, state.tokens, False, time.monotonic()
+    step_seconds, start_tokens, stopping, last_save = [], state.tokens, False, time.monotonic()
     with stop_requests() as stop:
         while state.step < schedule.total_steps and not stopping:
             t0 = time.perf_counter()
@@ -172,7 +173,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             stopping = result.stop_requested
             state.step, state.tokens = state.step + 1, state.tokens + result.tokens  # scored: padding left out
             seconds = time.perf_counter() - t0
-            train_seconds += seconds
+            step_seconds.append(seconds)
             tok_s = progress.step(result.loss, result.tokens, seconds, lr)
             log_step(result, state, lr, tok_s, mfu(fpt, tok_s, peak), t, metrics, trackers, progress)
             if state.step % t.eval_every == 0 or state.step == schedule.total_steps:
@@ -186,8 +187,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         state.step < schedule.total_steps else None
     if stopped_by:
         log(f"stopped by {stopped_by} at step {state.step}; checkpoint saved, continue with --resume {run_dir}")
+    train_seconds = sum(step_seconds)
     return dict(last_eval, steps=state.step, train_seconds=train_seconds, stopped_by=stopped_by,
-                tokens_per_s=(state.tokens - start_tokens) / max(train_seconds, 1e-9))
+                tokens_per_s=(state.tokens - start_tokens) / max(train_seconds, 1e-9),
+                median_step_seconds=statistics.median(step_seconds) if step_seconds else None)
 
 
 def _toml_bytes(cfg: RunConfig) -> bytes:
