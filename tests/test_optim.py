@@ -240,7 +240,7 @@ def test_combined_optimizer_under_the_fp16_grad_scaler(tiny_cfg):
     amp = Precision("fp16", cpu)
     assert amp.scaler.is_enabled()
     x = torch.randint(0, tiny_cfg.vocab_size, (2, 16))
-    for step in range(2):
+    for _ in range(2):
         for i, m in enumerate(models):
             loss = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.flatten())
             (amp.scaler.scale(loss) if i == 0 else loss).backward()
@@ -290,8 +290,8 @@ def test_muon_run_resumes_bit_for_bit_and_keeps_its_optimizer(text_file, tmp_pat
                                       log_every=1, sample_tokens=0, seed=5, device="cpu", progress=False))
 
     def records(run):
-        return [(r["step"], r["lr"], r["train_loss"], r["grad_norm"]) for r in map(json.loads, open(run / "metrics.jsonl"))
-                if r["event"] == "train"]
+        return [(r["step"], r["lr"], r["train_loss"], r["grad_norm"])
+                for r in map(json.loads, open(run / "metrics.jsonl")) if r["event"] == "train"]
 
     lines = []
     train(cfg, tmp_path / "full", log=lines.append)

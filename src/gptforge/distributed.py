@@ -151,9 +151,11 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 def whole_matrix(fn, x: torch.Tensor) -> torch.Tensor:
     """fn(x) for a function that needs the whole matrix (Muon's Newton–Schulz): under FSDP2 x is a DTensor
     sharded on dim 0, so every rank gathers it, computes fn on the whole, and keeps its own shard of the result."""
+    if not is_distributed():
+        return fn(x)
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if not isinstance(x, DTensor):
+    if not isinstance(x, DTensor):  # DDP: every rank holds the whole matrix
         return fn(x)
     whole = fn(x.full_tensor())  # the same on every rank
     return distribute_tensor(whole, x.device_mesh, x.placements, src_data_rank=None)  # no communication

@@ -54,6 +54,8 @@ class TrainConfig:
                                   "head, norms and biases.", choices=OPTIMIZERS)
     muon_lr: float = opt(0.02, "Muon's peak learning rate; the schedule scales it as it scales --lr.")
     muon_momentum: float = opt(0.95, "Muon's momentum.")
+    # 0.01 as Keller Jordan's reference Muon usage (lr 0.02); torch's default 0.1 goes with an lr near AdamW's
+    # (adjust_lr_fn="match_rms_adamw"): at lr 0.02 it would shrink the matrices 50x faster than AdamW's 4e-4 x 0.1
     muon_weight_decay: float = opt(0.01, "Muon's decoupled weight decay: each step the matrices shrink by "
                                          "(current Muon lr) x this.")
     muon_nesterov: bool = opt(True, "Muon's Nesterov momentum.")
@@ -95,7 +97,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "max_steps", "max_tokens", "eval_every", "eval_batches",
                      "log_every", "save_every", "sample_top_k"):
             check_range(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "keep_last", "sample_tokens", "sample_temperature"):
+        for name in ("warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "keep_last", "sample_tokens",
+                     "sample_temperature"):
             check_range(name, getattr(self, name), 0)
         check_range("lr", self.lr, 0, above=True)
         check_range("min_lr", self.min_lr, 0)

@@ -33,14 +33,19 @@ def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float, weig
     ]
 
 
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, betas: tuple[float, float],
+          device: torch.device, weight_decay_on: str = "matrices") -> torch.optim.AdamW:
+    fused = device.type in ("cuda", "cpu")  # one fused kernel where PyTorch has one (CPU: ~10x the for-loop)
+    return torch.optim.AdamW(param_groups(params, weight_decay, weight_decay_on), lr=lr, betas=betas,
+                             fused=fused or None)
+
+
 def make_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device: torch.device,
-    weight_decay_on: str = "matrices", params: Iterable[torch.nn.Parameter] | None = None,
+    weight_decay_on: str = "matrices",
 ) -> torch.optim.AdamW:
-    """AdamW over the model's parameters (or `params`)."""
-    fused = device.type in ("cuda", "cpu")  # one fused kernel where PyTorch has one (CPU: ~10x the for-loop)
-    groups = param_groups(model.parameters() if params is None else params, weight_decay, weight_decay_on)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    """AdamW over all of the model's parameters (a default run's optimizer, and the benchmark's)."""
+    return adamw(model.parameters(), lr, weight_decay, betas, device, weight_decay_on)
 
 
 def hidden_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -141,11 +146,11 @@ def build_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.op
     check_optimizer(t.optimizer)
     hidden = hidden_matrices(model)
     ids = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    muon = Muon(hidden, lr=t.muon_lr, weight_decay=t.muon_weight_decay, momentum=t.muon_momentum,
-                nesterov=t.muon_nesterov)
-    adamw = make_optimizer(model, t.lr, t.weight_decay, betas, device, t.weight_decay_on, params=rest)
-    return Combined({"muon": muon, "adamw": adamw}, {"muon": t.muon_lr / t.lr, "adamw": 1.0})
+    parts = {"muon": Muon(hidden, lr=t.muon_lr, weight_decay=t.muon_weight_decay, momentum=t.muon_momentum,
+                          nesterov=t.muon_nesterov),
+             "adamw": adamw([p for p in model.parameters() if id(p) not in ids], t.lr, t.weight_decay, betas, device,
+                            t.weight_decay_on)}
+    return Combined(parts, {"muon": t.muon_lr / t.lr, "adamw": 1.0})
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer, lr: float) -> str:

@@ -185,7 +185,8 @@ class Checkpointer:
         saved = ckpt.load_state(last)
         if (kind := saved.get("optimizer_kind", "adamw")) != t.optimizer:  # checkpoints before Muon: AdamW's
             raise ConfigError(f"{run_dir}: the run trains with --optimizer {kind} (its checkpoint holds that "
-                              f"optimizer's state), not {t.optimizer}; resume with --optimizer {kind} or start a new run")
+                              f"optimizer's state), not {t.optimizer}; resume with --optimizer {kind} or start a new "
+                              "run")
         if saved["data_hash"] != self.data.data_hash:
             raise ConfigError(f"{run_dir}: the training data differs from the data the run started with "
                               f"(token hash {self.data.data_hash} vs {saved['data_hash']}); restore it or start a "
