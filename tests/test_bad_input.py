@@ -62,6 +62,10 @@ CASES = [
      "--emb-dim 30 must be divisible by --n-heads 4", 1),
     ("train-val-fraction-one", "train --val-fraction 1", "val_fraction must be in [0, 1)", 1),
     ("train-stride-zero", "train --stride 0", "stride must be a positive integer", 1),
+    ("train-pad-with-document-mask", "train --packing pad --document-mask",
+     "--document-mask is for packed windows; --packing pad holds one document per row", 1),
+    ("train-pad-with-random-sampling", "train --packing pad --sampling random",
+     "--packing pad has one row per document: use --sampling shuffle or sequential", 1),
     ("train-config-file-range", "train --config weight_decay.toml", "--weight-decay must be at least 0, got -1.0",
      1),
     # eval: EvalConfig, from flags or a --config file, before the model is read

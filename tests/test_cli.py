@@ -1,4 +1,6 @@
 import json
+import math
+import re
 import subprocess
 import sys
 
@@ -32,7 +34,9 @@ def test_train_end_to_end(trained):
     run_dir, _, stdout = trained
     assert "parameters" in stdout and "MB in fp32" in stdout
     assert "sample: 'Every effort moves you" in stdout
-    assert "done: step 6" in stdout
+    assert "done: step 6" in stdout and "val_bpb " in stdout
+    assert re.search(r"step 6 \| tokens 768 \| train loss [\d.]+ \(bpb [\d.]+\) \| val loss [\d.]+ "
+                     r"\(ppl [\d.]+, bpb [\d.]+\)", stdout)
     for name in ("config.toml", "metrics.jsonl", "loss.png", "checkpoints/step-00000006/model.safetensors",
                  "checkpoints/step-00000006/state.pt"):
         assert (run_dir / name).is_file(), name
@@ -43,9 +47,17 @@ def test_eval_json(trained, capsys):
     code, out, _ = run(["eval", str(run_dir), str(text), "--json", "--device", "cpu"], capsys)
     assert code == 0
     result = json.loads(out.strip().splitlines()[-1])
-    assert set(result) == {"loss", "perplexity", "tokens"}
+    assert set(result) == {"loss", "perplexity", "bpb", "tokens"}
     assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
     assert result["tokens"] % 32 == 0 and result["tokens"] > 1000
+    # bpb: the scored targets (every token after the first, one document) are this many bytes of the text
+    from gptforge.tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer()
+    scored = tok.encode(text.read_text(encoding="utf-8"))[1: result["tokens"] + 1]
+    n_bytes = len(tok.decode(scored).encode("utf-8"))
+    assert result["bpb"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / n_bytes, rel=1e-9)
+    assert f"bpb {result['bpb']:.4f} | tokens" in out
     # a shorter context and a stride score more windows; a checkpoint file works as SOURCE
     weights = run_dir / "checkpoints/step-00000006/model.safetensors"
     code, out, _ = run(["eval", str(weights), str(text), "--json", "--context-length", "16", "--stride", "8",

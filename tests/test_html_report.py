@@ -8,11 +8,13 @@ import pytest
 from browser import browser  # noqa: F401  (fixture)
 
 from gptforge.cli import main
+from gptforge.runs.metrics import plot_losses
 from gptforge.runs.report import load_runs, render, write_report
 
 
-def make_run(path, lr: float, steps: int = 20, tokens_per_step: int = 256, sample_tag: str = "a"):
-    """A run directory as `gptforge train` leaves it: config.toml and metrics.jsonl."""
+def make_run(path, lr: float, steps: int = 20, tokens_per_step: int = 256, sample_tag: str = "a", bpb: bool = False):
+    """A run directory as `gptforge train` leaves it: config.toml and metrics.jsonl (with bpb: as runs
+    write it since bits per byte; without: as older runs did)."""
     path.mkdir(parents=True)
     (path / "config.toml").write_text(
         f'preset = "tiny"\ninputs = ["books/"]\n[model]\nemb_dim = 64\nn_layers = 2\n'
@@ -24,6 +26,8 @@ def make_run(path, lr: float, steps: int = 20, tokens_per_step: int = 256, sampl
             lines.append({"event": "eval", "step": step, "tokens": step * tokens_per_step, "lr": lr,
                           "train_loss": val - 0.1, "val_loss": val, "val_perplexity": math.exp(val),
                           "sample": f"<b>{sample_tag}</b> sample at {step}"})
+            if bpb:
+                lines[-1].update(train_bpb=(val - 0.1) / 3, val_bpb=val / 3)
         if step and step % 2 == 0:
             lines.append({"event": "train", "step": step, "tokens": step * tokens_per_step, "lr": lr * step / steps,
                           "train_loss": 10 - step * lr * 9, "grad_norm": 1.5, "tokens_per_s": 1000.0 + step})
@@ -53,6 +57,23 @@ def test_report_holds_plots_tables_and_samples(two_runs):
     summary = re.search(r'<table id="summary">(.*?)</table>', page, re.S).group(1)
     assert "<td>fast</td>" in summary and '<td class="num">20</td>' in summary and "5,120" in summary
     assert f"{math.exp(6.0):.4g}" in summary  # fast: val loss 10 - 20 * 0.02 * 10 = 6
+
+
+def test_bits_per_byte_in_the_report_and_loss_png(tmp_path):
+    new, old = make_run(tmp_path / "new", 0.02, bpb=True), make_run(tmp_path / "old", 0.01)
+    page = render(load_runs([new, old]))
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 7 and "Bits per byte against steps" in page
+    summary = re.search(r'<table id="summary">(.*?)</table>', page, re.S).group(1)
+    assert "<th>val bpb</th>" in summary and f'<td class="num">{6.0 / 3:.4g}</td>' in summary
+    assert summary.count('<td class="num">—</td>') == 1  # the older run has no bpb
+    assert "Bits per byte" not in render(load_runs([old]))  # an older run alone: no bpb plot, no error
+
+    def png_width(records) -> int:
+        plot_losses(records, tmp_path / "loss.png")
+        return int.from_bytes((tmp_path / "loss.png").read_bytes()[16:20], "big")
+
+    assert png_width(load_runs([new])[0].records) == 1200 and png_width(load_runs([old])[0].records) == 700
 
 
 def test_same_directory_names_are_told_apart(tmp_path):

@@ -45,11 +45,13 @@ def test_tensorboard_events_read_back(tracked_run):
     acc.Reload()
     tags = acc.Tags()["scalars"]
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/tokens_seen",
-                "eval/train_loss", "eval/val_loss", "eval/val_perplexity"):
+                "eval/train_loss", "eval/val_loss", "eval/val_perplexity", "eval/train_bpb", "eval/val_bpb"):
         assert tag in tags, (tag, tags)
     records = [json.loads(line) for line in open(tracked_run / "metrics.jsonl")]
     val = [(r["step"], r["val_loss"]) for r in records if r["event"] == "eval"]
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("eval/val_loss")] == val
+    bpb = [(r["step"], r["val_bpb"]) for r in records if r["event"] == "eval"]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("eval/val_bpb")] == bpb
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
     assert any(tag.startswith("system/") for tag in tags)  # peak memory
     # samples as text, the config as text and as hyperparameters
@@ -131,8 +133,9 @@ def test_only_rank_zero_logs(tmp_path, monkeypatch):
 
 def test_scalars_names_and_skips():
     s = scalars({"event": "eval", "step": 3, "tokens": 96, "train_loss": 2.0, "val_loss": 2.5,
-                 "val_perplexity": float("inf"), "sample": "x", "mfu": 0.3})
-    assert s == {"eval/tokens_seen": 96.0, "eval/train_loss": 2.0, "eval/val_loss": 2.5, "eval/mfu": 0.3}
+                 "val_perplexity": float("inf"), "train_bpb": 1.25, "val_bpb": 1.5, "sample": "x", "mfu": 0.3})
+    assert s == {"eval/tokens_seen": 96.0, "eval/train_loss": 2.0, "eval/val_loss": 2.5, "eval/train_bpb": 1.25,
+                 "eval/val_bpb": 1.5, "eval/mfu": 0.3}
 
 
 @pytest.mark.skipif("tensorboard" not in INSTALLED, reason="needs tensorboard: pip install 'gptforge[tensorboard]'")

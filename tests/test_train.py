@@ -30,6 +30,10 @@ def losses(run_dir):
             if r["event"] == "train"}
 
 
+def png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk: width, then height
+
+
 def weights(run_dir):
     return load_file(str(ckpt.latest_checkpoint(run_dir) / ckpt.WEIGHTS))
 
@@ -52,6 +56,14 @@ def test_run_dir_contents_and_learning(text_file, tmp_path):
     assert abs(evals[0]["val_loss"] - math.log(50257)) < 0.5  # and starts near ln(vocab)
     assert evals[-1]["sample"].startswith("Every effort moves you")
     assert summary["steps"] == 12 and summary["val_loss"] == evals[-1]["val_loss"]
+    # bits per byte next to each loss: the same scored tokens and bytes each time, so bpb / loss is a constant
+    # (tokens / (ln 2 * bytes)), and English in GPT-2 tokens is about 4 bytes per token
+    for split in ("train", "val"):
+        ratios = [r[f"{split}_bpb"] / r[f"{split}_loss"] for r in evals]
+        assert ratios == pytest.approx([ratios[0]] * 3, rel=1e-9)
+        assert 1 / (4.8 * math.log(2)) < ratios[0] < 1 / (3.5 * math.log(2))
+    assert summary["val_bpb"] == evals[-1]["val_bpb"] and summary["train_bpb"] == evals[-1]["train_bpb"]
+    assert png_width(run / "loss.png") == 1200  # a loss panel and a bits-per-byte panel
 
 
 def test_same_seed_repeats_exactly(text_file, tmp_path):
@@ -139,9 +151,9 @@ def test_nonfinite_loss_stops_without_a_nan_checkpoint(text_file, tmp_path, monk
     real = train_mod.loss_batch
     calls = []
 
-    def poisoned(model, x, y):
+    def poisoned(model, x, y, *args):
         calls.append(1)
-        loss = real(model, x, y)
+        loss = real(model, x, y, *args)
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(train_mod, "loss_batch", poisoned)

@@ -25,6 +25,7 @@ from .evaluate import EvalConfig, evaluate_text
 from .generate import GenerateConfig, SampleConfig, generate_text
 from .models import SPECS, ModelSettings, all_presets, check_settings, get_spec, preset_arch
 from .prepare import PrepareConfig, train_tokenizer
+from .quality import QualityConfig, bench_quality
 from .prepare import prepare as run_prepare
 from .runs.report import write_report
 from .serve import ServeConfig
@@ -32,6 +33,7 @@ from .serve import serve as run_server
 from .training import TrainingError
 from .training import train as run_training
 from .training.config import TrainConfig, resolve_train_config
+from .training.recipes import RECIPES
 from .weights import convert as convert_model
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
@@ -100,7 +102,7 @@ def cli() -> None:
     \b
     gptforge train my_texts/ --out runs/first      train a model (no DATA: a built-in corpus)
     gptforge train my_texts/ --preset minimind-3   the same with minimind-3's Qwen3-style shape
-    gptforge eval runs/first held_out.txt          loss and perplexity on a text
+    gptforge eval runs/first held_out.txt          loss, perplexity and bpb on a text
     gptforge generate runs/first --prompt "Once"   sample from the model
     gptforge prepare corpus/ --out data/corpus     token shards for corpora bigger than memory
     gptforge bench train --preset gpt2-small       training tokens/s and MFU (also: bench generate)
@@ -121,12 +123,15 @@ def cli() -> None:
               help="Start from these weights instead of random ones: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging "
                    "Face id or directory, OpenAI's TensorFlow checkpoint, the book's model.pth or a gptforge run. "
                    "The model keeps its shape; --context-length may crop it.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help="Start from a recipe's settings (book: the book's chapter 5; nanogpt: nanoGPT's train.py; modern: "
+                   "llama + Muon + WSD + document masks); its preset unless --preset; flags and --config win.")
 @click.option("--nproc", type=int, default=None,
               help="Train with N processes on this machine: relaunches this command under torchrun "
                    "(DDP, or FSDP with --parallel fsdp). Multi-node: run torchrun yourself (see README).")
 @dataclass_options(ModelSettings, DataConfig, TrainConfig)
 def train(data: tuple[str, ...], config_file: str | None, resume: str | None, arch: str | None, preset: str | None,
-          init_from: str | None = None, nproc: int | None = None, **flags) -> None:
+          init_from: str | None = None, recipe: str | None = None, nproc: int | None = None, **flags) -> None:
     """Train a model (GPT-2, or Llama/Qwen3 with --arch llama) on DATA (text files or directories of .txt/.md
     files) and write a run directory.
 
@@ -140,14 +145,15 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, ar
     if nproc and nproc > 1 and not distributed.is_distributed():
         sys.exit(distributed.launch(nproc, _without_nproc(_ARGV)))
     cfg, run_dir = resolve_train_config(data, config_file, resume, preset, given(flags), init_from,
-                                        warn=lambda message: click.echo(message, err=True), arch=arch)
+                                        warn=lambda message: click.echo(message, err=True), arch=arch,
+                                        recipe=recipe)
     try:
         summary = run_training(cfg, run_dir, resume=resume is not None, log=click.echo)
     finally:
         distributed.cleanup()
     if not distributed.is_main():
         return
-    parts = [f"{k} {summary[k]:.4f}" for k in ("train_loss", "val_loss") if k in summary]
+    parts = [f"{k} {summary[k]:.4f}" for k in ("train_loss", "val_loss", "val_bpb") if k in summary]
     click.echo(f"{'stopped' if summary['stopped_by'] else 'done'}: step {summary['steps']}, " + ", ".join(parts)
                + f", {summary['tokens_per_s']:.0f} tokens/s -> {run_dir}")
 
@@ -162,7 +168,7 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, ar
 @dataclass_options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, default=None, help="Print a JSON line last.")
 def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, as_json: bool | None, **flags) -> None:
-    """Loss and perplexity of the model in SOURCE on the text in DATA.
+    """Loss, perplexity and bits per byte of the model in SOURCE on the text in DATA.
 
     SOURCE: a run dir or checkpoint, gpt2 / gpt2-medium / gpt2-large / gpt2-xl or another Hugging Face
     id or directory, OpenAI's TensorFlow checkpoint directory, or the book's model.pth.
@@ -170,10 +176,13 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, as_jso
     """
 
     values = {**_flat_config(config_file, EvalConfig, extra={"json": bool}), **given(flags)}
-    result = evaluate_text(source, data, build(EvalConfig, values))
-    click.echo(f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | tokens {result.tokens:,}")
+    result = evaluate_text(source, data, build(EvalConfig, values),
+                           warn=lambda message: click.echo(message, err=True))
+    bpb = "n/a" if result.bpb is None else f"{result.bpb:.4f}"
+    click.echo(f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | bpb {bpb} | tokens {result.tokens:,}")
     if as_json if as_json is not None else values.get("json", False):
-        click.echo(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens}))
+        click.echo(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "bpb": result.bpb,
+                               "tokens": result.tokens}))
 
 
 # ----------------------------------------------------------------------------- generate
@@ -239,6 +248,22 @@ def bench_train_cmd(arch: str | None, preset: str | None, **flags) -> None:
     bench_train(_bench_model(arch, preset, flags), build(TrainConfig, flags), bench, log=click.echo)
 
 
+@bench.command(name="quality")
+@click.argument("data", nargs=-1, type=click.Path())
+@dataclass_options(QualityConfig)
+def bench_quality_cmd(data: tuple[str, ...], **flags) -> None:
+    """Held-out bits per byte after --minutes of training with --recipe (no DATA: the built-in corpus).
+
+    Every recipe gets the same text, held-out part, transformer-block parameters and training time.
+
+    \b
+    Last line: {"recipe", "minutes", "steps", "tokens", "val_loss", "val_bpb", "device", "block_params",
+                "params", "tokenizer", "curve"}
+    """
+
+    bench_quality(data, build(QualityConfig, given(flags)), log=click.echo)
+
+
 @bench.command(name="generate")
 @arch_option
 @preset_option
@@ -300,8 +325,8 @@ def convert(source: str, target: str, out: str, n_heads: int | None, tokenizer: 
 def report(run_dirs: tuple[str, ...], out: str | None) -> None:
     """Write one self-contained HTML report of the runs in RUN_DIRS (several runs are compared).
 
-    Loss against steps and tokens, learning rate, throughput, the configs side by side with the
-    differences highlighted, the sample of each evaluation and the final loss and perplexity.
+    Loss (and bits per byte) against steps and tokens, learning rate, throughput, the configs side by side
+    with the differences highlighted, the sample of each evaluation and the final loss, perplexity and bpb.
     """
 
     target = Path(out) if out else (Path(run_dirs[0]) / "report.html" if len(run_dirs) == 1 else Path("report.html"))

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .checkpoint import file_sha256
-from .config import opt
+from .config import ConfigError, opt
+from .ops import IGNORE_INDEX  # the target of a padding position: never scored
 from .tokenizer import Tokenizer, get_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -32,6 +33,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 SAMPLING = ("shuffle", "random", "sequential")
+PACKING = ("concat", "pad")
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"  # a prepared directory (gptforge prepare): see read_manifest
 STATE = "prepare-state.json"  # an unfinished one
@@ -50,6 +52,11 @@ class DataConfig:
     sampling: str | None = opt(None, "Training windows: shuffle (windows at the stride, shuffled each epoch), "
                                      "random (any token offset, as nanoGPT) or sequential; default: random for a "
                                      "prepared DATA_DIR, shuffle for text.", choices=SAMPLING)
+    document_mask: bool = opt(False, "Inside a packed window, attention stays within each document (they start at "
+                                     "the end-of-text tokens) and positions restart at each: as if each ran alone.")
+    packing: str = opt("concat", "How documents fill the training rows: concat (one stream cut into windows) or "
+                                 "pad (one document per row, BOS + tokens + EOS, truncated to the context length and "
+                                 "padded; padding is not scored: minimind's PretrainDataset).", choices=PACKING)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -58,6 +65,17 @@ class DataConfig:
             raise ValueError(f"stride must be a positive integer, got {self.stride}")
         if self.sampling not in (None, "shuffle", "random", "sequential"):
             raise ValueError(f"sampling must be shuffle, random or sequential, got {self.sampling!r}")
+        if self.packing not in PACKING:
+            raise ValueError(f"--packing must be concat or pad, got {self.packing!r}")
+        if self.packing == "pad" and self.document_mask:
+            raise ValueError("--document-mask is for packed windows; --packing pad holds one document per row "
+                             "already: give only one of them")
+        if self.packing == "pad" and self.sampling == "random":
+            raise ValueError("--sampling random draws windows at any token offset; --packing pad has one row per "
+                             "document: use --sampling shuffle or sequential")
+        if self.packing == "pad" and self.stride is not None:
+            raise ValueError("--stride steps windows through the token stream; --packing pad has one row per "
+                             "document: leave --stride out")
 
 
 class DataError(ValueError):
@@ -151,13 +169,17 @@ def default_corpus() -> str:
     Layout is tidied so the text reads as prose: indentation and runs of spaces are collapsed,
     reStructuredText underlines dropped, and blank-line runs shortened to one blank line.
     """
+    return "\n\n".join(default_documents())
 
+
+def default_documents() -> list[str]:
+    """The default corpus's documents (one per help topic, sorted by topic), tidied as default_corpus says."""
     docs = []
     for key in sorted(topics):
         lines = [" ".join(line.split()) for line in topics[key].splitlines()]
         lines = [line for line in lines if not (line and set(line) <= set("*=-^~"))]
         docs.append(re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip())
-    return "\n\n".join(docs)
+    return docs
 
 
 def read_texts(paths: Sequence[str | Path]) -> list[str]:
@@ -272,9 +294,92 @@ class Batches:
         return self.epoch(0)
 
 
+def document_eot(tokenizer: Tokenizer, setting: str) -> int:
+    """The end-of-text id that separates documents, for a setting that needs it (a ConfigError naming it if none)."""
+    if tokenizer.eot_id is None:
+        raise ConfigError(f"--{setting.replace('_', '-')} needs the documents' end-of-text token, but tokenizer "
+                          f"{tokenizer.name} has none: give a tokenizer_config.json with an eos_token beside its "
+                          "tokenizer.json")
+    return tokenizer.eot_id
+
+
+def document_spans(tokens, eot_id: int, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of the documents in a flat token array: the runs between end-of-text tokens, which are
+    not part of any; empty runs (before the first separator of prepared shards) are left out. Read in chunks,
+    so shards are never loaded whole."""
+    cuts = [np.array([-1], dtype=np.int64)]
+    for lo in range(0, len(tokens), chunk):
+        part = tokens[np.arange(lo, min(lo + chunk, len(tokens)))]
+        cuts.append(np.flatnonzero(part == eot_id).astype(np.int64) + lo)
+    cuts.append(np.array([len(tokens)], dtype=np.int64))
+    edges = np.concatenate(cuts)
+    starts, lengths = edges[:-1] + 1, np.diff(edges) - 1
+    keep = lengths > 0
+    return starts[keep], lengths[keep]
+
+
+class PaddedDocuments:
+    """One document per row, as minimind's PretrainDataset builds them (`--packing pad`).
+
+    Row i is [bos] + the first context_length - 1 tokens of document i + [eos], padded with pad to
+    context_length + 1 tokens; inputs are row[:-1] and targets row[1:], with targets IGNORE_INDEX where the
+    row is padding. Documents are the runs between eot_id in the flat token array (document_spans), so
+    text and prepared shards give the same rows; BOS/EOS/PAD ids come from pad_ids. Like TokenWindows it
+    is indexed by batch(indices), so Batches samples it and the data position stays (epoch, batch).
+    """
+
+    def __init__(self, tokens, context_length: int, bos_id: int, eos_id: int, pad_id: int, eot_id: int):
+        self.tokens = tokens
+        self.context_length = context_length
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.starts, self.lengths = document_spans(tokens, eot_id)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (B, T) for the documents at the given indices."""
+        idx = np.asarray(indices, dtype=np.int64)
+        T = self.context_length
+        kept = np.minimum(self.lengths[idx], T - 1)  # (B,) text tokens of each row after truncation
+        offsets = np.arange(T - 1)
+        take = offsets < kept[:, None]  # (B, T-1)
+        text = self.tokens[np.where(take, self.starts[idx][:, None] + offsets, 0)]  # (B, T-1); 0 where unused
+        rows = np.full((len(idx), T + 1), self.pad_id, dtype=np.int64)
+        rows[:, 0] = self.bos_id
+        rows[:, 1:T][take] = text[take]
+        rows[np.arange(len(idx)), kept + 1] = self.eos_id
+        w = torch.from_numpy(rows)
+        y = w[:, 1:].clone()
+        y[torch.from_numpy(np.arange(T) > kept[:, None])] = IGNORE_INDEX  # targets after the eos: padding
+        return w[:, :-1], y
+
+
+def pad_ids(tokenizer: Tokenizer) -> tuple[int, int, int]:
+    """(bos, eos, pad) ids for `--packing pad`: the tokenizer's bos_token and pad_token (a tokenizer_config.json's),
+    each defaulting to its end-of-text token (GPT-2's <|endoftext|> is all three); eos is the end-of-text token."""
+    eot = document_eot(tokenizer, "packing pad")
+    bos, pad = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "pad_id", None)
+    return eot if bos is None else bos, eot, eot if pad is None else pad
+
+
+def make_windows(tokens, context_length: int, cfg: DataConfig, tokenizer: Tokenizer) -> TokenWindows | PaddedDocuments:
+    """The rows a split trains or is scored on: windows of the token stream, or (--packing pad) one per document."""
+    if cfg.packing == "pad":
+        return PaddedDocuments(tokens, context_length, *pad_ids(tokenizer), tokenizer.eot_id)
+    return TokenWindows(tokens, context_length, cfg.stride)
+
+
 def check_windows(windows: TokenWindows, n_tokens: int, split: str, batch_size: int, drop_last: bool) -> None:
     """Raise a DataError that says what to change when a split cannot fill one batch."""
     need = windows.context_length + 1
+    if isinstance(windows, PaddedDocuments):
+        if len(windows) < (batch_size if drop_last else 1):
+            raise DataError(f"the {split} split has {len(windows)} documents (--packing pad: one per row), fewer "
+                            f"than {'one batch of ' + str(batch_size) if drop_last else 'one'}; give more text"
+                            + (", lower --batch-size" if drop_last else "")
+                            + (" or change --val-fraction" if split in ("train", "val") else ""))
+        return
     if len(windows) == 0:
         raise DataError(
             f"the {split} split has {n_tokens} tokens, but one window needs context_length + 1 = {need}; "
@@ -321,13 +426,14 @@ class RandomBatches:
 
 def training_batches(windows: TokenWindows, sampling: str | None, batch_size: int, seed: int, rank: int = 0,
                      world: int = 1):
-    """The training batches for a sampling mode (None: random for shards, shuffle for in-memory text).
+    """The training batches for a sampling mode (None: random for shards' windows, shuffle for in-memory text and
+    for padded documents).
 
     Under torchrun, shards are already this rank's own share of the tokens; in-memory text is shared,
     and rank r takes its rows of each global batch. Random windows get a seed per rank.
     """
     own_share = isinstance(windows.tokens, ShardedTokens)
-    sampling = sampling or ("random" if own_share else "shuffle")
+    sampling = sampling or ("random" if own_share and isinstance(windows, TokenWindows) else "shuffle")
     if sampling == "random":
         return RandomBatches(windows.tokens, windows.context_length, batch_size, seed + 7919 * rank)
     if own_share:

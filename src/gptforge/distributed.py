@@ -82,10 +82,10 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
         block.forward = functools.partial(_checkpointed, block, block.forward)
 
 
-def _checkpointed(block: torch.nn.Module, forward, x: torch.Tensor, *args):
+def _checkpointed(block: torch.nn.Module, forward, x: torch.Tensor, *args, **kwargs):
     if args or not block.training:  # a cached step (layer cache, start position) or evaluation
-        return forward(x, *args)
-    return checkpoint(forward, x, use_reentrant=False)
+        return forward(x, *args, **kwargs)
+    return checkpoint(forward, x, **kwargs, use_reentrant=False)  # kwargs: the document mask
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

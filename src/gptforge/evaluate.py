@@ -1,19 +1,30 @@
-"""Cross-entropy loss and perplexity over batches of (inputs, targets)."""
+"""Cross-entropy loss, perplexity and bits per byte over batches of (inputs, targets).
+
+Bits per byte (bpb) = the scored tokens' summed cross-entropy in nats / ln 2 / the UTF-8 bytes of
+the text those tokens decode to, the bytes coming from the tokenizer's `token_bytes` table. It does
+not depend on the tokenizer, so models with different vocabularies compare. Special tokens (end of
+text, BOS, padding) are 0 bytes, but their loss counts when they are scored targets; ids past the
+tokenizer's vocabulary (a padded model vocabulary) are 0 bytes too. Targets IGNORE (-100) are not
+scored: they count in neither the loss, the tokens nor the bytes.
+"""
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import ops
 from .config import ConfigError, check_choice, check_range, opt
-from .data import Batches, TokenWindows, check_windows, eval_tokens
+from .data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
 from .devices import DEVICES, device_opt, pick_device
 from .models.layers import cross_entropy
-from .tokenizer import tokenizer_opt
+from .ops import IGNORE_INDEX as IGNORE
+from .tokenizer import Tokenizer, tokenizer_opt
 from .weights import load_for_text
 
 
@@ -26,6 +37,8 @@ class EvalConfig:
     stride: int | None = opt(None, "Step between window starts; default: the context length.")
     batch_size: int = opt(8, "Windows per batch.")
     max_batches: int | None = opt(None, "Score only the first N batches; default: all.")
+    document_mask: bool = opt(False, "Score each end-of-text-separated document of a window on its own "
+                                     "(as train --document-mask trains).")
     device: str = device_opt()
     tokenizer: str | None = tokenizer_opt()
 
@@ -46,22 +59,39 @@ def lm_loss(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, v
     return cross_entropy(h, head_weight, targets, vocab_size)
 
 
-def loss_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one batch; x, y are (B, T) token ids.
+def segments_of(x: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Document numbers (B, T) of packed windows x (B, T): a document starts at the window's start and at each
+    end-of-text token, which begins the next document as tokenize_documents and prepare place it."""
+    return (x == eot_id).cumsum(dim=1)
+
+
+def loss_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eot_id: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of one batch; x, y are (B, T) token ids, targets -100 not scored.
 
     The loss is computed inside the model's forward (so DDP and FSDP see it), with the kernel lm_loss picks.
+    With eot_id (--document-mask), each document of a packed window is scored as if it ran alone.
     """
-    return model(x, targets=y, loss=lm_loss)
+    if eot_id is None:
+        return model(x, targets=y, loss=lm_loss)
+    return model(x, targets=y, loss=lm_loss, segments=segments_of(x, eot_id))
 
 
 @dataclass
 class EvalResult:
-    loss: float
-    tokens: int
+    loss: float  # mean cross-entropy per scored token, nats
+    tokens: int  # scored targets
+    bytes: int | None = None  # UTF-8 bytes of the scored targets' text; None without a byte table
 
     @property
     def perplexity(self) -> float:
         return perplexity(self.loss)
+
+    @property
+    def bpb(self) -> float | None:
+        """Bits per byte; None without a byte table or when the scored targets are no text (all special)."""
+        if not self.bytes:
+            return None
+        return self.loss * self.tokens / math.log(2) / self.bytes
 
 
 def perplexity(loss: float) -> float:
@@ -74,31 +104,52 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
+    token_bytes: np.ndarray | None = None,
+    eot_id: int | None = None,
 ) -> EvalResult:
-    """Token-weighted mean loss over the first `max_batches` batches (all when None).
+    """Token-weighted mean loss over the first `max_batches` batches (all when None), over the
+    targets that are not IGNORE; with `token_bytes` (a tokenizer's table) also their bytes, for bpb.
+    eot_id (--document-mask): score each packed document alone (loss_batch).
 
     Puts the model in eval mode (no dropout) and restores the mode it had.
     """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    table = None if token_bytes is None else torch.tensor(token_bytes, dtype=torch.int64, device=device)
+    total, count, n_bytes = 0.0, 0, 0
     try:
         for i, (x, y) in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
             x, y = x.to(device), y.to(device)
-            total += loss_batch(model, x, y).item() * y.numel()
-            count += y.numel()
+            scored = y[y != IGNORE]  # all of y but padding (--packing pad)
+            if len(scored) == 0:
+                continue
+            total += loss_batch(model, x, y, eot_id).item() * len(scored)
+            count += len(scored)
+            if table is not None:
+                n_bytes += table[scored[scored < len(table)]].sum().item()
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("no batches to evaluate: the data gives no complete window")
-    return EvalResult(loss=total / count, tokens=count)
+        raise ValueError("no batches to evaluate: the data gives no complete window with a scored target")
+    return EvalResult(loss=total / count, tokens=count, bytes=None if table is None else n_bytes)
 
 
-def evaluate_text(source, data: Iterable[str], cfg: EvalConfig) -> EvalResult:
-    """`gptforge eval`: the loss of the model in source (any format weights.load_any reads) on the text
-    files in `data` (or a prepared directory's val split), windows and batches as cfg says."""
+def byte_table(tokenizer: Tokenizer, warn) -> np.ndarray | None:
+    """The tokenizer's `token_bytes`, or None after telling `warn` why bits per byte is not reported."""
+    try:
+        return tokenizer.token_bytes()
+    except ConfigError as e:
+        warn(f"gptforge: warning: bits per byte not reported: {e}")
+        return None
+
+
+def evaluate_text(source, data: Iterable[str], cfg: EvalConfig, warn=None) -> EvalResult:
+    """`gptforge eval`: the loss and bpb of the model in source (any format weights.load_any reads) on the
+    text files in `data` (or a prepared directory's val split), windows and batches as cfg says; `warn`
+    (default: stderr) says why bpb is missing."""
+    warn = warn or (lambda message: print(message, file=sys.stderr))
     device = pick_device(cfg.device)
     model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
     ctx = cfg.context_length or model.cfg.context_length
@@ -107,4 +158,9 @@ def evaluate_text(source, data: Iterable[str], cfg: EvalConfig) -> EvalResult:
     tokens = eval_tokens(tuple(data), tokenizer)
     windows = TokenWindows(tokens, ctx, cfg.stride)
     check_windows(windows, len(tokens), "evaluation", cfg.batch_size, drop_last=False)
-    return evaluate(model, Batches(windows, cfg.batch_size, shuffle=False, drop_last=False), cfg.max_batches, device)
+    batches = Batches(windows, cfg.batch_size, shuffle=False, drop_last=False)
+    eot_id = document_eot(tokenizer, "document_mask") if cfg.document_mask else None
+    result = evaluate(model, batches, cfg.max_batches, device, byte_table(tokenizer, warn), eot_id)
+    if result.bytes == 0:
+        warn("gptforge: warning: bits per byte not reported: the scored tokens are all special tokens (no text)")
+    return result

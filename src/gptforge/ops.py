@@ -18,9 +18,12 @@ they differ in how much memory they touch:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+IGNORE_INDEX = -100  # a target that is not scored (padding): F.cross_entropy's default ignore_index
 ROWS_PER_CHUNK = 16  # softmax rows processed together: 16 × 50,257 fp32 ≈ 3 MB, stays in cache
 
 
@@ -34,6 +37,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int):
         n, v = h.shape[0], vocab_size
+        ignored = targets == IGNORE_INDEX
+        ignored = ignored if ignored.any() else None  # None: every target counts (the common case, kept as it was)
+        if ignored is not None:
+            targets = targets.masked_fill(ignored, 0)  # any valid id; these rows leave the loss and the gradient
         logits = h.new_empty(n, -(-v // 64) * 64)[:, :v]  # rows padded to a multiple of 64 floats
         torch.mm(h, weight[:v].t(), out=logits)
         target_logits = logits.gather(1, targets[:, None]).squeeze(1)
@@ -45,9 +52,16 @@ class _HeadCrossEntropy(torch.autograd.Function):
             total = rows.sum(1, keepdim=True)
             rows.div_(total)
             log_norm[r:r + ROWS_PER_CHUNK] = (row_max + total.log()).squeeze(1)
-        loss = (log_norm - target_logits).mean()
+        if ignored is None:
+            loss, ctx.scored = (log_norm - target_logits).mean(), n
+        else:  # the mean over the scored rows, as F.cross_entropy's ignore_index gives it (NaN when none is)
+            ctx.scored = n - int(ignored.sum())
+            loss = (log_norm - target_logits).masked_fill_(ignored, 0.0).sum() / ctx.scored if ctx.scored else \
+                h.new_tensor(math.nan)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             logits[torch.arange(n, device=h.device), targets] -= 1.0  # n × d(loss)/d(logits)
+            if ignored is not None:
+                logits.masked_fill_(ignored[:, None], 0.0)
             ctx.save_for_backward(h, weight)
             ctx.grad_logits, ctx.vocab_size = logits, v
         return loss
@@ -56,7 +70,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         h, weight = ctx.saved_tensors
         g, v = ctx.grad_logits, ctx.vocab_size
-        scale = grad_loss / h.shape[0]
+        scale = grad_loss / max(ctx.scored, 1)
         grad_h = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_h = torch.mm(g, weight[:v]).mul_(scale)
@@ -72,8 +86,9 @@ def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                        vocab_size: int) -> torch.Tensor:
     """Mean cross-entropy of logits h @ weight[:vocab_size].T against targets, without keeping the logits.
 
-    h (N, C) fp32 on a CPU, weight (V_padded, C) with V_padded >= vocab_size, targets (N,) int64.
-    Equal to `F.cross_entropy(h @ weight[:vocab_size].T, targets)`, gradients included.
+    h (N, C) fp32 on a CPU, weight (V_padded, C) with V_padded >= vocab_size, targets (N,) int64; targets
+    -100 (IGNORE_INDEX) are not scored. Equal to `F.cross_entropy(h @ weight[:vocab_size].T, targets)`,
+    gradients included.
     """
     return _HeadCrossEntropy.apply(h, weight, targets, vocab_size)
 

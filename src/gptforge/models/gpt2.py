@@ -24,6 +24,8 @@ from .layers import (
     Linear,
     SavedConfig,
     cross_entropy,
+    document_mask,
+    document_positions,
     padded_rows,
     vocab_padding_hooks,
 )
@@ -101,8 +103,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.mlp = MLP(cfg.emb_dim, 4 * cfg.emb_dim, cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0):
-        x = x + self.attn(self.ln_1(x), kv, pos)
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
+                mask: torch.Tensor | None = None):
+        x = x + self.attn(self.ln_1(x), kv, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -140,10 +143,11 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, targets: torch.Tensor | None = None,
-                loss=cross_entropy) -> torch.Tensor:
+                loss=cross_entropy, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size); with targets (B, T), loss(hidden, head weight, targets,
         vocab_size) (evaluate.lm_loss picks the kernel). With a cache, idx continues the cached positions, and
-        their keys and values are added to it.
+        their keys and values are added to it. With segments (B, T), the document number of each token (packed
+        documents), positions restart at each document and attention stays inside it.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -153,6 +157,10 @@ class GPT(nn.Module):
                 f"{self.cfg.context_length}"
             )
         pos = torch.arange(start, start + T, device=idx.device)
+        mask = None
+        if segments is not None:
+            assert cache is None, "packed documents are whole sequences: no KV cache"
+            pos, mask = document_positions(segments), document_mask(segments)  # (B, T), (B, 1, T, T)
         # Tied weights on a CPU: the look-up's gradient is sparse (T rows), added to the head's dense
         # one, instead of a dense (vocab x C) zero matrix with T rows filled in and then added.
         sparse = self.cfg.tie_weights and torch.is_grad_enabled() and ops.use_cpu_kernels(self.wte.weight)
@@ -162,7 +170,7 @@ class GPT(nn.Module):
             if cache is not None:
                 x = block(x, cache.layer(i), start)
             else:
-                x = block(x)
+                x = block(x, mask=mask)
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x)

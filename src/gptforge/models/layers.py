@@ -45,15 +45,38 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.repeat_interleave(n_heads // x.size(1), dim=1)
 
 
+def document_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) that restart at 0 where each document starts; segments (B, T) number the documents of
+    each row in order (non-decreasing, as a cumulative sum of document starts gives them)."""
+    T = segments.size(1)
+    index = torch.arange(T, device=segments.device).expand_as(segments)  # (B, T)
+    starts = segments != F.pad(segments, (1, 0), value=-1)[:, :-1]  # a token whose segment differs from the last
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def document_mask(segments: torch.Tensor) -> torch.Tensor:
+    """The attention mask (B, 1, T, T) of packed documents: a query sees the keys up to its own position that lie
+    in its own document (True: attend)."""
+    T = segments.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return (segments[:, :, None] == segments[:, None, :]).logical_and_(causal)[:, None]  # (B, 1, T, T)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
-                     kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
+                     kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q (B, nh, T, hs) over k, v (B, n_kv_heads, T, hs) -> (B, nh, T, hs).
 
     Without kv, q, k and v are whole sequences (training, scoring). With kv (a layer of a KVCache),
     they hold positions pos..pos+T-1: k and v are written into the cache, and the queries attend to
-    every cached position up to their own.
+    every cached position up to their own. A mask (B, 1, T, T; document_mask) restricts whole sequences
+    further (packed documents); it goes to scaled_dot_product_attention, which picks the kernel.
     """
     n_heads = q.size(1)
+    if mask is not None:
+        assert kv is None, "packed documents are whole sequences: no KV cache"
+        return F.scaled_dot_product_attention(q, repeat_kv(k, n_heads), repeat_kv(v, n_heads), attn_mask=mask,
+                                              dropout_p=dropout_p)
     if kv is None:
         return ops.causal_attention(q, repeat_kv(k, n_heads), repeat_kv(v, n_heads), dropout_p)
     T = q.size(2)
@@ -79,8 +102,10 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(emb_dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=qkv_bias)  # fused q, k, v
         self.c_proj = Linear(emb_dim, emb_dim)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0):
-        """x (B, T, C); with kv (a layer of a KVCache), x holds positions pos..pos+T-1 of the sequence."""
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
+                mask: torch.Tensor | None = None):
+        """x (B, T, C); with kv (a layer of a KVCache), x holds positions pos..pos+T-1 of the sequence; mask
+        (B, 1, T, T) or None: see causal_attention."""
         B, T, C = x.shape
         hs, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.c_attn(x).split((nh * hs, nkv * hs, nkv * hs), dim=2)  # (B, T, nh*hs), 2 x (B, T, nkv*hs)
@@ -88,7 +113,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)
         drop = self.drop_rate if self.training else 0.0
-        y = causal_attention(q, k, v, drop, kv, pos)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, drop, kv, pos, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return ops.dropout(self.c_proj(y), drop, self.training)
 
@@ -106,19 +131,20 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin (T, head_dim) of rotary embeddings at positions (T,), in the rotate-half layout.
+    """cos and sin (..., head_dim) of rotary embeddings at positions (...,): (T,) or (B, T); rotate-half layout.
 
     Frequency i (of head_dim / 2) is theta^(-2i / head_dim), computed in fp32; both halves of a
     head share the frequencies, as Hugging Face's Llama and Qwen models lay them out.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim / 2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (..., head_dim / 2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (..., head_dim)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, hs) by the angles whose cos and sin are (T, hs): pairs (i, i + hs/2) turn together."""
+    """Rotate x (B, heads, T, hs) by the angles whose cos and sin are (T, hs), or (B, 1, T, hs) for positions per
+    row: pairs (i, i + hs/2) turn together."""
     half = x.size(-1) // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -143,8 +169,10 @@ class GroupedQueryAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
-        """x (B, T, C) at positions pos..pos+T-1, whose rotary cos and sin (T, head_dim) are `rope`."""
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) at positions pos..pos+T-1, whose rotary cos and sin (T, head_dim) are `rope` ((B, 1, T,
+        head_dim) for packed documents, with their mask (B, 1, T, T): see causal_attention)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hs)
@@ -154,7 +182,7 @@ class GroupedQueryAttention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), *rope)  # (B, nh, T, hs)
         k = apply_rotary(k.transpose(1, 2), *rope)  # (B, nkv, T, hs)
         drop = self.drop_rate if self.training else 0.0
-        y = causal_attention(q, k, v, drop, kv, pos)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, drop, kv, pos, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return ops.dropout(self.o_proj(y), drop, self.training)
 
@@ -185,6 +213,22 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.drop_rate, self.training)
+
+
+def torch_default_init(model: nn.Module) -> None:
+    """Re-initialise every layer as PyTorch's modules do by default (the book's ``GPTModel`` is built so):
+    linear weights and biases uniform in +-1/sqrt(fan_in), embeddings N(0, 1), norms ones (and zeros).
+
+    A head tied to the embedding keeps the embedding's initialisation.
+    """
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) in tied:
+            continue
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
 
 
 def padded_rows(vocab_size: int, pad: bool) -> int:

@@ -27,6 +27,8 @@ from .layers import (
     SavedConfig,
     SwiGLU,
     cross_entropy,
+    document_mask,
+    document_positions,
     padded_rows,
     rotary_tables,
     vocab_padding_hooks,
@@ -127,8 +129,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.emb_dim, cfg.intermediate_size, cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv, pos)
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -162,17 +165,23 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, targets: torch.Tensor | None = None,
-                loss=cross_entropy) -> torch.Tensor:
+                loss=cross_entropy, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size); with targets (B, T), loss(hidden, head weight, targets,
-        vocab_size). With a cache, idx continues the cached positions, and their keys and values are added to it."""
+        vocab_size). With a cache, idx continues the cached positions, and their keys and values are added to it.
+        With segments (B, T), the document number of each token (packed documents), rotary positions restart at
+        each document and attention stays inside it."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        rope = rotary_tables(torch.arange(start, start + T, device=idx.device), self.cfg.head_dim,
-                             self.cfg.rope_theta, self.embed_tokens.weight.dtype)
+        pos, mask = torch.arange(start, start + T, device=idx.device), None
+        if segments is not None:
+            assert cache is None, "packed documents are whole sequences: no KV cache"
+            pos, mask = document_positions(segments), document_mask(segments)  # (B, T), (B, 1, T, T)
+        cos, sin = rotary_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, self.embed_tokens.weight.dtype)
+        rope = (cos, sin) if mask is None else (cos[:, None], sin[:, None])  # (T, hs) or (B, 1, T, hs)
         sparse = self.cfg.tie_weights and torch.is_grad_enabled() and ops.use_cpu_kernels(self.embed_tokens.weight)
         x = F.embedding(idx, self.embed_tokens.weight, sparse=sparse)  # (B, T, C)
         for i, block in enumerate(self.layers):
-            x = block(x, rope, cache.layer(i), start) if cache is not None else block(x, rope)
+            x = block(x, rope, cache.layer(i), start) if cache is not None else block(x, rope, mask=mask)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)

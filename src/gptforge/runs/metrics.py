@@ -74,30 +74,32 @@ class MetricsLog:
 
 
 def plot_losses(records: list[dict], path: Path) -> None:
-    """loss.png: train and val loss of each evaluation against steps, tokens seen on the top axis."""
+    """loss.png: train and val loss of each evaluation against steps, tokens seen on the top axis; a
+    second panel with train and val bits per byte when the records have them (older runs: one panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     evals = [r for r in records if r.get("event") == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for key, label in (("train_loss", "train"), ("val_loss", "val")):
-        pts = [(r["step"], r[key]) for r in evals if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    if evals:
-        ax.legend()
+    with_bpb = any("train_bpb" in r or "val_bpb" in r for r in evals)
+    fig, axes = plt.subplots(1, 2 if with_bpb else 1, figsize=(12 if with_bpb else 7, 4), dpi=100, squeeze=False)
+    panels = [("loss", "_loss"), ("bits per byte", "_bpb")][: axes.shape[1]]
     steps = [r for r in evals if r["step"] > 0]
-    if steps:
-        tokens_per_step = steps[-1]["tokens"] / steps[-1]["step"]
-        top = ax.secondary_xaxis(
-            "top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step)
-        )
-        top.set_xlabel("tokens seen")
+    tokens_per_step = steps[-1]["tokens"] / steps[-1]["step"] if steps else None
+    for ax, (ylabel, suffix) in zip(axes[0], panels):
+        for split in ("train", "val"):
+            pts = [(r["step"], r[split + suffix]) for r in evals if split + suffix in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=split)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if evals:
+            ax.legend()
+        if tokens_per_step:
+            top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
+            top.set_xlabel("tokens seen")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -147,10 +149,14 @@ class Progress:
         self.bar.close()
 
 
-def format_eval(step: int, tokens: int, train_loss: float | None, val_loss: float | None) -> str:
+def format_eval(step: int, tokens: int, scores: dict) -> str:
+    """The log line of an evaluation from its train_loss / val_loss (and train_bpb / val_bpb when known)."""
     parts = [f"step {step}", f"tokens {human(tokens)}"]
-    if train_loss is not None:
-        parts.append(f"train loss {train_loss:.3f}")
-    if val_loss is not None:
-        parts.append(f"val loss {val_loss:.3f} (ppl {perplexity(val_loss):.1f})")
+    for name in ("train", "val"):
+        loss, bpb = scores.get(f"{name}_loss"), scores.get(f"{name}_bpb")
+        if loss is None:
+            continue
+        extra = [f"ppl {perplexity(loss):.1f}"] if name == "val" else []
+        extra += [f"bpb {bpb:.3f}"] if bpb is not None else []
+        parts.append(f"{name} loss {loss:.3f}" + (f" ({', '.join(extra)})" if extra else ""))
     return " | ".join(parts)

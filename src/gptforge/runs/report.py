@@ -2,7 +2,8 @@
 
 It reads each run's metrics.jsonl and config.toml and writes plots (matplotlib, embedded as base64
 PNG), the configs side by side with differing rows highlighted, the samples of each evaluation and
-the final losses. The file needs no network and no other file to be viewed or shared.
+the final losses and bits per byte (runs written before bpb existed show none). The file needs no
+network and no other file to be viewed or shared.
 """
 
 from __future__ import annotations
@@ -163,11 +164,12 @@ def summary_table(runs: list[Run]) -> str:
         last = run.records[-1] if run.records else {}
         speeds = [r["tokens_per_s"] for r in run.trains if "tokens_per_s" in r]
         cells = [last.get("step"), last.get("tokens"), last_eval.get("train_loss"), last_eval.get("val_loss"),
-                 last_eval.get("val_perplexity"), sum(speeds) / len(speeds) if speeds else None]
+                 last_eval.get("val_perplexity"), last_eval.get("val_bpb"),
+                 sum(speeds) / len(speeds) if speeds else None]
         rows.append(f"<tr><td>{html.escape(run.name)}</td>"
                     + "".join(f'<td class="num">{_fmt(c)}</td>' for c in cells) + "</tr>")
     head = ("<tr><th>run</th><th>steps</th><th>tokens seen</th><th>train loss</th><th>val loss</th>"
-            "<th>val perplexity</th><th>mean tokens/s</th></tr>")
+            "<th>val perplexity</th><th>val bpb</th><th>mean tokens/s</th></tr>")
     return f'<table id="summary">{head}{"".join(rows)}</table>'
 
 
@@ -201,6 +203,8 @@ def render(runs: list[Run]) -> str:
     figures = [
         _figure(plot(runs, losses, "step", "loss"), "Loss against steps (solid: train, dashed: val)"),
         _figure(plot(runs, losses, "tokens", "loss"), "Loss against tokens seen"),
+        _figure(plot(runs, [("eval", "train_bpb", "train"), ("eval", "val_bpb", "val")], "step", "bits per byte"),
+                "Bits per byte against steps (solid: train, dashed: val; tokenizer-independent)"),
         _figure(plot(runs, [("train", "train_loss", "train")], "step", "loss"), "Training loss of each logged step"),
         _figure(plot(runs, [("train", "lr", "lr")], "step", "learning rate"), "Learning-rate schedule"),
         _figure(plot(runs, [("train", "tokens_per_s", "tokens/s")], "step", "tokens/s"), "Throughput"),

@@ -34,6 +34,8 @@ TAGS = {
     ("eval", "train_loss"): "eval/train_loss",
     ("eval", "val_loss"): "eval/val_loss",
     ("eval", "val_perplexity"): "eval/val_perplexity",
+    ("eval", "train_bpb"): "eval/train_bpb",
+    ("eval", "val_bpb"): "eval/val_bpb",
     ("eval", "tokens"): "eval/tokens_seen",
 }
 SKIP = {"event", "step", "sample"}
@@ -105,7 +107,7 @@ class TensorBoardTracker(Tracker):
         self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
         if resume_step is None:
             hp = flat_config(config)
-            for summary in hparams(hp, {"eval/val_loss": 0.0, "eval/train_loss": 0.0}):
+            for summary in hparams(hp, {"eval/val_loss": 0.0, "eval/train_loss": 0.0, "eval/val_bpb": 0.0}):
                 self.writer.file_writer.add_summary(summary)
             self.writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in hp.items()), 0)
 

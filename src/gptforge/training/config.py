@@ -23,8 +23,10 @@ from ..models.gpt2 import GPTConfig
 from ..runs.trackers import LOGGERS
 from ..weights import init_model_config
 from .optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_ON
+from .recipes import get_recipe
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INITS = ("gpt2", "torch")
 
 # The recipe for `gptforge train` with no DATA (the built-in corpus, ~115K tokens): ~10 minutes on
 # a 2-core CPU with the default "mini" preset. Flags and --config still win over these.
@@ -79,6 +81,9 @@ class TrainConfig:
     sample_tokens: int = opt(40, "Tokens in that sample; 0 turns samples off.")
     sample_temperature: float = opt(0.0, "Temperature of that sample; 0 is greedy.")
     sample_top_k: int | None = opt(None, "Top-k of that sample (with a temperature above 0).")
+    init: str = opt("gpt2", "Initial weights of a new run: gpt2 (normal, std 0.02, projections into the residual "
+                            "stream scaled by 1/sqrt(2 x layers): GPT-2, nanoGPT) or torch (PyTorch's module defaults, "
+                            "as the book's GPTModel gets them).", choices=INITS)
     seed: int = opt(123, "Seed for weights, data order and dropout: a CPU run repeats exactly.")
     device: str = opt("auto", "auto picks cuda, then mps, then cpu.", choices=DEVICES)
     parallel: str = opt("ddp", "Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard).",
@@ -113,6 +118,7 @@ class TrainConfig:
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("init", self.init, INITS)
         check_range("decay_fraction", self.decay_fraction, 0, 1, above=True)
         if self.max_steps is not None and self.max_tokens is not None:
             raise ConfigError(f"--max-steps {self.max_steps} and --max-tokens {self.max_tokens} both set the run's "
@@ -136,10 +142,12 @@ class RunConfig:
     inputs: list[str] = field(default_factory=list)  # text files / directories; empty: the default corpus
     preset: str | None = None
     init_from: str | None = None  # a model SOURCE whose weights the run starts from (weights.load_any)
+    recipe: str | None = None  # the recipe (training/recipes.py) the run's settings started from
 
     def to_toml(self) -> dict:
         return to_toml_dict(arch=spec_for(self.model).arch, preset=self.preset, init_from=self.init_from,
-                            inputs=self.inputs, model=self.model, data=self.data, train=self.train)
+                            recipe=self.recipe, inputs=self.inputs, model=self.model, data=self.data,
+                            train=self.train)
 
 
 def print_warning(message: str) -> None:
@@ -147,7 +155,7 @@ def print_warning(message: str) -> None:
 
 
 TRAIN_SECTIONS = {"model": ModelSettings, "data": DataConfig, "train": TrainConfig}  # [model]: any family's keys
-TRAIN_TOP_LEVEL = {"arch": str, "preset": str, "inputs": list, "init_from": str}
+TRAIN_TOP_LEVEL = {"arch": str, "preset": str, "inputs": list, "init_from": str, "recipe": str}
 
 
 def arch_spec(values: dict, where: str | Path | None) -> ModelSpec:
@@ -191,9 +199,23 @@ def new_run_shape(file_values: dict, flags: dict, config_file) -> tuple[ModelSpe
     return spec, None if init_cfg is not None else (preset or spec.default_preset), init_cfg
 
 
+def recipe_layer(file_values: dict) -> dict:
+    """The settings of the recipe file_values names ({} for none); its family and preset (unless a preset or
+    --init-from is given) go into file_values, where new_run_shape finds them."""
+    if not (name := file_values.get("recipe")):
+        return {}
+    recipe = get_recipe(name)
+    if file_values.setdefault("arch", recipe["arch"]) != recipe["arch"]:
+        raise ConfigError(f"recipe {name!r} trains a {recipe['arch']} model, not --arch {file_values['arch']}; "
+                          f"leave out --arch, or choose a {file_values['arch']} recipe")
+    if "init_from" not in file_values:
+        file_values.setdefault("preset", recipe["preset"])
+    return recipe
+
+
 def resolve_train_config(data, config_file, resume, preset, flags, init_from=None, warn: Callable[[str], None] =
-                         print_warning, arch: str | None = None) -> tuple[RunConfig, Path]:
-    """Layers, later winning: dataclass defaults, preset, saved run config (resume), --config file, flags.
+                         print_warning, arch: str | None = None, recipe: str | None = None) -> tuple[RunConfig, Path]:
+    """Layers, later winning: dataclass defaults, preset, recipe, saved run config (resume), --config file, flags.
 
     With --init-from, the model's shape is the source's instead (weights.init_model_config). `data`,
     `config_file`, `resume`, `preset` and `init_from` are the command's arguments, `flags` the flags
@@ -206,6 +228,8 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         file_values["init_from"] = init_from
     if arch is not None:
         file_values["arch"] = arch
+    if recipe is not None:
+        file_values["recipe"] = recipe
     layers: list[dict] = []
     if resume:
         run_dir = Path(resume)
@@ -223,13 +247,17 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         inputs = saved.get("inputs", [])
         preset_name = saved.get("preset")
         init_from = saved.get("init_from")
+        recipe = saved.get("recipe")
     else:
+        recipe_settings = recipe_layer(file_values)
+        recipe = file_values.get("recipe")
         spec, preset_name, init_cfg = new_run_shape(file_values, flags, config_file)
         init_from = file_values.get("init_from")
         presets = spec.presets
         inputs = list(data) or list(file_values.get("inputs", []))
         follow = data_defaults(inputs, {**file_values, **flags})  # tokenizer; vocab_size (a preset's follows it too)
-        layers = [presets.get(preset_name, {}), {} if inputs else DEFAULT_CORPUS_RUN, follow, file_values, flags]
+        layers = [presets.get(preset_name, {}), {} if inputs else DEFAULT_CORPUS_RUN, recipe_settings, follow,
+                  file_values, flags]
         if init_cfg is not None:
             layers.append(init_cfg.to_dict())
         run_dir = Path(flags.get("out") or file_values.get("out")
@@ -243,7 +271,7 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         check_writable(run_dir, "--out")
     cfg = RunConfig(model=build(spec.config_class, *layers), data=build(DataConfig, *layers),
                     train=build(TrainConfig, *layers), inputs=[str(p) for p in inputs], preset=preset_name,
-                    init_from=init_from)
+                    init_from=init_from, recipe=recipe)
     cfg.train.out = str(run_dir)
     return cfg, run_dir
 

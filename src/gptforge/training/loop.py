@@ -7,13 +7,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..config import ConfigError
 from ..devices import pick_device
-from ..evaluate import evaluate, perplexity
+from ..evaluate import byte_table, evaluate, perplexity
 from ..generate import SampleConfig, sample_text
 from ..models import spec_for
 from ..perf import keep_freed_cpu_memory, mfu, peak_flops
@@ -37,7 +38,10 @@ def describe_model(model: torch.nn.Module) -> str:
 
 @dataclass
 class Evaluator:
-    """Evaluation at a step: train/val loss, a sample, metrics.jsonl, trackers and loss.png."""
+    """Evaluation at a step: train/val loss and bits per byte, a sample, metrics.jsonl, trackers and loss.png.
+
+    token_bytes is the tokenizer's byte table (`evaluate.byte_table`); None leaves train_bpb / val_bpb out.
+    """
 
     cfg: RunConfig
     tokenizer: Tokenizer
@@ -48,17 +52,20 @@ class Evaluator:
     progress: Progress
     run_dir: Path
     device: torch.device
+    token_bytes: np.ndarray | None = None
 
     def __call__(self, model: torch.nn.Module, state: RunState) -> dict:
         t, step = self.cfg.train, state.step
-        losses = {f"{name}_loss": evaluate(model, b, t.eval_batches, self.device).loss
-                  for name, b in self.data.eval_sets.items()}
+        results = {name: evaluate(model, b, t.eval_batches, self.device, self.token_bytes, self.data.eot_id)
+                   for name, b in self.data.eval_sets.items()}
         # every rank scores the same batches (FSDP needs all ranks in each forward), so the losses agree
+        scores = {f"{name}_loss": r.loss for name, r in results.items()}
+        scores.update({f"{name}_bpb": r.bpb for name, r in results.items() if r.bpb is not None})
         record = dict(event="eval", step=step, tokens=state.tokens, lr=self.schedule.lr_at(max(step - 1, 0)),
-                      **losses)
-        if "val_loss" in losses:
-            record["val_perplexity"] = perplexity(losses["val_loss"])
-        self.progress.write(format_eval(step, state.tokens, losses.get("train_loss"), losses.get("val_loss")))
+                      **scores)
+        if "val_loss" in scores:
+            record["val_perplexity"] = perplexity(scores["val_loss"])
+        self.progress.write(format_eval(step, state.tokens, scores))
         if t.sample_tokens > 0:  # its own seeded generator: the training RNG stays untouched
             sample_cfg = SampleConfig(t.sample_tokens, t.sample_temperature, t.sample_top_k)
             text = sample_text(dist.unwrap(model), self.tokenizer, t.sample_prompt, sample_cfg, seed=t.seed + step,
@@ -149,13 +156,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     fpt, peak = describe_run(cfg, core, data, schedule, optimizer, device, amp, run_dir, log)
     progress = Progress(schedule.total_steps, state.step, enabled=t.progress and main, quiet=not main,
                         flops_per_token=fpt, peak_flops=peak)
-    evaluator = Evaluator(cfg, tokenizer, data, schedule, metrics, trackers, progress, run_dir, device)
+    evaluator = Evaluator(cfg, tokenizer, data, schedule, metrics, trackers, progress, run_dir, device,
+                          byte_table(tokenizer, warn))
 
-    step_tokens = tokens_per_step(cfg)
     last_eval = evaluator(model, state) if state.step == 0 else {}
     save_every = t.save_every or t.eval_every
     model.train()
-    train_seconds, start_step, stopping, last_save = 0.0, state.step, False, time.monotonic()
+    train_seconds, start_tokens, stopping, last_save = 0.0, state.tokens, False, time.monotonic()
     with stop_requests() as stop:
         while state.step < schedule.total_steps and not stopping:
             t0 = time.perf_counter()
@@ -165,10 +172,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                 time.monotonic() - last_save >= 60 * t.save_every_minutes
             result = train_step(model, step_model, optimizer, amp, t, data, state, device, stop, save_due)
             stopping = result.stop_requested
-            state.step, state.tokens = state.step + 1, state.tokens + step_tokens
+            state.step, state.tokens = state.step + 1, state.tokens + result.tokens  # scored: padding left out
             seconds = time.perf_counter() - t0
             train_seconds += seconds
-            tok_s = progress.step(result.loss, step_tokens, seconds, lr)
+            tok_s = progress.step(result.loss, result.tokens, seconds, lr)
             log_step(result, state, lr, tok_s, mfu(fpt, tok_s, peak), t, metrics, trackers, progress)
             if state.step % t.eval_every == 0 or state.step == schedule.total_steps:
                 last_eval = evaluator(model, state)
@@ -182,7 +189,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     if stopped_by:
         log(f"stopped by {stopped_by} at step {state.step}; checkpoint saved, continue with --resume {run_dir}")
     return dict(last_eval, steps=state.step, train_seconds=train_seconds, stopped_by=stopped_by,
-                tokens_per_s=(state.step - start_step) * step_tokens / max(train_seconds, 1e-9))
+                tokens_per_s=(state.tokens - start_tokens) / max(train_seconds, 1e-9))
 
 
 def _toml_bytes(cfg: RunConfig) -> bytes:

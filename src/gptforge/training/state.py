@@ -17,8 +17,9 @@ from ..config import ConfigError
 from ..data import (
     Batches,
     RandomBatches,
-    TokenWindows,
     check_windows,
+    document_eot,
+    make_windows,
     open_prepared,
     prepared_dir,
     read_texts,
@@ -28,6 +29,7 @@ from ..data import (
     training_batches,
 )
 from ..models import build
+from ..models.layers import torch_default_init
 from ..runs.metrics import human
 from ..tokenizer import Tokenizer
 from ..weights import load_any, load_model
@@ -52,14 +54,16 @@ class TrainData:
     eval_sets: dict[str, Batches]
     data_hash: str
     summary: str  # the log line describing the data
+    eot_id: int | None = None  # --document-mask: the document separator loss_batch masks attention at
+    padded: bool = False  # --packing pad: rows score different numbers of targets (train_step weighs them)
 
 
 def build_data(cfg: RunConfig, tokenizer) -> TrainData:
     t, world = cfg.train, dist.world_size()
     train_tokens, val_tokens = load_splits(cfg, tokenizer)
     ctx = cfg.model.context_length
-    train_windows = TokenWindows(train_tokens, ctx, cfg.data.stride)
-    val_windows = TokenWindows(val_tokens, ctx, cfg.data.stride)
+    train_windows = make_windows(train_tokens, ctx, cfg.data, tokenizer)
+    val_windows = make_windows(val_tokens, ctx, cfg.data, tokenizer)
     batches = training_batches(train_windows, cfg.data.sampling, t.batch_size, t.seed, dist.rank(), world)
     check_windows(train_windows, len(train_tokens), "train", t.batch_size * batches.world if isinstance(
         batches, Batches) else t.batch_size, drop_last=True)
@@ -72,11 +76,13 @@ def build_data(cfg: RunConfig, tokenizer) -> TrainData:
     if len(batches) < t.grad_accum and t.max_steps is None:
         raise ConfigError(f"one epoch has {len(batches)} batches, fewer than --grad-accum {t.grad_accum}; "
                           "lower --grad-accum or --batch-size, or set --max-steps")
-    summary = (f"data: {human(len(train_tokens))} train tokens ({len(train_windows)} windows), "
-               f"{human(len(val_tokens))} val tokens ({len(val_windows)} windows); "
+    rows = "documents" if cfg.data.packing == "pad" else "windows"
+    summary = (f"data: {human(len(train_tokens))} train tokens ({len(train_windows)} {rows}), "
+               f"{human(len(val_tokens))} val tokens ({len(val_windows)} {rows}); "
                f"{len(batches)} batches of {t.batch_size * world} per epoch"
                + (f" ({world} processes x {t.batch_size}, {t.parallel})" if world > 1 else ""))
-    return TrainData(batches, eval_sets, tokens_digest(train_tokens), summary)
+    eot_id = document_eot(tokenizer, "document_mask") if cfg.data.document_mask else None
+    return TrainData(batches, eval_sets, tokens_digest(train_tokens), summary, eot_id, cfg.data.packing == "pad")
 
 
 @dataclass
@@ -143,7 +149,7 @@ class RunState:
 
 
 def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torch.nn.Module:
-    """Random initial weights from the seed, or --init-from's weights (a resumed run loads its own later)."""
+    """Random initial weights from the seed (as --init says), or --init-from's weights (a resumed run loads its own later)."""
     if cfg.init_from and not resume:
 
         model = load_any(cfg.init_from, device, context_length=cfg.model.context_length,
@@ -154,6 +160,8 @@ def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torc
         log(f"initialised from {cfg.init_from}")
     else:
         model = build(cfg.model).to(device)
+        if cfg.train.init == "torch":
+            torch_default_init(model)
     if dist.world_size() > 1:
         torch.manual_seed(cfg.train.seed + 1000 * dist.rank())  # same initial weights, a dropout stream per rank
     if cfg.train.activation_checkpointing:

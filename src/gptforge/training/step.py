@@ -15,6 +15,7 @@ from .. import distributed as dist
 from .. import faults
 from ..config import ConfigError
 from ..evaluate import loss_batch
+from ..ops import IGNORE_INDEX
 from .config import TrainConfig
 from .state import RunState, TrainData
 
@@ -69,10 +70,12 @@ class Precision:
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
 
-    def backward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_accum: int = 1) -> float:
-        """Forward and backward of one micro-batch (gradients add up); returns its share of the step's loss."""
+    def backward(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_accum: float = 1,
+                 eot_id: int | None = None) -> float:
+        """Forward and backward of one micro-batch (gradients add up); returns its share of the step's loss: its
+        mean loss / grad_accum (train_step's loss_divisors). eot_id: --document-mask (loss_batch)."""
         with self.autocast:
-            loss = loss_batch(model, x, y) / grad_accum
+            loss = loss_batch(model, x, y, eot_id) / grad_accum
         self.scaler.scale(loss).backward()
         return loss.item()
 
@@ -103,6 +106,19 @@ class StepResult:
     finite: bool
     stop_requested: bool  # on any rank
     save_due: bool  # rank 0's --save-every-minutes clock
+    tokens: int  # scored training tokens of the step, all ranks: the global batch, less padding (--packing pad)
+
+
+def loss_divisors(counts: list[int], grad_accum: int, padded: bool, device: torch.device) -> list[float]:
+    """What each micro-batch's mean loss is divided by, so that the step's gradient is the mean over the scored
+    targets of the whole job. Full rows: grad_accum. With padding (--packing pad) micro-batches score different
+    numbers of targets: the job's scored targets over this micro-batch's, times the world size (DDP and FSDP
+    average gradients over ranks), so that accumulation and ranks weigh each target alike and 2 processes = 1."""
+    if not padded:
+        return [grad_accum] * len(counts)
+    assert all(counts), counts  # every padded row scores at least its EOS
+    (total,) = dist.all_sum([float(sum(counts))], device)
+    return [total / (count * dist.world_size()) for count in counts]
 
 
 def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, data: TrainData, state: RunState,
@@ -110,10 +126,12 @@ def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, dat
     """One optimizer step of the whole job: micro-batches, clipping, one all-reduce, the update (if finite)."""
     loss_sum = 0.0
     try:
-        for micro in range(t.grad_accum):
-            x, y = state.next_batch(data.batches, device)
+        micro_batches = [state.next_batch(data.batches, device) for _ in range(t.grad_accum)]
+        counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]  # y.numel() but for padding
+        divisors = loss_divisors(counts, t.grad_accum, data.padded, device)
+        for micro, ((x, y), divisor) in enumerate(zip(micro_batches, divisors)):
             with dist.grad_sync(model, sync=micro == t.grad_accum - 1):  # reduce on the last micro-step
-                loss_sum += amp.backward(step_model, x, y, t.grad_accum)
+                loss_sum += amp.backward(step_model, x, y, divisor, data.eot_id)
         faults.point("step-mid")
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
@@ -122,8 +140,9 @@ def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, dat
             f"--grad-accum {t.grad_accum * 2}"
         ) from None
     grad_norm = amp.clip(model, optimizer, t.grad_clip)
-    # one all-reduce: the mean loss over ranks, whether any rank was asked to stop, and rank 0's clock
-    loss_total, stop_votes, save_votes = dist.all_sum([loss_sum, float(bool(stop)), float(save_due)], device)
+    # one all-reduce: the mean loss over ranks, whether any rank was asked to stop, rank 0's clock, scored tokens
+    loss_total, stop_votes, save_votes, scored_total = dist.all_sum(
+        [loss_sum, float(bool(stop)), float(save_due), float(sum(counts))], device)
     loss = loss_total / dist.world_size()
     # fp16: an overflowing gradient is the GradScaler's to skip (it lowers its scale), not an error
     finite = math.isfinite(loss) and (math.isfinite(grad_norm) or amp.scaler.is_enabled())
@@ -133,6 +152,6 @@ def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, dat
         raise TrainingError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss}, grad norm "
                             f"{float(grad_norm)}); lower --lr, keep --grad-clip on, or pass --skip-nonfinite")
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, finite, stop_votes > 0, bool(save_votes))
+    return StepResult(loss, grad_norm, finite, stop_votes > 0, bool(save_votes), round(scored_total))
 
 

@@ -1,0 +1,97 @@
+"""Benchmark: the book, nanogpt and modern recipes side by side, the same minutes each, in held-out bpb.
+
+For each corpus (the built-in one, and --corpus, default the Vim user manual where installed) the
+recipes run in turn (`gptforge bench quality`, one process each, alternating over --repeats), on
+the same text, held-out part, transformer-block parameters and minutes. Then, per corpus: each
+recipe's final held-out bits per byte, modern's against nanogpt's (target: at least 10% lower),
+and how long modern took to reach nanogpt's final bpb (read off its curve of checkpoints, linearly
+between them) as a share of nanogpt's time (target: at most 60%). Last line JSON.
+
+    python benchmarks/time_to_quality.py [--minutes 5] [--repeats 1] [--corpus PATH ...] [--quick]
+
+--quick: tiny shapes and a few seconds per recipe, built-in corpus only (what CI runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPES = ("nanogpt", "modern", "book")
+VIM_MANUAL = Path("/usr/share/vim/vim90/doc")
+QUICK = ["--emb-dim", "32", "--n-layers", "1", "--head-dim", "16", "--context-length", "32", "--batch-size", "2",
+         "--points", "2", "--tokenizer-vocab", "300", "--holdout", "0.005"]
+
+
+def run_recipe(recipe: str, corpus: list[str], minutes: float, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "gptforge", "bench", "quality", *corpus, "--recipe", recipe, "--minutes",
+           str(minutes), *extra]
+    print("$", " ".join(cmd[1:]), flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def time_to_reach(curve: list[dict], bpb: float) -> float | None:
+    """Training seconds at which the curve first reaches bpb (linear between points); None if it never does."""
+    prev = dict(seconds=0.0, val_bpb=None)
+    for point in curve:
+        if point["val_bpb"] <= bpb:
+            if prev["val_bpb"] is None:
+                return point["seconds"]
+            frac = (prev["val_bpb"] - bpb) / (prev["val_bpb"] - point["val_bpb"])
+            return prev["seconds"] + frac * (point["seconds"] - prev["seconds"])
+        prev = point
+    return None
+
+
+def summarise(name: str, results: dict[str, list[dict]]) -> dict:
+    final = {r: statistics.median(x["val_bpb"] for x in runs) for r, runs in results.items()}
+    print(f"\n{name}: {'recipe':<8} {'steps':>6} {'tokens':>9} {'minutes':>7} {'val bpb':>8} {'block params':>12}")
+    for r, runs in results.items():
+        x = runs[-1]
+        print(f"{'':<{len(name) + 2}}{r:<8} {x['steps']:>6} {x['tokens']:>9} {x['minutes']:>7.2f} {final[r]:>8.4f} "
+              f"{x['block_params']:>12,}")
+    out = {"corpus": name, "final_bpb": final}
+    if "modern" in final and "nanogpt" in final:
+        out["modern_vs_nanogpt_bpb"] = round(final["modern"] / final["nanogpt"], 4)
+        nano = results["nanogpt"][-1]
+        reach = [time_to_reach(x["curve"], final["nanogpt"]) for x in results["modern"]]
+        nano_seconds = nano["minutes"] * 60
+        shares = [t / nano_seconds for t in reach if t is not None]
+        out["modern_time_to_nanogpt_bpb"] = round(statistics.median(shares), 4) if len(shares) == len(reach) else None
+        print(f"modern / nanogpt final bpb: {out['modern_vs_nanogpt_bpb']:.3f} (target <= 0.90); time to nanogpt's "
+              f"final bpb: {out['modern_time_to_nanogpt_bpb']} of nanogpt's time (target <= 0.60)")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--corpus", nargs="*", default=None, help="a second corpus (files or directories)")
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    corpora = {"built-in": []}
+    extra = QUICK if args.quick else []
+    minutes = 0.02 if args.quick else args.minutes
+    if not args.quick:
+        second = args.corpus if args.corpus is not None else (
+            sorted(map(str, VIM_MANUAL.glob("usr_[0-9]*.txt"))) if VIM_MANUAL.is_dir() else [])
+        if second:
+            corpora["vim-manual" if args.corpus is None else "corpus"] = second
+    results = {name: {r: [] for r in args.recipes} for name in corpora}
+    for _ in range(args.repeats):
+        for name, corpus in corpora.items():
+            for recipe in args.recipes:
+                results[name][recipe].append(run_recipe(recipe, corpus, minutes, extra))
+    summary = [summarise(name, res) for name, res in results.items()]
+    print(json.dumps({"minutes": minutes, "repeats": args.repeats, "corpora": summary}))
+
+
+if __name__ == "__main__":
+    main()
