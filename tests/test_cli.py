@@ -180,6 +180,14 @@ def test_help_explains_every_flag(capsys):
                  "--drop-rate", "--qkv-bias", "--batch-size", "--lr", "--weight-decay", "--resume", "--config",
                  "--out"):
         assert flag in out, flag
+    flat = " ".join(out.split())  # click wraps the help text
+    for flag, default in (("--optimizer [adamw|muon]", "adamw"), ("--muon-lr FLOAT", "0.02"),
+                          ("--muon-momentum FLOAT", "0.95"), ("--muon-weight-decay FLOAT", "0.01"),
+                          ("--muon-nesterov / --no-muon-nesterov", "True"),
+                          ("--weight-decay-on [matrices|all]", "matrices")):
+        assert flag in flat, flag
+        after = flat[flat.index(flag):]
+        assert after[after.index("[default: "):].startswith(f"[default: {default}]"), flag  # its own default
 
 
 def test_command_flags_are_the_component_dataclasses_fields(capsys):

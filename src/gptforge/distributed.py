@@ -126,9 +126,15 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer,
+        return get_optimizer_state_dict(model, _parts(optimizer),
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return optimizer.state_dict()
+
+
+def _parts(optimizer: torch.optim.Optimizer):
+    """The optimizers torch.distributed.checkpoint sees: a combined optimizer's parts (training.optim.Combined),
+    saved as one state dict keyed by parameter name."""
+    return getattr(optimizer, "parts", optimizer)
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -136,10 +142,23 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+        set_optimizer_state_dict(model, _parts(optimizer), optim_state_dict=state,
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
+
+
+def whole_matrix(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for a function that needs the whole matrix (Muon's Newton–Schulz): under FSDP2 x is a DTensor
+    sharded on dim 0, so every rank gathers it, computes fn on the whole, and keeps its own shard of the result."""
+    if not is_distributed():
+        return fn(x)
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(x, DTensor):  # DDP: every rank holds the whole matrix
+        return fn(x)
+    whole = fn(x.full_tensor())  # the same on every rank
+    return distribute_tensor(whole, x.device_mesh, x.placements, src_data_rank=None)  # no communication
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

@@ -22,7 +22,7 @@ from ..models import DEFAULT_ARCH, ModelSettings, ModelSpec, check_settings, get
 from ..models.gpt2 import GPTConfig
 from ..runs.trackers import LOGGERS
 from ..weights import init_model_config
-from .optim import SCHEDULES
+from .optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_ON
 from .recipes import get_recipe
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -44,9 +44,23 @@ class TrainConfig:
     lr: float = opt(4e-4, "Peak learning rate, reached at the end of warmup.")
     min_lr: float | None = opt(None, "Learning rate at the end of the cosine or wsd decay; default: lr / 10.")
     warmup_steps: int | None = opt(None, "Steps of linear warmup; default: 5% of the run's steps.")
-    weight_decay: float = opt(0.1, "AdamW weight decay, applied to weight matrices and embeddings only.")
+    weight_decay: float = opt(0.1, "AdamW weight decay, applied to weight matrices and embeddings only "
+                                   "(see --weight-decay-on).")
+    weight_decay_on: str = opt("matrices", "What --weight-decay decays: matrices (weight matrices and embeddings) or "
+                                           "all (norms and biases too, as torch.optim.AdamW(model.parameters()) does).",
+                               choices=WEIGHT_DECAY_ON)
     beta1: float = opt(0.9, "AdamW beta1.")
     beta2: float = opt(0.95, "AdamW beta2.")
+    optimizer: str = opt("adamw", "adamw, or muon: torch.optim.Muon for the 2-D weight matrices inside the transformer "
+                                  "blocks (attention, MLP) and AdamW (--lr, betas, --weight-decay) for embeddings, "
+                                  "head, norms and biases.", choices=OPTIMIZERS)
+    muon_lr: float = opt(0.02, "Muon's peak learning rate; the schedule scales it as it scales --lr.")
+    muon_momentum: float = opt(0.95, "Muon's momentum.")
+    # 0.01 as Keller Jordan's reference Muon usage (lr 0.02); torch's default 0.1 goes with an lr near AdamW's
+    # (adjust_lr_fn="match_rms_adamw"): at lr 0.02 it would shrink the matrices 50x faster than AdamW's 4e-4 x 0.1
+    muon_weight_decay: float = opt(0.01, "Muon's decoupled weight decay: each step the matrices shrink by "
+                                         "(current Muon lr) x this.")
+    muon_nesterov: bool = opt(True, "Muon's Nesterov momentum.")
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 turns clipping off.")
     skip_nonfinite: bool = opt(False, "Skip a step whose loss or gradient is NaN/inf instead of stopping the run.")
     epochs: int = opt(1, "Passes over the training windows (when --max-steps is not given).")
@@ -88,13 +102,18 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "max_steps", "max_tokens", "eval_every", "eval_batches",
                      "log_every", "save_every", "sample_top_k"):
             check_range(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "keep_last", "sample_tokens", "sample_temperature"):
+        for name in ("warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "keep_last", "sample_tokens",
+                     "sample_temperature"):
             check_range(name, getattr(self, name), 0)
         check_range("lr", self.lr, 0, above=True)
         check_range("min_lr", self.min_lr, 0)
         check_range("save_every_minutes", self.save_every_minutes, 0, above=True)
         check_range("beta1", self.beta1, 0, 1, below=True)
         check_range("beta2", self.beta2, 0, 1, below=True)
+        check_range("muon_lr", self.muon_lr, 0, above=True)
+        check_range("muon_momentum", self.muon_momentum, 0, 1, below=True)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("weight_decay_on", self.weight_decay_on, WEIGHT_DECAY_ON)
         check_range("seed", self.seed, 0, SEED_MAX)
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")

@@ -23,7 +23,7 @@ from ..runs.metrics import MetricsLog, Progress, format_eval, human, plot_losses
 from ..runs.trackers import check_loggers, open_trackers
 from ..tokenizer import Tokenizer, get_tokenizer
 from .config import RunConfig, TrainConfig
-from .optim import make_optimizer, set_lr
+from .optim import build_optimizer, check_optimizer, describe_optimizer, set_lr
 from .state import Checkpointer, RunState, Schedule, TrainData, build_data, build_model
 from .step import Precision, StepResult, stop_requests, train_step
 
@@ -98,12 +98,13 @@ def tokens_per_step(cfg: RunConfig) -> int:
     return t.batch_size * t.grad_accum * cfg.model.context_length * dist.world_size()
 
 
-def describe_run(cfg: RunConfig, core: torch.nn.Module, data: TrainData, schedule: Schedule, device, amp: Precision,
-                 run_dir: Path, log) -> tuple[float, float | None]:
-    """The start-up lines (model, data, schedule, speed); returns (FLOPs per token, peak FLOP/s or None)."""
+def describe_run(cfg: RunConfig, core: torch.nn.Module, data: TrainData, schedule: Schedule, optimizer, device,
+                 amp: Precision, run_dir: Path, log) -> tuple[float, float | None]:
+    """The start-up lines (model, data, optimizer, schedule, speed); returns (FLOPs per token, peak FLOP/s or None)."""
     t = cfg.train
     log(describe_model(core))
     log(data.summary)
+    log(describe_optimizer(optimizer, t.lr))
     log(f"training: {schedule.total_steps} steps of {human(tokens_per_step(cfg))} tokens on {device}, lr {t.lr:g} "
         f"({schedule.describe()}) -> {run_dir}")
     fpt = spec_for(cfg.model).flops_per_token(cfg.model)
@@ -131,6 +132,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                           f"{tokenizer.vocab_size}; set --vocab-size to at least that")
     torch.manual_seed(t.seed)
     check_loggers(t.logger)
+    check_optimizer(t.optimizer)
 
     data = build_data(cfg, tokenizer)
     schedule = Schedule.plan(t, len(data.batches), tokens_per_step(cfg))
@@ -144,7 +146,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     model = dist.wrap(model, device, t.parallel)
     core = dist.unwrap(model)  # the GPT itself: evaluation, sampling, saving (no _orig_mod. prefixes)
     step_model = torch.compile(model) if t.compile else model  # what the training step calls
-    optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
+    optimizer = build_optimizer(model, t, device)
     if resumed:
         dist.load_optimizer_state(model, optimizer, optimizer_state)
     if main:
@@ -152,7 +154,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     metrics = MetricsLog(run_dir / ckpt.METRICS if main else None, resume_step=state.step if resumed else -1,
                          warn=warn)
     trackers = open_trackers(t.logger, run_dir, cfg.to_toml(), resume_step=state.step if resumed else None)
-    fpt, peak = describe_run(cfg, core, data, schedule, device, amp, run_dir, log)
+    fpt, peak = describe_run(cfg, core, data, schedule, optimizer, device, amp, run_dir, log)
     progress = Progress(schedule.total_steps, state.step, enabled=t.progress and main, quiet=not main,
                         flops_per_token=fpt, peak_flops=peak)
     evaluator = Evaluator(cfg, tokenizer, data, schedule, metrics, trackers, progress, run_dir, device,

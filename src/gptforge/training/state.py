@@ -191,6 +191,10 @@ class Checkpointer:
             self.log(f"{run_dir}: no checkpoint yet; starting the run from step 0")
             return None
         saved = ckpt.load_state(last)
+        if (kind := saved.get("optimizer_kind", "adamw")) != t.optimizer:  # checkpoints before Muon: AdamW's
+            raise ConfigError(f"{run_dir}: the run trains with --optimizer {kind} (its checkpoint holds that "
+                              f"optimizer's state), not {t.optimizer}; resume with --optimizer {kind} or start a new "
+                              "run")
         if saved["data_hash"] != self.data.data_hash:
             raise ConfigError(f"{run_dir}: the training data differs from the data the run started with "
                               f"(token hash {self.data.data_hash} vs {saved['data_hash']}); restore it or start a "
@@ -223,7 +227,7 @@ class Checkpointer:
         if dist.is_main():
             t = self.cfg.train
             saved = dict(state.state_dict(), data_hash=self.data.data_hash, world_size=dist.world_size(),
-                         batch_size=t.batch_size, optimizer=optim_state, rng=rngs,
+                         batch_size=t.batch_size, optimizer=optim_state, optimizer_kind=t.optimizer, rng=rngs,
                          schedule=self.schedule.state_dict())
             if self.scaler.is_enabled():
                 saved["scaler"] = self.scaler.state_dict()
