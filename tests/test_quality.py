@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-
 from clirun import run
+
 from gptforge.config import ConfigError
 from gptforge.models import build
 from gptforge.models.gpt2 import GPTConfig

@@ -25,8 +25,8 @@ from .evaluate import EvalConfig, evaluate_text
 from .generate import GenerateConfig, SampleConfig, generate_text
 from .models import SPECS, ModelSettings, all_presets, check_settings, get_spec, preset_arch
 from .prepare import PrepareConfig, train_tokenizer
-from .quality import QualityConfig, bench_quality
 from .prepare import prepare as run_prepare
+from .quality import QualityConfig, bench_quality
 from .runs.report import write_report
 from .serve import ServeConfig
 from .serve import serve as run_server

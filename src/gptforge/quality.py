@@ -25,10 +25,10 @@ from .data import default_documents, read_texts
 from .devices import DEVICES, device_opt, pick_device
 from .evaluate import EvalConfig, evaluate_text
 from .models import build, spec_for
-from .training import train
-from .training.config import resolve_train_config
 from .perf import device_name
 from .tokenizer import train_bpe
+from .training import train
+from .training.config import resolve_train_config
 from .training.recipes import RECIPES, get_recipe
 
 CALIBRATION_STEPS = 8
@@ -181,7 +181,8 @@ def measure(q: QualityConfig, recipe: dict, work: Path, tokenizer: str | None, l
     last = curve[-1]
     out = {"recipe": q.recipe, "minutes": round(summary["train_seconds"] / 60, 3), "steps": summary["steps"],
            "tokens": summary["steps"] * q.batch_size * q.context_length, "val_loss": last["val_loss"],
-           "val_bpb": last["val_bpb"], "device": device_name(pick_device(q.device)), "block_params": block_params(model),
+           "val_bpb": last["val_bpb"], "device": device_name(pick_device(q.device)),
+           "block_params": block_params(model),
            "params": sum(p.numel() for p in model.parameters()), "tokenizer": Path(tokenizer).name if tokenizer
            else "gpt2", "curve": curve}
     if not math.isfinite(out["val_bpb"]):

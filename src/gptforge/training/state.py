@@ -149,7 +149,8 @@ class RunState:
 
 
 def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torch.nn.Module:
-    """Random initial weights from the seed (as --init says), or --init-from's weights (a resumed run loads its own later)."""
+    """Random initial weights from the seed (as --init says), or --init-from's weights (a resumed run loads
+    its own later)."""
     if cfg.init_from and not resume:
 
         model = load_any(cfg.init_from, device, context_length=cfg.model.context_length,
