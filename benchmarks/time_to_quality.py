@@ -87,7 +87,7 @@ def main() -> None:
     corpora = {"built-in": ([], QUICK if args.quick else points, 0.02 if args.quick else args.minutes)}
     if not args.quick:
         second = args.corpus if args.corpus is not None else (
-            sorted(map(str, VIM_DOCS.glob("*.txt"))) if VIM_DOCS.is_dir() else [])
+            [str(VIM_DOCS)] if VIM_DOCS.is_dir() else [])  # train reads a directory's *.txt, sorted
         if second:
             corpora["vim-docs" if args.corpus is None else "corpus"] = (
                 second, [*points, "--holdout", str(args.corpus_holdout)], args.corpus_minutes)
