@@ -38,6 +38,18 @@ def assert_same_losses(a, b, tol):
                     assert abs(x[key] - y[key]) <= tol, (event, x["step"], key, x[key], y[key])
 
 
+def assert_resumes_exactly(run, cut):
+    """A copy of the 4-step 2-process run, cut after step 2 and resumed with 2 processes, ends exactly where it did."""
+    shutil.copytree(run, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    gptforge("--resume", cut, "--nproc", "2")
+
+    def losses(r):
+        return [(x["step"], x["train_loss"], x["grad_norm"]) for x in records(r, "train")]
+
+    assert losses(cut) == losses(run)
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     from pydoc_data.topics import topics
@@ -59,14 +71,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(single, parallel):
     assert_same_losses(d / "single", run, tol=1e-5)
 
     # a 2-process run cut after step 2 and resumed with 2 processes ends exactly where it ended
-    cut = d / f"{parallel}-cut"
-    shutil.copytree(run, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-00000004")
-    gptforge("--resume", cut, "--nproc", "2")
-    def losses(r):
-        return [(x["step"], x["train_loss"], x["grad_norm"]) for x in records(r, "train")]
-
-    assert losses(cut) == losses(run)
+    assert_resumes_exactly(run, d / f"{parallel}-cut")
 
 
 LLAMA = ["--preset", "llama-tiny", "--n-heads", "4", "--n-kv-heads", "2", "--qk-norm", *COMMON[2:]]
@@ -105,14 +110,7 @@ def test_muon_two_processes_equal_one(single, parallel):
     gptforge(text, "--out", run, "--batch-size", "2", "--nproc", "2", "--parallel", parallel, *MUON)
     assert_same_losses(one, run, tol=1e-3)
 
-    cut = d / f"muon-{parallel}-cut"
-    shutil.copytree(run, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-00000004")
-    gptforge("--resume", cut, "--nproc", "2")
-    def losses(r):
-        return [(x["step"], x["train_loss"], x["grad_norm"]) for x in records(r, "train")]
-
-    assert losses(cut) == losses(run)
+    assert_resumes_exactly(run, d / f"muon-{parallel}-cut")
 
 
 SHARDED_MUON = """

@@ -69,11 +69,24 @@ def test_max_tokens_sets_the_run_length_in_whole_global_batches(text_file, tmp_p
         TrainConfig(schedule="linear")
 
 
-def test_wsd_run_resumes_bit_for_bit(text_file, tmp_path):
-    import json
+def assert_resume_from_step_4_is_exact(cfg, tmp_path, records):
+    """The run in tmp_path/full, copied with its checkpoints after step 4 removed and resumed, logs the same."""
     import shutil
 
     from gptforge import checkpoint as ckpt
+    from gptforge.training import train
+
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for d in ckpt.checkpoint_dirs(tmp_path / "cut"):
+        if int(d.name.split("-")[1]) > 4:
+            shutil.rmtree(d)
+    train(cfg, tmp_path / "cut", resume=True, log=lambda *_: None)
+    assert records(tmp_path / "cut") == records(tmp_path / "full")
+
+
+def test_wsd_run_resumes_bit_for_bit(text_file, tmp_path):
+    import json
+
     from gptforge.data import DataConfig
     from gptforge.models.gpt2 import GPTConfig
     from gptforge.training import RunConfig, TrainConfig, train
@@ -91,12 +104,7 @@ def test_wsd_run_resumes_bit_for_bit(text_file, tmp_path):
     train(cfg, tmp_path / "full", log=lambda *_: None)
     lrs = [lr for _, lr, _ in records(tmp_path / "full")]
     assert len(lrs) == 8 and lrs[1:4] == [cfg.train.lr] * 3 and lrs[-1] == pytest.approx(cfg.train.lr / 10)
-    shutil.copytree(tmp_path / "full", tmp_path / "cut")
-    for d in ckpt.checkpoint_dirs(tmp_path / "cut"):
-        if int(d.name.split("-")[1]) > 4:
-            shutil.rmtree(d)
-    train(cfg, tmp_path / "cut", resume=True, log=lambda *_: None)
-    assert records(tmp_path / "cut") == records(tmp_path / "full")
+    assert_resume_from_step_4_is_exact(cfg, tmp_path, records)
 
 
 # ----------------------------------------------------------------------------- Muon
@@ -275,7 +283,6 @@ def test_muon_needs_a_torch_that_has_it(monkeypatch):
 
 def test_muon_run_resumes_bit_for_bit_and_keeps_its_optimizer(text_file, tmp_path):
     import json
-    import shutil
 
     from gptforge import checkpoint as ckpt
     from gptforge.config import ConfigError
@@ -296,12 +303,7 @@ def test_muon_run_resumes_bit_for_bit_and_keeps_its_optimizer(text_file, tmp_pat
     lines = []
     train(cfg, tmp_path / "full", log=lines.append)
     assert any(line.startswith("optimizer: muon for 8 matrices") for line in lines)
-    shutil.copytree(tmp_path / "full", tmp_path / "cut")
-    for d in ckpt.checkpoint_dirs(tmp_path / "cut"):
-        if int(d.name.split("-")[1]) > 4:
-            shutil.rmtree(d)
-    train(cfg, tmp_path / "cut", resume=True, log=lambda *_: None)
-    assert records(tmp_path / "cut") == records(tmp_path / "full")
+    assert_resume_from_step_4_is_exact(cfg, tmp_path, records)
     state = ckpt.load_state(ckpt.latest_checkpoint(tmp_path / "full"))
     assert state["optimizer_kind"] == "muon" and set(state["optimizer"]) == {"muon", "adamw"}
     assert len(state["optimizer"]["muon"]["state"]) == 8  # a momentum buffer per matrix

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .config import ConfigError, check_range, opt
+from .config import ConfigError, check_choice, check_range, opt
 from .data import default_documents, read_texts
 from .devices import DEVICES, device_opt, pick_device
 from .evaluate import EvalConfig, evaluate_text
@@ -62,8 +62,7 @@ class QualityConfig:
         check_range("holdout", self.holdout, 0, 1, above=True, below=True)
         if self.emb_dim % self.head_dim:
             raise ConfigError(f"--emb-dim {self.emb_dim} must be a multiple of --head-dim {self.head_dim}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check_choice("device", self.device, DEVICES)
 
 
 # The tokenizer each recipe trains with unless --tokenizer-vocab says otherwise (None: GPT-2's).
