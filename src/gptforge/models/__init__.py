@@ -100,7 +100,8 @@ def _settings_union() -> type:
     merged: dict[str, dict] = {}
     for spec in SPECS.values():
         for f in fields(spec.config_class):
-            entry = merged.setdefault(f.name, {"type": f.type, "help": f.metadata.get("help", ""), "defaults": {}})
+            entry = merged.setdefault(f.name, {"type": f.type, "help": f.metadata.get("help", ""), "defaults": {},
+                                               "choices": f.metadata.get("choices")})
             default = f.default if f.default is not MISSING else None
             entry["defaults"][spec.arch] = default
     out = []
@@ -114,8 +115,10 @@ def _settings_union() -> type:
         else:
             note = "[default: " + ", ".join(f"{v} ({a})" for a, v in defaults.items()) + "]"
         typ = entry["type"] if "None" in str(entry["type"]) else f"{entry['type']} | None"
-        out.append((name, typ, field(default=None, metadata={"help": f"{entry['help']} {note}".strip(),
-                                                                "archs": tuple(defaults)})))
+        meta = {"help": f"{entry['help']} {note}".strip(), "archs": tuple(defaults)}
+        if entry["choices"]:
+            meta["choices"] = entry["choices"]
+        out.append((name, typ, field(default=None, metadata=meta)))
     return make_dataclass("ModelSettings", out)
 
 

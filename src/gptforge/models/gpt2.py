@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..config import check_range, flag
+from ..config import check_choice, check_range, flag
 from .layers import (
     MLP,
     CausalSelfAttention,
@@ -29,6 +29,8 @@ from .layers import (
     padded_rows,
     vocab_padding_hooks,
 )
+
+GELU = ("tanh", "exact")  # GPTConfig.gelu: F.gelu's approximate="tanh" or "none"
 
 
 @dataclass
@@ -53,6 +55,16 @@ class GPTConfig(SavedConfig):
     tie_weights: bool = field(
         default=True, metadata={"help": "Share the output head with the token embedding (GPT-2, Qwen3, minimind)."}
     )
+    bias: bool = field(
+        default=True,
+        metadata={"help": "Biases in the attention output, MLP and LayerNorms (GPT-2); nanoGPT's bias=False has none "
+                          "there nor on q/k/v."},
+    )
+    gelu: str = field(
+        default="tanh",
+        metadata={"help": "The MLP's GELU: tanh (the approximation GPT-2 was trained with, gelu_new) or exact "
+                          "(erf, nanoGPT's nn.GELU).", "choices": GELU},
+    )
     pad_vocab: bool = field(
         default=False,
         metadata={"help": "Pad the embedding and output head to a multiple of 64 rows for faster matmuls; "
@@ -69,6 +81,7 @@ class GPTConfig(SavedConfig):
             raise ValueError(f"--emb-dim {self.emb_dim} must be divisible by --n-heads {self.n_heads}; "
                              "change one of them")
         check_range("drop_rate", self.drop_rate, 0, 1, below=True)
+        check_choice("gelu", self.gelu, GELU)
 
     @property
     def n_kv_heads(self) -> int:
@@ -98,10 +111,12 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
-        self.attn = CausalSelfAttention(cfg.emb_dim, cfg.n_heads, cfg.n_kv_heads, cfg.drop_rate, cfg.qkv_bias)
-        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
-        self.mlp = MLP(cfg.emb_dim, 4 * cfg.emb_dim, cfg.drop_rate)
+        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg.emb_dim, cfg.n_heads, cfg.n_kv_heads, cfg.drop_rate, cfg.qkv_bias,
+                                        out_bias=cfg.bias)
+        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5, bias=cfg.bias)
+        self.mlp = MLP(cfg.emb_dim, 4 * cfg.emb_dim, cfg.drop_rate, bias=cfg.bias,
+                       approximate="none" if cfg.gelu == "exact" else "tanh")
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
                 mask: torch.Tensor | None = None):
@@ -117,7 +132,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(self.padded_vocab, cfg.emb_dim)
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5, bias=cfg.bias)
         self.lm_head = Linear(cfg.emb_dim, self.padded_vocab, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight

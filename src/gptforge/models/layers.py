@@ -94,13 +94,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
 class CausalSelfAttention(nn.Module):
     """Fused q/k/v projection (``c_attn``), causal attention, output projection (``c_proj``)."""
 
-    def __init__(self, emb_dim: int, n_heads: int, n_kv_heads: int, drop_rate: float, qkv_bias: bool):
+    def __init__(self, emb_dim: int, n_heads: int, n_kv_heads: int, drop_rate: float, qkv_bias: bool,
+                 out_bias: bool = True):
         super().__init__()
         assert emb_dim % n_heads == 0 and n_heads % n_kv_heads == 0, (emb_dim, n_heads, n_kv_heads)
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, emb_dim // n_heads
         self.drop_rate = drop_rate
         self.c_attn = Linear(emb_dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=qkv_bias)  # fused q, k, v
-        self.c_proj = Linear(emb_dim, emb_dim)
+        self.c_proj = Linear(emb_dim, emb_dim, bias=out_bias)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
                 mask: torch.Tensor | None = None):
@@ -203,16 +204,19 @@ class SwiGLU(nn.Module):
 
 
 class MLP(nn.Module):
-    """Linear (``c_fc``), GELU with the tanh approximation, linear back (``c_proj``), dropout."""
+    """Linear (``c_fc``), GELU (with the tanh approximation, or exact: approximate="none"), linear back
+    (``c_proj``), dropout."""
 
-    def __init__(self, emb_dim: int, hidden_dim: int, drop_rate: float):
+    def __init__(self, emb_dim: int, hidden_dim: int, drop_rate: float, bias: bool = True, approximate: str = "tanh"):
         super().__init__()
-        self.c_fc = Linear(emb_dim, hidden_dim)
-        self.c_proj = Linear(hidden_dim, emb_dim)
+        self.c_fc = Linear(emb_dim, hidden_dim, bias=bias)
+        self.c_proj = Linear(hidden_dim, emb_dim, bias=bias)
         self.drop_rate = drop_rate
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.drop_rate, self.training)
+        h = F.gelu(self.c_fc(x), approximate=self.approximate)
+        return ops.dropout(self.c_proj(h), self.drop_rate, self.training)
 
 
 def torch_default_init(model: nn.Module) -> None:

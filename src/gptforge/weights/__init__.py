@@ -13,6 +13,8 @@ A model SOURCE is detected, never named:
   records that locate each variable in ``model.ckpt.data-00000-of-00001``;
 - a state dict of the book's ``GPTModel`` (``tok_emb``, ``trf_blocks.N.att.W_query``, ...), bare or
   under ``"model_state_dict"``, its shape inferred from the tensors;
+- nanoGPT's ``ckpt.pt`` (or its out_dir holding one): ``model`` with ``model_args``, read with
+  ``weights_only`` (weights/gpt2.py ``nanogpt_source``);
 - a state dict in Llama/Qwen names without a config.json (minimind's ``.pth`` files, fp16, bare or
   under ``"model"`` as in its resume files), its shape inferred from the tensors;
 - a gptforge run directory, checkpoint directory or ``model.safetensors`` file (any family: the
@@ -60,6 +62,7 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_SHARD_INDEX = "model.safetensors.index.json"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # fetched with a hub model that has them
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+NANOGPT_CKPT = "ckpt.pt"  # what nanoGPT's train.py writes into its out_dir
 LOCAL_PREFIXES = ("./", "../", "/", "~")  # a SOURCE written like this is a path here, never a hub id
 
 __all__ = [
@@ -93,6 +96,8 @@ def open_source(source: str | Path, n_heads: int | None = None) -> Source:
             return _hf_source(p)
         if (p / ckpt.WEIGHTS).is_file() or (p / ckpt.CHECKPOINTS).is_dir():
             return _gptforge_source(p)
+        if (p / NANOGPT_CKPT).is_file():  # nanoGPT's out_dir
+            return _torch_source(p / NANOGPT_CKPT, n_heads)
         if str(source) not in HUB_NAMES:  # ./gpt2/ (where the book's downloads live) still means the hub's gpt2
             raise WeightsError(f"{p}: a directory without checkpoints or model weights (no {ckpt.CHECKPOINTS}/, "
                                f"{ckpt.WEIGHTS}, config.json or TensorFlow checkpoint); give a run directory, a "
@@ -274,7 +279,7 @@ def load_any(source: str | Path, device: torch.device | str = "cpu", *, context_
              drop_rate: float | None = None, n_heads: int | None = None) -> tuple[nn.Module, dict]:
     """A model from any supported SOURCE (see the module docstring); returns (model, metadata).
 
-    The metadata holds at least "format" (hub, hf, tf, book, minimind or gptforge), and "tokenizer" when the
+    The metadata holds at least "format" (hub, hf, tf, book, nanogpt, minimind or gptforge), and "tokenizer" when the
     source names or carries one (a name such as gpt2, or the path of a tokenizer.json).
     """
     src = open_source(source, n_heads=n_heads)

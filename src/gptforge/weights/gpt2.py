@@ -6,6 +6,7 @@ state dicts it recognises, and the ``config.json`` and weights that ``to_hf`` wr
 ``GPT2LMHeadModel``. GPT-2's alone: OpenAI's TensorFlow checkpoint directory (``hparams.json``,
 ``checkpoint``, ``model.ckpt.*``, read by ``readers.TFCheckpointReader``), the book's ``GPTModel``
 state dict (``tok_emb``, ``trf_blocks.N.att.W_query``, ...; its shape inferred from the tensors),
+nanoGPT's ``ckpt.pt`` (``model`` in Hugging Face's names but ``nn.Linear`` layout, ``model_args``),
 the GPT-2 tokenizer files of an export, and the hub's GPT-2 ids without an organisation.
 """
 
@@ -27,16 +28,21 @@ from .readers import Reader, TFCheckpointReader, TorchReader, WeightsError, posi
 
 NAME = "GPT-2"
 HF_MODEL_TYPES = ("gpt2",)
-SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
+SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "bias", "gelu", "tie_weights")
 STATE_DICTS = ("the book's GPTModel (no tok_emb.weight)", "GPT-2 (no transformer.wte.weight)")
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # hub ids that are GPT-2 without an organisation
+HF_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # config.json activation_function values of gelu = "tanh"
+HF_GELU_EXACT = "gelu"
+NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # model_args keys read as whole numbers
+GPT2_VOCAB = 50257
+NANOGPT_PADDED_VOCAB = 50304  # nanoGPT's GPT-2 vocabulary (50,257) padded to a multiple of 64
 HEAD_SIZE = 64  # every OpenAI GPT-2 size has 64-wide heads (768/12 ... 1600/25)
 
 
 def describe(cfg: GPTConfig) -> str:
     """The settings that decide GPT-2's tensor shapes, for errors about tensors that do not fit them."""
     return (f"vocab_size {cfg.vocab_size}, context_length {cfg.context_length}, emb_dim {cfg.emb_dim}, "
-            f"n_layers {cfg.n_layers}, qkv_bias {cfg.qkv_bias}, tie_weights {cfg.tie_weights}")
+            f"n_layers {cfg.n_layers}, qkv_bias {cfg.qkv_bias}, bias {cfg.bias}, tie_weights {cfg.tie_weights}")
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -45,9 +51,10 @@ def describe(cfg: GPTConfig) -> str:
 def config_from_hf(conf: dict, path: Path) -> GPTConfig:
     """A Hugging Face GPT2Config -> GPTConfig, refusing what gptforge's model cannot compute."""
     n_embd = positive_int(conf, "n_embd", path)
+    activation = conf.get("activation_function", "gelu_new")
     unsupported = {
-        "activation_function": (conf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
-                                "GELU with the tanh approximation (gelu_new)"),
+        "activation_function": (activation in (*HF_GELU_TANH, HF_GELU_EXACT),
+                                "GELU with the tanh approximation (gelu_new) or exact (gelu)"),
         "layer_norm_epsilon": (abs(conf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12, "1e-05"),
         "n_inner": (conf.get("n_inner") in (None, 4 * n_embd), f"null or {4 * n_embd} (4 x n_embd)"),
         "scale_attn_weights": (conf.get("scale_attn_weights", True) is True, "true"),
@@ -62,6 +69,7 @@ def config_from_hf(conf: dict, path: Path) -> GPTConfig:
                          context_length=positive_int(conf, "n_positions", path), emb_dim=n_embd,
                          n_heads=positive_int(conf, "n_head", path), n_layers=positive_int(conf, "n_layer", path),
                          drop_rate=float(conf.get("resid_pdrop", 0.1)), qkv_bias=True,
+                         gelu="exact" if activation == HF_GELU_EXACT else "tanh",
                          tie_weights=bool(conf.get("tie_word_embeddings", True)))
     except ValueError as e:
         raise WeightsError(f"{path}: {e}") from None
@@ -71,26 +79,35 @@ def hf_source(cfg: GPTConfig, reader: Reader, meta: dict) -> Source:
     """GPT-2 weights as transformers stores them (``transformer.`` prefix or none, ``Conv1D`` weights)."""
     prefix = hf_prefix_in(cfg, reader.shapes)
     saved = getattr(reader, "metadata", {}).get("gptforge_model")
-    if saved:  # written by to_hf: restore what GPT2Config cannot say (no qkv bias, drop rate)
+    if saved:  # written by to_hf: restore what GPT2Config cannot say (no q/k/v or other biases, drop rate)
         try:
             mine = GPTConfig.from_dict(json.loads(saved))
         except ValueError as e:
             raise WeightsError(f"{reader.where}: bad gptforge_model metadata ({e})") from None
-        if all(getattr(mine, k) == getattr(cfg, k) for k in SHAPE_KEYS if k != "qkv_bias"):
-            cfg = replace(cfg, qkv_bias=mine.qkv_bias, drop_rate=mine.drop_rate)
+        if all(getattr(mine, k) == getattr(cfg, k) for k in SHAPE_KEYS if k not in BIAS_SETTINGS):
+            cfg = replace(cfg, qkv_bias=mine.qkv_bias, bias=mine.bias, drop_rate=mine.drop_rate)
+    for setting in BIAS_SETTINGS:  # to_hf stores zeros there; a model trained since then has grown a bias
+        if not getattr(cfg, setting):
+            present = [k for k in _zero_biases(cfg, setting, prefix) if k in reader.shapes]
+            if any(bool(t.any()) for t in reader.read(present).values()):
+                cfg = replace(cfg, **{setting: True})
     plan = plan_hf(cfg, prefix)
-    if not cfg.qkv_bias:  # to_hf stores zeros there; a model trained since then has grown a bias
-        bias_keys = [f"{prefix}h.{i}.attn.c_attn.bias" for i in range(cfg.n_layers)]
-        present = [k for k in bias_keys if k in reader.shapes]
-        if any(bool(t.any()) for t in reader.read(present).values()):
-            cfg = replace(cfg, qkv_bias=True)
-            plan = plan_hf(cfg, prefix)
     ignored = {k for k in reader.shapes if k.endswith((".attn.bias", ".attn.masked_bias"))}
-    if not cfg.qkv_bias:
-        ignored |= {f"{prefix}h.{i}.attn.c_attn.bias" for i in range(cfg.n_layers)}
+    for setting in BIAS_SETTINGS:
+        if not getattr(cfg, setting):
+            ignored |= set(_zero_biases(cfg, setting, prefix))
     if cfg.tie_weights:
         ignored.add("lm_head.weight")
     return Source("hf", cfg, reader, plan, ignored, {**meta, "tokenizer": "gpt2"})
+
+
+BIAS_SETTINGS = ("qkv_bias", "bias")  # GPT2LMHeadModel has every bias; these settings drop some
+
+
+def _zero_biases(cfg: GPTConfig, setting: str, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """The biases (Hugging Face names behind prefix, and shapes) a model of cfg lacks because `setting` is off."""
+    full = our_shapes(replace(cfg, **{setting: True}))
+    return {prefix + k: shape for k, shape in full.items() if k not in our_shapes(cfg)}
 
 
 def is_hf_state_dict(shapes: dict[str, tuple[int, ...]]) -> bool:
@@ -104,7 +121,8 @@ def hf_config(cfg: GPTConfig) -> dict:
     return {
         "architectures": [spec.hf_architecture], "model_type": spec.hf_model_type, "vocab_size": cfg.vocab_size,
         "n_positions": cfg.context_length, "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
-        "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "n_inner": None, "activation_function": HF_GELU_EXACT if cfg.gelu == "exact" else HF_GELU_TANH[0],
+        "layer_norm_epsilon": 1e-5,
         "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
         "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "tie_word_embeddings": cfg.tie_weights,
@@ -113,14 +131,15 @@ def hf_config(cfg: GPTConfig) -> dict:
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel's weights: an untied head is kept; a model without a q/k/v bias gets zero biases
-    (GPT-2 always has them; the gptforge config in the file's metadata brings qkv_bias back on import)."""
+    """GPT2LMHeadModel's weights: an untied head is kept; a model without q/k/v biases (qkv_bias) or without the
+    others (bias, nanoGPT's bias=False) gets zero biases, which compute exactly what no bias does (GPT-2 always has
+    them; the gptforge config in the file's metadata brings the settings back on import)."""
     cfg = model.cfg
     sd = hf_names(model)
-    if not cfg.qkv_bias:
-        prefix = spec_for(cfg).hf_prefix
-        for i in range(cfg.n_layers):
-            sd[f"{prefix}h.{i}.attn.c_attn.bias"] = torch.zeros(3 * cfg.emb_dim)
+    for setting in BIAS_SETTINGS:
+        if not getattr(cfg, setting):
+            zeros = _zero_biases(cfg, setting, spec_for(cfg).hf_prefix)
+            sd.update({k: torch.zeros(shape) for k, shape in zeros.items()})
     return sd
 
 
@@ -219,8 +238,11 @@ def plan_book(cfg: GPTConfig) -> list[Entry]:
 
 
 def open_state_dict(path: Path, reader: TorchReader, n_heads: int | None) -> Source | None:
-    """The book's GPTModel state dict, n_heads given or from GPT-2's head size; None for any other."""
+    """nanoGPT's ckpt.pt, or the book's GPTModel state dict (n_heads given or from GPT-2's head size); None for any
+    other."""
     shapes = reader.shapes
+    if "model_args" in reader.extras:
+        return nanogpt_source(path, reader, n_heads)
     if "tok_emb.weight" not in shapes:
         return None
     vocab, emb = shapes["tok_emb.weight"]
@@ -242,3 +264,66 @@ def open_state_dict(path: Path, reader: TorchReader, n_heads: int | None) -> Sou
     ignored = {k for k in shapes if k.endswith(".att.mask")}
     meta = {"format": "book", "source": str(path), "tokenizer": "gpt2", "n_heads": str(n_heads)}
     return Source("book", cfg, reader, plan_book(cfg), ignored, meta)
+
+
+# ----------------------------------------------------------------------------- nanoGPT's ckpt.pt
+
+
+def _nanogpt_args(path: Path, args: object) -> dict:
+    """model_args of a nanoGPT checkpoint, checked: whole numbers, bias a boolean, dropout a number."""
+    if not isinstance(args, dict):
+        raise WeightsError(f"{path}: model_args is {type(args).__name__}, expected nanoGPT's dict (n_layer, n_head, "
+                           "n_embd, block_size, bias, vocab_size, dropout)")
+    for key in NANOGPT_ARGS:
+        if not isinstance(args.get(key), int) or isinstance(args[key], bool) or args[key] < 1:
+            raise WeightsError(f"{path}: model_args[{key!r}] is {args.get(key)!r}; a nanoGPT checkpoint has a positive "
+                               "whole number there")
+    if not isinstance(args.get("bias", True), bool):
+        raise WeightsError(f"{path}: model_args['bias'] is {args['bias']!r}, expected true or false")
+    dropout = args.get("dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool):
+        raise WeightsError(f"{path}: model_args['dropout'] is {dropout!r}, expected a number")
+    return args
+
+
+def nanogpt_source(path: Path, reader: TorchReader, n_heads: int | None) -> Source:
+    """nanoGPT's checkpoint: {"model", "model_args", "optimizer", "iter_num", "config", ...} as its train.py saves it.
+
+    Its model is GPT-2's (names behind ``transformer.``, ``_orig_mod.`` already dropped by the reader) in
+    ``nn.Linear`` layout, with exact GELU, and with ``bias=False`` no biases in Linear layers or LayerNorms.
+    Its default vocabulary is GPT-2's 50,257 ids padded to 50,304 rows: read as a 50,257-id model with
+    ``pad_vocab`` (padded to the same 50,304 rows), whose padding rows are zeros that no logit, loss or sample
+    sees; the first 50,257 logits are nanoGPT's. The tokenizer is GPT-2's for those vocabularies; any other size
+    (a character-level meta.pkl) needs --tokenizer.
+    """
+    args = _nanogpt_args(path, reader.extras["model_args"])
+    if n_heads is not None and n_heads != args["n_head"]:
+        raise WeightsError(f"{path}: --n-heads {n_heads}, but the nanoGPT checkpoint's model_args say n_head "
+                           f"{args['n_head']}; drop --n-heads")
+    shapes = reader.shapes
+    if "transformer.wte.weight" not in shapes:
+        raise WeightsError(f"{path}: tensor 'transformer.wte.weight' is missing: not a nanoGPT model state dict")
+    padded = args["vocab_size"] == NANOGPT_PADDED_VOCAB
+    tied = "lm_head.weight" not in shapes or torch.equal(
+        *reader.read(["lm_head.weight", "transformer.wte.weight"]).values())
+    try:
+        cfg = GPTConfig(vocab_size=GPT2_VOCAB if padded else args["vocab_size"], context_length=args["block_size"],
+                        emb_dim=args["n_embd"], n_heads=args["n_head"], n_layers=args["n_layer"],
+                        drop_rate=float(args.get("dropout", 0.0)), qkv_bias=args.get("bias", True),
+                        bias=args.get("bias", True), gelu="exact", tie_weights=tied, pad_vocab=padded)
+    except ValueError as e:
+        raise WeightsError(f"{path}: model_args: {e}") from None
+    plan = []
+    for ours in our_shapes(cfg):
+        src = ours if ours == "lm_head.weight" else "transformer." + ours
+        if padded and ours in ("wte.weight", "lm_head.weight"):
+            plan.append(Entry(ours, (src,), "rows", rows=NANOGPT_PADDED_VOCAB))
+        else:
+            plan.append(Entry(ours, (src,)))
+    ignored = {k for k in shapes if k.endswith(".attn.bias") and k not in {e.src[0] for e in plan}}  # causal masks
+    if tied:
+        ignored.add("lm_head.weight")
+    meta = {"format": "nanogpt", "source": str(path)}
+    if cfg.vocab_size == GPT2_VOCAB:
+        meta["tokenizer"] = "gpt2"
+    return Source("nanogpt", cfg, reader, plan, ignored, meta)

@@ -30,6 +30,7 @@ from .readers import Reader, TorchReader
 # A plan entry: our parameter, the source tensors it is made from, and how.
 #   copy: as is   t: transpose (Conv1D -> Linear)   tf: drop the leading axis of 1, transpose
 #   cat: concatenate q, k, v along the output axis (the book's separate W_query, W_key, W_value)
+#   rows: the source has `rows` rows, of which ours are the first (nanoGPT's vocabulary padded to 50,304)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Entry:
     ours: str
     src: tuple[str, ...]
     how: str = "copy"
+    rows: int = 0  # how == "rows": the source tensor's row count
 
 
 @dataclass
@@ -128,6 +130,8 @@ def expected(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (1, *shape[::-1])
     if entry.how == "cat":
         return (shape[0] // len(entry.src), *shape[1:])
+    if entry.how == "rows":
+        return (entry.rows, *shape[1:])
     return shape
 
 
@@ -171,6 +175,8 @@ def _convert(how: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     if how == "cat":
         return _fresh(torch.cat(tensors, dim=0))  # (3C, C) from three (C, C)
     t = tensors[0]
+    if how == "rows":  # fill keeps the first rows, as many as the model's state dict holds
+        return t
     if how == "t":
         t = t.t()  # Conv1D (in, out) -> Linear (out, in)
     elif how == "tf":
@@ -183,8 +189,8 @@ def fill(model: nn.Module, src: Source) -> None:
     """Assign the parameters of a meta-device model from a checked source, one transformer block at a time.
 
     The model's config is the source's, or that with a shorter context_length: tensors sized by it
-    (GPT-2's position embeddings) keep their first rows. Parameters the model shares (a tied head)
-    are shared again afterwards.
+    (GPT-2's position embeddings) keep their first rows, as do "rows" entries (a padded vocabulary).
+    Parameters the model shares (a tied head) are shared again afterwards.
     """
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     shared = shared_parameters(model)
@@ -196,7 +202,7 @@ def fill(model: nn.Module, src: Source) -> None:
         tensors = src.reader.read([s for e in entries for s in e.src])
         sd = {e.ours: _convert(e.how, [tensors[s] for s in e.src]) for e in entries}
         del tensors
-        sd = {k: t if tuple(t.shape) == want[k] else t[:want[k][0]].clone() for k, t in sd.items()}
+        sd = {k: t if tuple(t.shape) == want[k] else _fresh(t[:want[k][0]]) for k, t in sd.items()}
         model.load_state_dict(sd, strict=False, assign=True)
     for name, first in shared.items():  # assigning replaced the first name's parameter, not the second's
         module, _, attr = name.rpartition(".")

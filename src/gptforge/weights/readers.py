@@ -90,8 +90,10 @@ class TorchReader:
             if "Weights only load failed" in why:
                 why = "it is not a PyTorch file, or it holds objects other than tensors"
             raise WeightsError(f"{path}: not a readable PyTorch file ({why})") from None
+        self.extras: dict = {}  # what a file holds beside a nested state dict (nanoGPT's model_args, config, ...)
         for key in ("model_state_dict", "model"):  # the book's {"model_state_dict", "optimizer_state_dict"} files,
-            if isinstance(obj, dict) and isinstance(obj.get(key), dict):  # minimind's {"model", "optimizer", ...}
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):  # minimind's {"model", "optimizer", ...},
+                self.extras = {k: v for k, v in obj.items() if k != key}  # nanoGPT's {"model", "model_args", ...}
                 obj = obj[key]
                 break
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
