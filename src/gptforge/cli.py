@@ -354,10 +354,12 @@ def serve(source: str, **flags) -> None:
 @click.option("--out", required=True, type=click.Path(), help="Directory to write the shards to.")
 @dataclass_options(PrepareConfig)
 def prepare(inputs: tuple[str, ...], out: str, **flags) -> None:
-    """Tokenize INPUT... (text, JSON Lines, Parquet; .gz/.zst; directories) into token shards in OUT.
+    """Tokenize INPUT... (text, JSON Lines, Parquet; .gz/.zst; directories) into token shards in OUT, or one
+    Hugging Face dataset: hf:NAME (a hub id, through the datasets cache) or a save_to_disk directory.
 
     \b
     gptforge prepare corpus/ --out data/corpus --workers 0
+    gptforge prepare hf:HuggingFaceFW/fineweb-edu --config sample-10BT --streaming --out data/fineweb
     gptforge train data/corpus --out runs/corpus
     """
 

@@ -2,9 +2,11 @@
 
 Inputs are text files (one file = one document), JSON Lines (one record = one document, its text
 in ``--text-field``), Parquet (one row = one document) and any of them compressed with gzip or
-zstd. Every document is written as ``<|endoftext|>`` followed by its tokens, to the train or the
-val split (a whole document goes to one split, chosen by a seeded hash of its number, so the
-split is the same for the same input and seed whatever the number of workers).
+zstd; or one Hugging Face dataset (``hf:NAME`` or a save_to_disk directory, one row = one document,
+read through the ``datasets`` library: hf_datasets.py), optionally streamed. Every document is
+written as ``<|endoftext|>`` followed by its tokens, to the train or the val split (a whole
+document goes to one split, chosen by a seeded hash of its number, so the split is the same for
+the same input and seed whatever the number of workers).
 
 The work is streamed and bounded: the main process reads, cuts the input into tasks of about a
 megabyte, and hands them to ``--workers`` processes that decode, parse and tokenize; at most
@@ -49,7 +51,7 @@ import numpy as np
 import zstandard
 from tqdm import tqdm
 
-from . import faults
+from . import faults, hf_datasets
 from .checkpoint import atomic_write_bytes, check_writable
 from .config import ConfigError, opt
 from .data import (
@@ -69,6 +71,7 @@ from .data import (
     not_text,
     read_manifest,
 )
+from .hf_datasets import DatasetInput
 from .runs.metrics import human
 from .tokenizer import TOKENIZER_CONFIG, HFTokenizer, Tokenizer, get_tokenizer, train_bpe
 
@@ -88,7 +91,12 @@ class PrepareConfig:
 
     tokenizer: str = opt("gpt2", "Tokenizer: gpt2, or the path of a Hugging Face tokenizer.json (or its directory); "
                                  "the eos_token of a tokenizer_config.json beside it separates the documents.")
-    text_field: str = opt("text", "Field of a JSON Lines record (column of a Parquet file) that holds the text.")
+    text_field: str = opt("text", "Field of a JSON Lines record (column of a Parquet file or dataset) that holds the "
+                                  "text.")
+    config: str | None = opt(None, "Configuration (subset) of a Hugging Face dataset hf:NAME, e.g. sample-10BT.")
+    split: str | None = opt(None, "Split of a Hugging Face dataset; default: train, or its only split.")
+    streaming: bool = opt(False, "Stream a Hugging Face dataset row by row (datasets' IterableDataset) instead of "
+                                 "preparing its Arrow cache first: nothing is held but the rows in flight.")
     include: str | None = opt(None, "Comma-separated file name patterns searched for in directories; default: "
                                     "*.txt *.md *.text *.jsonl *.json *.ndjson *.parquet, each also .gz/.zst.")
     val_fraction: float = opt(0.01, "Share of the documents held out for validation (chosen by a seeded hash).")
@@ -292,11 +300,13 @@ def read_items(files: list[Path], kinds: list[tuple[str, str | None]], text_fiel
 
     `on_bytes(n)` is told the input bytes read so far (compressed bytes for compressed files).
     """
-    done = sum(f.stat().st_size for f in files[: start[0]])
+    done = sum(_size(f) for f in files[: start[0]])
     for fi in range(start[0], len(files)):
         path, (kind, compression) = files[fi], kinds[fi]
         skip = start[1] if fi == start[0] else 0
-        if kind == "parquet":
+        if kind == "dataset":
+            yield from _dataset_items(fi, path, skip, on_bytes)
+        elif kind == "parquet":
             yield from _parquet_items(fi, path, text_field, skip)
         else:
             try:
@@ -326,9 +336,22 @@ def read_items(files: list[Path], kinds: list[tuple[str, str | None]], text_fiel
                             yield prev
                 except (OSError, EOFError, gzip.BadGzipFile) as e:  # zstd: _ZstdFrames raises DataErrors itself
                     raise DataError(f"{path}: cannot decompress or read ({e})") from None
-        done += path.stat().st_size
+        done += _size(path)
         if on_bytes:
             on_bytes(done)
+
+
+def _size(f: Path | DatasetInput) -> int:
+    """What the progress bar counts of an input: a file's bytes, a dataset's rows (0 when it does not say)."""
+    return (f.rows or 0) if isinstance(f, DatasetInput) else f.stat().st_size
+
+
+def _dataset_items(fi: int, ds: DatasetInput, skip: int, on_rows=None):
+    """The rows of a dataset as records, from row `skip` on; `on_rows` is told the rows read so far."""
+    for row, value in ds.records(skip):
+        yield Item(fi, row, row, True, True), value
+        if on_rows and not row % 1024:
+            on_rows(row)
 
 
 def _parquet_items(fi: int, path: Path, text_field: str, skip: int):
@@ -389,7 +412,7 @@ def _decode(b: bytes) -> tuple[str, int, int]:
 
 def _record_text(kind: str, payload, first: bool, last: bool, text_field: str) -> tuple[int, str, int, int]:
     """(status, text or error message, invalid UTF-8 count, first invalid byte offset) of one record."""
-    if kind == "parquet":
+    if kind in ("parquet", "dataset"):
         if payload is None:
             return EMPTY, "", 0, -1
         if not isinstance(payload, str):
@@ -598,6 +621,9 @@ def _fingerprint(files: list[Path], tokenizer: Tokenizer, cfg: PrepareConfig, dt
     """What the output depends on: the input files (path, size, mtime) and the settings that shape it."""
     inputs = []
     for f in files:
+        if isinstance(f, DatasetInput):
+            inputs.append(f.fingerprint())
+            continue
         st = f.stat()
         inputs.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     settings = {k: getattr(cfg, k) for k in ("text_field", "val_fraction", "val_docs", "seed", "shard_tokens")}
@@ -701,15 +727,40 @@ def _existing(out: Path, fp: dict, dtype: str, cfg: PrepareConfig, log) -> tuple
     return None, None
 
 
-def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, log=print) -> dict:
-    """Prepare `inputs` into shards in `out`; returns the manifest. Resumes an interrupted run."""
-    out = Path(out)
+def _open_inputs(inputs: Sequence[str | Path], out: Path, cfg: PrepareConfig) -> tuple[list, list]:
+    """The inputs as (files, their kinds): files found in the inputs, or the one Hugging Face dataset given
+    (a DatasetInput, kind "dataset"); --config, --split and --streaming are refused for files."""
+    if any(hf_datasets.is_dataset(i) for i in inputs):
+        if len(inputs) > 1:
+            name = next(str(i) for i in inputs if hf_datasets.is_dataset(i))
+            raise DataError(f"{name}: a Hugging Face dataset is prepared on its own; give it as the only input "
+                            "(prepare the other inputs into another --out)")
+        ds = hf_datasets.open_dataset(inputs[0], cfg.config, cfg.split, cfg.streaming, cfg.text_field)
+        return [ds], [("dataset", None)]
+    for name, value in (("config", cfg.config), ("split", cfg.split), ("streaming", cfg.streaming or None)):
+        if value is not None:
+            raise DataError(f"--{name} is for a Hugging Face dataset (hf:NAME, or a directory written by "
+                            "save_to_disk), and the inputs are files; drop it")
     out_abs = out.resolve()
     files = [f for f in find_inputs(inputs, cfg.include_patterns())
              if out_abs not in f.resolve().parents]  # not our own output
     if not files:
         raise DataError(f"--out {out}: every input is inside it; choose an --out outside the inputs")
-    kinds = [file_kind(f) for f in files]
+    return files, [file_kind(f) for f in files]
+
+
+def _input_stats(files: list) -> dict:
+    """The manifest's account of the inputs: their files and bytes, or for a dataset its "source" (dataset, config,
+    split, revision, fingerprint, streaming)."""
+    if isinstance(files[0], DatasetInput):
+        return {"source": files[0].source()}
+    return {"files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+
+
+def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, log=print) -> dict:
+    """Prepare `inputs` into shards in `out`; returns the manifest. Resumes an interrupted run."""
+    out = Path(out)
+    files, kinds = _open_inputs(inputs, out, cfg)
     # finished data may sit in a read-only place, and is only read when it is up to date: no write probe then
     check_out(out, made_by_prepare, "gptforge prepare", probe=not (out / MANIFEST).is_file())
     tokenizer = get_tokenizer(cfg.tokenizer)
@@ -751,7 +802,7 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
 
     if stats.documents == 0:
         _clean_dir(out)
-        raise DataError(f"no text found in {', '.join(map(str, inputs))}: all {len(files)} input file(s) hold "
+        raise DataError(f"no text found in {', '.join(map(str, files))}: all {len(files)} input file(s) hold "
                         f"only empty documents" + (f" or bad lines ({stats.bad_lines} skipped)"
                                                    if stats.bad_lines else ""))
     manifest = {
@@ -760,7 +811,7 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
                                                  else {})},
         "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": dtype,
         "splits": state["splits"],
-        "stats": {"files": len(files), "bytes": sum(f.stat().st_size for f in files), "empty_documents": stats.empty,
+        "stats": {**_input_stats(files), "empty_documents": stats.empty,
                   "bad_lines_skipped": stats.bad_lines, "invalid_utf8_replaced": stats.invalid_utf8},
         "fingerprint": fp,
     }
@@ -775,8 +826,10 @@ def _write_shards(files: list[Path], kinds: list, cfg: PrepareConfig, tokenizer:
     """Tokenize the input from the saved position on into the shards, committing them whenever one is full."""
     state = shards.state
     val_set = set(state["val_set"]) if state["val_set"] is not None else None
-    skipped = sum(f.stat().st_size for f in files[: state["position"][0]])
-    bar = _Progress(cfg.progress, sum(f.stat().st_size for f in files), skipped, shards.tokens())
+    datasets = any(isinstance(f, DatasetInput) for f in files)
+    skipped = state["position"][1] if datasets else sum(_size(f) for f in files[: state["position"][0]])
+    bar = _Progress(cfg.progress, sum(_size(f) for f in files) or None, skipped, shards.tokens(),
+                    unit="rows" if datasets else "B")
     position, open_doc = list(state["position"]), state["open_doc"]
     eot = np.array([tokenizer.eot_id], dtype=shards.dtype)
     items = read_items(files, kinds, cfg.text_field, tuple(position), on_bytes=bar.set_bytes)
@@ -828,7 +881,7 @@ def _count(stats: Stats, status: tuple, path: Path, kind: str, meta: Item, skip_
 def _where(path: Path, kind: str, meta: Item, offset: int = -1) -> str:
     if kind == "jsonl":
         return f"{path}:{meta.where}"
-    if kind == "parquet":
+    if kind in ("parquet", "dataset"):
         return f"{path}: row {meta.where}"
     return f"{path}: byte {meta.where + max(offset, 0)}"
 
@@ -852,9 +905,10 @@ def _choose_val_docs(files, kinds, cfg: PrepareConfig, pool, workers: int, log) 
 
 
 class _Progress:
-    def __init__(self, enabled: bool, total: int, initial_bytes: int, initial_tokens: int):
+    """The bar: input bytes read (or a dataset's rows, unit="rows"; total None: a stream of unknown length)."""
 
-        self.bar = tqdm(total=total, initial=initial_bytes, unit="B", unit_scale=True, desc="prepare",
+    def __init__(self, enabled: bool, total: int | None, initial_bytes: int, initial_tokens: int, unit: str = "B"):
+        self.bar = tqdm(total=total, initial=initial_bytes, unit=unit, unit_scale=unit == "B", desc="prepare",
                         disable=not enabled, dynamic_ncols=True, smoothing=0.1)
         self.tokens = initial_tokens
 
