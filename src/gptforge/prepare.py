@@ -481,7 +481,7 @@ def _tasks(items: Iterator[tuple[Item, bytes | str | None]], kinds) -> Iterator[
             metas, payloads, size = [], [], 0
         metas.append(item)
         payloads.append((payload, item.first, item.last))
-        size += len(payload) if payload is not None else 0
+        size += len(payload) if isinstance(payload, (str, bytes)) else 0  # a number in a column is a bad record
     if metas:
         yield kinds[metas[0].file][0], metas, payloads
 
