@@ -185,6 +185,7 @@ def test_cli_offline_environment(tmp_path, texts, jsonl):
                            str(tmp_path / "none")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("gptforge: error: hf:someorg/not-cached: cannot load the "
                                                            "dataset (") and "Traceback" not in proc.stderr
+    assert f"only a dataset loaded once before is read, from the cache {home / 'datasets'}" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "none").exists()
 
 

@@ -147,7 +147,9 @@ def _builder(name: str, config: str | None, split: str | None, streaming: bool, 
     try:
         builder = datasets.load_dataset_builder(name, config)
     except Exception as e:  # not found, offline and not cached, several configs and none chosen, ...
-        raise DataError(f"{where}: cannot load the dataset ({_first_line(e)})") from None
+        offline = (f"; offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), only a dataset loaded once before is read, "
+                   f"from the cache {datasets.config.HF_DATASETS_CACHE}" if datasets.config.HF_HUB_OFFLINE else "")
+        raise DataError(f"{where}: cannot load the dataset ({_first_line(e)}){offline}") from None
     splits = list(builder.info.splits) if builder.info.splits else None
     split = _choose_split(where, split, splits)
     try:
