@@ -288,11 +288,12 @@ def bench_generate_cmd(arch: str | None, preset: str | None, **flags) -> None:
 
 @cli.command()
 @click.argument("source")
-@click.option("--to", "target", type=click.Choice(["hf", "gptforge"]), required=True,
+@click.option("--to", "target", type=click.Choice(["hf", "gptforge", "gguf"]), required=True,
               help="hf: a directory transformers.AutoModelForCausalLM.from_pretrained loads (GPT2LMHeadModel; for "
                    "the llama family Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with a q/k/v bias, else "
                    "LlamaForCausalLM); gptforge: a checkpoint directory (or a .safetensors file) that eval, "
-                   "generate and --init-from take.")
+                   "generate and --init-from take; gguf: one OUT.gguf file for llama.cpp and Ollama (architecture "
+                   "gpt2, llama, qwen2 or qwen3, the tokenizer inside).")
 @click.argument("out", type=click.Path())
 @click.option("--n-heads", type=int, default=None,
               help="Attention heads of a state dict that does not show them: the book's model.pth [default: emb_dim "
@@ -301,15 +302,18 @@ def bench_generate_cmd(arch: str | None, preset: str | None, **flags) -> None:
               help="Tokenizer to write with the model (a Hugging Face tokenizer.json, its directory, or gpt2): for a "
                    "SOURCE that carries none, or to override its own. --to gptforge stores it in the checkpoint, "
                    "--to hf writes its tokenizer.json and tokenizer_config.json.  [default: the model's]")
-def convert(source: str, target: str, out: str, n_heads: int | None, tokenizer: str | None) -> None:
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
+              help="--to gguf: the type of the weight matrices (norms and biases stay f32, as llama.cpp's converter "
+                   "keeps them).")
+def convert(source: str, target: str, out: str, n_heads: int | None, tokenizer: str | None, dtype: str) -> None:
     """Convert the model in SOURCE (any format `eval` takes) to OUT.
 
-    OUT is a new or empty directory (or, for --to gptforge, a new .safetensors file): nothing there
-    is ever overwritten.
+    OUT is a new or empty directory (or, for --to gptforge, a new .safetensors file; for --to gguf, a
+    new .gguf file): nothing there is ever overwritten.
     """
 
     check_range("n_heads", n_heads, 1)
-    path, model, meta = convert_model(source, target, out, n_heads, tokenizer)
+    path, model, meta = convert_model(source, target, out, n_heads, tokenizer, dtype)
     head = "tied" if model.cfg.tie_weights else "untied"
     click.echo(f"{source} ({meta['format']}, {model.num_params():,} parameters, {head} head) -> {path}")
 

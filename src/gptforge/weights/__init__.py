@@ -52,7 +52,7 @@ from .. import checkpoint as ckpt
 from ..config import ConfigError
 from ..models import DEFAULT_ARCH, build, config_from_dict, max_positions, spec_for
 from ..tokenizer import TOKENIZER_CONFIG, HFTokenizer, Tokenizer, get_tokenizer, tokenizer_from_metadata
-from . import gpt2, llama
+from . import gguf_out, gpt2, llama
 from .gpt2 import BOOK_BLOCK_NAMES, BOOK_NAMES, HEAD_SIZE, HUB_NAMES, SHAPE_KEYS
 from .plan import Entry, Source, WeightFamily, expected, fill, our_shapes
 from .readers import SafetensorsReader, TFCheckpointReader, TorchReader, WeightsError, first_line, read_json
@@ -70,7 +70,7 @@ __all__ = [
     "LOCAL_PREFIXES", "SHAPE_KEYS", "TORCH_SUFFIXES", "Entry", "SafetensorsReader", "Source", "TFCheckpointReader",
     "TorchReader", "WeightFamily", "WeightsError", "build_model", "check_source", "convert", "convert_target",
     "hf_config", "init_model_config", "load_any", "load_for_text", "load_model", "open_source", "text_tokenizer",
-    "to_gptforge", "to_hf",
+    "to_gguf", "to_gptforge", "to_hf",
 ]
 
 
@@ -356,9 +356,11 @@ def convert_target(out: str | Path, target: str) -> Path:
 
     OUT must be a new or empty directory, so no file of the user's (nor a model converted there
     earlier) is replaced; for gptforge, OUT may instead be a new .safetensors file. Returns the
-    directory (hf) or the weights file (gptforge).
+    directory (hf) or the weights file (gptforge); for gguf, OUT is a new *.gguf file.
     """
     out = Path(out)
+    if target == "gguf":
+        return gguf_out.check_target(out)
     if target == "gptforge" and out.suffix == ".safetensors":
         if out.exists():
             raise WeightsError(f"OUT {out}: already exists; remove it or choose another OUT")
@@ -413,18 +415,33 @@ def to_gptforge(model: nn.Module, out: str | Path, tokenizer="gpt2", source: str
     return path
 
 
+def to_gguf(model: nn.Module, out: str | Path, tokenizer: Tokenizer, dtype: str = "f32",
+            name: str = "gptforge") -> Path:
+    """Write OUT.gguf for llama.cpp / Ollama: the family's architecture, metadata and tensors as llama.cpp's converter
+    lays them out, and the tokenizer (weights/gguf_out.py)."""
+    path = convert_target(out, "gguf")
+    return gguf_out.write(path, model, tokenizer, dtype, _family(model.cfg), name)
+
+
 def convert(source: str | Path, target: str, out: str | Path, n_heads: int | None = None,
-            tokenizer: str | None = None) -> tuple[Path, nn.Module, dict]:
-    """`gptforge convert`: the model in source written to out as `target` (hf or gptforge), out checked before
+            tokenizer: str | None = None, dtype: str = "f32") -> tuple[Path, nn.Module, dict]:
+    """`gptforge convert`: the model in source written to out as `target` (hf, gptforge or gguf), out checked before
     the model is read, with its tokenizer, or `tokenizer` (--tokenizer) when given: a gptforge checkpoint carries
-    the whole tokenizer, an hf directory gets its files. Returns (path written, model, metadata)."""
+    the whole tokenizer, an hf directory gets its files, a GGUF file holds it (in `dtype`: f32, f16, bf16).
+    Returns (path written, model, metadata)."""
     convert_target(out, target)
+    if target == "gguf" and dtype not in gguf_out.DTYPES:
+        raise WeightsError(f"--dtype {dtype}: GGUF export writes {', '.join(gguf_out.DTYPES)}")
     src = open_source(source, n_heads=n_heads)
     check_source(src)  # a partial file first, then the tokenizer: both before the weights are read
     meta = src.meta
     tok = tokenizer_from_metadata(meta) if tokenizer is None and "tokenizer" in meta else text_tokenizer(
         src.cfg, meta, source, tokenizer)
+    if target == "gguf":
+        _family(src.cfg).gguf_arch(src.cfg)  # what llama.cpp cannot run, refused before the weights are read
     model = build_model(src)
+    if target == "gguf":
+        return to_gguf(model, out, tok, dtype, name=Path(str(source)).name), model, meta
     if target == "hf":
         return to_hf(model, out, tok), model, meta
     return to_gptforge(model, out, tok, source=str(source)), model, meta

@@ -327,3 +327,48 @@ def nanogpt_source(path: Path, reader: TorchReader, n_heads: int | None) -> Sour
     if cfg.vocab_size == GPT2_VOCAB:
         meta["tokenizer"] = "gpt2"
     return Source("nanogpt", cfg, reader, plan, ignored, meta)
+
+
+# ----------------------------------------------------------------------------- GGUF out (llama.cpp's gpt2)
+
+
+GGUF_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+              "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}  # block i: h.i.X -> blk.i.Y, as convert_hf_to_gguf.py
+
+
+def gguf_arch(cfg: GPTConfig) -> str:
+    """llama.cpp's architecture for the model, or a WeightsError for what its gpt2 cannot compute."""
+    if cfg.gelu != "tanh":
+        raise WeightsError("llama.cpp's gpt2 computes GELU with the tanh approximation, and this model uses the exact "
+                           "one (gelu = \"exact\", nanoGPT's nn.GELU); its logits would differ there: convert it --to "
+                           "hf or --to gptforge instead")
+    return "gpt2"
+
+
+def gguf_params(writer, cfg: GPTConfig) -> None:
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.emb_dim)
+    writer.add_feed_forward_length(4 * cfg.emb_dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_layer_norm_eps(1e-5)
+
+
+def gguf_tensors(model: GPT):
+    """(llama.cpp name, tensor) in nn.Linear layout (the converter transposes GPT-2's Conv1D to it); zeros for the
+    biases a model without them lacks (llama.cpp's gpt2 reads every bias); the head written even when tied, as the
+    converter writes it."""
+    cfg = model.cfg
+    sd = {k: v for k, v in model.state_dict().items()}  # vocab_size rows (padding cut off)
+    for setting in BIAS_SETTINGS:
+        if not getattr(cfg, setting):
+            sd.update({k: torch.zeros(shape) for k, shape in _zero_biases(cfg, setting).items()})
+    yield "token_embd.weight", sd["wte.weight"]
+    yield "position_embd.weight", sd["wpe.weight"]
+    for i in range(cfg.n_layers):
+        for ours, theirs in GGUF_NAMES.items():
+            for kind in ("weight", "bias"):
+                yield f"blk.{i}.{theirs}.{kind}", sd[f"h.{i}.{ours}.{kind}"]
+    yield "output_norm.weight", sd["ln_f.weight"]
+    yield "output_norm.bias", sd["ln_f.bias"]
+    yield "output.weight", sd["wte.weight" if cfg.tie_weights else "lm_head.weight"]

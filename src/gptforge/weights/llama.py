@@ -266,3 +266,58 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     save_pretrained does)."""
     _hf_kind(model.cfg)  # refused before anything is written
     return hf_names(model)
+
+
+# ----------------------------------------------------------------------------- GGUF out (llama, qwen2, qwen3)
+
+
+GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # layers.i.X -> blk.i.Y, as convert_hf_to_gguf.py
+
+
+def gguf_arch(cfg: LlamaConfig) -> str:
+    """llama.cpp's architecture: the transformers class's (qwen3 with QK-norm, qwen2 with a q/k/v bias, else llama)."""
+    return _hf_kind(cfg)
+
+
+def gguf_params(writer, cfg: LlamaConfig) -> None:
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.emb_dim)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+
+
+def interleave_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q or k projection rows (n_heads * head_dim, ...) from the rotate-half layout (dimension i turns with i + hs/2)
+    to llama.cpp's llama layout (2i with 2i + 1): the converter's `permute`."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model: nn.Module):
+    """(llama.cpp name, tensor); for the llama architecture q and k rows interleaved (its rotary pairs neighbours;
+    qwen2 and qwen3 rotate halves, as Hugging Face does); the head only when untied (llama.cpp then reads the
+    embedding)."""
+    cfg = model.cfg
+    arch = gguf_arch(cfg)
+    yield "token_embd.weight", model.embed_tokens.weight[: cfg.vocab_size]  # padding (pad_vocab) cut off
+    for i in range(cfg.n_layers):
+        for name, t in model.layers[i].state_dict().items():
+            module, kind = name.rsplit(".", 1)
+            if arch == "llama" and module == "self_attn.q_proj":
+                t = interleave_rotary(t, cfg.n_heads)
+            elif arch == "llama" and module == "self_attn.k_proj":
+                t = interleave_rotary(t, cfg.n_kv_heads)
+            yield f"blk.{i}.{GGUF_NAMES[module]}.{kind}", t
+    yield "output_norm.weight", model.norm.weight
+    if not cfg.tie_weights:
+        yield "output.weight", model.lm_head.weight[: cfg.vocab_size]
