@@ -16,6 +16,7 @@ spec (``hf_prefix``, ``hf_transposed``). ``WeightFamily`` is what a family's wei
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,6 +89,15 @@ class WeightFamily(Protocol):
 
     def hf_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's weights as that transformers model's from_pretrained loads them."""
+
+    def gguf_arch(self, cfg: Any) -> str:
+        """llama.cpp's architecture name for a model of cfg; a WeightsError for what llama.cpp cannot run."""
+
+    def gguf_params(self, writer: Any, cfg: Any) -> None:
+        """The architecture's metadata (context length, widths, heads, eps, rotary), through a gguf.GGUFWriter."""
+
+    def gguf_tensors(self, model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+        """(llama.cpp tensor name, tensor) in the order and layout llama.cpp's converter writes them."""
 
 
 def block_index(name: str, prefix: str) -> int:
