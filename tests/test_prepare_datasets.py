@@ -244,3 +244,13 @@ def test_dataset_order_is_kept(tmp_path, texts, jsonl):
         if t:
             expected += [tok.eot_id, *tok.encode(t)]
     np.testing.assert_array_equal(tokens, np.array(expected, dtype=np.uint16))
+
+
+def test_out_is_checked_before_the_dataset_is_opened(tmp_path, monkeypatch):
+    from gptforge import hf_datasets
+
+    monkeypatch.setattr(hf_datasets, "open_dataset", lambda *a: pytest.fail("the dataset was opened"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="holds files gptforge prepare did not make"):
+        prepare([f"hf:{REPO}"], tmp_path / "out", cfg(), log=quiet)

@@ -735,6 +735,7 @@ def _open_inputs(inputs: Sequence[str | Path], out: Path, cfg: PrepareConfig) ->
             name = next(str(i) for i in inputs if hf_datasets.is_dataset(i))
             raise DataError(f"{name}: a Hugging Face dataset is prepared on its own; give it as the only input "
                             "(prepare the other inputs into another --out)")
+        check_out(out, made_by_prepare, "gptforge prepare", probe=False)  # before a hub dataset is downloaded
         ds = hf_datasets.open_dataset(inputs[0], cfg.config, cfg.split, cfg.streaming, cfg.text_field)
         return [ds], [("dataset", None)]
     for name, value in (("config", cfg.config), ("split", cfg.split), ("streaming", cfg.streaming or None)):
