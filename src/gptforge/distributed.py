@@ -201,6 +201,15 @@ def gather(obj):
     return [_from_numpy(o) for o in out]
 
 
+def from_main(make):
+    """make() computed on rank 0 only, its (small, picklable) result handed to every rank."""
+    if not is_distributed():
+        return make()
+    box = [make() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
