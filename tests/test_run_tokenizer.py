@@ -127,3 +127,18 @@ def test_the_default_run_is_the_modern_recipe_with_a_trained_tokenizer(tmp_path)
     # with DATA, the default tokenizer is GPT-2's, as before
     cfg, _ = resolve_train_config(["x.txt"], None, None, None, {"out": str(tmp_path / "d")})
     assert cfg.recipe is None and cfg.data.tokenizer_vocab is None and cfg.model.vocab_size == 50257
+
+
+def test_the_default_run_benchmark_quick_mode(tmp_path):
+    """`gptforge train` with no DATA, end to end (6 steps): the trained tokenizer, the llama model, bpb."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "default_run.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
+                          text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["recipe"] == "modern" and result["steps"] == 6
+    assert result["val_bpb_end"] < result["val_bpb_start"]
+    assert (tmp_path / "run" / ckpt.RUN_TOKENIZER).is_file()
