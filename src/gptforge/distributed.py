@@ -138,7 +138,16 @@ def _parts(optimizer: torch.optim.Optimizer):
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a whole optimizer state dict (as full_optimizer_state saves it) on every rank."""
+    """Load a whole optimizer state dict (as full_optimizer_state saves it) on every rank. The saved state brings
+    the moments and step counts; the settings of each group (betas, weight decay, momentum) stay the optimizer's
+    own, i.e. the resumed run's config, so a flag changed on --resume takes effect."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    _load_optimizer_state(model, optimizer, state)
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
+
+
+def _load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
