@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import run
 
 from gptforge.data import DataError
 from gptforge.evaluate.tasks import PreparedTask, read_task, score_task
@@ -238,5 +239,57 @@ def test_malformed_files_name_file_line_and_field(tmp_path, task, text, message)
 
 
 def test_missing_file_says_what_the_task_expects(tmp_path):
-    with pytest.raises(DataError, match="no such file for task hellaswag; it expects hellaswag_val.jsonl"):
+    with pytest.raises(DataError, match="no such file; task hellaswag expects hellaswag_val.jsonl"):
         read_task("hellaswag", tmp_path / "nope.jsonl")
+
+
+# ----------------------------------------------------------------------------- during training, the CLI
+
+
+def test_eval_task_during_training_reaches_metrics_plot_trackers_and_report(text_file, files, tmp_path, capsys):
+    from gptforge.runs.report import write_report
+    from gptforge.runs.trackers import scalars
+
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", str(text_file), "--out", str(out), "--context-length", "32", "--emb-dim", "32",
+                             "--n-heads", "2", "--n-layers", "2", "--max-steps", "4", "--eval-every", "2",
+                             "--eval-batches", "1", "--sample-tokens", "0", "--batch-size", "2", "--no-progress",
+                             "--device", "cpu", "--eval-task", f"choice={files['choice']}",
+                             "--eval-task", f"lambada={files['lambada']}", "--eval-task-limit", "2"], capsys)
+    assert code == 0, err
+    evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert 0 <= r["task/choice/acc"] <= 1 and 0 <= r["task/choice/acc_norm"] <= 1
+        assert r["task/lambada/perplexity"] > 1 and "task/lambada/acc" in r
+    assert "tasks: choice acc" in stdout and "(n 2)" in stdout
+    assert (out / "tasks.png").stat().st_size > 0
+    assert scalars(evals[-1])["task/choice/acc_norm"] == evals[-1]["task/choice/acc_norm"]
+    page = write_report([out], tmp_path / "report.html").read_text()
+    assert 'id="tasks"' in page and "choice/acc_norm" in page and "Downstream tasks (--eval-task)" in page
+
+
+def test_eval_task_flag_is_checked_before_training(tmp_path):
+    from gptforge.config import ConfigError
+    from gptforge.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="--eval-task 'hellaswag' must be NAME=FILE"):
+        TrainConfig(eval_task=["hellaswag"])
+    with pytest.raises(ConfigError, match="NAME one of hellaswag, lambada"):
+        TrainConfig(eval_task=["mmlu=x.jsonl"])
+
+
+def test_eval_command_tasks_json_last_line_and_where_data_lives(hf_dir, files, capsys):
+
+    code, out, err = run(["eval", str(hf_dir), "--task", "hellaswag", str(files["hellaswag"]),
+                          "--task", f"lambada={files['lambada']}", "--limit", "2", "--batch-size", "2"], capsys)
+    assert code == 0, err
+    last = json.loads(out.strip().splitlines()[-1])
+    assert set(last) == {"hellaswag", "lambada"} and last["hellaswag"]["n"] == 2 and last["lambada"]["n"] == 2
+    assert set(last["hellaswag"]) == {"acc", "acc_norm", "n"} and set(last["lambada"]) == {"acc", "perplexity", "n"}
+    code, out, _ = run(["eval", str(hf_dir), "--task", "piqa", "--task", "arc-challenge"], capsys)
+    assert code == 0 and "valid-labels.lst" in out and "ARC-Challenge-Test.jsonl" in out
+    code, _, err = run(["eval", str(hf_dir), "--task", "piqa", "--task", "lambada", str(files["lambada"])], capsys)
+    assert code == 1 and err.count("\n") == 1 and "one FILE after each NAME" in err
+    code, _, err = run(["eval", str(hf_dir), "--task", "mmlu", "x.jsonl"], capsys)
+    assert code == 1 and "unknown task 'mmlu'" in err

@@ -139,20 +139,20 @@ class Task:
 
 TASKS = {t.name: t for t in (
     Task("hellaswag", hellaswag_item, "hellaswag_val.jsonl (10,042 records: ctx_a, ctx_b, activity_label, "
-         "endings, label)", "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"),
+         "endings, label)", "get it from https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"),
     Task("lambada", lambada_item, "OpenAI's lambada_test.jsonl (5,153 records: text; its last word is predicted)",
-         "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"),
+         "get it from https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"),
     Task("arc-easy", arc_item, "AI2's ARC-Easy-Test.jsonl (2,376 records: question.stem, question.choices[]"
-         ".{label,text}, answerKey)", "ARC-V1-Feb2018.zip from https://allenai.org/data/arc "
+         ".{label,text}, answerKey)", "get it from ARC-V1-Feb2018.zip at https://allenai.org/data/arc "
          "(ARC-Easy/ARC-Easy-Test.jsonl)"),
     Task("arc-challenge", arc_item, "AI2's ARC-Challenge-Test.jsonl (1,172 records, as arc-easy's)",
-         "ARC-V1-Feb2018.zip from https://allenai.org/data/arc (ARC-Challenge/ARC-Challenge-Test.jsonl)"),
+         "get it from ARC-V1-Feb2018.zip at https://allenai.org/data/arc (ARC-Challenge/ARC-Challenge-Test.jsonl)"),
     Task("piqa", piqa_item, "PIQA's valid.jsonl (1,838 records: goal, sol1, sol2) with valid-labels.lst beside it "
-         "(one 0/1 per line), or records with a label field", "https://yonatanbisk.com/piqa/ (valid.jsonl and "
-         "valid-labels.lst)"),
+         "(one 0/1 per line), or records with a label field", "get valid.jsonl and valid-labels.lst from "
+         "https://yonatanbisk.com/piqa/"),
     Task("choice", choice_item, "your JSON Lines: {\"context\", \"choices\": [...], \"label\": i} (multiple "
          "choice) or {\"context\", \"continuation\"} (cloze); optional \"delimiter\" (default \" \")",
-         "your own file (see README, 'Downstream tasks')"),
+         "write it yourself (README: 'Downstream tasks')"),
 )}
 
 
@@ -165,7 +165,7 @@ def get_task(name: str) -> Task:
 def describe_task(name: str) -> str:
     """Where a task's data is expected and how to get it (`gptforge eval SOURCE --task NAME` alone)."""
     task = get_task(name)
-    return f"{task.name}: expects {task.expects}\n  get it from: {task.get}\n  then: --task {task.name} FILE"
+    return f"{task.name}: expects {task.expects}\n  {task.get}\n  then: --task {task.name} FILE"
 
 
 def _piqa_labels(path: Path) -> list[str] | None:
@@ -178,7 +178,7 @@ def read_task(name: str, path: str | Path, limit: int | None = None) -> list[Ite
     naming the file, line and field."""
     task, path = get_task(name), Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file for task {name}; it expects {task.expects} (from {task.get})")
+        raise DataError(f"{path}: no such file; task {name} expects {task.expects}; {task.get}")
     labels = _piqa_labels(path) if name == "piqa" else None
     items = []
     with open(path, encoding="utf-8") as f:
@@ -245,6 +245,18 @@ def score_task(model: torch.nn.Module, task: PreparedTask, batch_size: int, devi
     return metrics(task.items, results), results
 
 
+def prepare_tasks(specs: Sequence[str], limit: int | None, tokenizer: Tokenizer, max_length: int) -> list[PreparedTask]:
+    """--eval-task NAME=FILE values, read (the first `limit` items) and encoded for training-time evaluation."""
+    pairs = [spec.partition("=")[::2] for spec in specs]
+    return [PreparedTask.build(name, read_task(name, path, limit), tokenizer, max_length) for name, path in pairs]
+
+
+def format_scores(scores: dict[str, dict]) -> str:
+    """One line: "hellaswag acc 0.2500 acc_norm 0.2700 (n 100) | lambada ..."."""
+    return " | ".join(f"{name} " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if k != "n") + f" (n {s['n']})"
+                      for name, s in scores.items())
+
+
 def evaluate_tasks(source, tasks: Sequence[tuple[str, str]], cfg, log=print) -> dict[str, dict]:
     """`gptforge eval SOURCE --task NAME FILE ...`: each task's metrics for the model in source (any format
     weights.load_any reads), with cfg (an EvalConfig) giving --limit, --batch-size, --context-length, --device
@@ -266,6 +278,5 @@ def evaluate_tasks(source, tasks: Sequence[tuple[str, str]], cfg, log=print) -> 
     for task in prepared:
         with tqdm(total=len(task.rows), desc=task.name, unit="row", leave=False) as bar:
             out[task.name], _ = score_task(model, task, cfg.batch_size, device, bar.update)
-        log(f"{task.name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                         for k, v in out[task.name].items()))
+        log(format_scores({task.name: out[task.name]}))
     return out
