@@ -83,6 +83,22 @@ CLOZE = [
 ]
 
 
+CHOICE_YAML = """task: choice_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {file}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -146,6 +162,9 @@ def harness(hf_dir, files, tmp_path_factory):
         (include / f"{name}_local.yaml").write_text(
             f"include: {official / yaml}\ntask: {name}_local\ndataset_path: json\ndataset_name: null\n"
             f"dataset_kwargs:\n  data_files:\n    {split}: {data}\n{splits}")
+    # README's task config for our own multiple-choice format (records without a "delimiter" of their own)
+    (include / "choice_local.yaml").write_text(CHOICE_YAML.format(file=write_jsonl(include / "c.jsonl", CHOICE[:2])))
+    names["choice"] = None
     lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4)
     out = lm_eval.simple_evaluate(model=lm, tasks=[f"{n}_local" for n in names], num_fewshot=0, log_samples=True,
                                   task_manager=TaskManager(include_path=str(include), include_defaults=False))
@@ -168,9 +187,11 @@ def assert_same_lls(mine, theirs):
             assert greedy_a == greedy_b
 
 
-@pytest.mark.parametrize("task, theirs", [("hellaswag", "hellaswag"), ("arc-easy", "arc_easy"), ("piqa", "piqa")])
-def test_multiple_choice_agrees_with_the_harness(hf_dir, files, harness, task, theirs):
-    metrics, results = ours(hf_dir, task, files[task])
+@pytest.mark.parametrize("task, theirs", [("hellaswag", "hellaswag"), ("arc-easy", "arc_easy"), ("piqa", "piqa"),
+                                         ("choice", "choice")])
+def test_multiple_choice_agrees_with_the_harness(hf_dir, files, harness, task, theirs, tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", CHOICE[:2]) if task == "choice" else files[task]
+    metrics, results = ours(hf_dir, task, path)
     their_metrics, their_results = harness[0][theirs]
     assert_same_lls(results, their_results)
     assert metrics["n"] == their_metrics["sample_len"]

@@ -143,8 +143,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     check_loggers(t.logger)
     check_optimizer(t.optimizer)
 
-    data = build_data(cfg, tokenizer)
     tasks = prepare_tasks(t.eval_task, t.eval_task_limit, tokenizer, cfg.model.context_length)  # bad files: now
+    data = build_data(cfg, tokenizer)
     schedule = Schedule.plan(t, len(data.batches), tokens_per_step(cfg))
     model = build_model(cfg, device, resume, log)  # the optimizer comes after wrapping: FSDP replaces parameters
     amp = Precision(t.precision, device)
