@@ -11,7 +11,6 @@ harness's own task YAMLs (its prompts, its process_docs) with the data files swa
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -144,9 +143,14 @@ def hf_dir(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def harness(hf_dir, files, tmp_path_factory):
-    """lm-evaluation-harness's per-document responses and metrics for each task, and its HFLM."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    """lm-evaluation-harness's per-document responses and metrics for each task, and its HFLM (offline)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        return run_harness(hf_dir, tmp_path_factory)
+
+
+def run_harness(hf_dir, tmp_path_factory):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
