@@ -165,9 +165,11 @@ def test_resume_on_a_different_world_size(single):
     assert ckpt.load_state(ckpt.latest_checkpoint(run))["world_size"] == 1
 
 
-@pytest.mark.parametrize("parallel, data", [("ddp", ["--document-mask"]), ("fsdp", ["--packing", "pad"])])
+@pytest.mark.parametrize("parallel, data", [("ddp", ["--document-mask", "--tokenizer-vocab", "300"]),
+                                            ("fsdp", ["--packing", "pad"])])
 def test_document_mask_and_pad_packing_two_processes_equal_one(tmp_path, parallel, data):
-    """The segments reach the model through DDP's and FSDP2's forward; the scored-token count adds up over ranks."""
+    """The segments reach the model through DDP's and FSDP2's forward; the scored-token count adds up over ranks.
+    With --tokenizer-vocab, rank 0 trains the tokenizer and every rank uses its copy."""
     from pydoc_data.topics import topics
 
     docs = tmp_path / "docs"

@@ -202,9 +202,9 @@ def test_settings_of_the_other_family_are_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="--n-kv-heads is a setting of the llama family, not of gpt2; add --arch "
                                           "llama"):
-        resolve_train_config((), None, None, None, {"n_kv_heads": 2, "out": str(tmp_path / "a")})
+        resolve_train_config(["x.txt"], None, None, None, {"n_kv_heads": 2, "out": str(tmp_path / "a")})
     with pytest.raises(ConfigError, match="preset 'mini' is a gpt2 model, not llama"):
         resolve_train_config((), None, None, "mini", {"out": str(tmp_path / "b")}, arch="llama")
-    cfg, _ = resolve_train_config((), None, None, "minimind-3", {"out": str(tmp_path / "c"), "n_layers": 2})
+    cfg, _ = resolve_train_config(["x.txt"], None, None, "minimind-3", {"out": str(tmp_path / "c"), "n_layers": 2})
     assert type(cfg.model) is LlamaConfig and cfg.model.n_kv_heads == 4 and cfg.model.n_layers == 2
     assert cfg.model.vocab_size == 50257  # the run's tokenizer (gpt2), not the preset's 6400

@@ -150,19 +150,31 @@ def test_vocab_padding_is_invisible(tmp_path, tie):
     torch.testing.assert_close(loaded(x), plain(x))
 
 
-def test_activation_checkpointing_gives_the_same_gradients(tiny_cfg):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_activation_checkpointing_gives_the_same_gradients(tiny_cfg, arch):
+    from gptforge.models import build
+    from gptforge.models.llama import LlamaConfig
+
     torch.manual_seed(0)
-    cfg = GPTConfig(**{**tiny_cfg.to_dict(), "drop_rate": 0.1})
-    model = GPT(cfg).train()
+    cfg = (GPTConfig(**{**tiny_cfg.to_dict(), "drop_rate": 0.1}) if arch == "gpt2" else
+           LlamaConfig(vocab_size=101, context_length=16, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=2,
+                       drop_rate=0.1))
+    model = build(cfg).train()
     x = torch.randint(0, cfg.vocab_size, (2, 16))
-    grads = []
+    grads, calls = [], []
+    mlps = [m for name, m in model.named_modules() if name.endswith("mlp")]
+    for mlp in mlps:
+        mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # (recomputation stops early: no post hook)
     for ac in (False, True):
         if ac:
             checkpoint_blocks(model)  # from outside the model, through its spec's blocks
         model.zero_grad()
+        calls.clear()
         torch.manual_seed(1)  # the same dropout masks; recomputation restores the RNG state itself
         loss_batch(model, x, x).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
+        # each block runs once, and with checkpointing once more in backward (the recomputation)
+        assert len(calls) == len(mlps) * (2 if ac else 1)
     for a, b in zip(*grads):
         assert torch.equal(a, b)  # the same numbers, bit for bit
 

@@ -310,3 +310,30 @@ def test_muon_run_resumes_bit_for_bit_and_keeps_its_optimizer(text_file, tmp_pat
     cfg.train.optimizer = "adamw"
     with pytest.raises(ConfigError, match="the run trains with --optimizer muon .* resume with --optimizer muon"):
         train(cfg, tmp_path / "cut", resume=True, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_a_resumed_optimizer_keeps_the_settings_it_was_built_with(tiny_cfg, kind):
+    """Moments and step counts come from the checkpoint; weight decay, betas and momentum from the resumed run's
+    config (a flag changed on --resume takes effect instead of being silently replaced by the saved one)."""
+    from gptforge.distributed import load_optimizer_state
+    from gptforge.training import TrainConfig
+    from gptforge.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(tiny_cfg)
+    before = TrainConfig(optimizer=kind, weight_decay=0.1, beta2=0.95, muon_momentum=0.95, muon_weight_decay=0.01)
+    opt = build_optimizer(model, before, torch.device("cpu"))
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 2, 8))
+    model(x, targets=y).backward()
+    opt.step()
+    saved = opt.state_dict()
+    after = TrainConfig(optimizer=kind, weight_decay=0.3, beta2=0.99, muon_momentum=0.9, muon_weight_decay=0.05)
+    resumed = build_optimizer(model, after, torch.device("cpu"))
+    load_optimizer_state(model, resumed, saved)
+    wanted = build_optimizer(model, after, torch.device("cpu")).param_groups
+    assert [{k: v for k, v in g.items() if k != "params"} for g in resumed.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in wanted]
+    for p in model.parameters():  # the moments are the checkpoint's
+        for key, value in opt.state[p].items():
+            assert torch.equal(resumed.state[p][key], value)

@@ -43,6 +43,7 @@ STATE = "state.pt"
 CHECKSUMS = "checksums.json"
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
+RUN_TOKENIZER = "tokenizer.json"  # --tokenizer-vocab: the tokenizer trained when the run started
 
 
 class CheckpointError(ValueError):

@@ -49,6 +49,10 @@ class DataConfig:
     stride: int | None = opt(None, "Step between window starts; default: the context length (no overlap).")
     tokenizer: str = opt("gpt2", "Tokenizer: gpt2 (OpenAI's GPT-2 BPE, offline), or the path of a Hugging Face "
                                  "tokenizer.json (or its directory); default for a prepared DATA_DIR: its own.")
+    tokenizer_vocab: int | None = opt(None, "Instead of --tokenizer: train a byte-level BPE of this many ids (with "
+                                            "<|endoftext|>) on the run's training text when the run starts; it is "
+                                            "kept as RUN_DIR/tokenizer.json, which --resume reuses. Text DATA only "
+                                            "(a prepared DATA_DIR has its tokenizer).")
     sampling: str | None = opt(None, "Training windows: shuffle (windows at the stride, shuffled each epoch), "
                                      "random (any token offset, as nanoGPT) or sequential; default: random for a "
                                      "prepared DATA_DIR, shuffle for text.", choices=SAMPLING)
@@ -65,6 +69,9 @@ class DataConfig:
             raise ValueError(f"stride must be a positive integer, got {self.stride}")
         if self.sampling not in (None, "shuffle", "random", "sequential"):
             raise ValueError(f"sampling must be shuffle, random or sequential, got {self.sampling!r}")
+        if self.tokenizer_vocab is not None and self.tokenizer_vocab < 257:
+            raise ValueError(f"--tokenizer-vocab {self.tokenizer_vocab} is too small: a byte-level BPE needs at "
+                             "least 257 ids (256 bytes and <|endoftext|>)")
         if self.packing not in PACKING:
             raise ValueError(f"--packing must be concat or pad, got {self.packing!r}")
         if self.packing == "pad" and self.document_mask:
@@ -678,9 +685,20 @@ def prepared_dir(inputs: Sequence[str | Path]) -> Path | None:
 
 def data_defaults(inputs: Sequence[str | Path], explicit: dict) -> dict:
     """Settings that follow the data unless given: a prepared directory's tokenizer; the model's vocab_size
-    from the tokenizer."""
+    from the tokenizer (with --tokenizer-vocab N: N, the most ids the trained tokenizer can have)."""
     out = {}
     data_dir = prepared_dir(inputs)
+    if explicit.get("tokenizer_vocab") is not None:
+        if data_dir is not None:
+            raise ConfigError(f"--tokenizer-vocab trains a tokenizer on text DATA, but {data_dir} is prepared with its "
+                              "own tokenizer: leave --tokenizer-vocab out (or train one with `gptforge tokenizer "
+                              "train` and prepare the text with it)")
+        if explicit.get("tokenizer", "gpt2") != "gpt2":
+            raise ConfigError(f"--tokenizer {explicit['tokenizer']} and --tokenizer-vocab both choose the tokenizer; "
+                              "give only one")
+        if "vocab_size" not in explicit:
+            out["vocab_size"] = explicit["tokenizer_vocab"]
+        return out
     if data_dir is not None and "tokenizer" not in explicit:
         out["tokenizer"] = manifest_tokenizer(data_dir, read_manifest(data_dir))
     if "vocab_size" not in explicit:

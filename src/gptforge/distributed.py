@@ -138,7 +138,16 @@ def _parts(optimizer: torch.optim.Optimizer):
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a whole optimizer state dict (as full_optimizer_state saves it) on every rank."""
+    """Load a whole optimizer state dict (as full_optimizer_state saves it) on every rank. The saved state brings
+    the moments and step counts; the settings of each group (betas, weight decay, momentum) stay the optimizer's
+    own, i.e. the resumed run's config, so a flag changed on --resume takes effect."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    _load_optimizer_state(model, optimizer, state)
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
+
+
+def _load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -199,6 +208,15 @@ def gather(obj):
     # tensors travel as numpy arrays: all_gather_object would unpickle them through torch.load
     dist.all_gather_object(out, _to_numpy(obj))
     return [_from_numpy(o) for o in out]
+
+
+def from_main(make):
+    """make() computed on rank 0 only, its (small, picklable) result handed to every rank."""
+    if not is_distributed():
+        return make()
+    box = [make() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

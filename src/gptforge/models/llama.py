@@ -185,7 +185,7 @@ class Llama(nn.Module):
         sparse = self.cfg.tie_weights and torch.is_grad_enabled() and ops.use_cpu_kernels(self.embed_tokens.weight)
         x = F.embedding(idx, self.embed_tokens.weight, sparse=sparse)  # (B, T, C)
         for i, block in enumerate(self.layers):
-            x = block(x, rope, cache.layer(i), start) if cache is not None else block(x, rope, mask=mask)
+            x = block(x, rope, cache.layer(i), start) if cache is not None else block(x, rope=rope, mask=mask)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)

@@ -31,8 +31,10 @@ INITS = ("gpt2", "torch")
 
 # The recipe for `gptforge train` with no DATA (the built-in corpus, ~115K tokens): ~10 minutes on
 # a 2-core CPU with the default "mini" preset. Flags and --config still win over these.
-DEFAULT_CORPUS_RUN = {"epochs": 5, "lr": 1e-3, "sample_prompt": "The", "sample_temperature": 0.8,
-                      "sample_top_k": 40}
+# The built-in corpus's run (no DATA): settings under the recipe; DEFAULT_CORPUS_RECIPE when nothing chose a model.
+DEFAULT_CORPUS_RUN = {"epochs": 5, "lr": 1e-3, "tokenizer_vocab": 4096, "sample_prompt": "The",
+                      "sample_temperature": 0.8, "sample_top_k": 40}
+DEFAULT_CORPUS_RECIPE = "modern"
 
 
 @dataclass
@@ -260,15 +262,25 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         init_from = saved.get("init_from")
         recipe = saved.get("recipe")
     else:
+        if not (data or file_values.get("inputs")) and not {"recipe", "preset", "arch", "init_from"} & set(file_values):
+            file_values["recipe"] = DEFAULT_CORPUS_RECIPE  # the default run: nothing chose a model
         recipe_settings = recipe_layer(file_values)
         recipe = file_values.get("recipe")
         spec, preset_name, init_cfg = new_run_shape(file_values, flags, config_file)
         init_from = file_values.get("init_from")
         presets = spec.presets
         inputs = list(data) or list(file_values.get("inputs", []))
-        follow = data_defaults(inputs, {**file_values, **flags})  # tokenizer; vocab_size (a preset's follows it too)
-        layers = [presets.get(preset_name, {}), {} if inputs else DEFAULT_CORPUS_RUN, recipe_settings, follow,
-                  file_values, flags]
+        corpus_run = {} if inputs else DEFAULT_CORPUS_RUN
+        user, below = {**file_values, **flags}, {**corpus_run, **recipe_settings}
+        replaced = {}  # the user's choice replaces what a recipe (or the default run) chose beside it
+        if "tokenizer" in user and "tokenizer_vocab" not in user:
+            replaced["tokenizer_vocab"] = None  # their tokenizer, not a trained one
+        if user.get("packing") == "pad" and "document_mask" not in user:
+            replaced["document_mask"] = False  # one document per row: nothing to mask
+        below.update(replaced)
+        # tokenizer; vocab_size (a preset's follows it too)
+        follow = {**data_defaults(inputs, {**below, **user}), **replaced}
+        layers = [presets.get(preset_name, {}), corpus_run, recipe_settings, follow, file_values, flags]
         if init_cfg is not None:
             layers.append(init_cfg.to_dict())
         run_dir = Path(flags.get("out") or file_values.get("out")
@@ -283,6 +295,9 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
     cfg = RunConfig(model=build(spec.config_class, *layers), data=build(DataConfig, *layers),
                     train=build(TrainConfig, *layers), inputs=[str(p) for p in inputs], preset=preset_name,
                     init_from=init_from, recipe=recipe)
+    if cfg.data.tokenizer_vocab is not None and cfg.init_from is not None:
+        raise ConfigError(f"--tokenizer-vocab trains a new tokenizer, but --init-from {cfg.init_from} brings its "
+                          "model's own vocabulary: leave --tokenizer-vocab out (or give --tokenizer)")
     cfg.train.out = str(run_dir)
     return cfg, run_dir
 

@@ -22,10 +22,10 @@ from ..models import spec_for
 from ..perf import keep_freed_cpu_memory, mfu, peak_flops
 from ..runs.metrics import MetricsLog, Progress, format_eval, human, plot_losses, plot_tasks
 from ..runs.trackers import check_loggers, open_trackers
-from ..tokenizer import Tokenizer, get_tokenizer
+from ..tokenizer import Tokenizer
 from .config import RunConfig, TrainConfig
 from .optim import build_optimizer, check_optimizer, describe_optimizer, set_lr
-from .state import Checkpointer, RunState, Schedule, TrainData, build_data, build_model
+from .state import Checkpointer, RunState, Schedule, TrainData, build_data, build_model, run_tokenizer
 from .step import Precision, StepResult, stop_requests, train_step
 
 
@@ -135,7 +135,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     main = dist.is_main()
     log = log if main else (lambda *args, **kwargs: None)  # only rank 0 prints, plots and writes
     warn = (lambda message: print(message, file=sys.stderr, flush=True)) if main else (lambda message: None)
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    tokenizer = run_tokenizer(cfg, run_dir, resume)
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size}; set --vocab-size to at least that")
@@ -160,6 +160,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     if resumed:
         dist.load_optimizer_state(model, optimizer, optimizer_state)
     if main:
+        if cfg.data.tokenizer_vocab is not None and not (run_dir / ckpt.RUN_TOKENIZER).is_file():
+            ckpt.atomic_write_bytes(run_dir / ckpt.RUN_TOKENIZER, tokenizer.json.encode())
         ckpt.atomic_write_bytes(run_dir / ckpt.CONFIG, _toml_bytes(cfg))
     metrics = MetricsLog(run_dir / ckpt.METRICS if main else None, resume_step=state.step if resumed else -1,
                          warn=warn)

@@ -31,10 +31,36 @@ from ..data import (
 from ..models import build
 from ..models.layers import torch_default_init
 from ..runs.metrics import human
-from ..tokenizer import Tokenizer
+from ..tokenizer import HFTokenizer, Tokenizer, get_tokenizer, train_bpe
 from ..weights import load_any, load_model
 from .config import RunConfig, TrainConfig
 from .optim import lr_at
+
+
+def run_tokenizer(cfg: RunConfig, run_dir: Path, resume: bool) -> Tokenizer:
+    """The run's tokenizer: --tokenizer's; with --tokenizer-vocab N, a byte-level BPE trained by rank 0 on the
+    run's training text (train() keeps it as RUN_DIR/tokenizer.json, which a resume reads back)."""
+    vocab = cfg.data.tokenizer_vocab
+    if vocab is None:
+        return get_tokenizer(cfg.data.tokenizer)
+    path = run_dir / ckpt.RUN_TOKENIZER
+    if resume and path.is_file():
+        return get_tokenizer(str(path))
+    json_text = dist.from_main(
+        lambda: train_bpe(training_text(read_texts(cfg.inputs), cfg.data.val_fraction), vocab).json)
+    return HFTokenizer(json_text, source=str(path))
+
+
+def training_text(texts: list[str], val_fraction: float) -> list[str]:
+    """The first (1 - val_fraction) of the documents' characters: about the text of the train split, which
+    split_tokens cuts at the same share of the tokens (the tokenizer is trained before there are tokens)."""
+    budget, out = int(sum(map(len, texts)) * (1 - val_fraction)), []
+    for text in texts:
+        if budget <= 0:
+            break
+        out.append(text[:budget])
+        budget -= len(out[-1])
+    return out
 
 
 def load_splits(cfg: RunConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
