@@ -22,6 +22,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, build, check_range, default_of, field_types, help_of, read_toml
 from .data import DataConfig, DataError
 from .evaluate import EvalConfig, evaluate_text
+from .evaluate.tasks import TASKS, describe_task, evaluate_tasks, get_task
 from .generate import GenerateConfig, SampleConfig, generate_text
 from .models import SPECS, ModelSettings, all_presets, check_settings, get_spec, preset_arch
 from .prepare import PrepareConfig, train_tokenizer
@@ -163,19 +164,39 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, ar
 
 @cli.command(name="eval")
 @click.argument("source")
-@click.argument("data", nargs=-1, required=True, type=click.Path())
+@click.argument("data", nargs=-1, type=click.Path())
+@click.option("--task", "tasks", multiple=True, metavar="NAME",
+              help=f"Score a downstream task ({', '.join(TASKS)}) as lm-evaluation-harness does, on the FILE that "
+                   "follows it (or NAME=FILE); repeatable. NAME alone: where its data is expected and how to get it.")
 @config_option
 @dataclass_options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, default=None, help="Print a JSON line last.")
-def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, as_json: bool | None, **flags) -> None:
-    """Loss, perplexity and bits per byte of the model in SOURCE on the text in DATA.
+def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], config_file: str | None,
+             as_json: bool | None, **flags) -> None:
+    """Loss, perplexity and bits per byte of the model in SOURCE on the text in DATA; or, with --task NAME FILE,
+    downstream task scores (acc, acc_norm; LAMBADA's acc and perplexity) with a JSON line last.
 
     SOURCE: a run dir or checkpoint, gpt2 / gpt2-medium / gpt2-large / gpt2-xl or another Hugging Face
     id or directory, OpenAI's TensorFlow checkpoint directory, or the book's model.pth.
     DATA may be a directory made by `gptforge prepare`: its val split is scored.
+
+    \b
+    gptforge eval runs/first --task hellaswag hellaswag_val.jsonl --task lambada lambada_test.jsonl
+    gptforge eval gpt2 --task arc-easy                  where ARC-Easy's file comes from
     """
 
     values = {**_flat_config(config_file, EvalConfig, extra={"json": bool}), **given(flags)}
+    if tasks:
+        pairs = task_files(tasks, data)
+        if not pairs:
+            for name in tasks:
+                click.echo(describe_task(name))
+            return
+        scores = evaluate_tasks(source, pairs, build(EvalConfig, values), log=click.echo)
+        click.echo(json.dumps(scores))
+        return
+    if not data:
+        raise ConfigError("give DATA (text files to score) or --task NAME FILE (a downstream task)")
     result = evaluate_text(source, data, build(EvalConfig, values),
                            warn=lambda message: click.echo(message, err=True))
     bpb = "n/a" if result.bpb is None else f"{result.bpb:.4f}"
@@ -183,6 +204,22 @@ def eval_cmd(source: str, data: tuple[str, ...], config_file: str | None, as_jso
     if as_json if as_json is not None else values.get("json", False):
         click.echo(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "bpb": result.bpb,
                                "tokens": result.tokens}))
+
+
+def task_files(tasks: tuple[str, ...], data: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(name, file) of each --task: NAME=FILE, or NAME with the files given after them in order; [] when no task
+    has a file (the command then says where each one's data is expected)."""
+    named = [t.partition("=")[::2] for t in tasks]
+    for name, _ in named:
+        get_task(name)
+    bare = [name for name, path in named if not path]
+    if not data and len(bare) == len(named):
+        return []
+    if len(data) != len(bare):
+        raise ConfigError(f"--task needs one FILE after each NAME (or NAME=FILE): {len(bare)} task(s) without "
+                          f"one, {len(data)} file(s) given; with --task, DATA are the tasks' files")
+    files = iter(data)
+    return [(name, path or next(files)) for name, path in named]
 
 
 # ----------------------------------------------------------------------------- generate

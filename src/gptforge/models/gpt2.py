@@ -158,15 +158,18 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, targets: torch.Tensor | None = None,
-                loss=cross_entropy, segments: torch.Tensor | None = None) -> torch.Tensor:
+                loss=cross_entropy, segments: torch.Tensor | None = None,
+                layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size); with targets (B, T), loss(hidden, head weight, targets,
         vocab_size) (evaluate.lm_loss picks the kernel). With a cache, idx continues the cached positions, and
         their keys and values are added to it. With segments (B, T), the document number of each token (packed
-        documents), positions restart at each document and attention stays inside it.
+        documents), positions restart at each document and attention stays inside it. A layout (positions (B, T),
+        attention mask (B, 1, T, T), True: attend) places the tokens freely (evaluate.loglikelihood: one context
+        and the continuations that share it in one row).
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.context_length:
+        if start + T > self.cfg.context_length and layout is None:  # a layout's positions are its own
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than the model's context_length "
                 f"{self.cfg.context_length}"
@@ -174,8 +177,10 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         mask = None
         if segments is not None:
-            assert cache is None, "packed documents are whole sequences: no KV cache"
-            pos, mask = document_positions(segments), document_mask(segments)  # (B, T), (B, 1, T, T)
+            layout = document_positions(segments), document_mask(segments)  # (B, T), (B, 1, T, T)
+        if layout is not None:
+            assert cache is None, "packed rows are whole sequences: no KV cache"
+            pos, mask = layout
         # Tied weights on a CPU: the look-up's gradient is sparse (T rows), added to the head's dense
         # one, instead of a dense (vocab x C) zero matrix with T rows filled in and then added.
         sparse = self.cfg.tie_weights and torch.is_grad_enabled() and ops.use_cpu_kernels(self.wte.weight)

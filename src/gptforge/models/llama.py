@@ -165,17 +165,21 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, targets: torch.Tensor | None = None,
-                loss=cross_entropy, segments: torch.Tensor | None = None) -> torch.Tensor:
+                loss=cross_entropy, segments: torch.Tensor | None = None,
+                layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size); with targets (B, T), loss(hidden, head weight, targets,
         vocab_size). With a cache, idx continues the cached positions, and their keys and values are added to it.
         With segments (B, T), the document number of each token (packed documents), rotary positions restart at
-        each document and attention stays inside it."""
+        each document and attention stays inside it. A layout (positions (B, T), attention mask (B, 1, T, T), True:
+        attend) places the tokens freely (evaluate.loglikelihood: a context and its continuations in one row)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         pos, mask = torch.arange(start, start + T, device=idx.device), None
         if segments is not None:
-            assert cache is None, "packed documents are whole sequences: no KV cache"
-            pos, mask = document_positions(segments), document_mask(segments)  # (B, T), (B, 1, T, T)
+            layout = document_positions(segments), document_mask(segments)  # (B, T), (B, 1, T, T)
+        if layout is not None:
+            assert cache is None, "packed rows are whole sequences: no KV cache"
+            pos, mask = layout
         cos, sin = rotary_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, self.embed_tokens.weight.dtype)
         rope = (cos, sin) if mask is None else (cos[:, None], sin[:, None])  # (T, hs) or (B, 1, T, hs)
         sparse = self.cfg.tie_weights and torch.is_grad_enabled() and ops.use_cpu_kernels(self.embed_tokens.weight)

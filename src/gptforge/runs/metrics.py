@@ -1,4 +1,4 @@
-"""What a run shows and leaves behind: metrics.jsonl, loss.png, the progress bar and log lines."""
+"""What a run shows and leaves behind: metrics.jsonl, loss.png (and tasks.png), the progress bar and log lines."""
 
 from __future__ import annotations
 
@@ -100,6 +100,39 @@ def plot_losses(records: list[dict], path: Path) -> None:
         if tokens_per_step:
             top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
             top.set_xlabel("tokens seen")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def task_keys(records: list[dict]) -> tuple[list[str], list[str]]:
+    """The task/NAME/METRIC keys of the evaluation records: (accuracies, perplexities), in order of appearance."""
+    keys = list(dict.fromkeys(k for r in records if r.get("event") == "eval" for k in r if k.startswith("task/")))
+    return [k for k in keys if not k.endswith("/perplexity")], [k for k in keys if k.endswith("/perplexity")]
+
+
+def plot_tasks(records: list[dict], path: Path) -> None:
+    """tasks.png: each --eval-task's acc and acc_norm against steps; a second panel for perplexities (LAMBADA)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(keys, label) for keys, label in zip(task_keys(records), ("accuracy", "perplexity")) if keys]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 1, 4), dpi=100, squeeze=False)
+    for ax, (keys, ylabel) in zip(axes[0], panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if r.get("event") == "eval" and key in r]
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=key.removeprefix("task/"))
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log" if ylabel == "perplexity" else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -2,7 +2,8 @@
 
 It reads each run's metrics.jsonl and config.toml and writes plots (matplotlib, embedded as base64
 PNG), the configs side by side with differing rows highlighted, the samples of each evaluation and
-the final losses and bits per byte (runs written before bpb existed show none). The file needs no
+the final losses and bits per byte (runs written before bpb existed show none), and the downstream
+tasks' scores (--eval-task) with their curves. The file needs no
 network and no other file to be viewed or shared.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from ..checkpoint import CONFIG, METRICS, atomic_write_bytes, check_writable
 from ..config import ConfigError, tomllib
+from .metrics import task_keys
 from .trackers import flat_config
 
 REPORT_MARK = b"<title>gptforge report"  # in the head of every report: only those are replaced
@@ -173,6 +175,31 @@ def summary_table(runs: list[Run]) -> str:
     return f'<table id="summary">{head}{"".join(rows)}</table>'
 
 
+def tasks_table(runs: list[Run]) -> str:
+    """The downstream tasks' scores (--eval-task) at each run's last evaluation; "" when no run has any."""
+    keys = [k for group in task_keys([r for run in runs for r in run.evals]) for k in group]
+    if not keys:
+        return ""
+    rows = []
+    for run in runs:
+        last = next((r for r in reversed(run.evals) if any(k in r for k in keys)), {})
+        rows.append(f"<tr><td>{html.escape(run.name)}</td><td class=\"num\">{_fmt(last.get('step'))}</td>"
+                    + "".join(f'<td class="num">{_fmt(last.get(k))}</td>' for k in keys) + "</tr>")
+    head = "<tr><th>run</th><th>step</th>" + "".join(f"<th>{html.escape(k[5:])}</th>" for k in keys) + "</tr>"
+    return f'<h2>Downstream tasks</h2><table id="tasks">{head}{"".join(rows)}</table>'
+
+
+def task_figures(runs: list[Run]) -> list[str]:
+    """Accuracy (and perplexity) of each --eval-task against steps."""
+    accuracies, perplexities = task_keys([r for run in runs for r in run.evals])
+    accuracy = [("eval", k, k[5:]) for k in accuracies]
+    ppl = [("eval", k, k[5:]) for k in perplexities]
+    return [_figure(plot(runs, accuracy, "step", "accuracy") if accuracy else None,
+                    "Downstream tasks (--eval-task): accuracy against steps"),
+            _figure(plot(runs, ppl, "step", "perplexity", log_y=True) if ppl else None,
+                    "Downstream tasks: perplexity against steps")]
+
+
 def config_table(runs: list[Run]) -> str:
     """Every config key as a row, one column per run; rows whose values differ get class "diff"."""
     keys = sorted({k for run in runs for k in run.config})
@@ -210,6 +237,7 @@ def render(runs: list[Run]) -> str:
         _figure(plot(runs, [("train", "tokens_per_s", "tokens/s")], "step", "tokens/s"), "Throughput"),
         _figure(plot(runs, [("train", "grad_norm", "grad norm")], "step", "grad norm", log_y=True),
                 "Gradient norm before clipping"),
+        *task_figures(runs),
     ]
     names = ", ".join(html.escape(r.name) for r in runs)
     samples = "".join(f"<h3>{html.escape(r.name)}</h3>{samples_table(r)}" for r in runs)
@@ -222,6 +250,7 @@ def render(runs: list[Run]) -> str:
 <p class="muted">{len(runs)} run{"s" if len(runs) > 1 else ""}: {names} · written {made}</p>
 <h2>Final results</h2>
 {summary_table(runs)}
+{tasks_table(runs)}
 <h2>Curves</h2>
 <div class="plots">{"".join(figures)}</div>
 <h2>Configuration</h2>

@@ -24,7 +24,8 @@ from ..distributed import is_main
 LOGGERS = ("tensorboard", "swanlab", "wandb")
 PACKAGE = {"tensorboard": "tensorboard", "swanlab": "swanlab", "wandb": "wandb"}  # tracker -> import name
 
-# metrics.jsonl keys -> tracker tags; any other number in a record is logged as "<event>/<key>"
+# metrics.jsonl keys -> tracker tags; a key with a slash (task/hellaswag/acc) is its own tag; any other number
+# in a record is logged as "<event>/<key>"
 TAGS = {
     ("train", "train_loss"): "train/loss",
     ("train", "lr"): "train/lr",
@@ -63,7 +64,7 @@ def scalars(record: dict) -> dict[str, float]:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             continue
-        out[TAGS.get((event, key), f"{event}/{key}")] = float(value)
+        out[key if "/" in key else TAGS.get((event, key), f"{event}/{key}")] = float(value)  # task/NAME/acc as it is
     if event == "train":
         out.update(memory_stats())
     return out

@@ -18,6 +18,7 @@ from ..checkpoint import CONFIG, check_writable, saved_run_config
 from ..config import SEED_MAX, ConfigError, build, check_choice, check_range, check_toml, opt, read_toml, to_toml_dict
 from ..data import DataConfig, data_defaults
 from ..devices import DEVICES
+from ..evaluate.tasks import TASKS
 from ..models import DEFAULT_ARCH, ModelSettings, ModelSpec, check_settings, get_spec, preset_arch, spec_for
 from ..models.gpt2 import GPTConfig
 from ..runs.trackers import LOGGERS
@@ -79,6 +80,12 @@ class TrainConfig:
     save_every: int | None = opt(None, "Save a checkpoint every this many steps; default: at each evaluation.")
     save_every_minutes: float | None = opt(None, "Also save a checkpoint when this many minutes passed since the last.")
     keep_last: int = opt(3, "Checkpoints to keep (older ones are deleted); 0 keeps all.")
+    eval_task: list[str] = field(default_factory=list, metadata={
+        "help": "Also score a downstream task at each evaluation, NAME=FILE (repeatable; NAME one of "
+                f"{', '.join(TASKS)}, FILE its data as `gptforge eval --task` reads it); logged as "
+                "task/NAME/acc, task/NAME/acc_norm (or task/NAME/perplexity).", "metavar": "NAME=FILE"})
+    eval_task_limit: int | None = opt(None, "Items of each --eval-task scored at each evaluation (the first N); "
+                                            "default: all.")
     sample_prompt: str = opt("Every effort moves you", "Prompt for the sample shown at each evaluation.")
     sample_tokens: int = opt(40, "Tokens in that sample; 0 turns samples off.")
     sample_temperature: float = opt(0.0, "Temperature of that sample; 0 is greedy.")
@@ -102,7 +109,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "epochs", "max_steps", "max_tokens", "eval_every", "eval_batches",
-                     "log_every", "save_every", "sample_top_k"):
+                     "log_every", "save_every", "sample_top_k", "eval_task_limit"):
             check_range(name, getattr(self, name), 1)
         for name in ("warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "keep_last", "sample_tokens",
                      "sample_temperature"):
@@ -120,6 +127,10 @@ class TrainConfig:
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
         check_choice("schedule", self.schedule, SCHEDULES)
+        for spec in self.eval_task:
+            name, _, path = spec.partition("=")
+            if name not in TASKS or not path:
+                raise ConfigError(f"--eval-task {spec!r} must be NAME=FILE with NAME one of {', '.join(TASKS)}")
         check_choice("init", self.init, INITS)
         check_range("decay_fraction", self.decay_fraction, 0, 1, above=True)
         if self.max_steps is not None and self.max_tokens is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +16,11 @@ from .. import distributed as dist
 from ..config import ConfigError
 from ..devices import pick_device
 from ..evaluate import byte_table, evaluate, perplexity
+from ..evaluate.tasks import PreparedTask, format_scores, prepare_tasks, score_task
 from ..generate import SampleConfig, sample_text
 from ..models import spec_for
 from ..perf import keep_freed_cpu_memory, mfu, peak_flops
-from ..runs.metrics import MetricsLog, Progress, format_eval, human, plot_losses
+from ..runs.metrics import MetricsLog, Progress, format_eval, human, plot_losses, plot_tasks
 from ..runs.trackers import check_loggers, open_trackers
 from ..tokenizer import Tokenizer
 from .config import RunConfig, TrainConfig
@@ -42,6 +43,7 @@ class Evaluator:
     """Evaluation at a step: train/val loss and bits per byte, a sample, metrics.jsonl, trackers and loss.png.
 
     token_bytes is the tokenizer's byte table (`evaluate.byte_table`); None leaves train_bpb / val_bpb out.
+    tasks (--eval-task) are scored too: task/NAME/METRIC in the record, and tasks.png beside loss.png.
     """
 
     cfg: RunConfig
@@ -54,6 +56,7 @@ class Evaluator:
     run_dir: Path
     device: torch.device
     token_bytes: np.ndarray | None = None
+    tasks: list[PreparedTask] = field(default_factory=list)
 
     def __call__(self, model: torch.nn.Module, state: RunState) -> dict:
         t, step = self.cfg.train, state.step
@@ -67,6 +70,10 @@ class Evaluator:
         if "val_loss" in scores:
             record["val_perplexity"] = perplexity(scores["val_loss"])
         self.progress.write(format_eval(step, state.tokens, scores))
+        if self.tasks:  # every rank scores every item too (FSDP), so all agree; rank 0 writes
+            task_scores = {task.name: score_task(model, task, t.batch_size, self.device)[0] for task in self.tasks}
+            record.update({f"task/{name}/{k}": v for name, s in task_scores.items() for k, v in s.items() if k != "n"})
+            self.progress.write("  tasks: " + format_scores(task_scores))
         if t.sample_tokens > 0:  # its own seeded generator: the training RNG stays untouched
             sample_cfg = SampleConfig(t.sample_tokens, t.sample_temperature, t.sample_top_k)
             text = sample_text(dist.unwrap(model), self.tokenizer, t.sample_prompt, sample_cfg, seed=t.seed + step,
@@ -77,6 +84,8 @@ class Evaluator:
         if dist.is_main():
             self.trackers.log(self.metrics.records[-1])
             plot_losses(self.metrics.records, self.run_dir / "loss.png")
+            if self.tasks:
+                plot_tasks(self.metrics.records, self.run_dir / "tasks.png")
         return record
 
 
@@ -134,6 +143,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     check_loggers(t.logger)
     check_optimizer(t.optimizer)
 
+    tasks = prepare_tasks(t.eval_task, t.eval_task_limit, tokenizer, cfg.model.context_length)  # bad files: now
     data = build_data(cfg, tokenizer)
     schedule = Schedule.plan(t, len(data.batches), tokens_per_step(cfg))
     model = build_model(cfg, device, resume, log)  # the optimizer comes after wrapping: FSDP replaces parameters
@@ -160,7 +170,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     progress = Progress(schedule.total_steps, state.step, enabled=t.progress and main, quiet=not main,
                         flops_per_token=fpt, peak_flops=peak)
     evaluator = Evaluator(cfg, tokenizer, data, schedule, metrics, trackers, progress, run_dir, device,
-                          byte_table(tokenizer, warn))
+                          byte_table(tokenizer, warn), tasks)
 
     last_eval = evaluator(model, state) if state.step == 0 else {}
     save_every = t.save_every or t.eval_every

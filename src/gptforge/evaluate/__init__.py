@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import ops
-from .config import ConfigError, check_choice, check_range, opt
-from .data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
-from .devices import DEVICES, device_opt, pick_device
-from .models.layers import cross_entropy
-from .ops import IGNORE_INDEX as IGNORE
-from .tokenizer import Tokenizer, tokenizer_opt
-from .weights import load_for_text
+from .. import ops
+from ..config import ConfigError, check_choice, check_range, opt
+from ..data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
+from ..devices import DEVICES, device_opt, pick_device
+from ..models.layers import cross_entropy
+from ..ops import IGNORE_INDEX as IGNORE
+from ..tokenizer import Tokenizer, tokenizer_opt
+from ..weights import load_for_text
 
 
 @dataclass
@@ -37,13 +37,14 @@ class EvalConfig:
     stride: int | None = opt(None, "Step between window starts; default: the context length.")
     batch_size: int = opt(8, "Windows per batch.")
     max_batches: int | None = opt(None, "Score only the first N batches; default: all.")
+    limit: int | None = opt(None, "--task: score only the first N items of each task; default: all.")
     document_mask: bool = opt(False, "Score each end-of-text-separated document of a window on its own "
                                      "(as train --document-mask trains).")
     device: str = device_opt()
     tokenizer: str | None = tokenizer_opt()
 
     def __post_init__(self) -> None:
-        for name in ("context_length", "stride", "batch_size", "max_batches"):
+        for name in ("context_length", "stride", "batch_size", "max_batches", "limit"):
             check_range(name, getattr(self, name), 1)
         check_choice("device", self.device, DEVICES)
 

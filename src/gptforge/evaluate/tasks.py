@@ -1,0 +1,282 @@
+"""Downstream tasks scored as lm-evaluation-harness 0.4 scores them (zero-shot).
+
+Each `Task` reads the records of its official file (JSON Lines, the user's own: nothing is
+downloaded) into `Item`s: a context, the choices (or one cloze target) and the gold index, built
+with the harness's prompt (its task YAMLs and utils: lm_eval/tasks/hellaswag, lambada, arc, piqa).
+Multiple choice scores context + delimiter + choice for each choice: `acc` is the arg-max of the
+summed log-likelihoods, `acc_norm` of those divided by the characters of each choice (the harness's
+length normalisation). Cloze tasks (LAMBADA) score the target: `acc` when greedy decoding produces
+it, `perplexity` = exp(-mean log-likelihood).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import DataError
+from ..tokenizer import Tokenizer
+from .loglikelihood import Row, encode_pair, plan_rows, score_rows
+
+
+@dataclass
+class Item:
+    context: str
+    choices: list[str]  # multiple choice: the choices' text; cloze: the one target
+    label: int  # the gold choice (cloze: 0)
+    delimiter: str = " "  # between the context and each choice (the harness's target_delimiter)
+    cloze: bool = False
+
+    def continuations(self) -> list[str]:
+        return [self.delimiter + c for c in self.choices]
+
+
+def _field(record: dict, key: str, where: str, kind: type | tuple = str):
+    """record[key] (a dotted key reaches inside), checked to be of `kind`; else a DataError naming where and key."""
+    value = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise DataError(f"{where}: no field {key!r}")
+        value = value[part]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataError(f"{where}: field {key!r} must be a {names}, got {type(value).__name__}")
+    return value
+
+
+def _label(value, n: int, where: str, key: str = "label") -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
+        raise DataError(f"{where}: field {key!r} must be the index of a choice, 0 to {n - 1}, got {value!r}")
+    return value
+
+
+def _strings(record: dict, key: str, where: str) -> list[str]:
+    values = _field(record, key, where, list)
+    if len(values) < 2 or not all(isinstance(v, str) for v in values):
+        raise DataError(f"{where}: field {key!r} must be a list of at least 2 strings")
+    return values
+
+
+# ----------------------------------------------------------------------------- the tasks' records
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """The harness's HellaSwag clean-up: WikiHow's [title] and other bracketed artifacts removed."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_item(record: dict, where: str) -> Item:
+    ctx = _field(record, "ctx_a", where) + " " + _field(record, "ctx_b", where).capitalize()
+    endings = _strings(record, "endings", where)
+    if "label" not in record:
+        raise DataError(f"{where}: no field 'label' (HellaSwag's test split has none: use hellaswag_val.jsonl)")
+    return Item(hellaswag_preprocess(_field(record, "activity_label", where) + ": " + ctx),
+                [hellaswag_preprocess(e) for e in endings], _label(record["label"], len(endings), where))
+
+
+def lambada_item(record: dict, where: str) -> Item:
+    words = _field(record, "text", where).split(" ")
+    if len(words) < 2:
+        raise DataError(f"{where}: field 'text' must have at least two words (the last one is predicted)")
+    return Item(" ".join(words[:-1]), [words[-1]], 0, cloze=True)
+
+
+def arc_item(record: dict, where: str) -> Item:
+    choices = _field(record, "question.choices", where, list)
+    if len(choices) < 2 or not all(isinstance(c, dict) for c in choices):
+        raise DataError(f"{where}: field 'question.choices' must be a list of at least 2 {{label, text}} objects")
+    labels = [_field(c, "label", f"{where}: question.choices[{k}]") for k, c in enumerate(choices)]
+    texts = [_field(c, "text", f"{where}: question.choices[{k}]") for k, c in enumerate(choices)]
+    key = _field(record, "answerKey", where)
+    if key not in labels:
+        raise DataError(f"{where}: field 'answerKey' {key!r} is none of the choices' labels {labels}")
+    return Item("Question: " + _field(record, "question.stem", where) + "\nAnswer:", texts, labels.index(key))
+
+
+def piqa_item(record: dict, where: str) -> Item:
+    choices = [_field(record, "sol1", where), _field(record, "sol2", where)]
+    if "label" not in record:
+        raise DataError(f"{where}: no field 'label' and no labels file (valid-labels.lst beside valid.jsonl)")
+    return Item("Question: " + _field(record, "goal", where) + "\nAnswer:", choices,
+                _label(record["label"], 2, where))
+
+
+def choice_item(record: dict, where: str) -> Item:
+    """Our own format: {"context", "choices", "label"} (multiple choice) or {"context", "continuation"} (cloze),
+    with an optional "delimiter" (default " ") put between the context and each choice."""
+    context = _field(record, "context", where)
+    delimiter = _field(record, "delimiter", where) if "delimiter" in record else " "
+    if "continuation" in record:
+        return Item(context, [_field(record, "continuation", where)], 0, delimiter, cloze=True)
+    if "choices" not in record:
+        raise DataError(f"{where}: no field 'choices' (multiple choice) or 'continuation' (cloze)")
+    choices = _strings(record, "choices", where)
+    if not all(choices):
+        raise DataError(f"{where}: field 'choices' holds an empty choice")
+    if "label" not in record:
+        raise DataError(f"{where}: no field 'label' (the index of the right choice)")
+    return Item(context, choices, _label(record["label"], len(choices), where), delimiter)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    read: Callable[[dict, str], Item]
+    expects: str  # the file and its records
+    get: str  # where the official file comes from
+
+
+TASKS = {t.name: t for t in (
+    Task("hellaswag", hellaswag_item, "hellaswag_val.jsonl (10,042 records: ctx_a, ctx_b, activity_label, "
+         "endings, label)", "get it from https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"),
+    Task("lambada", lambada_item, "OpenAI's lambada_test.jsonl (5,153 records: text; its last word is predicted)",
+         "get it from https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"),
+    Task("arc-easy", arc_item, "AI2's ARC-Easy-Test.jsonl (2,376 records: question.stem, question.choices[]"
+         ".{label,text}, answerKey)", "get it from ARC-V1-Feb2018.zip at https://allenai.org/data/arc "
+         "(ARC-Easy/ARC-Easy-Test.jsonl)"),
+    Task("arc-challenge", arc_item, "AI2's ARC-Challenge-Test.jsonl (1,172 records, as arc-easy's)",
+         "get it from ARC-V1-Feb2018.zip at https://allenai.org/data/arc (ARC-Challenge/ARC-Challenge-Test.jsonl)"),
+    Task("piqa", piqa_item, "PIQA's valid.jsonl (1,838 records: goal, sol1, sol2) with valid-labels.lst beside it "
+         "(one 0/1 per line), or records with a label field", "get valid.jsonl and valid-labels.lst from "
+         "https://yonatanbisk.com/piqa/"),
+    Task("choice", choice_item, "your JSON Lines: {\"context\", \"choices\": [...], \"label\": i} (multiple "
+         "choice) or {\"context\", \"continuation\"} (cloze); optional \"delimiter\" (default \" \")",
+         "write it yourself (README: 'Downstream tasks')"),
+)}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def describe_task(name: str) -> str:
+    """Where a task's data is expected and how to get it (`gptforge eval SOURCE --task NAME` alone)."""
+    task = get_task(name)
+    return f"{task.name}: expects {task.expects}\n  {task.get}\n  then: --task {task.name} FILE"
+
+
+def _piqa_labels(path: Path) -> list[str] | None:
+    labels = path.with_name(path.stem + "-labels.lst")
+    return labels.read_text().split() if labels.is_file() else None
+
+
+def read_task(name: str, path: str | Path, limit: int | None = None) -> list[Item]:
+    """The first `limit` items (all when None) of task `name`'s file; a missing or malformed file is a DataError
+    naming the file, line and field."""
+    task, path = get_task(name), Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; task {name} expects {task.expects}; {task.get}")
+    labels = _piqa_labels(path) if name == "piqa" else None
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if limit is not None and len(items) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where}: not a JSON record ({e}); {name} expects {task.expects}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: not a JSON object; {name} expects {task.expects}")
+            if labels is not None:
+                if len(items) >= len(labels):
+                    raise DataError(f"{path.with_name(path.stem + '-labels.lst')}: fewer labels than records "
+                                    f"({len(labels)}) in {path}")
+                record = {**record, "label": labels[len(items)]}
+            items.append(task.read(record, where))
+    if not items:
+        raise DataError(f"{path}: no records; task {name} expects {task.expects}")
+    if len({it.cloze for it in items}) > 1:
+        raise DataError(f"{path}: mixes multiple-choice and cloze records; put each kind in its own file")
+    return items
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class PreparedTask:
+    """A task's items encoded once for a tokenizer and a model length: what each evaluation scores."""
+
+    name: str
+    items: list[Item]
+    rows: list[Row]
+
+    @classmethod
+    def build(cls, name: str, items: Sequence[Item], tokenizer: Tokenizer, max_length: int) -> PreparedTask:
+        encoded = [[encode_pair(tokenizer, it.context, c) for c in it.continuations()] for it in items]
+        return cls(name, list(items), plan_rows(encoded, max_length))
+
+
+def metrics(items: Sequence[Item], results: Sequence[Sequence[tuple[float, bool]]]) -> dict:
+    """{"acc", "acc_norm", "n"} for multiple choice, {"acc", "perplexity", "n"} for cloze items."""
+    if items[0].cloze:
+        lls = [r[0][0] for r in results]
+        return {"acc": float(np.mean([r[0][1] for r in results])),
+                "perplexity": math.exp(-float(np.mean(lls))), "n": len(items)}
+    acc, acc_norm = [], []
+    for it, r in zip(items, results):
+        lls = np.array([ll for ll, _ in r])
+        acc.append(float(np.argmax(lls) == it.label))
+        acc_norm.append(float(np.argmax(lls / np.array([float(len(c)) for c in it.choices])) == it.label))
+    return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "n": len(items)}
+
+
+def score_task(model: torch.nn.Module, task: PreparedTask, batch_size: int, device,
+               progress: Callable[[int], None] | None = None) -> tuple[dict, list[list[tuple[float, bool]]]]:
+    """The task's metrics and every continuation's (log-likelihood, greedy) for the model."""
+    results = score_rows(model, task.rows, [len(it.choices) for it in task.items], batch_size, device, progress)
+    return metrics(task.items, results), results
+
+
+def prepare_tasks(specs: Sequence[str], limit: int | None, tokenizer: Tokenizer, max_length: int) -> list[PreparedTask]:
+    """--eval-task NAME=FILE values, read (the first `limit` items) and encoded for training-time evaluation."""
+    pairs = [spec.partition("=")[::2] for spec in specs]
+    return [PreparedTask.build(name, read_task(name, path, limit), tokenizer, max_length) for name, path in pairs]
+
+
+def format_scores(scores: dict[str, dict]) -> str:
+    """One line: "hellaswag acc 0.2500 acc_norm 0.2700 (n 100) | lambada ..."."""
+    return " | ".join(f"{name} " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if k != "n") + f" (n {s['n']})"
+                      for name, s in scores.items())
+
+
+def evaluate_tasks(source, tasks: Sequence[tuple[str, str]], cfg, log=print) -> dict[str, dict]:
+    """`gptforge eval SOURCE --task NAME FILE ...`: each task's metrics for the model in source (any format
+    weights.load_any reads), with cfg (an EvalConfig) giving --limit, --batch-size, --context-length, --device
+    and --tokenizer; a tqdm bar per task (to stderr). All files are read and encoded before the model runs."""
+    from tqdm import tqdm
+
+    from ..devices import pick_device
+    from ..weights import load_for_text
+
+    device = pick_device(cfg.device)
+    items = {name: read_task(name, path, cfg.limit) for name, path in tasks}  # bad files fail before loading
+    model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
+    max_length = cfg.context_length or model.cfg.context_length
+    if max_length > model.cfg.context_length:
+        raise DataError(f"--context-length {max_length} must be between 1 and the model's "
+                        f"{model.cfg.context_length}")
+    prepared = [PreparedTask.build(name, its, tokenizer, max_length) for name, its in items.items()]
+    out = {}
+    for task in prepared:
+        with tqdm(total=len(task.rows), desc=task.name, unit="row", leave=False) as bar:
+            out[task.name], _ = score_task(model, task, cfg.batch_size, device, bar.update)
+        log(format_scores({task.name: out[task.name]}))
+    return out
