@@ -2,7 +2,7 @@
 
 Shapes are checked in GGUF's order (ne0 first), against what llama.cpp's model loader asks for per
 architecture (llama-model.cpp: token_embd {n_embd, n_vocab}, attn_qkv {n_embd, 3 n_embd}, ffn_down {n_ff, n_embd},
-...); values against the model's own parameters. Running the files in llama.cpp (llama-cpp-python) is not here.
+...); values against the model's own parameters. Running the files in llama.cpp itself: tests/test_gguf_llama_cpp.py.
 """
 
 import json
