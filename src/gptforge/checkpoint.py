@@ -10,6 +10,13 @@ A run directory holds::
         state.pt                     optimizer, step, tokens seen, data position, RNG states
         checksums.json               sha256 of each file above, verified on load
 
+A sharded checkpoint (``--checkpoint-format sharded``, the default under torchrun with FSDP2) holds,
+instead of model.safetensors and the optimizer inside state.pt::
+
+        shards/                      torch.distributed.checkpoint (DCP): each rank's own parameters and
+                                     optimizer moments (__R_N.distcp) and .metadata; read on any world size
+        meta.json                    what model.safetensors' metadata holds: arch, model config, tokenizer
+
 A checkpoint directory is written under a temporary name, fsynced and renamed, so a directory
 named ``step-*`` is complete when written; its checksums catch later damage (a truncated copy, a
 bad disk), and a damaged newest checkpoint is reported and passed over for the previous one.
@@ -44,6 +51,8 @@ CHECKSUMS = "checksums.json"
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 RUN_TOKENIZER = "tokenizer.json"  # --tokenizer-vocab: the tokenizer trained when the run started
+SHARDS = "shards"  # a sharded checkpoint's DCP directory
+META = "meta.json"  # a sharded checkpoint's model config and tokenizer (model.safetensors' metadata)
 
 
 class CheckpointError(ValueError):
@@ -100,24 +109,49 @@ def model_state(model: GPT, sd: dict[str, torch.Tensor] | None = None) -> dict[s
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def save_weights(path: Path, model: GPT, tokenizer: Tokenizer | str, extra: dict | None = None,
-                 weights: dict[str, torch.Tensor] | None = None) -> None:
-    """Weights as safetensors; `weights` (a full state dict gathered from shards) replaces model.state_dict()."""
+def weights_metadata(model: GPT, tokenizer: Tokenizer | str, extra: dict | None = None) -> dict[str, str]:
+    """What describes a model's weights: format, arch, model config, tokenizer, and `extra` (step, run config)."""
     meta = {"format": "gptforge", "arch": spec_for(model.cfg).arch, "model": json.dumps(model.cfg.to_dict()),
             **tokenizer_metadata(tokenizer)}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
-    save_file({k: v.cpu() for k, v in model_state(model, weights).items()}, str(path), metadata=meta)
+    return meta
+
+
+def save_weights(path: Path, model: GPT, tokenizer: Tokenizer | str, extra: dict | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights as safetensors; `weights` (a full state dict gathered from shards) replaces model.state_dict()."""
+    save_file({k: v.cpu() for k, v in model_state(model, weights).items()}, str(path),
+              metadata=weights_metadata(model, tokenizer, extra))
 
 
 def read_weights_meta(path: Path) -> dict:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors reports a bad header as one of several error types
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != "gptforge" or "model" not in meta:
-        raise CheckpointError(f"{path}: safetensors file without gptforge metadata (no model config)")
+    """The gptforge metadata of a weights file, or of a sharded checkpoint directory (its meta.json)."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            raise CheckpointError(f"{path}: {META} is missing or unreadable") from None
+    else:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # safetensors reports a bad header as one of several error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "gptforge" or "model" not in meta:
+        raise CheckpointError(f"{path}: {'a ' + META if path.is_dir() else 'safetensors file'} without gptforge "
+                              "metadata (no model config)")
     return meta
+
+
+def is_sharded(ckpt_dir: Path) -> bool:
+    """Whether a checkpoint directory holds DCP shards (a sharded checkpoint) rather than model.safetensors."""
+    return (Path(ckpt_dir) / SHARDS).is_dir()
+
+
+def checkpoint_weights(ckpt_dir: Path) -> Path:
+    """What holds a checkpoint's weights: model.safetensors, or the directory itself when it is sharded."""
+    return Path(ckpt_dir) if is_sharded(ckpt_dir) else Path(ckpt_dir) / WEIGHTS
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -139,8 +173,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_checkpoint(ckpt_dir: Path) -> None:
-    """Raise CheckpointError unless every file listed in checksums.json is present and intact."""
+def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> None:
+    """Raise CheckpointError unless every file listed in checksums.json is present and intact.
+
+    part (i, n): only every n-th file from the i-th (in name order), so that n processes verify a sharded
+    checkpoint together, each reading 1/n of it."""
     ckpt_dir = Path(ckpt_dir)
     try:
         expected = json.loads((ckpt_dir / CHECKSUMS).read_text())
@@ -148,7 +185,7 @@ def verify_checkpoint(ckpt_dir: Path) -> None:
             raise ValueError(expected)
     except (OSError, ValueError):  # ValueError: not JSON, not UTF-8, or not {file: digest}
         raise CheckpointError(f"{ckpt_dir}: {CHECKSUMS} is missing or unreadable") from None
-    for name, digest in expected.items():
+    for name, digest in sorted(expected.items())[part[0]::part[1]]:
         path = ckpt_dir / name
         if not path.is_file():
             raise CheckpointError(f"{ckpt_dir}: {name} is missing")
@@ -156,12 +193,12 @@ def verify_checkpoint(ckpt_dir: Path) -> None:
             raise CheckpointError(f"{path}: checksum mismatch (the file is damaged or incomplete)")
 
 
-def _newest_intact(run_dir: Path, warn, prefix: str) -> tuple[Path | None, list[Path]]:
+def _newest_intact(run_dir: Path, warn, prefix: str, verify=verify_checkpoint) -> tuple[Path | None, list[Path]]:
     """(the newest checkpoint whose checksums verify or None, the damaged newer ones), each reported via warn."""
     damaged: list[Path] = []
     for d in reversed(checkpoint_dirs(run_dir)):
         try:
-            verify_checkpoint(d)
+            verify(d)
             return d, damaged
         except CheckpointError as e:
             if warn is not None:
@@ -175,13 +212,14 @@ def latest_checkpoint(run_dir: Path, warn=None) -> Path | None:
     return _newest_intact(run_dir, warn, "skipping damaged checkpoint: ")[0]
 
 
-def resume_point(run_dir: Path, warn) -> tuple[Path | None, list[Path]]:
+def resume_point(run_dir: Path, warn, verify=verify_checkpoint) -> tuple[Path | None, list[Path]]:
     """The checkpoint a resumed run continues from, and the damaged newer ones it passes over.
 
     A run killed before its first checkpoint has none and starts again from step 0; a run whose
-    checkpoints are all damaged is an error, and nothing in the run directory is touched.
+    checkpoints are all damaged is an error, and nothing in the run directory is touched. `verify`
+    (default verify_checkpoint) checks one checkpoint directory: several processes share the work.
     """
-    last, damaged = _newest_intact(run_dir, warn, "gptforge: warning: passing over damaged checkpoint: ")
+    last, damaged = _newest_intact(run_dir, warn, "gptforge: warning: passing over damaged checkpoint: ", verify)
     if last is None and damaged:
         raise CheckpointError(
             f"{run_dir}: every checkpoint is damaged ({', '.join(d.name for d in damaged)}: checksum mismatch or "
@@ -229,7 +267,7 @@ def saved_run_config(run_dir: Path) -> tuple[dict, str] | None:
     """(config.toml's content as saved in the newest checkpoint that has it, that checkpoint's name), or None."""
     for d in reversed(checkpoint_dirs(run_dir)):
         try:
-            meta = read_weights_meta(d / WEIGHTS)
+            meta = read_weights_meta(checkpoint_weights(d))
             return json.loads(meta["run_config"]), d.name
         except (CheckpointError, KeyError, ValueError):
             continue  # damaged (train will pass over it) or written before configs were saved
@@ -266,10 +304,7 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer |
     be told and restored from it without loading the training state.
     """
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    for stale in root.glob(".tmp-step-*"):  # left by a process killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
+    _clear_stale(root)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     try:
         tmp.mkdir()
@@ -278,21 +313,44 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer |
         faults.point("ckpt-after-weights")
         torch.save(state, tmp / STATE)
         faults.point("ckpt-after-state")
-        sums = {f: file_sha256(tmp / f) for f in (WEIGHTS, STATE)}
-        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
-        for f in (WEIGHTS, STATE, CHECKSUMS):
-            _fsync_file(tmp / f)
-        _fsync_dir(tmp)
+        _seal(tmp, {f: file_sha256(tmp / f) for f in (WEIGHTS, STATE)})
     # a full disk: OSError from our writes, SafetensorError from safetensors, RuntimeError from torch.save
     except (OSError, SafetensorError, RuntimeError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints are untouched
-        previous = latest_checkpoint(run_dir)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise CheckpointError(
-            f"could not write the checkpoint for step {step} in {root} ({reason}); "
-            + (f"{previous.name} is intact: free space and continue with --resume {run_dir}" if previous
-               else "no earlier checkpoint exists")
-        ) from None
+        raise write_failed(run_dir, step, tmp, e) from None
+    return _commit(run_dir, step, tmp, keep_last)
+
+
+def _clear_stale(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _seal(tmp: Path, sums: dict[str, str]) -> None:
+    """checksums.json of the files in `sums`, then every file and directory of the checkpoint fsynced."""
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+    for f in (*sums, CHECKSUMS):
+        _fsync_file(tmp / f)
+    for d in {(tmp / f).parent for f in sums}:
+        _fsync_dir(d)
+    _fsync_dir(tmp)
+
+
+def write_failed(run_dir: Path, step: int, tmp: Path, e: Exception) -> CheckpointError:
+    """The error of a checkpoint write that failed (a full disk), after removing what it wrote."""
+    shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints are untouched
+    previous = latest_checkpoint(run_dir)
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [repr(e)])[0]
+    return CheckpointError(
+        f"could not write the checkpoint for step {step} in {Path(run_dir) / CHECKPOINTS} ({reason}); "
+        + (f"{previous.name} is intact: free space and continue with --resume {run_dir}" if previous
+           else "no earlier checkpoint exists"))
+
+
+def _commit(run_dir: Path, step: int, tmp: Path, keep_last: int) -> Path:
+    """Rename a complete, sealed temporary checkpoint to step-N, then prune to the newest keep_last."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step-{step:08d}"
     faults.point("ckpt-before-rename")
     if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
         shutil.rmtree(final)
@@ -303,6 +361,44 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer |
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old)
     return final
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+# Every rank writes its shards into one temporary directory (distributed.save_sharded); rank 0 then adds
+# meta.json, state.pt and checksums.json (every rank's digests of its own files) and renames it.
+
+
+def sharded_tmp(run_dir: Path, step: int) -> Path:
+    """The temporary directory all ranks write step's sharded checkpoint into (one name, known to every rank)."""
+    return Path(run_dir) / CHECKPOINTS / f".tmp-step-{step:08d}"
+
+
+def begin_sharded(run_dir: Path, step: int) -> Path:
+    """Rank 0, before the shards are written: stale temporary checkpoints removed, a fresh one made."""
+    _clear_stale(Path(run_dir) / CHECKPOINTS)
+    tmp = sharded_tmp(run_dir, step)
+    (tmp / SHARDS).mkdir(parents=True)
+    return tmp
+
+
+def shard_digests(tmp: Path, rank: int) -> dict[str, str]:
+    """sha256 of the shard files this rank wrote (DCP's __RANK_N.distcp; rank 0 also .metadata), by relative name."""
+    shards = Path(tmp) / SHARDS
+    files = sorted(shards.glob(f"__{rank}_*.distcp")) + ([shards / ".metadata"] if rank == 0 else [])
+    return {f"{SHARDS}/{f.name}": file_sha256(f) for f in files}
+
+
+def finish_sharded(run_dir: Path, step: int, tmp: Path, meta: dict[str, str], state: dict, digests: dict[str, str],
+                   keep_last: int) -> Path:
+    """Rank 0, once every rank's shards are written: meta.json, state.pt, checksums.json, rename, prune."""
+    try:
+        atomic_write_bytes(tmp / META, json.dumps(meta).encode())
+        torch.save(state, tmp / STATE)
+        faults.point("ckpt-after-state")
+        _seal(tmp, {**digests, META: file_sha256(tmp / META), STATE: file_sha256(tmp / STATE)})
+    except (OSError, RuntimeError) as e:
+        raise write_failed(run_dir, step, tmp, e) from None
+    return _commit(run_dir, step, tmp, keep_last)
 
 
 def load_state(ckpt_dir: Path) -> dict:
@@ -320,20 +416,21 @@ def load_state(ckpt_dir: Path) -> dict:
 
 
 def resolve_weights(source: str | Path) -> Path:
-    """A run dir, a checkpoint dir or a .safetensors file -> the weights file to load."""
+    """A run dir, a checkpoint dir or a .safetensors file -> the weights file to load (for a sharded
+    checkpoint: its directory, `checkpoint_weights`)."""
     p = Path(source)
     if p.is_file():
         return p
     if p.is_dir():
-        if (p / WEIGHTS).is_file():
+        if (p / WEIGHTS).is_file() or is_sharded(p):
             if (p / CHECKSUMS).is_file():
                 verify_checkpoint(p)
-            return p / WEIGHTS
+            return checkpoint_weights(p)
         if checkpoint_dirs(p):
             latest = latest_checkpoint(p, warn=lambda msg: print(f"gptforge: warning: {msg}", file=sys.stderr))
             if latest is None:
                 raise CheckpointError(f"{p}: every checkpoint is damaged (checksum mismatch)")
-            return latest / WEIGHTS
+            return checkpoint_weights(latest)
         raise CheckpointError(f"{p}: neither a run directory with checkpoints nor a checkpoint directory")
     raise CheckpointError(f"{p}: no such file or directory")
 

@@ -145,6 +145,8 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, ar
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     if nproc and nproc > 1 and not distributed.is_distributed():
         sys.exit(distributed.launch(nproc, _without_nproc(_ARGV)))
+    if resume is None and flags.get("out") and distributed.restarted(flags["out"]):
+        resume = flags["out"]  # torchrun --max-restarts started this job again: continue the run it made
     cfg, run_dir = resolve_train_config(data, config_file, resume, preset, given(flags), init_from,
                                         warn=lambda message: click.echo(message, err=True), arch=arch,
                                         recipe=recipe)

@@ -11,12 +11,17 @@ import functools
 import os
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from .models import spec_for
+
+# torch.distributed.checkpoint in one process (a sharded checkpoint saved or read without torchrun) is intended
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def rank() -> int:
@@ -50,8 +55,26 @@ def setup(device: torch.device) -> torch.device:
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if (store := _attempt_store()) is not None:
+            dist.init_process_group(backend=backend, store=store, rank=rank(), world_size=world_size())
+        else:
+            dist.init_process_group(backend=backend)
     return device
+
+
+def _attempt_store():
+    """torchrun's agent store, its keys prefixed by this attempt, for a job torchrun restarted (--max-restarts):
+    the agent keeps one store across attempts, so without the prefix a restarted rank may read the address a
+    dead rank of the last attempt published under the same key, and fail to connect. None otherwise."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(), is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"gptforge/attempt_{attempt}", store)
 
 
 def cleanup() -> None:
@@ -141,8 +164,15 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     """Load a whole optimizer state dict (as full_optimizer_state saves it) on every rank. The saved state brings
     the moments and step counts; the settings of each group (betas, weight decay, momentum) stay the optimizer's
     own, i.e. the resumed run's config, so a flag changed on --resume takes effect."""
+    with _own_settings(optimizer):
+        _load_optimizer_state(model, optimizer, state)
+
+
+@contextlib.contextmanager
+def _own_settings(optimizer: torch.optim.Optimizer):
+    """Whatever is loaded inside, each param group keeps its own settings (the resumed run's config)."""
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    _load_optimizer_state(model, optimizer, state)
+    yield
     for group, own in zip(optimizer.param_groups, settings, strict=True):
         group.update(own)
 
@@ -155,6 +185,57 @@ def _load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimiz
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints (DCP)
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """What a sharded checkpoint holds, as this rank has it: the model's parameters (FSDP2: DTensor shards; the
+    raw parameters, so a padded vocabulary keeps its rows and a tied head is one tensor) and the optimizer's
+    state keyed by parameter name (its moments sharded as the parameters are)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    core = unwrap(model)
+    if _is_fsdp(model):  # FSDP2 keeps the root's parameters unsharded after a forward without backward (evaluation)
+        core.reshard()
+    return {"model": dict(core.named_parameters()),
+            "optimizer": get_optimizer_state_dict(core, _parts(optimizer), options=StateDictOptions())}
+
+
+def checkpoint_group():
+    """A gloo process group of its own for checkpoint writes that run beside training (--async-checkpoint):
+    collectives of a background write never interleave with the training step's. None in one process."""
+    return dist.new_group(backend="gloo") if is_distributed() else None
+
+
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path, background: bool = False,
+                 group=None):
+    """Every rank writes its own shards of the model and optimizer into `path` (torch.distributed.checkpoint),
+    nothing gathered. background: the state is first copied to CPU memory, then written by a thread while
+    training goes on; returns the Future to wait for (None when written already)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = _sharded_state(model, optimizer)
+    writer = dcp.FileSystemWriter(str(path), sync_files=True)
+    alone = not is_distributed()
+    if background:
+        return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=alone)
+    dcp.save(state, storage_writer=writer, process_group=group, no_dist=alone)
+    return None
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
+    """Load a sharded checkpoint written by any number of processes into this rank's model and optimizer
+    (resharded by torch.distributed.checkpoint); each param group keeps its own settings."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = _sharded_state(model, optimizer)  # the shapes to read into (an unused optimizer gets its state made)
+    with torch.no_grad():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not is_distributed())  # in place
+    with _own_settings(optimizer):
+        set_optimizer_state_dict(unwrap(model), _parts(optimizer), state["optimizer"], options=StateDictOptions())
 
 
 def whole_matrix(fn, x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +303,27 @@ def from_main(make):
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------- torchrun restarts
+
+ELASTIC_RUN = "elastic-run-id"  # in a run directory: the torchrun job (TORCHELASTIC_RUN_ID) that made it
+
+
+def mark_run(run_dir) -> None:
+    """Rank 0 of a new run under torchrun: note which job made run_dir, so that its restarts may continue it."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if job and is_main():
+        (Path(run_dir) / ELASTIC_RUN).write_text(job + "\n")
+
+
+def restarted(run_dir) -> bool:
+    """Whether this process is torchrun's restart (--max-restarts) of the job that made run_dir: then `train
+    --out run_dir` continues the run instead of refusing the directory it made itself."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        return False
+    mark = Path(run_dir) / ELASTIC_RUN
+    return mark.is_file() and mark.read_text().strip() == os.environ.get("TORCHELASTIC_RUN_ID")
 
 
 def launch(nproc: int, args: list[str]) -> int:

@@ -10,13 +10,16 @@ launch, several separated by commas::
 The process dies by SIGKILL, as from the kernel's OOM killer or a pulled plug: no handler, no
 cleanup runs. ``NAME:N:SIGTERM`` (any signal name) sends that signal instead, at that moment, e.g.
 to test what the handlers of SIGTERM and SIGINT do. With the variable unset, `point` is one
-dictionary lookup.
+dictionary lookup. Points are armed in torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT 0):
+workers that `--max-restarts` starts again after the kill run on.
 
 Points (where they sit is what a kill there leaves behind):
 
     step-mid               after the backward pass of a step, before the optimizer update
     ckpt-after-weights     a checkpoint's model.safetensors written, state.pt not yet
-    ckpt-after-state       model.safetensors and state.pt written, no checksums.json yet
+    ckpt-after-state       model.safetensors (a sharded checkpoint: meta.json) and state.pt written, no
+                           checksums.json yet
+    ckpt-after-shards      a sharded checkpoint: this rank's shards written, the checkpoint not yet sealed
     ckpt-before-rename     the temporary checkpoint directory complete and fsynced, not yet renamed
     ckpt-before-prune      the new checkpoint renamed into place, older ones not yet deleted
     metrics-line           half of a metrics.jsonl line written (a torn last line)
@@ -35,6 +38,8 @@ ENV = "GPTFORGE_FAULT"
 
 def _parse(spec: str) -> dict[str, tuple[int, signal.Signals]]:
     rank = os.environ.get("RANK", "0")
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return {}
     armed: dict[str, tuple[int, signal.Signals]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         item, _, only_rank = item.partition("@")

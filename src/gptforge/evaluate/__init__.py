@@ -22,6 +22,7 @@ from .. import ops
 from ..config import ConfigError, check_choice, check_range, opt
 from ..data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
 from ..devices import DEVICES, device_opt, pick_device
+from ..distributed import all_sum
 from ..models.layers import cross_entropy
 from ..ops import IGNORE_INDEX as IGNORE
 from ..tokenizer import Tokenizer, tokenizer_opt
@@ -107,24 +108,32 @@ def evaluate(
     device: torch.device | str = "cpu",
     token_bytes: np.ndarray | None = None,
     eot_id: int | None = None,
+    ranks: tuple[int, int] = (0, 1),
 ) -> EvalResult:
     """Token-weighted mean loss over the first `max_batches` batches (all when None), over the
     targets that are not IGNORE; with `token_bytes` (a tokenizer's table) also their bytes, for bpb.
     eot_id (--document-mask): score each packed document alone (loss_batch).
 
-    Puts the model in eval mode (no dropout) and restores the mode it had.
+    ranks (rank, world) under torchrun: each rank scores its own share of every batch's rows and the
+    sums are added up over the ranks, so W processes give one process's numbers in about 1/W of the time;
+    every rank runs one forward per batch (a rank whose share is empty scores a row it then leaves out), as
+    FSDP needs every rank in each forward. Puts the model in eval mode (no dropout) and restores the mode it had.
     """
     was_training = model.training
     model.eval()
+    rank, world = ranks
     table = None if token_bytes is None else torch.tensor(token_bytes, dtype=torch.int64, device=device)
     total, count, n_bytes = 0.0, 0, 0
     try:
         for i, (x, y) in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y = x.to(device), y.to(device)
+            share = -(-len(x) // world)  # rows per rank
+            x, y = x[rank * share:(rank + 1) * share].to(device), y[rank * share:(rank + 1) * share].to(device)
             scored = y[y != IGNORE]  # all of y but padding (--packing pad)
             if len(scored) == 0:
+                if world > 1:  # the other ranks' forward needs this one's
+                    loss_batch(model, *(t.to(device) for t in _any_row(batches)), eot_id)
                 continue
             total += loss_batch(model, x, y, eot_id).item() * len(scored)
             count += len(scored)
@@ -132,9 +141,17 @@ def evaluate(
                 n_bytes += table[scored[scored < len(table)]].sum().item()
     finally:
         model.train(was_training)
+    total, count, n_bytes = all_sum([total, count, n_bytes], torch.device(device))
+    count, n_bytes = int(count), int(n_bytes)
     if count == 0:
         raise ValueError("no batches to evaluate: the data gives no complete window with a scored target")
     return EvalResult(loss=total / count, tokens=count, bytes=None if table is None else n_bytes)
+
+
+def _any_row(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row to run the model on when this rank's share of a batch is empty: the first batch's first."""
+    x, y = next(iter(batches))
+    return x[:1], y[:1]
 
 
 def byte_table(tokenizer: Tokenizer, warn) -> np.ndarray | None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..distributed import gather
 from ..tokenizer import Tokenizer
 
 HEAD_CHUNK = 1024  # scored positions per LM-head product: bounds the (N, vocab) logits in memory
@@ -135,21 +136,28 @@ def scored_tokens(index: torch.Tensor, h: torch.Tensor, head_weight: torch.Tenso
 
 @torch.no_grad()
 def score_rows(model: torch.nn.Module, rows: Sequence[Row], n_requests: Sequence[int], batch_size: int,
-               device, progress: Callable[[int], None] | None = None) -> list[list[tuple[float, bool]]]:
+               device, progress: Callable[[int], None] | None = None,
+               ranks: tuple[int, int] = (0, 1)) -> list[list[tuple[float, bool]]]:
     """(log-likelihood, greedy) of every continuation of every request: result[i][j] for request i's pair j
     (n_requests[i] pairs). Rows are scored longest first, batch_size at a time; progress(k) after k more rows.
 
+    ranks (rank, world) under torchrun: each rank scores every W-th batch and the results are gathered, so
+    every rank returns them all; every rank runs the same number of forwards (FSDP needs each one's part).
     Puts the model in eval mode (no dropout) and restores the mode it had.
     """
+    rank, world = ranks
     results: list[list] = [[None] * n for n in n_requests]
     order = sorted(range(len(rows)), key=lambda k: -rows[k].length)
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            batch = [rows[k] for k in order[start:start + batch_size]]
+        for b in range(rank, rank + world * -(-len(batches) // world), world):
+            batch = [rows[k] for k in batches[b if b < len(batches) else 0]]
             ids, layout, index, target, counts = batch_tensors(batch, device)
             scores = model(ids, targets=target, loss=partial(scored_tokens, index), layout=layout).cpu()
+            if b >= len(batches):
+                continue  # a forward for the other ranks' sake: nothing of this rank's is left
             at = 0
             for row, row_counts in zip(batch, counts):
                 for (i, j), n in zip(row.pairs, row_counts):
@@ -160,4 +168,8 @@ def score_rows(model: torch.nn.Module, rows: Sequence[Row], n_requests: Sequence
                 progress(len(batch))
     finally:
         model.train(was_training)
+    if world > 1:
+        every = gather(results)
+        results = [[next(r[i][j] for r in every if r[i][j] is not None) for j in range(n)]
+                   for i, n in enumerate(n_requests)]
     return results

@@ -239,9 +239,12 @@ def metrics(items: Sequence[Item], results: Sequence[Sequence[tuple[float, bool]
 
 
 def score_task(model: torch.nn.Module, task: PreparedTask, batch_size: int, device,
-               progress: Callable[[int], None] | None = None) -> tuple[dict, list[list[tuple[float, bool]]]]:
-    """The task's metrics and every continuation's (log-likelihood, greedy) for the model."""
-    results = score_rows(model, task.rows, [len(it.choices) for it in task.items], batch_size, device, progress)
+               progress: Callable[[int], None] | None = None,
+               ranks: tuple[int, int] = (0, 1)) -> tuple[dict, list[list[tuple[float, bool]]]]:
+    """The task's metrics and every continuation's (log-likelihood, greedy) for the model; ranks (rank, world):
+    each rank scores its share of the batches (score_rows)."""
+    results = score_rows(model, task.rows, [len(it.choices) for it in task.items], batch_size, device, progress,
+                         ranks)
     return metrics(task.items, results), results
 
 

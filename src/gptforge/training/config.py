@@ -28,6 +28,7 @@ from .recipes import get_recipe
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INITS = ("gpt2", "torch")
+CHECKPOINT_FORMATS = ("full", "sharded")
 
 # `gptforge train` with no DATA (the built-in corpus, ~100K tokens of its 4,096-id tokenizer): these settings sit
 # under the recipe, which is DEFAULT_CORPUS_RECIPE when nothing chose a model (1.4 minutes on a 2-core CPU).
@@ -80,6 +81,14 @@ class TrainConfig:
     save_every: int | None = opt(None, "Save a checkpoint every this many steps; default: at each evaluation.")
     save_every_minutes: float | None = opt(None, "Also save a checkpoint when this many minutes passed since the last.")
     keep_last: int = opt(3, "Checkpoints to keep (older ones are deleted); 0 keeps all.")
+    checkpoint_format: str | None = opt(
+        None, "full: one model.safetensors and state.pt, gathered on rank 0; sharded: every rank writes its own "
+              "part (torch.distributed.checkpoint), nothing gathered, readable on any number of processes. Default: "
+              "sharded under torchrun with --parallel fsdp or with --async-checkpoint, else full.",
+        choices=CHECKPOINT_FORMATS)
+    async_checkpoint: bool = opt(False, "Write sharded checkpoints in the background while training goes on (the "
+                                        "state is copied to CPU memory first); a checkpoint counts once sealed, at "
+                                        "the next save or the end of the run.")
     eval_task: list[str] = field(default_factory=list, metadata={
         "help": "Also score a downstream task at each evaluation, NAME=FILE (repeatable; NAME one of "
                 f"{', '.join(TASKS)}, FILE its data as `gptforge eval --task` reads it); logged as "
@@ -132,6 +141,11 @@ class TrainConfig:
             if name not in TASKS or not path:
                 raise ConfigError(f"--eval-task {spec!r} must be NAME=FILE with NAME one of {', '.join(TASKS)}")
         check_choice("init", self.init, INITS)
+        if self.checkpoint_format is not None:
+            check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
+        if self.async_checkpoint and self.checkpoint_format == "full":
+            raise ConfigError("--async-checkpoint writes sharded checkpoints; leave out --checkpoint-format full "
+                              "(or give --checkpoint-format sharded)")
         check_range("decay_fraction", self.decay_fraction, 0, 1, above=True)
         if self.max_steps is not None and self.max_tokens is not None:
             raise ConfigError(f"--max-steps {self.max_steps} and --max-tokens {self.max_tokens} both set the run's "

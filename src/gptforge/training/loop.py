@@ -60,9 +60,10 @@ class Evaluator:
 
     def __call__(self, model: torch.nn.Module, state: RunState) -> dict:
         t, step = self.cfg.train, state.step
-        results = {name: evaluate(model, b, t.eval_batches, self.device, self.token_bytes, self.data.eot_id)
+        # each rank scores its share of every global batch, the sums added up: the same losses on every rank
+        results = {name: evaluate(model, b, t.eval_batches, self.device, self.token_bytes, self.data.eot_id,
+                                  ranks=(dist.rank(), dist.world_size()))
                    for name, b in self.data.eval_sets.items()}
-        # every rank scores the same batches (FSDP needs all ranks in each forward), so the losses agree
         scores = {f"{name}_loss": r.loss for name, r in results.items()}
         scores.update({f"{name}_bpb": r.bpb for name, r in results.items() if r.bpb is not None})
         record = dict(event="eval", step=step, tokens=state.tokens, lr=self.schedule.lr_at(max(step - 1, 0)),
@@ -70,8 +71,10 @@ class Evaluator:
         if "val_loss" in scores:
             record["val_perplexity"] = perplexity(scores["val_loss"])
         self.progress.write(format_eval(step, state.tokens, scores))
-        if self.tasks:  # every rank scores every item too (FSDP), so all agree; rank 0 writes
-            task_scores = {task.name: score_task(model, task, t.batch_size, self.device)[0] for task in self.tasks}
+        if self.tasks:  # each rank scores its share of the items, all get every score; rank 0 writes
+            ranks = (dist.rank(), dist.world_size())
+            task_scores = {task.name: score_task(model, task, t.batch_size, self.device, ranks=ranks)[0]
+                           for task in self.tasks}
             record.update({f"task/{name}/{k}": v for name, s in task_scores.items() for k, v in s.items() if k != "n"})
             self.progress.write("  tasks: " + format_scores(task_scores))
         if t.sample_tokens > 0:  # its own seeded generator: the training RNG stays untouched
@@ -149,8 +152,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     model = build_model(cfg, device, resume, log)  # the optimizer comes after wrapping: FSDP replaces parameters
     amp = Precision(t.precision, device)
     state, checkpointer = RunState(), Checkpointer(run_dir, cfg, tokenizer, data, schedule, amp.scaler, log, warn)
-    optimizer_state = checkpointer.restore(model, state) if resume else None
-    resumed = optimizer_state is not None
+    restored = checkpointer.restore(model, state) if resume else None  # the optimizer's state (or the shards)
+    resumed = restored is not None
     if main and not resumed:
         run_dir.mkdir(parents=True, exist_ok=True)
     model = dist.wrap(model, device, t.parallel)
@@ -158,11 +161,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     step_model = torch.compile(model) if t.compile else model  # what the training step calls
     optimizer = build_optimizer(model, t, device)
     if resumed:
-        dist.load_optimizer_state(model, optimizer, optimizer_state)
+        checkpointer.load_optimizer(model, optimizer, restored)
     if main:
         if cfg.data.tokenizer_vocab is not None and not (run_dir / ckpt.RUN_TOKENIZER).is_file():
             ckpt.atomic_write_bytes(run_dir / ckpt.RUN_TOKENIZER, tokenizer.json.encode())
         ckpt.atomic_write_bytes(run_dir / ckpt.CONFIG, _toml_bytes(cfg))
+        if not resumed:
+            dist.mark_run(run_dir)  # torchrun --max-restarts: its restarts continue this run
     metrics = MetricsLog(run_dir / ckpt.METRICS if main else None, resume_step=state.step if resumed else -1,
                          warn=warn)
     trackers = open_trackers(t.logger, run_dir, cfg.to_toml(), resume_step=state.step if resumed else None)
@@ -195,6 +200,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             if state.step % save_every == 0 or state.step == schedule.total_steps or stopping or result.save_due:
                 checkpointer.save(model, optimizer, state)
                 last_save = time.monotonic()
+    checkpointer.finish()  # --async-checkpoint: the last write sealed before the run ends
     progress.close()
     trackers.close()
     stopped_by = (stop[0] if stop else "a signal to another rank") if stopping and \

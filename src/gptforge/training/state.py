@@ -4,15 +4,18 @@ with the RNG and the world-size remap)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
+from .. import faults
 from ..config import ConfigError
 from ..data import (
     Batches,
@@ -95,7 +98,7 @@ def build_data(cfg: RunConfig, tokenizer) -> TrainData:
         batches, Batches) else t.batch_size, drop_last=True)
     if cfg.data.val_fraction > 0 and prepared_dir(cfg.inputs) is None:  # prepared data: its own split
         check_windows(val_windows, len(val_tokens), "val", t.batch_size, drop_last=False)
-    # evaluation scores whole global batches on every rank: the same numbers whatever the world size
+    # evaluation batches are global batches, each rank scoring its share of the rows (evaluate's ranks)
     eval_sets = {"train": Batches(train_windows, t.batch_size * world, shuffle=False, drop_last=True)}
     if len(val_windows):
         eval_sets["val"] = Batches(val_windows, t.batch_size * world, shuffle=False, drop_last=False)
@@ -197,8 +200,20 @@ def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torc
 
 
 @dataclass
+class PendingSave:
+    """A sharded checkpoint whose shards are being (or have been) written: what rank 0 seals it with."""
+
+    step: int
+    tmp: Path
+    saved: dict  # state.pt's content
+    meta: dict  # meta.json's content
+    future: object = None  # --async-checkpoint: the background write
+
+
+@dataclass
 class Checkpointer:
-    """Saving a run's checkpoints and picking a resumed run up from the newest intact one."""
+    """Saving a run's checkpoints (whole, or sharded: every rank its own part) and picking a resumed run up
+    from the newest intact one."""
 
     run_dir: Path
     cfg: RunConfig
@@ -208,12 +223,20 @@ class Checkpointer:
     scaler: torch.amp.GradScaler  # fp16's loss scale is part of the run's state
     log: Callable
     warn: Callable
+    pending: PendingSave | None = None
+    group: object = None  # --async-checkpoint: the process group background writes use
 
-    def restore(self, model: torch.nn.Module, state: RunState) -> dict | None:
-        """Load the newest intact checkpoint into the model, scaler, RNG and `state`; returns the optimizer
-        state to load once the optimizer exists (None for a new run, whose directory is made here)."""
+    def __post_init__(self) -> None:
+        self.sharded = checkpoint_format(self.cfg.train) == "sharded"
+        if self.sharded and self.cfg.train.async_checkpoint:
+            self.group = dist.checkpoint_group()  # every rank, in the same order: a collective
+
+    def restore(self, model: torch.nn.Module, state: RunState) -> dict | Path | None:
+        """Load the newest intact checkpoint into the model, scaler, RNG and `state`; returns what `load_optimizer`
+        takes once the optimizer exists: the optimizer state, or a sharded checkpoint's shards (model and optimizer
+        both, loaded after wrapping); None for a new run, whose directory is made here."""
         t, world, run_dir = self.cfg.train, dist.world_size(), self.run_dir
-        last, damaged = ckpt.resume_point(run_dir, warn=self.warn)
+        last, damaged = ckpt.resume_point(run_dir, warn=self.warn, verify=_verify_together)
         if last is None:
             self.log(f"{run_dir}: no checkpoint yet; starting the run from step 0")
             return None
@@ -228,7 +251,8 @@ class Checkpointer:
                               "new run")
         if dist.is_main():
             ckpt.set_aside(damaged, self.warn)
-        model.load_state_dict(load_model(last / ckpt.WEIGHTS)[0].state_dict())  # verified just above
+        if not ckpt.is_sharded(last):
+            model.load_state_dict(load_model(last / ckpt.WEIGHTS)[0].state_dict())  # verified just above
         if "scaler" in saved and self.scaler.is_enabled():
             self.scaler.load_state_dict(saved["scaler"])
         state.load_state_dict(saved)
@@ -245,21 +269,94 @@ class Checkpointer:
                               f"pass a larger --max-steps to extend it")
         self.log(f"resuming {run_dir} from step {state.step} ({human(state.tokens)} tokens seen), training to "
                  f"{self.schedule.total_steps}")
-        return saved["optimizer"]
+        return last / ckpt.SHARDS if ckpt.is_sharded(last) else saved["optimizer"]
+
+    @staticmethod
+    def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, restored: dict | Path) -> None:
+        """What restore returned, into the wrapped model's optimizer (and, from shards, the model too)."""
+        if isinstance(restored, Path):
+            dist.load_sharded(model, optimizer, restored)
+        else:
+            dist.load_optimizer_state(model, optimizer, restored)
+
+    def _saved(self, state: RunState, optim_state: dict | None) -> dict:
+        t = self.cfg.train
+        saved = dict(state.state_dict(), data_hash=self.data.data_hash, world_size=dist.world_size(),
+                     batch_size=t.batch_size, optimizer_kind=t.optimizer, rng=dist.gather(ckpt.rng_state()),
+                     schedule=self.schedule.state_dict())
+        if optim_state is not None:
+            saved["optimizer"] = optim_state
+        if self.scaler.is_enabled():
+            saved["scaler"] = self.scaler.state_dict()
+        return saved
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
+        if self.sharded:
+            return self._save_sharded(model, optimizer, state)
         # collectives first (every rank takes part), then rank 0 writes
         weights, optim_state = dist.full_model_state(model), dist.full_optimizer_state(model, optimizer)
-        rngs = dist.gather(ckpt.rng_state())
+        saved = self._saved(state, optim_state)
         if dist.is_main():
-            t = self.cfg.train
-            saved = dict(state.state_dict(), data_hash=self.data.data_hash, world_size=dist.world_size(),
-                         batch_size=t.batch_size, optimizer=optim_state, optimizer_kind=t.optimizer, rng=rngs,
-                         schedule=self.schedule.state_dict())
-            if self.scaler.is_enabled():
-                saved["scaler"] = self.scaler.state_dict()
-            ckpt.save_checkpoint(self.run_dir, state.step, dist.unwrap(model), self.tokenizer, saved, t.keep_last,
-                                 weights=weights, run_config=self.cfg.to_toml())
+            ckpt.save_checkpoint(self.run_dir, state.step, dist.unwrap(model), self.tokenizer, saved,
+                                 self.cfg.train.keep_last, weights=weights, run_config=self.cfg.to_toml())
+        dist.barrier()
+
+    def _save_sharded(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
+        """Every rank writes its shards (in the background with --async-checkpoint: sealed by the next save or
+        by `finish`); rank 0 seals the checkpoint when all are written."""
+        self.finish()  # one write at a time
+        tmp = ckpt.sharded_tmp(self.run_dir, state.step)
+        if dist.is_main():
+            ckpt.begin_sharded(self.run_dir, state.step)
+        dist.barrier()
+        extra = {"step": state.step, "run_config": json.dumps(self.cfg.to_toml())}
+        meta = ckpt.weights_metadata(dist.unwrap(model), self.tokenizer, extra)
+        try:
+            future = dist.save_sharded(model, optimizer, tmp / ckpt.SHARDS, self.cfg.train.async_checkpoint,
+                                       self.group)
+        except (OSError, RuntimeError, CheckpointException) as e:  # a full disk
+            raise ckpt.write_failed(self.run_dir, state.step, tmp, e) from None
+        self.pending = PendingSave(state.step, tmp, self._saved(state, None), meta, future)
+        if future is None:
+            self.finish()
+
+    def finish(self) -> None:
+        """Seal the sharded checkpoint being written, once every rank's shards are on disk (all ranks call it)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        failed = None
+        if pending.future is not None:
+            try:
+                pending.future.result()
+            except (OSError, RuntimeError, CheckpointException) as e:
+                failed = e
+        faults.point("ckpt-after-shards")
+        digests = {} if failed else ckpt.shard_digests(pending.tmp, dist.rank())
+        every = dist.gather((None if failed is None else str(failed) or repr(failed), digests))
+        if errors := [error for error, _ in every if error]:  # one rank's write failed: every rank says so
+            raise ckpt.write_failed(self.run_dir, pending.step, pending.tmp, RuntimeError(errors[0]))
+        if dist.is_main():
+            ckpt.finish_sharded(self.run_dir, pending.step, pending.tmp, pending.meta, pending.saved,
+                                {k: v for _, d in every for k, v in d.items()}, self.cfg.train.keep_last)
         dist.barrier()
 
 
+def checkpoint_format(t: TrainConfig) -> str:
+    """--checkpoint-format, or its default: sharded under torchrun with FSDP2 or with --async-checkpoint, else full."""
+    if t.checkpoint_format is not None:
+        return t.checkpoint_format
+    return "sharded" if (dist.is_distributed() and t.parallel == "fsdp") or t.async_checkpoint else "full"
+
+
+def _verify_together(ckpt_dir: Path) -> None:
+    """verify_checkpoint with the files shared among the ranks (each reads 1/W of a sharded checkpoint); the
+    checkpoint is damaged for all when it is for one."""
+    error = None
+    try:
+        ckpt.verify_checkpoint(ckpt_dir, part=(dist.rank(), dist.world_size()))
+    except ckpt.CheckpointError as e:
+        error = str(e)
+    errors = [e for e in dist.gather(error) if e]
+    if errors:
+        raise ckpt.CheckpointError(errors[0])

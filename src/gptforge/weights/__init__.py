@@ -55,7 +55,15 @@ from ..tokenizer import TOKENIZER_CONFIG, HFTokenizer, Tokenizer, get_tokenizer,
 from . import gguf_out, gpt2, llama
 from .gpt2 import BOOK_BLOCK_NAMES, BOOK_NAMES, HEAD_SIZE, HUB_NAMES, SHAPE_KEYS
 from .plan import Entry, Source, WeightFamily, expected, fill, our_shapes
-from .readers import SafetensorsReader, TFCheckpointReader, TorchReader, WeightsError, first_line, read_json
+from .readers import (
+    SafetensorsReader,
+    ShardedCheckpointReader,
+    TFCheckpointReader,
+    TorchReader,
+    WeightsError,
+    first_line,
+    read_json,
+)
 
 FAMILIES: dict[str, WeightFamily] = {"gpt2": gpt2, "llama": llama}  # arch -> the module of its weight formats
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -94,7 +102,7 @@ def open_source(source: str | Path, n_heads: int | None = None) -> Source:
             return gpt2.tf_source(p)
         if (p / "config.json").is_file():
             return _hf_source(p)
-        if (p / ckpt.WEIGHTS).is_file() or (p / ckpt.CHECKPOINTS).is_dir():
+        if (p / ckpt.WEIGHTS).is_file() or (p / ckpt.CHECKPOINTS).is_dir() or ckpt.is_sharded(p):
             return _gptforge_source(p)
         if (p / NANOGPT_CKPT).is_file():  # nanoGPT's out_dir
             return _torch_source(p / NANOGPT_CKPT, n_heads)
@@ -223,8 +231,21 @@ def _gptforge_source(p: Path) -> Source:
         cfg = config_from_dict(json.loads(meta["model"]), meta.get("arch"))  # no arch: written before families
     except ValueError as e:
         raise WeightsError(f"{path}: bad model config in the metadata ({e})") from None
-    plan = [Entry(k, (k,)) for k in our_shapes(cfg)]
-    return Source("gptforge", cfg, SafetensorsReader.single(path), plan, set(), dict(meta))
+    shapes = our_shapes(cfg)
+    plan = [Entry(k, (k,)) for k in shapes]
+    if path.is_dir():  # a sharded checkpoint: the raw parameters, a padded vocabulary with its padding rows
+        reader = ShardedCheckpointReader(path / ckpt.SHARDS, rows={k: shapes[k][0] for k in padded_params(cfg)})
+    else:
+        reader = SafetensorsReader.single(path)
+    return Source("gptforge", cfg, reader, plan, set(), dict(meta))
+
+
+def padded_params(cfg) -> list[str]:
+    """Parameters stored with more rows than the state dict gives them (a `pad_vocab` model's embedding, head)."""
+    with torch.device("meta"):
+        model = build(cfg)
+    shapes = our_shapes(cfg)
+    return [k for k, p in model.named_parameters() if k in shapes and tuple(p.shape) != shapes[k]]
 
 
 # ----------------------------------------------------------------------------- loading

@@ -23,6 +23,40 @@ class WeightsError(CheckpointError):
     """A model source that cannot be read; the message names the file, the tensor and the shapes."""
 
 
+class ShardedCheckpointReader:
+    """The model parameters of a sharded checkpoint (torch.distributed.checkpoint's files, written by any number
+    of processes), read a few tensors at a time in one process: no process group, no GPU, never the optimizer.
+    `rows` crops a parameter stored with more rows (a padded vocabulary) to the rows the model's state dict has."""
+
+    PREFIX = "model."
+
+    def __init__(self, path: Path, rows: dict[str, int] | None = None):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.where, self.rows, self.metadata = Path(path), rows or {}, {}
+        try:
+            items = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except Exception as e:  # a missing or damaged .metadata: pickle, OS or format errors
+            raise WeightsError(f"{path}: not a readable sharded checkpoint ({e})") from None
+        self.stored = {k[len(self.PREFIX):]: v for k, v in items.items()
+                       if k.startswith(self.PREFIX) and isinstance(v, TensorStorageMetadata)}
+        self.shapes = {k: (self.rows.get(k, v.size[0]), *v.size[1:]) if len(v.size) else tuple(v.size)
+                       for k, v in self.stored.items()}
+
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+
+        keys = list(keys)
+        state = {self.PREFIX + k: torch.empty(tuple(self.stored[k].size), dtype=self.stored[k].properties.dtype)
+                 for k in keys}
+        dcp.load(state, storage_reader=FileSystemReader(str(self.where)),
+                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+        return {k: state[self.PREFIX + k][: self.shapes[k][0]] if k in self.rows else state[self.PREFIX + k]
+                for k in keys}
+
+
 class SafetensorsReader:
     """One safetensors file, or the shards named by a ``model.safetensors.index.json``."""
 
