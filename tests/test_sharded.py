@@ -153,6 +153,10 @@ def test_sharded_checkpoint_is_a_source(runs, tmp_path, capsys):
     assert code == 0 and out.startswith("The"), err
     code, out, err = run(["convert", str(d / "sharded"), "--to", "hf", str(tmp_path / "hf")], capsys)
     assert code == 0, err
+    code, out, err = run(["convert", str(newest), "--to", "gptforge", str(tmp_path / "single")], capsys)
+    assert code == 0, err
+    single, full = load_any(tmp_path / "single", "cpu")[0].state_dict(), load_any(d / "full", "cpu")[0].state_dict()
+    assert single.keys() == full.keys() and all(torch.equal(single[k], full[k]) for k in full)
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ours, _ = load_any(d / "full", "cpu")
