@@ -162,3 +162,17 @@ def test_sharded_evaluation_and_tasks_equal_one_process(corpus, tmp_path):
              for run in (tmp_path / "one", tmp_path / "w3")]
     for a, b in zip(*evals):
         assert a["task/choice/acc"] == b["task/choice/acc"] and a["task/choice/acc_norm"] == b["task/choice/acc_norm"]
+
+
+def test_async_checkpoints_under_fsdp(corpus, tmp_path):
+    """--async-checkpoint with 2 FSDP ranks: the background writes (their own gloo group, beside the training
+    step's collectives) give the checkpoints a synchronous run writes: the same losses, an exact resume."""
+    d, text = corpus
+    args = [text, "--batch-size", "4", "--nproc", "2", "--parallel", "fsdp", *COMMON]
+    gptforge(*args, "--out", tmp_path / "sync")
+    gptforge(*args, "--out", tmp_path / "async", "--async-checkpoint")
+    assert records(tmp_path / "async") == records(tmp_path / "sync")
+    assert [c.name for c in ckpt.checkpoint_dirs(tmp_path / "async")] == [f"step-{s:08d}" for s in (2, 4, 6)]
+    cut = cut_after(tmp_path / "async", tmp_path / "cut", 2)
+    gptforge("--resume", cut, "--nproc", "2")
+    assert records(cut) == records(tmp_path / "sync") and records(cut, "eval") == records(tmp_path / "sync", "eval")
