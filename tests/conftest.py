@@ -79,3 +79,13 @@ def read_only_dir(tmp_path) -> Path:
             subprocess.run(["chattr", "-i", str(path)], check=True)
         else:
             path.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): a second thread only adds
+    waiting, most of all on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,13 +28,7 @@ def nanogpt_module():
 NANO = nanogpt_module()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: a second thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def nanogpt_model(bias=True, vocab_size=101, seed=0, n_layer=2):
