@@ -5,11 +5,11 @@ picks a crashed run up without a human. Moments are chosen by progress (GPTFORGE
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from rundirs import cut_after
 
 from gptforge import checkpoint as ckpt
 
@@ -48,14 +48,6 @@ def assert_close_runs(a, b, tol):
         assert [r[:2] for r in ra] == [r[:2] for r in rb], event
         for x, y in zip(ra, rb):
             assert all(abs(u - v) <= tol for u, v in zip(x[2:], y[2:])), (event, x, y)
-
-
-def cut_after(run_dir, to, step):
-    shutil.copytree(run_dir, to)
-    for d in ckpt.checkpoint_dirs(to):
-        if int(d.name[5:]) > step:
-            shutil.rmtree(d)
-    return to
 
 
 @pytest.fixture(scope="module")

@@ -251,7 +251,8 @@ class Checkpointer:
                               "new run")
         if dist.is_main():
             ckpt.set_aside(damaged, self.warn)
-        if not ckpt.is_sharded(last):
+        sharded = ckpt.is_sharded(last)
+        if not sharded:
             model.load_state_dict(load_model(last / ckpt.WEIGHTS)[0].state_dict())  # verified just above
         if "scaler" in saved and self.scaler.is_enabled():
             self.scaler.load_state_dict(saved["scaler"])
@@ -269,7 +270,7 @@ class Checkpointer:
                               f"pass a larger --max-steps to extend it")
         self.log(f"resuming {run_dir} from step {state.step} ({human(state.tokens)} tokens seen), training to "
                  f"{self.schedule.total_steps}")
-        return last / ckpt.SHARDS if ckpt.is_sharded(last) else saved["optimizer"]
+        return last / ckpt.SHARDS if sharded else saved["optimizer"]
 
     @staticmethod
     def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, restored: dict | Path) -> None:
