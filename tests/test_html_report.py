@@ -66,7 +66,7 @@ def test_bits_per_byte_in_the_report_and_loss_png(tmp_path):
     assert len(images) == 7 and "Bits per byte against steps" in page
     summary = re.search(r'<table id="summary">(.*?)</table>', page, re.S).group(1)
     assert "<th>val bpb</th>" in summary and f'<td class="num">{6.0 / 3:.4g}</td>' in summary
-    assert summary.count('<td class="num">—</td>') == 1  # the older run has no bpb
+    assert summary.count('<td class="num">—</td>') == 2  # the older run has no bpb, so no best bpb either
     assert "Bits per byte" not in render(load_runs([old]))  # an older run alone: no bpb plot, no error
 
     def png_width(records) -> int:
@@ -74,6 +74,20 @@ def test_bits_per_byte_in_the_report_and_loss_png(tmp_path):
         return int.from_bytes((tmp_path / "loss.png").read_bytes()[16:20], "big")
 
     assert png_width(load_runs([new])[0].records) == 1200 and png_width(load_runs([old])[0].records) == 700
+
+
+def test_the_best_evaluation_is_in_the_summary_with_its_checkpoint(tmp_path):
+    """A run whose val loss rises after step 10: its best step, loss and kept checkpoint (best.json) are shown."""
+    run = make_run(tmp_path / "rising", 0.02, bpb=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:-1]]
+    for r in records:
+        if r["event"] == "eval" and r["step"] > 10:
+            r["val_loss"] = 8.0 + r["step"] / 10
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "best.json").write_text(json.dumps({"step": 10, "val_loss": 8.0, "checkpoint": "checkpoints/step-00000010"}))
+    summary = re.search(r'<table id="summary">(.*?)</table>', render(load_runs([run])), re.S).group(1)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", summary)
+    assert cells[-4:] == ["10", "8", f"{8.0 / 3:.4g}", "checkpoints/step-00000010"]
 
 
 def test_same_directory_names_are_told_apart(tmp_path):

@@ -122,6 +122,9 @@ def test_bench_quality_reports_held_out_bpb(recipe, tmp_path, capsys):
     assert result["recipe"] == recipe and result["steps"] >= 1
     assert result["tokens"] == result["steps"] * 2 * 32
     assert 0 < result["val_bpb"] < 30 and result["curve"][-1]["val_bpb"] == result["val_bpb"]
+    best = min(result["curve"], key=lambda point: point["val_bpb"])  # the final and the best along the curve
+    assert (result["best_val_bpb"], result["best_seconds"], result["best_step"]) == \
+        (best["val_bpb"], best["seconds"], best["step"])
     # the held-out text is the same whatever the recipe: the last documents of the built-in corpus
     held = sorted((tmp_path / "q" / "heldout").iterdir())
     assert held and held[-1].read_text() .strip()
@@ -133,4 +136,6 @@ def test_time_to_quality_quick_mode_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     corpus = result["corpora"][0]
-    assert set(corpus["final_bpb"]) == {"nanogpt", "modern"} and "modern_vs_nanogpt_bpb" in corpus
+    assert set(corpus["final_bpb"]) == set(corpus["best_bpb"]) == {"nanogpt", "modern"}
+    assert "modern_vs_nanogpt_bpb" in corpus and "modern_vs_nanogpt_best_bpb" in corpus
+    assert all(corpus["best_bpb"][r] <= corpus["final_bpb"][r] for r in ("nanogpt", "modern"))

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
 from .config import ConfigError, check_range, opt
 from .devices import pick_device
-from .distributed import checkpoint_blocks
 from .generate import SampleConfig, generate
 from .models import build, spec_for
 from .perf import (
@@ -29,8 +27,7 @@ from .perf import (
     sync,
 )
 from .training.config import TrainConfig
-from .training.optim import make_optimizer
-from .training.step import Precision
+from .training.step import RandomSteps, time_steps
 
 
 @dataclass
@@ -51,27 +48,19 @@ class BenchConfig:
 def bench_train(model_cfg, t: TrainConfig, b: BenchConfig, log=print) -> dict:
     """Time optimizer steps on random tokens, with the training loop's own pieces; returns the JSON result.
 
-    From `t`: batch_size, device, precision, compile, activation_checkpointing, seed. With b.profile,
-    one more step runs under torch.profiler and its op table (by self time) is printed.
+    From `t`: batch_size, device, precision, compile, activation_checkpointing, seed (and the optimizer settings:
+    AdamW by default). With b.profile, one more step runs under torch.profiler and its op table (by self time)
+    is printed.
     """
-    batch_size, precision, seed, steps, warmup = t.batch_size, t.precision, t.seed, b.steps, b.warmup
+    batch_size, steps, warmup = t.batch_size, b.steps, b.warmup
     compile, activation_checkpointing = t.compile, t.activation_checkpointing
     device = pick_device(t.device)
 
     if device.type == "cpu":
         keep_freed_cpu_memory()  # as train.train does
-    torch.manual_seed(seed)
-    model = build(model_cfg).to(device)  # set up as train.train does
-    if activation_checkpointing:
-        checkpoint_blocks(model)
-    step_model = torch.compile(model) if compile else model
-    optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device)
-    amp = Precision(precision, device)
-    model.train()
+    step = RandomSteps.setup(model_cfg, t, device)  # set up as train.train does
+    amp = step.amp
     T = model_cfg.context_length
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, model_cfg.vocab_size, (batch_size, T), generator=g).to(device)
-    y = torch.randint(0, model_cfg.vocab_size, (batch_size, T), generator=g).to(device)
     spec = spec_for(model_cfg)
     fpt = spec.flops_per_token(model_cfg)
     peak, peak_source = peak_flops(device, amp.name)
@@ -80,16 +69,7 @@ def bench_train(model_cfg, t: TrainConfig, b: BenchConfig, log=print) -> dict:
     log(f"model: {spec.matmul_params(model_cfg) / 1e6:.2f}M matmul weights, {fpt / 1e6:.1f} MFLOP per trained token; "
         f"batch {batch_size} x {T} tokens")
     log(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_source})" if peak else peak_source)
-    times = []
-    for i in range(warmup + steps):
-        sync(device)
-        t0 = time.perf_counter()
-        loss = amp.step(step_model, optimizer, [(x, y)], grad_clip=1.0)[0]
-        sync(device)
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
-        log(f"{'warmup' if i < warmup else 'step'} {i + 1}: {dt * 1000:.0f} ms, loss {loss:.3f}")
+    times = time_steps(step, steps, warmup, device, log)
     if device.type == "cpu":  # a shared CPU's speed drifts: the best peak seen before or after the steps
         peak = max(peak, measure_cpu_peak.__wrapped__())
         log(f"peak re-measured after the steps: {peak / 1e9:.1f} GFLOP/s (the higher one is used)")
@@ -104,7 +84,7 @@ def bench_train(model_cfg, t: TrainConfig, b: BenchConfig, log=print) -> dict:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch_profile(activities=activities) as prof:
-            amp.step(step_model, optimizer, [(x, y)], grad_clip=1.0)
+            step()
             sync(device)
         log(prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda"
                                       else "self_cpu_time_total", row_limit=20))

@@ -4,6 +4,7 @@ A run directory holds::
 
     config.toml                      the full config of the run (usable again with --config)
     metrics.jsonl                    one JSON object per logged event
+    best.json                        the best evaluation (lowest val loss) and its checkpoint, never pruned
     loss.png                         train/val loss against steps and tokens seen
     checkpoints/step-00000100/
         model.safetensors            weights; the arch, model config and tokenizer in its metadata
@@ -53,6 +54,8 @@ METRICS = "metrics.jsonl"
 RUN_TOKENIZER = "tokenizer.json"  # --tokenizer-vocab: the tokenizer trained when the run started
 SHARDS = "shards"  # a sharded checkpoint's DCP directory
 META = "meta.json"  # a sharded checkpoint's model config and tokenizer (model.safetensors' metadata)
+BEST = "best.json"  # the run's best evaluation: step, val_loss, val_bpb, checkpoint (relative to the run)
+CHECKPOINT_CHOICES = "best, latest or a step number"
 
 
 class CheckpointError(ValueError):
@@ -297,8 +300,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer | str, state: dict, keep_last: int,
-                    weights: dict[str, torch.Tensor] | None = None, run_config: dict | None = None) -> Path:
-    """Write checkpoints/step-N atomically, then delete all but the newest keep_last (0 keeps all).
+                    weights: dict[str, torch.Tensor] | None = None, run_config: dict | None = None,
+                    keep: int | None = None) -> Path:
+    """Write checkpoints/step-N atomically, then delete all but the newest keep_last (0 keeps all) and the
+    checkpoint of step `keep` (the run's best, never pruned).
 
     `run_config` (config.toml's content) goes into the weights' metadata: a damaged config.toml can
     be told and restored from it without loading the training state.
@@ -317,7 +322,7 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer |
     # a full disk: OSError from our writes, SafetensorError from safetensors, RuntimeError from torch.save
     except (OSError, SafetensorError, RuntimeError) as e:
         raise write_failed(run_dir, step, tmp, e) from None
-    return _commit(run_dir, step, tmp, keep_last)
+    return _commit(run_dir, step, tmp, keep_last, keep)
 
 
 def _clear_stale(root: Path) -> None:
@@ -347,8 +352,9 @@ def write_failed(run_dir: Path, step: int, tmp: Path, e: Exception) -> Checkpoin
            else "no earlier checkpoint exists"))
 
 
-def _commit(run_dir: Path, step: int, tmp: Path, keep_last: int) -> Path:
-    """Rename a complete, sealed temporary checkpoint to step-N, then prune to the newest keep_last."""
+def _commit(run_dir: Path, step: int, tmp: Path, keep_last: int, keep: int | None = None) -> Path:
+    """Rename a complete, sealed temporary checkpoint to step-N, then prune to the newest keep_last (and the
+    checkpoint of step `keep`, the best)."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{step:08d}"
     faults.point("ckpt-before-rename")
@@ -359,8 +365,14 @@ def _commit(run_dir: Path, step: int, tmp: Path, keep_last: int) -> Path:
     faults.point("ckpt-before-prune")
     if keep_last > 0:
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
+            if old.name != step_name(keep):
+                shutil.rmtree(old)
     return final
+
+
+def step_name(step: int | None) -> str | None:
+    """The directory name of step's checkpoint (step-00000400); None for None."""
+    return None if step is None else f"step-{step:08d}"
 
 
 # ----------------------------------------------------------------------------- sharded checkpoints
@@ -389,8 +401,9 @@ def shard_digests(tmp: Path, rank: int) -> dict[str, str]:
 
 
 def finish_sharded(run_dir: Path, step: int, tmp: Path, meta: dict[str, str], state: dict, digests: dict[str, str],
-                   keep_last: int) -> Path:
-    """Rank 0, once every rank's shards are written: meta.json, state.pt, checksums.json, rename, prune."""
+                   keep_last: int, keep: int | None = None) -> Path:
+    """Rank 0, once every rank's shards are written: meta.json, state.pt, checksums.json, rename, prune (never
+    the checkpoint of step `keep`)."""
     try:
         atomic_write_bytes(tmp / META, json.dumps(meta).encode())
         torch.save(state, tmp / STATE)
@@ -398,7 +411,7 @@ def finish_sharded(run_dir: Path, step: int, tmp: Path, meta: dict[str, str], st
         _seal(tmp, {**digests, META: file_sha256(tmp / META), STATE: file_sha256(tmp / STATE)})
     except (OSError, RuntimeError) as e:
         raise write_failed(run_dir, step, tmp, e) from None
-    return _commit(run_dir, step, tmp, keep_last)
+    return _commit(run_dir, step, tmp, keep_last, keep)
 
 
 def load_state(ckpt_dir: Path) -> dict:
@@ -415,9 +428,105 @@ def load_state(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable training state ({str(e).splitlines()[0]})") from None
 
 
+# ----------------------------------------------------------------------------- the best checkpoint
+
+
+def write_best(run_dir: Path, best: dict) -> None:
+    """best.json: the run's best evaluation (step, val_loss, val_bpb where known, tokens) and the directory of its
+    checkpoint relative to the run; written after that checkpoint is committed."""
+    record = {k: best[k] for k in ("step", "val_loss", "val_bpb", "tokens") if best.get(k) is not None}
+    record["checkpoint"] = f"{CHECKPOINTS}/{step_name(best['step'])}"
+    atomic_write_bytes(Path(run_dir) / BEST, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def read_best(run_dir: Path, warn=None) -> dict | None:
+    """best.json's record, or None when the run has none (no val split, or written before gptforge kept the best);
+    an unreadable one is reported through warn and treated as none."""
+    path = Path(run_dir) / BEST
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+        if not isinstance(best, dict) or not isinstance(best.get("step"), int) or \
+                not isinstance(best.get("val_loss"), (int, float)):
+            raise ValueError(best)
+    except (OSError, ValueError):
+        if warn is not None:
+            warn(f"{path} is unreadable (not a best.json gptforge wrote); ignoring it")
+        return None
+    return best
+
+
+def choose_checkpoint(run_dir: Path, which: str = "best", note=None, warn=None) -> Path:
+    """The checkpoint of a run that a SOURCE run directory means: its best (best.json) by default, else its newest
+    intact one; `which` = latest (the newest) or a step number chooses another. `note` gets one line saying which
+    checkpoint and why; `warn` a best checkpoint that is missing or damaged (the newest is used then)."""
+    run_dir, say = Path(run_dir), note or (lambda message: None)
+    best = read_best(run_dir, warn)
+    dirs = checkpoint_dirs(run_dir)
+    newest = f"newest is step {int(dirs[-1].name[5:])}" if dirs else "no checkpoint"
+    about_best = f"best val loss {best['val_loss']:.4f} at step {best['step']}" if best else None
+
+    def intact_newest() -> Path:  # verified only when it is the one used: a checkpoint can be gigabytes
+        latest = latest_checkpoint(run_dir, warn)
+        if latest is None:
+            raise CheckpointError(f"{run_dir}: every checkpoint is damaged (checksum mismatch)")
+        return latest
+
+    if which == "latest":
+        latest = intact_newest()
+        say(f"using {latest}: the newest checkpoint (--checkpoint latest)" + (f"; {about_best}" if best else ""))
+        return latest
+    if which != "best":
+        if not which.isdigit():
+            raise CheckpointError(f"--checkpoint {which!r}: choose {CHECKPOINT_CHOICES}")
+        chosen = run_dir / CHECKPOINTS / step_name(int(which))
+        if not chosen.is_dir():
+            steps = ", ".join(str(int(d.name[5:])) for d in checkpoint_dirs(run_dir))
+            raise CheckpointError(f"--checkpoint {which}: {run_dir} has no checkpoint of step {int(which)} "
+                                  f"(it has steps {steps}); choose one of those, best or latest")
+        verify_checkpoint(chosen)
+        say(f"using {chosen}: step {int(which)} (--checkpoint {which}); {newest}"
+            + (f", {about_best}" if best else ""))
+        return chosen
+    if best is None:
+        latest = intact_newest()
+        say(f"using {latest}: the newest checkpoint (the run has no {BEST}: no val split, or an earlier release)")
+        return latest
+    chosen = run_dir / CHECKPOINTS / step_name(best["step"])
+    try:
+        if not chosen.is_dir():
+            raise CheckpointError(f"{chosen} is missing")
+        verify_checkpoint(chosen)
+    except CheckpointError as e:
+        latest = intact_newest()
+        if warn is not None:
+            warn(f"the best checkpoint is unusable ({e}); using the newest, {latest}")
+        return latest
+    say(f"using {chosen}: {about_best}; {newest}")
+    return chosen
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory with checkpoints (not a checkpoint directory itself)."""
+    path = Path(path)
+    return path.is_dir() and not ((path / WEIGHTS).is_file() or is_sharded(path)) and bool(checkpoint_dirs(path))
+
+
+def source_checkpoint(source: str, which: str | None, note, warn=None) -> str:
+    """SOURCE as the commands take it: a run directory becomes its chosen checkpoint (choose_checkpoint, `which`
+    default best); anything else stays itself, and --checkpoint with it is a mistake."""
+    if is_run_dir(Path(source)):
+        return str(choose_checkpoint(Path(source), which or "best", note, warn))
+    if which is not None:
+        raise CheckpointError(f"--checkpoint {which}: chooses among a run directory's checkpoints, and {source} is "
+                              "not a run directory with checkpoints; leave --checkpoint out")
+    return source
+
+
 def resolve_weights(source: str | Path) -> Path:
-    """A run dir, a checkpoint dir or a .safetensors file -> the weights file to load (for a sharded
-    checkpoint: its directory, `checkpoint_weights`)."""
+    """A run dir (its best checkpoint, else its newest), a checkpoint dir or a .safetensors file -> the weights
+    file to load (for a sharded checkpoint: its directory, `checkpoint_weights`)."""
     p = Path(source)
     if p.is_file():
         return p
@@ -427,10 +536,7 @@ def resolve_weights(source: str | Path) -> Path:
                 verify_checkpoint(p)
             return checkpoint_weights(p)
         if checkpoint_dirs(p):
-            latest = latest_checkpoint(p, warn=lambda msg: print(f"gptforge: warning: {msg}", file=sys.stderr))
-            if latest is None:
-                raise CheckpointError(f"{p}: every checkpoint is damaged (checksum mismatch)")
-            return checkpoint_weights(latest)
+            return checkpoint_weights(choose_checkpoint(
+                p, warn=lambda msg: print(f"gptforge: warning: {msg}", file=sys.stderr)))
         raise CheckpointError(f"{p}: neither a run directory with checkpoints nor a checkpoint directory")
     raise CheckpointError(f"{p}: no such file or directory")
-

@@ -18,7 +18,7 @@ import click
 
 from . import distributed
 from .bench import BenchConfig, bench_generate, bench_train
-from .checkpoint import CheckpointError
+from .checkpoint import CHECKPOINTS, CheckpointError, source_checkpoint, step_name
 from .config import ConfigError, build, check_range, default_of, field_types, help_of, read_toml
 from .data import DataConfig, DataError
 from .evaluate import EvalConfig, evaluate_text
@@ -34,6 +34,7 @@ from .serve import serve as run_server
 from .training import TrainingError
 from .training import train as run_training
 from .training.config import TrainConfig, resolve_train_config
+from .training.plan import PlanConfig, plan_run, planned_settings
 from .training.recipes import RECIPES
 from .weights import convert as convert_model
 
@@ -89,6 +90,18 @@ preset_option = click.option(
     help="Model shape to start from (it sets --arch); shape flags override single values.  "
          "[default: mini (gpt2), llama-mini (llama)]")
 
+checkpoint_option = click.option(
+    "--checkpoint", "which", metavar="best|latest|STEP", default=None,
+    help="Which checkpoint a run directory SOURCE means: best (the lowest val loss, RUN_DIR/best.json), latest "
+         "(the newest) or a step number.  [default: best, or the newest for a run without best.json]")
+
+
+def pick(source: str, which: str | None) -> str:
+    """SOURCE with a run directory turned into its chosen checkpoint; one line on stderr says which and why."""
+    say = lambda message: click.echo(f"gptforge: {message}", err=True)  # noqa: E731
+    return source_checkpoint(source, which, note=say, warn=lambda message: say(f"warning: {message}"))
+
+
 config_option = click.option(
     "--config", "config_file", type=click.Path(dir_okay=False),
     help="TOML file with settings (same names as the flags, with _ or -); flags given here win.",
@@ -107,6 +120,7 @@ def cli() -> None:
     gptforge generate runs/first --prompt "Once"   sample from the model
     gptforge prepare corpus/ --out data/corpus     token shards for corpora bigger than memory
     gptforge bench train --preset gpt2-small       training tokens/s and MFU (also: bench generate)
+    gptforge plan my_texts/ --minutes 10           the model and settings for 10 minutes of training
     """
 
 
@@ -149,7 +163,8 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, ar
         resume = flags["out"]  # torchrun --max-restarts started this job again: continue the run it made
     cfg, run_dir = resolve_train_config(data, config_file, resume, preset, given(flags), init_from,
                                         warn=lambda message: click.echo(message, err=True), arch=arch,
-                                        recipe=recipe)
+                                        recipe=recipe, planner=lambda inputs, values: planned_settings(
+                                            inputs, values, log=click.echo))
     try:
         summary = run_training(cfg, run_dir, resume=resume is not None, log=click.echo)
     finally:
@@ -157,6 +172,11 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, ar
     if not distributed.is_main():
         return
     parts = [f"{k} {summary[k]:.4f}" for k in ("train_loss", "val_loss", "val_bpb") if k in summary]
+    best = summary.get("best")
+    if best:
+        where = run_dir / CHECKPOINTS / step_name(best["step"])
+        parts.append(f"best val loss {best['val_loss']:.4f} at step {best['step']} ({where}: what eval, generate, "
+                     "serve and convert use)")
     click.echo(f"{'stopped' if summary['stopped_by'] else 'done'}: step {summary['steps']}, " + ", ".join(parts)
                + f", {summary['tokens_per_s']:.0f} tokens/s -> {run_dir}")
 
@@ -171,10 +191,11 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, ar
               help=f"Score a downstream task ({', '.join(TASKS)}) as lm-evaluation-harness does, on the FILE that "
                    "follows it (or NAME=FILE); repeatable. NAME alone: where its data is expected and how to get it.")
 @config_option
+@checkpoint_option
 @dataclass_options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, default=None, help="Print a JSON line last.")
 def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], config_file: str | None,
-             as_json: bool | None, **flags) -> None:
+             which: str | None, as_json: bool | None, **flags) -> None:
     """Loss, perplexity and bits per byte of the model in SOURCE on the text in DATA; or, with --task NAME FILE,
     downstream task scores (acc, acc_norm; LAMBADA's acc and perplexity) with a JSON line last.
 
@@ -194,12 +215,12 @@ def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], config_
             for name in tasks:
                 click.echo(describe_task(name))
             return
-        scores = evaluate_tasks(source, pairs, build(EvalConfig, values), log=click.echo)
+        scores = evaluate_tasks(pick(source, which), pairs, build(EvalConfig, values), log=click.echo)
         click.echo(json.dumps(scores))
         return
     if not data:
         raise ConfigError("give DATA (text files to score) or --task NAME FILE (a downstream task)")
-    result = evaluate_text(source, data, build(EvalConfig, values),
+    result = evaluate_text(pick(source, which), data, build(EvalConfig, values),
                            warn=lambda message: click.echo(message, err=True))
     bpb = "n/a" if result.bpb is None else f"{result.bpb:.4f}"
     click.echo(f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | bpb {bpb} | tokens {result.tokens:,}")
@@ -230,12 +251,14 @@ def task_files(tasks: tuple[str, ...], data: tuple[str, ...]) -> list[tuple[str,
 @cli.command()
 @click.argument("source")
 @config_option
+@checkpoint_option
 @dataclass_options(GenerateConfig, SampleConfig)
-def generate(source: str, config_file: str | None, **flags) -> None:
+def generate(source: str, config_file: str | None, which: str | None, **flags) -> None:
     """Continue a prompt with the model in SOURCE (any format `eval` takes, e.g. gpt2-xl or a run dir)."""
 
     values = {**_flat_config(config_file, GenerateConfig, SampleConfig), **given(flags)}
     cfg, sample = build(GenerateConfig, values), build(SampleConfig, values)
+    source = pick(source, which)
     stats: dict = {}
     texts = generate_text(source, cfg, sample, stats=stats)
     for i, text in enumerate(texts):
@@ -297,10 +320,31 @@ def bench_quality_cmd(data: tuple[str, ...], **flags) -> None:
 
     \b
     Last line: {"recipe", "minutes", "steps", "tokens", "val_loss", "val_bpb", "device", "block_params",
-                "params", "tokenizer", "curve"}
+                "params", "tokenizer", "curve", "best_val_bpb", "best_seconds", "best_step"}
     """
 
     bench_quality(data, build(QualityConfig, given(flags)), log=click.echo)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@cli.command(name="plan")
+@click.argument("data", nargs=-1, type=click.Path())
+@dataclass_options(PlanConfig)
+def plan_cmd(data: tuple[str, ...], **flags) -> None:
+    """The model, batch, context, length and learning rates for --minutes of training on DATA on this device (no
+    DATA: the built-in corpus), from a few timed steps of a ladder of shapes; then the train command.
+
+    About 20 training tokens per parameter (Hoffmann et al. 2022) in the time, and at most 4 passes over the
+    text (Muennighoff et al. 2023). `gptforge train DATA --minutes M` plans the same way.
+
+    \b
+    Last line: {"data_tokens", "params", "shape", "batch_size", "context_length", "steps", "tokens", "epochs",
+                "lr", "minutes", "device"}
+    """
+
+    plan_run(data, build(PlanConfig, given(flags)), log=click.echo)
 
 
 @bench.command(name="generate")
@@ -344,7 +388,9 @@ def bench_generate_cmd(arch: str | None, preset: str | None, **flags) -> None:
 @click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
               help="--to gguf: the type of the weight matrices (norms and biases stay f32, as llama.cpp's converter "
                    "keeps them).")
-def convert(source: str, target: str, out: str, n_heads: int | None, tokenizer: str | None, dtype: str) -> None:
+@checkpoint_option
+def convert(source: str, target: str, out: str, n_heads: int | None, tokenizer: str | None, dtype: str,
+            which: str | None) -> None:
     """Convert the model in SOURCE (any format `eval` takes) to OUT.
 
     OUT is a new or empty directory (or, for --to gptforge, a new .safetensors file; for --to gguf, a
@@ -352,7 +398,7 @@ def convert(source: str, target: str, out: str, n_heads: int | None, tokenizer: 
     """
 
     check_range("n_heads", n_heads, 1)
-    path, model, meta = convert_model(source, target, out, n_heads, tokenizer, dtype)
+    path, model, meta = convert_model(pick(source, which), target, out, n_heads, tokenizer, dtype)
     head = "tied" if model.cfg.tie_weights else "untied"
     click.echo(f"{source} ({meta['format']}, {model.num_params():,} parameters, {head} head) -> {path}")
 
@@ -382,11 +428,13 @@ def report(run_dirs: tuple[str, ...], out: str | None) -> None:
 
 @cli.command()
 @click.argument("source")
+@checkpoint_option
 @dataclass_options(ServeConfig)
-def serve(source: str, **flags) -> None:
+def serve(source: str, which: str | None, **flags) -> None:
     """Serve the model in SOURCE: a web page to try prompts and an OpenAI-style /v1/completions API."""
 
-    run_server(source, build(ServeConfig, given(flags)), log=click.echo)
+    settings = build(ServeConfig, given(flags))
+    run_server(pick(source, which), settings, log=click.echo)
 
 
 # ----------------------------------------------------------------------------- prepare, tokenizer

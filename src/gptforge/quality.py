@@ -8,7 +8,8 @@ recipe: --emb-dim, --n-layers and --context-length; a llama model gets the SwiGL
 its blocks the parameter count of GPT-2's blocks (matched_llama_shape). A short calibration run
 times the recipe's steps (the median of 8); the run then gets as many steps as fit in --minutes of
 training time (its schedule planned for that length), saving --points checkpoints on the way, each
-scored afterwards on the held-out text. Last line: JSON.
+scored afterwards on the held-out text: the final one and the best along the curve (a run that memorises its
+text is best before its end) are both reported. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -177,10 +178,13 @@ def measure(q: QualityConfig, recipe: dict, work: Path, tokenizer: str | None, l
                           val_bpb=round(result.bpb, 4)))
         log(f"step {step}: {step * per_step:.1f} s, held-out loss {result.loss:.4f}, bpb {result.bpb:.4f}")
     model = build(cfg.model)
-    last = curve[-1]
+    last, best = curve[-1], min(curve, key=lambda point: point["val_bpb"])  # the first lowest
+    log(f"final held-out bpb {last['val_bpb']:.4f}; best {best['val_bpb']:.4f} at {best['seconds']:.1f} s "
+        f"(step {best['step']})")
     out = {"recipe": q.recipe, "minutes": round(summary["train_seconds"] / 60, 3), "steps": summary["steps"],
            "tokens": summary["steps"] * q.batch_size * q.context_length, "val_loss": last["val_loss"],
-           "val_bpb": last["val_bpb"], "device": device_name(pick_device(q.device)),
+           "val_bpb": last["val_bpb"], "best_val_bpb": best["val_bpb"], "best_seconds": best["seconds"],
+           "best_step": best["step"], "device": device_name(pick_device(q.device)),
            "block_params": block_params(model),
            "params": sum(p.numel() for p in model.parameters()), "tokenizer": Path(tokenizer).name if tokenizer
            else "gpt2", "curve": curve}

@@ -73,9 +73,17 @@ class MetricsLog:
 
 
 
+def best_eval(records: list[dict]) -> dict | None:
+    """The evaluation with the lowest val loss after step 0 (the first such), as the training loop keeps its best;
+    None without val losses."""
+    evals = [r for r in records if r.get("event") == "eval" and r.get("step", 0) > 0 and "val_loss" in r]
+    return min(evals, key=lambda r: r["val_loss"]) if evals else None
+
+
 def plot_losses(records: list[dict], path: Path) -> None:
-    """loss.png: train and val loss of each evaluation against steps, tokens seen on the top axis; a
-    second panel with train and val bits per byte when the records have them (older runs: one panel)."""
+    """loss.png: train and val loss of each evaluation against steps, tokens seen on the top axis, the best
+    evaluation (lowest val loss) marked; a second panel with train and val bits per byte when the records have them
+    (older runs: one panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,11 +95,16 @@ def plot_losses(records: list[dict], path: Path) -> None:
     panels = [("loss", "_loss"), ("bits per byte", "_bpb")][: axes.shape[1]]
     steps = [r for r in evals if r["step"] > 0]
     tokens_per_step = steps[-1]["tokens"] / steps[-1]["step"] if steps else None
+    best = best_eval(evals)
     for ax, (ylabel, suffix) in zip(axes[0], panels):
         for split in ("train", "val"):
             pts = [(r["step"], r[split + suffix]) for r in evals if split + suffix in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o", markersize=3, label=split)
+        if best is not None and "val" + suffix in best:
+            ax.axvline(best["step"], color="0.5", linestyle=":", linewidth=1)
+            ax.plot([best["step"]], [best["val" + suffix]], marker="*", markersize=12, color="tab:red", linestyle="",
+                    label=f"best: step {best['step']}")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..checkpoint import CONFIG, METRICS, atomic_write_bytes, check_writable
+from ..checkpoint import CONFIG, METRICS, atomic_write_bytes, check_writable, read_best
 from ..config import ConfigError, tomllib
-from .metrics import task_keys
+from .metrics import best_eval, task_keys
 from .trackers import flat_config
 
 REPORT_MARK = b"<title>gptforge report"  # in the head of every report: only those are replaced
@@ -32,6 +32,7 @@ class Run:
     path: Path
     records: list[dict]
     config: dict  # flat: {"train.lr": 0.001, ...}
+    best: dict | None = None  # best.json: the best evaluation and its checkpoint (None: no val split, older runs)
 
     @property
     def evals(self) -> list[dict]:
@@ -60,7 +61,7 @@ def load_run(path: str | Path) -> Run:
             config = flat_config(tomllib.loads((path / CONFIG).read_text()))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path / CONFIG}: not valid TOML ({e})") from None
-    return Run(path.resolve().name, path, records, config)
+    return Run(path.resolve().name, path, records, config, read_best(path))
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -109,6 +110,10 @@ def plot(runs: list[Run], series: list[tuple[str, str, str]], x: str, ylabel: st
             ax.plot(*zip(*pts), color=colors[i % len(colors)], linestyle=styles[j % len(styles)],
                     marker="o" if event == "eval" else None, markersize=3, label=name)
             drawn += 1
+            best = best_eval(run.records) if event == "eval" and key.startswith("val_") else None
+            if best is not None and _finite(best.get(key)):  # the best evaluation: the checkpoint the run keeps
+                ax.plot([best[x]], [best[key]], marker="*", markersize=11, color=colors[i % len(colors)],
+                        linestyle="")
     if not drawn:
         plt.close(fig)
         return None
@@ -165,13 +170,18 @@ def summary_table(runs: list[Run]) -> str:
         last_eval = run.evals[-1] if run.evals else {}
         last = run.records[-1] if run.records else {}
         speeds = [r["tokens_per_s"] for r in run.trains if "tokens_per_s" in r]
+        best = best_eval(run.records) or {}
         cells = [last.get("step"), last.get("tokens"), last_eval.get("train_loss"), last_eval.get("val_loss"),
                  last_eval.get("val_perplexity"), last_eval.get("val_bpb"),
-                 sum(speeds) / len(speeds) if speeds else None]
+                 sum(speeds) / len(speeds) if speeds else None, best.get("step"), best.get("val_loss"),
+                 best.get("val_bpb")]
+        kept = run.best["checkpoint"] if run.best and run.best.get("step") == best.get("step") else None
         rows.append(f"<tr><td>{html.escape(run.name)}</td>"
-                    + "".join(f'<td class="num">{_fmt(c)}</td>' for c in cells) + "</tr>")
+                    + "".join(f'<td class="num">{_fmt(c)}</td>' for c in cells)
+                    + f"<td>{html.escape(_fmt(kept))}</td></tr>")
     head = ("<tr><th>run</th><th>steps</th><th>tokens seen</th><th>train loss</th><th>val loss</th>"
-            "<th>val perplexity</th><th>val bpb</th><th>mean tokens/s</th></tr>")
+            "<th>val perplexity</th><th>val bpb</th><th>mean tokens/s</th><th>best step</th><th>best val loss</th>"
+            "<th>best val bpb</th><th>best checkpoint</th></tr>")
     return f'<table id="summary">{head}{"".join(rows)}</table>'
 
 
@@ -249,6 +259,8 @@ def render(runs: list[Run]) -> str:
 <h1>gptforge report</h1>
 <p class="muted">{len(runs)} run{"s" if len(runs) > 1 else ""}: {names} · written {made}</p>
 <h2>Final results</h2>
+<p class="muted">Best: each run's evaluation with the lowest val loss (★ on the curves), whose checkpoint the run
+keeps (best.json) and eval, generate, serve and convert use.</p>
 {summary_table(runs)}
 {tasks_table(runs)}
 <h2>Curves</h2>

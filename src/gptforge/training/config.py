@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CONFIG, check_writable, saved_run_config
+from ..checkpoint import CONFIG, check_writable, saved_run_config, source_checkpoint
 from ..config import SEED_MAX, ConfigError, build, check_choice, check_range, check_toml, opt, read_toml, to_toml_dict
 from ..data import DataConfig, data_defaults
 from ..devices import DEVICES
@@ -71,6 +71,11 @@ class TrainConfig:
     max_steps: int | None = opt(None, "Optimizer steps to train; overrides --epochs. Larger extends a run.")
     max_tokens: int | None = opt(None, "Training tokens to train on, turned into steps of the global batch "
                                        "(rounded up); instead of --max-steps or --epochs.")
+    minutes: float | None = opt(None, "Train for this many minutes of optimizer steps on this device, instead of "
+                                      "--max-steps, --max-tokens or --epochs: a few timed steps of the run's model "
+                                      "before it starts set --max-steps (recorded in config.toml, so --resume keeps "
+                                      "it). Without --preset, --init-from or shape flags, the model, batch, context "
+                                      "and learning rate are `gptforge plan`'s choice for the time too.")
     schedule: str = opt("cosine", "Learning rate after warmup: cosine (decay to --min-lr), wsd (warmup-stable-decay: "
                                   "hold --lr, decay linearly over the last --decay-fraction of the steps) or constant.",
                         choices=SCHEDULES)
@@ -80,7 +85,10 @@ class TrainConfig:
     log_every: int = opt(10, "Write the training loss to metrics.jsonl every this many steps.")
     save_every: int | None = opt(None, "Save a checkpoint every this many steps; default: at each evaluation.")
     save_every_minutes: float | None = opt(None, "Also save a checkpoint when this many minutes passed since the last.")
-    keep_last: int = opt(3, "Checkpoints to keep (older ones are deleted); 0 keeps all.")
+    keep_last: int = opt(3, "Checkpoints to keep (older ones are deleted; the best one, RUN_DIR/best.json, always "
+                            "stays); 0 keeps all.")
+    early_stop: int | None = opt(None, "End the run after this many evaluations without a new best val loss (it "
+                                       "ends as a stopped run does: a checkpoint, the best kept); 0 or unset: never.")
     checkpoint_format: str | None = opt(
         None, "full: one model.safetensors and state.pt, gathered on rank 0; sharded: every rank writes its own "
               "part (torch.distributed.checkpoint), nothing gathered, readable on any number of processes. Default: "
@@ -121,11 +129,12 @@ class TrainConfig:
                      "log_every", "save_every", "sample_top_k", "eval_task_limit"):
             check_range(name, getattr(self, name), 1)
         for name in ("warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "keep_last", "sample_tokens",
-                     "sample_temperature"):
+                     "sample_temperature", "early_stop"):
             check_range(name, getattr(self, name), 0)
         check_range("lr", self.lr, 0, above=True)
         check_range("min_lr", self.min_lr, 0)
         check_range("save_every_minutes", self.save_every_minutes, 0, above=True)
+        check_range("minutes", self.minutes, 0, above=True)
         check_range("beta1", self.beta1, 0, 1, below=True)
         check_range("beta2", self.beta2, 0, 1, below=True)
         check_range("muon_lr", self.muon_lr, 0, above=True)
@@ -241,12 +250,16 @@ def recipe_layer(file_values: dict) -> dict:
 
 
 def resolve_train_config(data, config_file, resume, preset, flags, init_from=None, warn: Callable[[str], None] =
-                         print_warning, arch: str | None = None, recipe: str | None = None) -> tuple[RunConfig, Path]:
+                         print_warning, arch: str | None = None, recipe: str | None = None,
+                         planner: Callable[[list[str], dict], dict] | None = None) -> tuple[RunConfig, Path]:
     """Layers, later winning: dataclass defaults, preset, recipe, saved run config (resume), --config file, flags.
 
     With --init-from, the model's shape is the source's instead (weights.init_model_config). `data`,
     `config_file`, `resume`, `preset` and `init_from` are the command's arguments, `flags` the flags
     given; warnings about a resumed run's saved config go to `warn`. Returns the config and the run directory.
+    With --minutes on a new run whose shape nothing names (`plans_shape`), `planner(inputs, settings so far)`
+    returns a layer that sits just above the recipe (the CLI passes training.plan.planned_settings, which this
+    module cannot import: it times the training step, which imports this module); None: the recipe's shape.
     """
     file_values = read_toml(config_file, TRAIN_SECTIONS, TRAIN_TOP_LEVEL) if config_file else {}
     if preset is not None:
@@ -258,6 +271,7 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
     if recipe is not None:
         file_values["recipe"] = recipe
     layers: list[dict] = []
+    plan_shape = plans_shape(file_values, flags, config_file, resume)
     if resume:
         run_dir = Path(resume)
         saved = saved_train_config(run_dir, warn)
@@ -276,8 +290,13 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         init_from = saved.get("init_from")
         recipe = saved.get("recipe")
     else:
-        if not (data or file_values.get("inputs")) and not {"recipe", "preset", "arch", "init_from"} & set(file_values):
-            file_values["recipe"] = DEFAULT_CORPUS_RECIPE  # the default run: nothing chose a model
+        if source := file_values.get("init_from"):  # a run directory: its best checkpoint, recorded as such
+            file_values["init_from"] = source_checkpoint(
+                source, None, note=lambda m: warn(f"gptforge: --init-from: {m}"),
+                warn=lambda m: warn(f"gptforge: warning: {m}"))
+        if not (data or file_values.get("inputs")) or plan_shape:
+            if not {"recipe", "preset", "arch", "init_from"} & set(file_values):  # the default run, and plan's
+                file_values["recipe"] = DEFAULT_CORPUS_RECIPE  # nothing chose a model
         recipe_settings = recipe_layer(file_values)
         recipe = file_values.get("recipe")
         spec, preset_name, init_cfg = new_run_shape(file_values, flags, config_file)
@@ -292,11 +311,6 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         if user.get("packing") == "pad" and "document_mask" not in user:
             replaced["document_mask"] = False  # one document per row: nothing to mask
         below.update(replaced)
-        # tokenizer; vocab_size (a preset's follows it too)
-        follow = {**data_defaults(inputs, {**below, **user}), **replaced}
-        layers = [presets.get(preset_name, {}), corpus_run, recipe_settings, follow, file_values, flags]
-        if init_cfg is not None:
-            layers.append(init_cfg.to_dict())
         run_dir = Path(flags.get("out") or file_values.get("out")
                        or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
         if (run_dir / CONFIG).exists():
@@ -306,6 +320,14 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
             raise ConfigError(f"--out {run_dir}: the directory is not empty (it holds {', '.join(held[:3])}"
                               + (", ..." if len(held) > 3 else "") + "); a new run needs a new or empty directory")
         check_writable(run_dir, "--out")
+        planned = planner(inputs, {"arch": spec.arch, **presets.get(preset_name, {}), **below, **user}) \
+            if plan_shape and planner is not None else {}
+        below.update(planned)
+        # tokenizer; vocab_size (a preset's follows it too)
+        follow = {**data_defaults(inputs, {**below, **user}), **replaced}
+        layers = [presets.get(preset_name, {}), corpus_run, recipe_settings, planned, follow, file_values, flags]
+        if init_cfg is not None:
+            layers.append(init_cfg.to_dict())
     cfg = RunConfig(model=build(spec.config_class, *layers), data=build(DataConfig, *layers),
                     train=build(TrainConfig, *layers), inputs=[str(p) for p in inputs], preset=preset_name,
                     init_from=init_from, recipe=recipe)
@@ -314,6 +336,41 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
                           "model's own vocabulary: leave --tokenizer-vocab out (or give --tokenizer)")
     cfg.train.out = str(run_dir)
     return cfg, run_dir
+
+
+# The settings that give a run's length, and those that name a model's shape (with one, --minutes plans the length
+# alone; without, `gptforge plan`'s choice of shape, batch, context and learning rate is the run's too).
+LENGTH_KEYS = ("minutes", "max_steps", "max_tokens", "epochs")
+SHAPE_KEYS = ("emb_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
+
+
+def plans_shape(file_values: dict, flags: dict, config_file, resume) -> bool:
+    """--minutes's checks: whether the plan chooses the model's shape too (a new run whose shape nothing names).
+
+    --minutes on the command line replaces a --config file's length (its max_steps, max_tokens, epochs), and
+    the flags' --max-steps, --max-tokens or --epochs replace its minutes; given together in one place they are
+    an error (a file's epochs excepted: every config.toml records one). A resumed run keeps its planned steps.
+    """
+    check_range("minutes", flags.get("minutes", file_values.get("minutes")), 0, above=True)  # before planning
+    if resume:
+        if "minutes" in flags:
+            raise ConfigError(f"--minutes {flags['minutes']:g} plans a new run's length; a resumed run keeps the "
+                              "max_steps its config.toml records: give --max-steps to change it")
+        return False
+    if "minutes" in flags:
+        for k in LENGTH_KEYS[1:]:
+            file_values.pop(k, None)
+    elif set(LENGTH_KEYS[1:]) & set(flags):
+        file_values.pop("minutes", None)
+    if "minutes" in flags and (given := [k for k in LENGTH_KEYS[1:] if k in flags]):
+        raise ConfigError(f"--minutes {flags['minutes']:g} and --{given[0].replace('_', '-')} {flags[given[0]]} both "
+                          "set the run's length; give only one")
+    if "minutes" in file_values and (given := [k for k in ("max_steps", "max_tokens") if k in file_values]):
+        raise ConfigError(f"{config_file}: minutes and {given[0]} both set the run's length (a --minutes run's "
+                          f"config.toml records both); remove one, or give --minutes or "
+                          f"--{given[0].replace('_', '-')} on the command line")
+    user = {**file_values, **flags}
+    return "minutes" in user and not {"preset", "init_from"} & set(file_values) and not set(SHAPE_KEYS) & set(user)
 
 
 def saved_train_config(run_dir: Path, warn: Callable[[str], None] = print_warning) -> dict:

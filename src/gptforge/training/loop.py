@@ -23,8 +23,10 @@ from ..perf import keep_freed_cpu_memory, mfu, peak_flops
 from ..runs.metrics import MetricsLog, Progress, format_eval, human, plot_losses, plot_tasks
 from ..runs.trackers import check_loggers, open_trackers
 from ..tokenizer import Tokenizer
+from .best import Verdict
 from .config import RunConfig, TrainConfig
 from .optim import build_optimizer, check_optimizer, describe_optimizer, set_lr
+from .plan import plan_steps
 from .state import Checkpointer, RunState, Schedule, TrainData, build_data, build_model, run_tokenizer
 from .step import Precision, StepResult, stop_requests, train_step
 
@@ -104,6 +106,11 @@ def log_step(result: StepResult, state: RunState, lr: float, tok_s: float, mfu: 
         trackers.log(metrics.records[-1])
 
 
+def epochs_done(state: RunState, data: TrainData) -> float:
+    """Passes over this rank's training windows (or documents) so far."""
+    return state.epoch + state.batch / max(len(data.batches), 1)
+
+
 def tokens_per_step(cfg: RunConfig) -> int:
     """Training tokens in one optimizer step of the whole job (the global batch)."""
     t = cfg.train
@@ -148,6 +155,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
 
     tasks = prepare_tasks(t.eval_task, t.eval_task_limit, tokenizer, cfg.model.context_length)  # bad files: now
     data = build_data(cfg, tokenizer)
+    if t.minutes is not None and not resume:  # --minutes: max_steps from the run's own timed steps
+        plan_steps(cfg, data, device, log)
     schedule = Schedule.plan(t, len(data.batches), tokens_per_step(cfg))
     model = build_model(cfg, device, resume, log)  # the optimizer comes after wrapping: FSDP replaces parameters
     amp = Precision(t.precision, device)
@@ -178,9 +187,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                           byte_table(tokenizer, warn), tasks)
 
     last_eval = evaluator(model, state) if state.step == 0 else {}
-    save_every = t.save_every or t.eval_every
+    save_every, best = t.save_every or t.eval_every, checkpointer.best
     model.train()
-    step_seconds, start_tokens, stopping, last_save = [], state.tokens, False, time.monotonic()
+    step_seconds, start_tokens, stopping, last_save, early = [], state.tokens, False, time.monotonic(), None
     with stop_requests() as stop:
         while state.step < schedule.total_steps and not stopping:
             t0 = time.perf_counter()
@@ -195,20 +204,30 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             step_seconds.append(seconds)
             tok_s = progress.step(result.loss, result.tokens, seconds, lr)
             log_step(result, state, lr, tok_s, mfu(fpt, tok_s, peak), t, metrics, trackers, progress)
+            verdict = Verdict()
             if state.step % t.eval_every == 0 or state.step == schedule.total_steps:
                 last_eval = evaluator(model, state)
-            if state.step % save_every == 0 or state.step == schedule.total_steps or stopping or result.save_due:
+                verdict = best.observe(last_eval, epochs_done(state, data), t.early_stop)  # the same on every rank
+                if verdict.message:
+                    progress.write(verdict.message)
+                early = verdict.stop
+                stopping = stopping or early is not None
+            if state.step % save_every == 0 or state.step == schedule.total_steps or stopping or result.save_due \
+                    or verdict.new_best:  # the best's checkpoint is saved, whatever --save-every says
                 checkpointer.save(model, optimizer, state)
                 last_save = time.monotonic()
     checkpointer.finish()  # --async-checkpoint: the last write sealed before the run ends
     progress.close()
     trackers.close()
-    stopped_by = (stop[0] if stop else "a signal to another rank") if stopping and \
-        state.step < schedule.total_steps else None
-    if stopped_by:
+    stopped_by = early or ((stop[0] if stop else "a signal to another rank") if stopping and
+                           state.step < schedule.total_steps else None)
+    if early:
+        log(f"stopped early at step {state.step} by {early}; checkpoint saved")
+    elif stopped_by:
         log(f"stopped by {stopped_by} at step {state.step}; checkpoint saved, continue with --resume {run_dir}")
     train_seconds = sum(step_seconds)
     return dict(last_eval, steps=state.step, train_seconds=train_seconds, stopped_by=stopped_by,
+                best=best.record() if best.step is not None else None,
                 tokens_per_s=(state.tokens - start_tokens) / max(train_seconds, 1e-9),
                 median_step_seconds=statistics.median(step_seconds) if step_seconds else None)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from ..models.layers import torch_default_init
 from ..runs.metrics import human
 from ..tokenizer import HFTokenizer, Tokenizer, get_tokenizer, train_bpe
 from ..weights import load_any, load_model
+from .best import Best
 from .config import RunConfig, TrainConfig
 from .optim import lr_at
 
@@ -225,6 +226,7 @@ class Checkpointer:
     warn: Callable
     pending: PendingSave | None = None
     group: object = None  # --async-checkpoint: the process group background writes use
+    best: Best = field(default_factory=Best)  # the best evaluation so far: its checkpoint is never pruned
 
     def __post_init__(self) -> None:
         self.sharded = checkpoint_format(self.cfg.train) == "sharded"
@@ -268,6 +270,13 @@ class Checkpointer:
         if state.step >= self.schedule.total_steps:
             raise ConfigError(f"{run_dir}: the run already finished at step {state.step}; "
                               f"pass a larger --max-steps to extend it")
+        self.best.load_state_dict(saved.get("best", {}))  # checkpoints before best.json: none yet
+        if t.early_stop and self.best.stale >= t.early_stop:
+            why = self.best.stopped_because(t.early_stop)
+            raise ConfigError(f"{run_dir}: the run ended early at step {state.step} ({why}); to train on, resume "
+                              "with a larger --early-stop, or --early-stop 0 for none")
+        if dist.is_main() and self.best.step is not None:
+            ckpt.write_best(run_dir, self.best.record())  # as of the checkpoint resumed from
         self.log(f"resuming {run_dir} from step {state.step} ({human(state.tokens)} tokens seen), training to "
                  f"{self.schedule.total_steps}")
         return last / ckpt.SHARDS if sharded else saved["optimizer"]
@@ -284,7 +293,7 @@ class Checkpointer:
         t = self.cfg.train
         saved = dict(state.state_dict(), data_hash=self.data.data_hash, world_size=dist.world_size(),
                      batch_size=t.batch_size, optimizer_kind=t.optimizer, rng=dist.gather(ckpt.rng_state()),
-                     schedule=self.schedule.state_dict())
+                     schedule=self.schedule.state_dict(), best=self.best.state_dict())
         if optim_state is not None:
             saved["optimizer"] = optim_state
         if self.scaler.is_enabled():
@@ -299,8 +308,15 @@ class Checkpointer:
         saved = self._saved(state, optim_state)
         if dist.is_main():
             ckpt.save_checkpoint(self.run_dir, state.step, dist.unwrap(model), self.tokenizer, saved,
-                                 self.cfg.train.keep_last, weights=weights, run_config=self.cfg.to_toml())
+                                 self.cfg.train.keep_last, weights=weights, run_config=self.cfg.to_toml(),
+                                 keep=self.best.step)
+            self._note_best(saved["best"], state.step)
         dist.barrier()
+
+    def _note_best(self, best: dict, step: int) -> None:
+        """best.json, once the checkpoint of a new best is committed (rank 0)."""
+        if best.get("step") == step:
+            ckpt.write_best(self.run_dir, best)
 
     def _save_sharded(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
         """Every rank writes its shards (in the background with --async-checkpoint: sealed by the next save or
@@ -339,7 +355,9 @@ class Checkpointer:
             raise ckpt.write_failed(self.run_dir, pending.step, pending.tmp, RuntimeError(errors[0]))
         if dist.is_main():
             ckpt.finish_sharded(self.run_dir, pending.step, pending.tmp, pending.meta, pending.saved,
-                                {k: v for _, d in every for k, v in d.items()}, self.cfg.train.keep_last)
+                                {k: v for _, d in every for k, v in d.items()}, self.cfg.train.keep_last,
+                                keep=pending.saved["best"].get("step"))
+            self._note_best(pending.saved["best"], pending.step)
         dist.barrier()
 
 

@@ -1,5 +1,6 @@
 """One optimizer step: the number format (Precision: autocast, fp16's GradScaler, clipping, the update),
-train_step (micro-batches, one all-reduce, the non-finite check), the stop-signal flag, TrainingError."""
+train_step (micro-batches, one all-reduce, the non-finite check), the stop-signal flag, TrainingError; and
+timing steps (RandomSteps, time_steps: what `bench train`, `plan` and `train --minutes` measure)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import contextlib
 import math
 import signal
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +18,11 @@ from .. import distributed as dist
 from .. import faults
 from ..config import ConfigError
 from ..evaluate import loss_batch
+from ..models import build
 from ..ops import IGNORE_INDEX
+from ..perf import sync
 from .config import TrainConfig
+from .optim import build_optimizer
 from .state import RunState, TrainData
 
 
@@ -90,13 +96,65 @@ class Precision:
         self.scaler.update()
 
     def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches, grad_clip: float,
-             grad_accum: int = 1) -> tuple[float, float]:
+             grad_accum: int = 1, eot_id: int | None = None) -> tuple[float, float]:
         """One whole optimizer step of one process (as the benchmark times it): returns (loss, grad norm)."""
-        loss_sum = sum(self.backward(model, x, y, grad_accum) for x, y in micro_batches)
+        loss_sum = sum(self.backward(model, x, y, grad_accum, eot_id) for x, y in micro_batches)
         grad_norm = self.clip(model, optimizer, grad_clip)
         self.update(optimizer)
         optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
+
+
+@dataclass
+class RandomSteps:
+    """Optimizer steps of a freshly built model on fixed random tokens, set up as train() sets a run up: the seed,
+    activation checkpointing, torch.compile, the run's optimizer (AdamW or Muon) and precision, --grad-accum
+    micro-batches of --batch-size windows, and --document-mask's end-of-text id. Calling it takes one step."""
+
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # the compiled model with --compile
+    optimizer: torch.optim.Optimizer
+    amp: Precision
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    grad_clip: float
+    eot_id: int | None = None
+
+    @classmethod
+    def setup(cls, model_cfg, t: TrainConfig, device: torch.device, eot_id: int | None = None) -> RandomSteps:
+        torch.manual_seed(t.seed)
+        model = build(model_cfg).to(device)
+        if t.activation_checkpointing:
+            dist.checkpoint_blocks(model)
+        g = torch.Generator().manual_seed(t.seed)
+        shape = (t.batch_size, model_cfg.context_length)
+        micro_batches = [tuple(torch.randint(0, model_cfg.vocab_size, shape, generator=g).to(device) for _ in "xy")
+                         for _ in range(t.grad_accum)]
+        model.train()
+        return cls(model, torch.compile(model) if t.compile else model, build_optimizer(model, t, device),
+                   Precision(t.precision, device), micro_batches, t.grad_clip, eot_id)
+
+    def __call__(self) -> float:
+        """One optimizer step; returns its loss."""
+        return self.amp.step(self.step_model, self.optimizer, self.micro_batches, self.grad_clip,
+                             len(self.micro_batches), self.eot_id)[0]
+
+
+def time_steps(step: Callable[[], float], steps: int, warmup: int, device: torch.device,
+               log: Callable[[str], None] | None = None) -> list[float]:
+    """Seconds of each of `steps` calls of step() after `warmup` untimed ones, the device synchronised around each;
+    with `log`, one line per call (its time and loss)."""
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = step()
+        sync(device)
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+        if log is not None:
+            log(f"{'warmup' if i < warmup else 'step'} {i + 1}: {dt * 1000:.0f} ms, loss {loss:.3f}")
+    return times
 
 
 @dataclass

@@ -309,8 +309,9 @@ def load_any(source: str | Path, device: torch.device | str = "cpu", *, context_
 
 
 def load_model(source: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """A gptforge model from a run dir (its newest intact checkpoint), checkpoint dir or weights file;
-    returns (model, the weights file's metadata). The one reader of gptforge weights files."""
+    """A gptforge model from a run dir (its best checkpoint, else its newest intact one: checkpoint.choose_checkpoint),
+    checkpoint dir or weights file; returns (model, the weights file's metadata). The one reader of gptforge weights
+    files."""
     src = _gptforge_source(Path(source))
     return build_model(src).to(device), src.meta
 

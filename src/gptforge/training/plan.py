@@ -1,0 +1,497 @@
+"""Planning a run for a time budget: `gptforge plan` and `gptforge train --minutes`.
+
+`plan` reads the data as `train` would (its tokenizer, its train split), times a few optimizer steps of
+shapes on a ladder (LADDER: depth and width growing together) on this device, smallest first, and
+chooses for M minutes of training:
+
+- tokens: what the time allows at each shape's measured speed (D = tokens/s x 60 x M), but at most
+  MAX_EPOCHS passes over the training text: Muennighoff et al. (2023, Scaling Data-Constrained Language
+  Models) found up to about 4 epochs nearly as good as new text. When that cap binds, the run is
+  shorter than M minutes: the text is the limit.
+- the model: compute-optimal for those tokens, about TOKENS_PER_PARAM tokens per parameter (Hoffmann et
+  al. 2022, Training Compute-Optimal Large Language Models): the largest shape with D >= 20 N.
+- the batch: the largest of BATCH_SIZES that leaves MIN_STEPS optimizer steps (warmup and decay need
+  steps), so tokens per step grow with the run; the context grows with the width (CONTEXTS) but stays
+  within what the text fills.
+- learning rates: the recipe's, AdamW's scaled down for models wider than the recipe's preset (scaled_lr).
+
+`train --minutes` takes that choice when nothing names the model's shape (`planned_settings`, a layer of
+training.config.resolve_train_config), and in any case times its own model before training (`plan_steps`),
+so that --max-steps, and with it the schedule, fits the minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .. import distributed as dist
+from ..config import ConfigError, build, check_choice, check_range, opt
+from ..data import (
+    DataConfig,
+    DataError,
+    data_defaults,
+    document_eot,
+    find_text_files,
+    prepared_dir,
+    read_manifest,
+    read_texts,
+    split_tokens,
+    tokenize_documents,
+)
+from ..devices import DEVICES, device_opt, pick_device
+from ..models import build as build_model
+from ..models import get_spec
+from ..perf import device_name, keep_freed_cpu_memory
+from ..runs.metrics import human
+from ..tokenizer import Tokenizer, get_tokenizer, train_bpe
+from .config import DEFAULT_CORPUS_RUN, RunConfig, TrainConfig
+from .optim import check_optimizer
+from .recipes import RECIPES, get_recipe
+from .state import TrainData, training_text
+from .step import RandomSteps, time_steps
+
+TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training sees about 20 tokens per parameter
+MAX_EPOCHS = 4  # Muennighoff et al. 2023: up to about 4 passes over the text are nearly as good as new text
+# (n_layers, emb_dim), about twice the parameters per rung (0.14M to 205M with a 4,096-id vocabulary): 32 wide per
+# layer up to 8 layers, then wider; heads 32 wide, 64 from WIDE_HEADS on
+LADDER = ((1, 32), (2, 64), (3, 96), (4, 128), (5, 160), (6, 192), (8, 256), (8, 384), (8, 512), (10, 640),
+          (12, 768), (16, 1024))
+WIDE_HEADS = 384
+CONTEXTS = ((192, 128), (384, 256), (640, 512), (1024, 1024))  # (up to this emb_dim, this context length)
+MIN_CONTEXT = 16
+MIN_WINDOWS = 64  # the context is halved until the training tokens fill this many windows
+BATCH_SIZES = (4, 8, 16, 32, 64)
+MIN_STEPS = 300  # the largest batch that still gives this many optimizer steps (else the smallest)
+MEASURE_BATCH = 8  # windows per step when a shape's speed is measured
+MEASURE_STEPS, MEASURE_WARMUP = 3, 1  # per shape; the median counts
+CALIBRATION_STEPS, CALIBRATION_WARMUP = 5, 1  # train --minutes, on the run's own model
+# recipes whose plan trains a byte-level BPE of this many ids on the training text, as the default run does
+# (the others count with GPT-2's tokenizer, as `train --recipe` does)
+TOKENIZER_VOCAB = {"modern": DEFAULT_CORPUS_RUN["tokenizer_vocab"]}
+
+
+@dataclass
+class PlanConfig:
+    """What `gptforge plan` plans for: the time, the recipe, the tokenizer and split, the device."""
+
+    minutes: float | None = opt(None, "Minutes of training to plan for (optimizer steps; start-up and evaluations "
+                                      "not counted). Required.")
+    recipe: str = opt("modern", "The recipe (training/recipes.py) whose model family, optimizer and learning rates "
+                                "the plan uses: book, nanogpt or modern.", choices=tuple(RECIPES))
+    tokenizer: str | None = opt(None, "Tokenizer to count with, as train's --tokenizer (gpt2 or a tokenizer.json); "
+                                      "default: the recipe's (modern: a 4,096-id byte-level BPE trained on the "
+                                      "training text; book, nanogpt: gpt2), or a prepared DATA_DIR's own.")
+    tokenizer_vocab: int | None = opt(None, "Instead of --tokenizer: train a byte-level BPE of this many ids on the "
+                                            "training text, as train's --tokenizer-vocab.")
+    val_fraction: float = opt(0.1, "Share of the tokens held out for validation, as train's --val-fraction: the "
+                                   "plan counts the rest.")
+    device: str = device_opt()
+
+    def __post_init__(self) -> None:
+        if self.minutes is None:
+            raise ConfigError("give --minutes M: the minutes of training to plan for")
+        check_range("minutes", self.minutes, 0, above=True)
+        check_choice("recipe", self.recipe, tuple(RECIPES))
+        check_range("tokenizer_vocab", self.tokenizer_vocab, 257)
+        check_range("val_fraction", self.val_fraction, 0, 1, below=True)
+        if self.tokenizer is not None and self.tokenizer_vocab is not None:
+            raise ConfigError(f"--tokenizer {self.tokenizer} and --tokenizer-vocab {self.tokenizer_vocab} both "
+                              "choose the tokenizer; give only one")
+        check_choice("device", self.device, DEVICES)
+
+
+# ----------------------------------------------------------------------------- the ladder
+
+
+@dataclass
+class Candidate:
+    """One rung of the ladder, sized for the data.
+
+    `params` is `model.num_params()`: every distinct parameter, the token embedding (and a tied head) once,
+    as Hoffmann et al. count N (their 20 tokens per parameter are for the whole model; Kaplan et al. left the
+    embeddings out). With a small vocabulary's small models the embedding is a large share of N.
+    """
+
+    shape: dict  # the model flags of the rung: n_layers, emb_dim, n_heads (llama: n_kv_heads, head_dim, ...)
+    config: Any  # the whole model config: the recipe's settings, the shape, the context, the vocabulary
+    params: int
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+    def describe(self) -> str:
+        return f"{self.shape['n_layers']} x {self.shape['emb_dim']}"
+
+
+def ladder_shape(arch: str, n_layers: int, emb_dim: int) -> dict:
+    """A rung's model flags: heads 32 wide (64 from WIDE_HEADS); llama: half as many key/value heads (all of them
+    for an odd count) and a SwiGLU 3 x emb_dim wide in multiples of 32, as the llama-mini preset (4 x 128, 4/2
+    heads, 384)."""
+    head_dim = 64 if emb_dim >= WIDE_HEADS else 32
+    n_heads = emb_dim // head_dim
+    if arch != "llama":
+        return dict(n_layers=n_layers, emb_dim=emb_dim, n_heads=n_heads)
+    return dict(n_layers=n_layers, emb_dim=emb_dim, n_heads=n_heads,
+                n_kv_heads=n_heads // 2 if n_heads % 2 == 0 else n_heads, head_dim=head_dim,
+                intermediate_size=32 * round(3 * emb_dim / 32))
+
+
+def context_for(emb_dim: int, data_tokens: int) -> int:
+    """The context length for a width (CONTEXTS), halved until the training tokens fill MIN_WINDOWS windows."""
+    context = next((c for width, c in CONTEXTS if emb_dim <= width), CONTEXTS[-1][1])
+    while context > MIN_CONTEXT and context * MIN_WINDOWS > data_tokens:
+        context //= 2
+    return context
+
+
+def count_params(model_cfg) -> int:
+    """model.num_params() of a model built on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        return build_model(model_cfg).num_params()
+
+
+def candidates(arch: str, base: dict, vocab_size: int, data_tokens: int) -> list[Candidate]:
+    """The ladder for a family and data: `base` holds the recipe's model settings (qk_norm, tie_weights, ...)."""
+    if data_tokens < MIN_WINDOWS * MIN_CONTEXT:
+        raise DataError(f"the training text has {data_tokens:,} tokens, too few to plan a run (at least "
+                          f"{MIN_WINDOWS * MIN_CONTEXT:,}: {MIN_WINDOWS} windows of {MIN_CONTEXT}); give more text")
+    spec = get_spec(arch)
+    out = []
+    for n_layers, emb_dim in LADDER:
+        shape = ladder_shape(arch, n_layers, emb_dim)
+        config = build(spec.config_class, base, shape,
+                       {"vocab_size": vocab_size, "context_length": context_for(emb_dim, data_tokens)})
+        out.append(Candidate(shape, config, count_params(config)))
+    return out
+
+
+# ----------------------------------------------------------------------------- the choice
+
+
+def run_tokens(tokens_per_s: float, minutes: float, data_tokens: int, world: int = 1) -> int:
+    """The training tokens `minutes` allow at that speed (per process, `world` processes), at most MAX_EPOCHS
+    passes over the data."""
+    return int(min(tokens_per_s * world * 60 * minutes, MAX_EPOCHS * data_tokens))
+
+
+def fits(params: int, tokens_per_s: float, minutes: float, data_tokens: int, world: int = 1) -> bool:
+    """Whether a model of `params` parameters gets TOKENS_PER_PARAM tokens each."""
+    return run_tokens(tokens_per_s, minutes, data_tokens, world) >= TOKENS_PER_PARAM * params
+
+
+@dataclass
+class Row:
+    """One measured candidate: its speed, the tokens the time gives it (capped), and whether it is small enough."""
+
+    candidate: Candidate
+    tokens_per_s: float
+    tokens: int
+    fits: bool
+
+
+@dataclass
+class Plan:
+    """What `plan` chose: rows[chosen]'s shape, with its batch, context, steps, tokens, lr and estimated minutes."""
+
+    data_tokens: int
+    rows: list[Row]
+    chosen: int
+    batch_size: int
+    steps: int
+    tokens: int
+    lr: float
+    minutes: float  # estimated training minutes of the chosen plan
+    capped: bool  # MAX_EPOCHS passes over the text end the run before the minutes do
+    world: int = 1
+    data_settings: dict = field(default_factory=dict)  # the tokenizer the plan chose (and a run must use)
+
+    @property
+    def candidate(self) -> Candidate:
+        return self.rows[self.chosen].candidate
+
+    @property
+    def context_length(self) -> int:
+        return self.candidate.context_length
+
+    @property
+    def epochs(self) -> float:
+        return self.tokens / self.data_tokens
+
+    def summary(self, device: str) -> dict:
+        """The JSON line `gptforge plan` prints last."""
+        return {"data_tokens": self.data_tokens, "params": self.candidate.params, "shape": dict(self.candidate.shape),
+                "batch_size": self.batch_size, "context_length": self.context_length, "steps": self.steps,
+                "tokens": self.tokens, "epochs": round(self.epochs, 3), "lr": self.lr,
+                "minutes": round(self.minutes, 3), "device": device}
+
+    def settings(self) -> dict:
+        """The run settings the plan chose (train --minutes' layer): max_tokens caps the run at MAX_EPOCHS."""
+        return {**self.candidate.shape, "context_length": self.context_length, "batch_size": self.batch_size,
+                "lr": self.lr, "max_tokens": MAX_EPOCHS * self.data_tokens, **self.data_settings}
+
+
+def scaled_lr(lr: float, width: int, base_width: int) -> float:
+    """AdamW's learning rate for a model `width` wide, from one tuned at `base_width` (the recipe's preset): times
+    sqrt(base_width / width) for wider models, as nanochat scales its embedding's and head's AdamW lr (by
+    (d_model / 768) ** -0.5); narrower ones keep it (no extrapolation past what the recipe was tuned at).
+    Muon's lr stays the recipe's: its orthogonalised updates have a size set by the lr, not by the width."""
+    return float(f"{lr * min(1.0, math.sqrt(base_width / width)):.3g}")
+
+
+def batch_size_for(tokens: int, context_length: int, data_tokens: int, world: int = 1) -> int:
+    """The largest of BATCH_SIZES leaving MIN_STEPS steps of `tokens` (else the smallest), within one epoch's
+    windows."""
+    windows = max(1, (data_tokens - 1) // context_length // world)
+    sizes = [b for b in BATCH_SIZES if b <= windows] or [BATCH_SIZES[0]]
+    long_enough = [b for b in sizes if tokens // (b * context_length * world) >= MIN_STEPS]
+    return max(long_enough) if long_enough else sizes[0]
+
+
+def choose(data_tokens: int, minutes: float, speeds: Sequence[float], cands: Sequence[Candidate], lr: float,
+           base_width: int, world: int = 1) -> Plan:
+    """The plan, a pure function of the measured speeds (tokens/s per process of cands[i]; the first len(speeds)
+    candidates were measured): the largest candidate whose tokens reach TOKENS_PER_PARAM per parameter (none
+    does: the smallest), its batch, whole steps of it, and the learning rate for its width."""
+    assert speeds, "at least the smallest candidate is measured"
+    rows = [Row(c, s, run_tokens(s, minutes, data_tokens, world), fits(c.params, s, minutes, data_tokens, world))
+            for c, s in zip(cands, speeds)]
+    chosen = max((i for i, r in enumerate(rows) if r.fits), default=0)
+    row = rows[chosen]
+    context = row.candidate.context_length
+    batch = batch_size_for(row.tokens, context, data_tokens, world)
+    steps = max(1, row.tokens // (batch * context * world))
+    tokens = steps * batch * context * world
+    capped = MAX_EPOCHS * data_tokens < row.tokens_per_s * world * 60 * minutes
+    return Plan(data_tokens, rows, chosen, batch, steps, tokens,
+                scaled_lr(lr, row.candidate.shape["emb_dim"], base_width),
+                tokens / (row.tokens_per_s * world) / 60, capped, world)
+
+
+# ----------------------------------------------------------------------------- measuring and planning
+
+
+def measure_speeds(cands: Sequence[Candidate], t: TrainConfig, device: torch.device,
+                   small_enough: Callable[[Candidate, float], bool], eot_id: int | None = None,
+                   log=print) -> list[float]:
+    """Training tokens/s of each candidate, smallest first, from MEASURE_STEPS timed steps (the median, after
+    MEASURE_WARMUP) of `t`'s batch; stops after the first that is not `small_enough` at its speed (larger ones
+    are slower still) and skips those the text alone rules out (small_enough at any speed is False)."""
+    speeds: list[float] = []
+    for i, cand in enumerate(cands):
+        if i and not small_enough(cand, math.inf):
+            break
+        try:
+            seconds = statistics.median(time_steps(RandomSteps.setup(cand.config, t, device, eot_id),
+                                                   MEASURE_STEPS, MEASURE_WARMUP, device))
+        except torch.cuda.OutOfMemoryError:
+            log(f"plan: {cand.describe()} does not fit in the GPU's memory at batch {t.batch_size}")
+            break
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        speeds.append(t.batch_size * t.grad_accum * cand.context_length / seconds)
+        if not small_enough(cand, speeds[-1]):
+            break
+    return speeds
+
+
+def plan_tokenizer(inputs: list[str], values: dict) -> tuple[Tokenizer, DataConfig, dict]:
+    """The tokenizer a run with these settings counts with, its DataConfig, and the data settings the plan chose
+    ({"tokenizer_vocab": N} for a recipe in TOKENIZER_VOCAB on text whose tokenizer nothing named)."""
+    chosen = {}
+    if values.get("tokenizer_vocab") is None and "tokenizer" not in values and prepared_dir(inputs) is None \
+            and (vocab := TOKENIZER_VOCAB.get(values.get("recipe"))):
+        chosen["tokenizer_vocab"] = vocab
+    settings = {**values, **chosen}
+    follow = data_defaults(inputs, settings)  # its checks; a prepared directory's tokenizer
+    data = build(DataConfig, follow, settings)
+    if data.tokenizer_vocab is not None:
+        return train_bpe(training_text(read_texts(inputs), data.val_fraction), data.tokenizer_vocab), data, chosen
+    return get_tokenizer(data.tokenizer), data, chosen
+
+
+def training_tokens(inputs: list[str], tokenizer: Tokenizer, val_fraction: float) -> int:
+    """The tokens of the train split: a prepared directory's manifest count, or text tokenized and split as train
+    does."""
+    if (data_dir := prepared_dir(inputs)) is not None:
+        return read_manifest(data_dir)["splits"]["train"]["tokens"]
+    return len(split_tokens(tokenize_documents(read_texts(inputs), tokenizer), val_fraction)[0])
+
+
+def make_plan(inputs: list[str], values: dict, minutes: float, device: torch.device, log=print) -> Plan:
+    """The plan for a run of these settings (a flat dict of any section's: arch, recipe, preset, the tokenizer,
+    val_fraction, optimizer and learning rates, precision, ...) on `inputs` for `minutes` on `device`."""
+    if prepared_dir(inputs) is None:
+        find_text_files(inputs)  # a missing file is an error now, before a tokenizer is trained or a step timed
+    spec = get_spec(values["arch"])
+    # compiling would take longer than the few steps it speeds up (a --compile run's own steps are timed compiled)
+    t = build(TrainConfig, values, {"batch_size": MEASURE_BATCH, "grad_accum": 1, "compile": False})
+    check_optimizer(t.optimizer)
+    tokenizer, data, chosen = plan_tokenizer(inputs, values)
+    data_tokens = training_tokens(inputs, tokenizer, data.val_fraction)
+    vocab = values.get("vocab_size") or data.tokenizer_vocab or tokenizer.vocab_size
+    preset = spec.presets.get(values.get("preset") or spec.default_preset, {})
+    cands = candidates(spec.arch, {**preset, **values}, vocab, data_tokens)
+    world = dist.world_size()
+    eot_id = document_eot(tokenizer, "document_mask") if data.document_mask else None
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # as train() does: steps at their steady speed
+    log(f"plan: {human(data_tokens)} training tokens ({tokenizer_name(data, tokenizer)}), {in_minutes(minutes)} on "
+        f"{device_name(device)}" + (f" x {world} processes" if world > 1 else "") + "; timing shapes ...")
+    speeds = measure_speeds(cands, t, device, lambda c, s: fits(c.params, s, minutes, data_tokens, world), eot_id,
+                            log)
+    base_width = build(spec.config_class, preset).emb_dim
+    plan = choose(data_tokens, minutes, speeds, cands, t.lr, base_width, world)
+    return replace(plan, data_settings=chosen)
+
+
+def in_minutes(minutes: float) -> str:
+    return f"{minutes:g} minute{'' if minutes == 1 else 's'}"
+
+
+def tokenizer_name(data: DataConfig, tokenizer: Tokenizer) -> str:
+    if data.tokenizer_vocab is not None:
+        return f"a {data.tokenizer_vocab:,}-id byte-level BPE trained on the training text"
+    return f"tokenizer {tokenizer.name}"
+
+
+# ----------------------------------------------------------------------------- what the plan prints
+
+
+def plan_table(plan: Plan) -> list[str]:
+    """The candidates measured, one line each, the chosen one marked."""
+    lines = [f"  {'shape':<9} {'heads':>6} {'context':>7} {'params':>8} {'tokens/s':>10} {'tokens':>8} "
+             f"{'epochs':>7} {'minutes':>8}"]
+    for i, r in enumerate(plan.rows):
+        c = r.candidate
+        heads = f"{c.shape['n_heads']}/{c.shape.get('n_kv_heads', c.shape['n_heads'])}"
+        mark = "  <- chosen" if i == plan.chosen else ("" if r.fits else
+                                                       f"  too big: {TOKENS_PER_PARAM} x params = "
+                                                       f"{human(TOKENS_PER_PARAM * c.params)} tokens")
+        minutes = r.tokens / (r.tokens_per_s * plan.world) / 60
+        lines.append(f"  {c.describe():<9} {heads:>6} {c.context_length:>7} {human(c.params):>8} "
+                     f"{r.tokens_per_s:>10,.0f} {human(r.tokens):>8} {r.tokens / plan.data_tokens:>7.2f} "
+                     f"{minutes:>8.2f}{mark}")
+    return lines
+
+
+def describe_plan(plan: Plan, minutes: float) -> str:
+    c = plan.candidate
+    text = (f"plan: {c.describe()} ({human(c.params)} parameters), batch {plan.batch_size} x {plan.context_length}, "
+            f"{plan.steps:,} steps = {human(plan.tokens)} tokens ({plan.epochs:.2f} epochs, "
+            f"{plan.tokens / c.params:.2g} per parameter), lr {plan.lr:g}, about {plan.minutes:.2f} minutes")
+    if plan.capped:
+        text += (f"; {MAX_EPOCHS} passes over the text end the run before {in_minutes(minutes)} do: the text is the "
+                 "limit, more text would help")
+    elif not plan.rows[plan.chosen].fits:
+        text += (f"; even the smallest shape gets fewer than {TOKENS_PER_PARAM} tokens per parameter in "
+                 f"{in_minutes(minutes)}: more time would help")
+    return text
+
+
+def train_command(inputs: list[str], values: dict, plan: Plan) -> str:
+    """The `gptforge train` command that trains the plan."""
+    flags = {"recipe": values["recipe"], **plan.data_settings}
+    for k in ("tokenizer", "tokenizer_vocab"):
+        if values.get(k) is not None:
+            flags[k] = values[k]
+    if values.get("val_fraction", 0.1) != 0.1:
+        flags["val_fraction"] = values["val_fraction"]
+    if values.get("device", "auto") != "auto":
+        flags["device"] = values["device"]
+    flags.update(plan.candidate.shape, context_length=plan.context_length, batch_size=plan.batch_size,
+                 max_steps=plan.steps, lr=plan.lr)
+    if values.get("optimizer") == "muon":
+        flags["muon_lr"] = values.get("muon_lr", TrainConfig.muon_lr)
+    return shlex.join(["gptforge", "train", *inputs, *(s for k, v in flags.items()
+                                                      for s in ("--" + k.replace("_", "-"), str(v)))])
+
+
+def plan_values(inputs: list[str], cfg: PlanConfig) -> dict:
+    """The settings `train --recipe R` would start from on these inputs (as resolve_train_config layers them:
+    the default corpus's run below the recipe), with the plan's tokenizer and split flags."""
+    recipe = get_recipe(cfg.recipe)
+    values = {**({} if inputs else DEFAULT_CORPUS_RUN), **recipe, "recipe": cfg.recipe,
+              "val_fraction": cfg.val_fraction, "device": cfg.device}
+    if cfg.tokenizer is not None:
+        values.update(tokenizer=cfg.tokenizer, tokenizer_vocab=None)
+    if cfg.tokenizer_vocab is not None:
+        values["tokenizer_vocab"] = cfg.tokenizer_vocab
+    return values
+
+
+def plan_run(data: Sequence[str], cfg: PlanConfig, log=print) -> dict:
+    """`gptforge plan`: the candidates' table, the chosen plan, the train command and, last, the JSON line."""
+    inputs = [str(p) for p in data]
+    device = pick_device(cfg.device)
+    values = plan_values(inputs, cfg)
+    plan = make_plan(inputs, values, cfg.minutes, device, log)
+    for line in plan_table(plan):
+        log(line)
+    log(describe_plan(plan, cfg.minutes))
+    log("train it: " + train_command(inputs, values, plan))
+    log(f"    (or: {shlex.join(['gptforge', 'train', *inputs, '--recipe', cfg.recipe])} --minutes {cfg.minutes:g}, "
+        "which plans the same way and times its own steps)")
+    result = plan.summary(device_name(device))
+    log(json.dumps(result))
+    return result
+
+
+# ----------------------------------------------------------------------------- train --minutes
+
+
+def planned_settings(inputs: list[str], values: dict, log=print) -> dict:
+    """The layer `train --minutes` takes from the plan when nothing names the model's shape (Plan.settings: shape,
+    context, batch, AdamW lr, the MAX_EPOCHS cap as max_tokens, a trained tokenizer's vocabulary). `values` are
+    the run's settings below the plan and above it (resolve_train_config's). Under torchrun rank 0 plans (the
+    process group is joined here) and every rank gets the same layer."""
+    device = dist.setup(pick_device(values.get("device", "auto")))
+
+    def make() -> dict:
+        plan = make_plan(inputs, values, values["minutes"], device, log)
+        for line in plan_table(plan):
+            log(line)
+        log(describe_plan(plan, values["minutes"]))
+        return plan.settings()
+
+    return dist.from_main(make)
+
+
+def seconds_per_step(cfg: RunConfig, eot_id: int | None, device: torch.device) -> float:
+    """The median seconds of CALIBRATION_STEPS optimizer steps (after CALIBRATION_WARMUP) of a throwaway model of
+    the run's config and settings, on random tokens; the random number generators are left as they were."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        step = RandomSteps.setup(cfg.model, cfg.train, device, eot_id)
+        seconds = statistics.median(time_steps(step, CALIBRATION_STEPS, CALIBRATION_WARMUP, device))
+    del step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def plan_steps(cfg: RunConfig, data: TrainData, device: torch.device, log=print) -> None:
+    """--minutes: set cfg.train.max_steps to the optimizer steps that fit in that many minutes (rank 0 times them,
+    every rank gets its number), at most the plan's max_tokens cap (set when the plan chose the shape: MAX_EPOCHS
+    passes over the text), so the schedule is planned for exactly those steps. train() calls it for a new run."""
+    t = cfg.train
+    seconds = dist.from_main(lambda: seconds_per_step(cfg, data.eot_id, device))
+    steps = max(1, int(t.minutes * 60 / seconds))
+    note = ""
+    if t.max_tokens is not None:
+        cap = -(-t.max_tokens // (t.batch_size * t.grad_accum * cfg.model.context_length * dist.world_size()))
+        if cap < steps:
+            steps, note = cap, (f"; {MAX_EPOCHS} passes over the training text end it after {cap * seconds / 60:.2f} "
+                                "minutes: the text is the limit, more text would help")
+    t.max_steps, t.max_tokens = steps, None
+    log(f"minutes: {seconds * 1000:.1f} ms per step (median of {CALIBRATION_STEPS}) -> {steps:,} steps in "
+        f"{in_minutes(t.minutes)}{note}")
+
