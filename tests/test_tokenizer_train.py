@@ -106,7 +106,10 @@ def test_tokenizer_travels_from_training_to_data_to_checkpoint(tmp_path, corpus_
     code, out, err = run(["prepare", str(corpus), "--out", str(tmp_path / "gpt2data"), "--no-progress"], capsys)
     assert code == 0, err
     code, out, err = run(["eval", str(tmp_path / "run"), str(tmp_path / "gpt2data"), "--device", "cpu"], capsys)
-    assert code == 1 and err.count("\n") == 1 and "was tokenized with gpt2" in err and tok.name in err
+    *note, error = err.strip().splitlines()  # the checkpoint the run directory means, then the one error line
+    assert note == [f"gptforge: using {tmp_path / 'run/checkpoints/step-00000002'}: best val loss {meta_best(tmp_path)}"
+                    " at step 2; newest is step 2"]
+    assert code == 1 and "was tokenized with gpt2" in error and tok.name in error and "Traceback" not in err
     code, out, err = run(args[:1] + [str(tmp_path / "gpt2data"), "--out", str(tmp_path / "run2"), "--tokenizer",
                                      str(tmp_path / "data")] + args[4:], capsys)
     assert code == 1 and "was tokenized with gpt2" in err
@@ -140,3 +143,7 @@ def test_out_is_checked_before_training_and_kept_without_overwrite(tmp_path, cor
     code, out, err = run(args[:4] + ["400", "--out", str(tmp_path / "tok"), "--overwrite"], capsys)
     assert code == 0 and trained, err
     assert get_tokenizer(str(tmp_path / "tok")).vocab_size == 400
+
+
+def meta_best(tmp_path) -> str:
+    return f"{json.loads((tmp_path / 'run/best.json').read_text())['val_loss']:.4f}"
