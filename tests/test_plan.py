@@ -65,29 +65,60 @@ def test_the_choice_is_deterministic_given_the_speeds():
     assert a.summary("dev") == b.summary("dev") and set(a.summary("dev")) == JSON_KEYS
 
 
+def test_tokens_per_parameter_grow_from_the_measured_small_runs_to_chinchillas_twenty():
+    (small_tokens, small), (large_tokens, large) = plan.TOKENS_PER_PARAM
+    assert large == 20 and small < 5  # Hoffmann et al.'s ratio at scale; far fewer in minutes on a CPU
+    assert plan.tokens_per_param(small_tokens / 10) == pytest.approx(small)
+    assert plan.tokens_per_param(large_tokens * 10) == pytest.approx(large)
+    middle = (small_tokens * large_tokens) ** 0.5  # log-log: the geometric means meet
+    assert plan.tokens_per_param(middle) == pytest.approx((small * large) ** 0.5)
+    ratios = [plan.tokens_per_param(10.0**k) for k in range(3, 12)]
+    assert ratios == sorted(ratios)
+
+
 @pytest.mark.parametrize("minutes", [0.5, 1, 5, 30, 300])
-def test_twenty_tokens_per_parameter_picks_the_largest_candidate_that_gets_them(minutes):
+def test_the_largest_candidate_that_gets_its_tokens_per_parameter_is_chosen(minutes):
     cands = ladder()
     speeds = by_size(cands)
     p = pick(minutes, speeds, cands)
-    fitting = [i for i, (c, s) in enumerate(zip(cands, speeds)) if s * 60 * minutes >= 20 * c.params]
+
+    def enough(c, s):  # the ratio a run of that many tokens calls for, on the blocks' parameters
+        tokens = s * 60 * minutes
+        return tokens >= plan.tokens_per_param(tokens) * c.block_params
+
+    fitting = [i for i, (c, s) in enumerate(zip(cands, speeds)) if enough(c, s)]
     assert p.chosen == max(fitting)
-    assert p.rows[p.chosen].tokens >= plan.TOKENS_PER_PARAM * p.candidate.params
-    if p.chosen + 1 < len(cands):  # the next one up would get fewer than 20 tokens per parameter
-        assert speeds[p.chosen + 1] * 60 * minutes < 20 * cands[p.chosen + 1].params
+    if p.chosen + 1 < len(cands):  # the next one up would get too few
+        assert not enough(cands[p.chosen + 1], speeds[p.chosen + 1])
     assert p.steps * p.batch_size * p.context_length == p.tokens <= p.rows[p.chosen].tokens
     assert p.minutes <= minutes and not p.capped
 
 
-def test_the_epoch_cap_binds_on_a_small_text():
+def test_parameters_are_counted_in_the_blocks():
+    rung = ladder()[0]  # 1 x 32 with 4,096 ids: the embedding is most of the model, none of its blocks
+    assert rung.params - rung.block_params >= 4096 * 32 and rung.block_params < 0.2 * rung.params
+
+
+@pytest.mark.parametrize("minutes", [1, 10, 1000])
+def test_on_a_small_text_the_largest_model_that_passes_over_it_epochs_times_in_the_time(minutes):
     data_tokens = 60_000
     cands = ladder(data_tokens)
-    p = pick(10, by_size(cands), cands, data_tokens)
-    assert p.capped and p.epochs <= plan.MAX_EPOCHS and p.tokens <= plan.MAX_EPOCHS * data_tokens
-    assert p.minutes < 10  # the text, not the time, ends the run
-    assert p.chosen == 0  # 240K tokens give no rung 20 tokens per parameter: the smallest
-    line = plan.describe_plan(p, 10)
-    assert "the text is the limit" in line
+    speeds = by_size(cands)
+    p = pick(minutes, speeds, cands, data_tokens)
+    assert p.capped and p.epochs == pytest.approx(plan.EPOCHS, rel=0.02) and p.epochs <= plan.EPOCHS
+    assert p.minutes < minutes  # the text, not the time, ends the run
+    chosen = p.rows[p.chosen]
+    assert chosen.tokens >= plan.EPOCHS * data_tokens  # it can pass over the text EPOCHS times in the time
+    assert p.candidate.block_params <= plan.MAX_PARAMS_PER_TEXT_TOKEN * data_tokens
+    if p.chosen + 1 < len(p.rows):  # and the next one up cannot, or is too big for the text
+        assert not p.rows[p.chosen + 1].fits_text
+    assert "the text is the limit" in plan.describe_plan(p, minutes)
+
+
+def test_on_plenty_of_text_the_time_is_the_limit():
+    cands = ladder()
+    p = pick(1, by_size(cands), cands)
+    assert not p.capped and p.epochs < plan.EPOCHS and p.minutes == pytest.approx(1, rel=0.02)
 
 
 def test_a_bigger_budget_never_picks_a_smaller_model():
@@ -123,16 +154,16 @@ def test_measuring_stops_after_the_first_shape_that_is_too_big(monkeypatch):
     cands = ladder(data_tokens=LOTS)
     built = []
     monkeypatch.setattr(plan.RandomSteps, "setup", lambda cfg, *a, **k: built.append(cfg) or cfg)
-    monkeypatch.setattr(plan, "time_steps", lambda cfg, *a, **k: [plan.count_params(cfg) * 1e-9] * 3)
+    monkeypatch.setattr(plan, "time_steps", lambda cfg, *a, **k: [plan.count_params(cfg)[0] * 1e-9] * 3)
     t = plan.build(plan.TrainConfig, {"batch_size": 8})
-    small_enough = lambda c, s: plan.fits(c.params, s, 1, LOTS)  # noqa: E731
+    small_enough = lambda c, s: plan.worth_measuring(c.block_params, plan.run_tokens(s, 1), LOTS)  # noqa: E731
     speeds = plan.measure_speeds(cands, t, torch.device("cpu"), small_enough, log=lambda *_: None)
     assert len(speeds) == len(built) < len(cands)
     assert all(small_enough(c, s) for c, s in zip(cands, speeds[:-1])) and not small_enough(cands[len(speeds) - 1],
                                                                                               speeds[-1])
-    built.clear()  # a text too small for every rung but the first: only the first is timed
-    speeds = plan.measure_speeds(cands, t, torch.device("cpu"), lambda c, s: plan.fits(c.params, s, 1, 1000),
-                                 log=lambda *_: None)
+    built.clear()  # a time too short for every rung: only the first is timed
+    speeds = plan.measure_speeds(cands, t, torch.device("cpu"), lambda c, s: plan.worth_measuring(
+        c.block_params, plan.run_tokens(s, 1e-6), LOTS), log=lambda *_: None)
     assert len(speeds) == len(built) == 1
 
 
@@ -168,7 +199,7 @@ def test_plan_prints_a_table_a_train_command_and_a_json_line(text_file, capsys, 
                         ("--lr", result["lr"])):
         assert f" {flag} {value}" in command, flag
     assert result["tokens"] == result["steps"] * result["batch_size"] * result["context_length"]
-    assert result["epochs"] <= plan.MAX_EPOCHS and result["device"].startswith("cpu")
+    assert result["epochs"] <= plan.EPOCHS and result["device"].startswith("cpu")
     assert fake_speeds[0][0].config.vocab_size == 300
 
 

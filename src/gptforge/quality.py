@@ -25,7 +25,7 @@ from .config import ConfigError, check_choice, check_range, opt
 from .data import default_documents, read_texts
 from .devices import DEVICES, device_opt, pick_device
 from .evaluate import EvalConfig, evaluate_text
-from .models import build, spec_for
+from .models import block_params, build
 from .perf import device_name
 from .tokenizer import train_bpe
 from .training import train
@@ -109,11 +109,6 @@ def matched_llama_shape(emb_dim: int, head_dim: int) -> dict:
     width I with 3 C I = 8 C^2, so I = 8C/3 (rounded to a multiple of 8; the rest of a per cent off)."""
     return dict(n_heads=emb_dim // head_dim, n_kv_heads=emb_dim // head_dim, head_dim=head_dim,
                 intermediate_size=8 * round(emb_dim / 3))
-
-
-def block_params(model) -> int:
-    """Parameters in the model's transformer blocks."""
-    return sum(p.numel() for block in spec_for(model.cfg).blocks(model) for p in block.parameters())
 
 
 def run_flags(q: QualityConfig, recipe: dict, run_dir: Path, tokenizer: str | None, steps: int) -> dict:

@@ -135,6 +135,12 @@ def check_settings(spec: ModelSpec, values: dict, where: str) -> None:
                               f"{spec.arch}; add --arch {f.metadata['archs'][0]} or drop {flag}")
 
 
+def block_params(model: nn.Module) -> int:
+    """Parameters in the model's transformer blocks: Kaplan et al.'s non-embedding count (no embedding, head or
+    final norm), what model size means in scaling laws of small models."""
+    return sum(p.numel() for block in spec_for(model.cfg).blocks(model) for p in block.parameters())
+
+
 def max_positions(cfg: Any) -> int | None:
     """The longest sequence a model of cfg can read: context_length with learned positions, else no limit (None)."""
     return cfg.context_length if spec_for(cfg).learned_positions else None

@@ -4,14 +4,16 @@
 shapes on a ladder (LADDER: depth and width growing together) on this device, smallest first, and
 chooses for M minutes of training:
 
-- tokens: what the time allows at each shape's measured speed (D = tokens/s x 60 x M), but at most
-  MAX_EPOCHS passes over the training text: Muennighoff et al. (2023, Scaling Data-Constrained Language
-  Models) found up to about 4 epochs nearly as good as new text. When that cap binds, the run is
-  shorter than M minutes: the text is the limit.
-- the model: compute-optimal for those tokens, about TOKENS_PER_PARAM tokens per parameter (Hoffmann et
-  al. 2022, Training Compute-Optimal Large Language Models): the largest shape with D >= 20 N.
-- the batch: the largest of BATCH_SIZES that leaves MIN_STEPS optimizer steps (warmup and decay need
-  steps), so tokens per step grow with the run; the context grows with the width (CONTEXTS) but stays
+- while the time is the limit: the largest shape whose tokens in the time (D = tokens/s x 60 x M) reach
+  the tokens per block parameter (N) a run of D tokens calls for (TOKENS_PER_PARAM: Hoffmann et al.
+  2022's compute-optimal 20 at a billion tokens and more, far fewer in the minutes-on-a-CPU runs measured
+  here, a line in log-log between), trained for the whole time;
+- when that shape would pass over the training text more than EPOCHS times, the text is the limit
+  (Muennighoff et al. 2023, Scaling Data-Constrained Language Models: a few passes are nearly as good as
+  new text, many are not): the largest shape that can pass over it EPOCHS times in the time (bigger models
+  learn more from the same text), for those passes; the run is shorter than M minutes and says so.
+- the batch: the recipe's 8, or the largest of BATCH_SIZES that leaves MIN_STEPS optimizer steps, so
+  tokens per step grow with long runs; the context grows with the width (CONTEXTS) but stays
   within what the text fills.
 - learning rates: the recipe's, AdamW's scaled down for models wider than the recipe's preset (scaled_lr).
 
@@ -48,7 +50,7 @@ from ..data import (
 )
 from ..devices import DEVICES, device_opt, pick_device
 from ..models import build as build_model
-from ..models import get_spec
+from ..models import block_params, get_spec
 from ..perf import device_name, keep_freed_cpu_memory
 from ..runs.metrics import human
 from ..tokenizer import Tokenizer, get_tokenizer, train_bpe
@@ -58,8 +60,21 @@ from .recipes import RECIPES, get_recipe
 from .state import TrainData, training_text
 from .step import RandomSteps, time_steps
 
-TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training sees about 20 tokens per parameter
-MAX_EPOCHS = 4  # Muennighoff et al. 2023: up to about 4 passes over the text are nearly as good as new text
+# Tokens per block parameter that a run of so many tokens gives its model: (tokens, ratio) points, a straight line
+# between them in log-log and flat outside. Hoffmann et al. 2022 (Chinchilla): about 20 at the scale they fitted
+# (a billion tokens and more); measured here with benchmarks/plan_quality.py: the best shape of a minute on a CPU
+# with plenty of text (~1M tokens) saw about 2.6, as small models far from convergence learn more per token when
+# larger (2, a little under it, so that a noisy timing does not tip the choice to the next shape down). Kaplan et
+# al. 2020 found the ratio growing with compute too.
+TOKENS_PER_PARAM = ((1e6, 2.0), (1e9, 20.0))
+# When the model the time calls for would pass over the text more than EPOCHS times, the text is the limit: the plan
+# trains the largest model that can pass over it EPOCHS times in the time (at most MAX_PARAMS_PER_TEXT_TOKEN block
+# parameters per token of text), for those passes. Muennighoff et al. 2023: a few passes are nearly as good as
+# new text; measured here (benchmarks/plan_quality.py): on a 93K-token text the best shape had 18 block
+# parameters per token of it and was best after 2.4 passes with the decay at the end; larger ones did worse (to
+# 68 per token), and every shape overfitted past ~4-5 passes.
+EPOCHS = 3
+MAX_PARAMS_PER_TEXT_TOKEN = 20
 # (n_layers, emb_dim), about twice the parameters per rung (0.14M to 205M with a 4,096-id vocabulary): 32 wide per
 # layer up to 8 layers, then wider; heads 32 wide, 64 from WIDE_HEADS on
 LADDER = ((1, 32), (2, 64), (3, 96), (4, 128), (5, 160), (6, 192), (8, 256), (8, 384), (8, 512), (10, 640),
@@ -68,10 +83,12 @@ WIDE_HEADS = 384
 CONTEXTS = ((192, 128), (384, 256), (640, 512), (1024, 1024))  # (up to this emb_dim, this context length)
 MIN_CONTEXT = 16
 MIN_WINDOWS = 64  # the context is halved until the training tokens fill this many windows
-BATCH_SIZES = (4, 8, 16, 32, 64)
-MIN_STEPS = 300  # the largest batch that still gives this many optimizer steps (else the smallest)
+# the recipe's batch of 8 windows (what the speeds are measured at) unless a run has tokens for MIN_STEPS steps of a
+# larger one: small models learn more per token from small batches, long runs go faster with large ones
+BATCH_SIZES = (8, 16, 32, 64)
+MIN_STEPS = 1000  # the largest batch that still gives this many optimizer steps (else the smallest)
 MEASURE_BATCH = 8  # windows per step when a shape's speed is measured
-MEASURE_STEPS, MEASURE_WARMUP = 3, 1  # per shape; the median counts
+MEASURE_STEPS, MEASURE_WARMUP = 5, 1  # per shape; the median counts
 CALIBRATION_STEPS, CALIBRATION_WARMUP = 5, 1  # train --minutes, on the run's own model
 # recipes whose plan trains a byte-level BPE of this many ids on the training text, as the default run does
 # (the others count with GPT-2's tokenizer, as `train --recipe` does)
@@ -115,14 +132,16 @@ class PlanConfig:
 class Candidate:
     """One rung of the ladder, sized for the data.
 
-    `params` is `model.num_params()`: every distinct parameter, the token embedding (and a tied head) once,
-    as Hoffmann et al. count N (their 20 tokens per parameter are for the whole model; Kaplan et al. left the
-    embeddings out). With a small vocabulary's small models the embedding is a large share of N.
+    `params` is `model.num_params()` (what the plan prints); the choice sizes `block_params`, the transformer
+    blocks' parameters (Kaplan et al.'s non-embedding count): with a small model the token embedding is most of
+    `params` (4,096 x 32 of the 1 x 32 rung's 145K) but little of its compute or capacity, and its share
+    depends on the vocabulary; at Hoffmann et al.'s scale the two counts nearly agree.
     """
 
     shape: dict  # the model flags of the rung: n_layers, emb_dim, n_heads (llama: n_kv_heads, head_dim, ...)
     config: Any  # the whole model config: the recipe's settings, the shape, the context, the vocabulary
     params: int
+    block_params: int
 
     @property
     def context_length(self) -> int:
@@ -153,10 +172,12 @@ def context_for(emb_dim: int, data_tokens: int) -> int:
     return context
 
 
-def count_params(model_cfg) -> int:
-    """model.num_params() of a model built on the meta device (no memory, no initialisation)."""
+def count_params(model_cfg) -> tuple[int, int]:
+    """(model.num_params(), its block parameters) of a model built on the meta device (no memory, no
+    initialisation)."""
     with torch.device("meta"):
-        return build_model(model_cfg).num_params()
+        model = build_model(model_cfg)
+    return model.num_params(), block_params(model)
 
 
 def candidates(arch: str, base: dict, vocab_size: int, data_tokens: int) -> list[Candidate]:
@@ -170,32 +191,51 @@ def candidates(arch: str, base: dict, vocab_size: int, data_tokens: int) -> list
         shape = ladder_shape(arch, n_layers, emb_dim)
         config = build(spec.config_class, base, shape,
                        {"vocab_size": vocab_size, "context_length": context_for(emb_dim, data_tokens)})
-        out.append(Candidate(shape, config, count_params(config)))
+        out.append(Candidate(shape, config, *count_params(config)))
     return out
 
 
 # ----------------------------------------------------------------------------- the choice
 
 
-def run_tokens(tokens_per_s: float, minutes: float, data_tokens: int, world: int = 1) -> int:
-    """The training tokens `minutes` allow at that speed (per process, `world` processes), at most MAX_EPOCHS
-    passes over the data."""
-    return int(min(tokens_per_s * world * 60 * minutes, MAX_EPOCHS * data_tokens))
+def run_tokens(tokens_per_s: float, minutes: float, world: int = 1) -> int:
+    """The training tokens `minutes` allow at that speed (per process, `world` processes)."""
+    return int(tokens_per_s * world * 60 * minutes)
 
 
-def fits(params: int, tokens_per_s: float, minutes: float, data_tokens: int, world: int = 1) -> bool:
-    """Whether a model of `params` parameters gets TOKENS_PER_PARAM tokens each."""
-    return run_tokens(tokens_per_s, minutes, data_tokens, world) >= TOKENS_PER_PARAM * params
+def tokens_per_param(tokens: float) -> float:
+    """The tokens per block parameter a run of `tokens` tokens should give its model (TOKENS_PER_PARAM)."""
+    (t0, r0), (t1, r1) = TOKENS_PER_PARAM
+    x = min(max(math.log(tokens / t0) / math.log(t1 / t0), 0.0), 1.0) if tokens > 0 else 0.0
+    return math.exp(math.log(r0) + x * (math.log(r1) - math.log(r0)))
+
+
+def fits(params: int, tokens: int) -> bool:
+    """Whether a model of `params` block parameters gets the tokens per parameter a run of `tokens` calls for."""
+    return tokens >= tokens_per_param(tokens) * params
+
+
+def fits_text(params: int, tokens: int, data_tokens: int) -> bool:
+    """Whether a model of `params` block parameters passes EPOCHS times over the text in `tokens`, and is at most
+    MAX_PARAMS_PER_TEXT_TOKEN per token of it."""
+    return tokens >= EPOCHS * data_tokens and params <= MAX_PARAMS_PER_TEXT_TOKEN * data_tokens
+
+
+def worth_measuring(params: int, tokens: int, data_tokens: int) -> bool:
+    """Whether a candidate with `tokens` in the time could be chosen (a larger, slower one could not, if not)."""
+    return fits(params, tokens) or fits_text(params, tokens, data_tokens)
 
 
 @dataclass
 class Row:
-    """One measured candidate: its speed, the tokens the time gives it (capped), and whether it is small enough."""
+    """One measured candidate: its speed, the tokens the time gives it, whether that is enough for its size (`fits`),
+    and whether it could pass EPOCHS times over the text (`fits_text`)."""
 
     candidate: Candidate
     tokens_per_s: float
     tokens: int
     fits: bool
+    fits_text: bool
 
 
 @dataclass
@@ -210,7 +250,7 @@ class Plan:
     tokens: int
     lr: float
     minutes: float  # estimated training minutes of the chosen plan
-    capped: bool  # MAX_EPOCHS passes over the text end the run before the minutes do
+    capped: bool  # the text is the limit: EPOCHS passes over it end the run before the minutes do
     world: int = 1
     data_settings: dict = field(default_factory=dict)  # the tokenizer the plan chose (and a run must use)
 
@@ -234,9 +274,9 @@ class Plan:
                 "minutes": round(self.minutes, 3), "device": device}
 
     def settings(self) -> dict:
-        """The run settings the plan chose (train --minutes' layer): max_tokens caps the run at MAX_EPOCHS."""
+        """The run settings the plan chose (train --minutes' layer): max_tokens caps the run at EPOCHS passes."""
         return {**self.candidate.shape, "context_length": self.context_length, "batch_size": self.batch_size,
-                "lr": self.lr, "max_tokens": MAX_EPOCHS * self.data_tokens, **self.data_settings}
+                "lr": self.lr, "max_tokens": EPOCHS * self.data_tokens, **self.data_settings}
 
 
 def scaled_lr(lr: float, width: int, base_width: int) -> float:
@@ -259,18 +299,25 @@ def batch_size_for(tokens: int, context_length: int, data_tokens: int, world: in
 def choose(data_tokens: int, minutes: float, speeds: Sequence[float], cands: Sequence[Candidate], lr: float,
            base_width: int, world: int = 1) -> Plan:
     """The plan, a pure function of the measured speeds (tokens/s per process of cands[i]; the first len(speeds)
-    candidates were measured): the largest candidate whose tokens reach TOKENS_PER_PARAM per parameter (none
-    does: the smallest), its batch, whole steps of it, and the learning rate for its width."""
+    candidates were measured). The time is the limit while the largest candidate that gets its tokens per
+    parameter (`fits`; none does: the smallest) passes over the text at most EPOCHS times: that one, for the
+    whole time. Past that the text is the limit: the largest candidate that can pass over it EPOCHS times in the
+    time (`fits_text`), for those EPOCHS passes. Then its batch, whole steps of it, and the lr for its width."""
     assert speeds, "at least the smallest candidate is measured"
-    rows = [Row(c, s, run_tokens(s, minutes, data_tokens, world), fits(c.params, s, minutes, data_tokens, world))
-            for c, s in zip(cands, speeds)]
+    rows = []
+    for c, s in zip(cands, speeds):
+        tokens = run_tokens(s, minutes, world)
+        rows.append(Row(c, s, tokens, fits(c.block_params, tokens), fits_text(c.block_params, tokens, data_tokens)))
     chosen = max((i for i, r in enumerate(rows) if r.fits), default=0)
+    capped = rows[chosen].tokens > EPOCHS * data_tokens
+    if capped:  # the text is the limit: usually a larger model; a smaller one past MAX_PARAMS_PER_TEXT_TOKEN
+        chosen = max((i for i, r in enumerate(rows) if r.fits_text), default=chosen)
     row = rows[chosen]
+    run = min(row.tokens, EPOCHS * data_tokens)
     context = row.candidate.context_length
-    batch = batch_size_for(row.tokens, context, data_tokens, world)
-    steps = max(1, row.tokens // (batch * context * world))
+    batch = batch_size_for(run, context, data_tokens, world)
+    steps = max(1, run // (batch * context * world))
     tokens = steps * batch * context * world
-    capped = MAX_EPOCHS * data_tokens < row.tokens_per_s * world * 60 * minutes
     return Plan(data_tokens, rows, chosen, batch, steps, tokens,
                 scaled_lr(lr, row.candidate.shape["emb_dim"], base_width),
                 tokens / (row.tokens_per_s * world) / 60, capped, world)
@@ -284,11 +331,9 @@ def measure_speeds(cands: Sequence[Candidate], t: TrainConfig, device: torch.dev
                    log=print) -> list[float]:
     """Training tokens/s of each candidate, smallest first, from MEASURE_STEPS timed steps (the median, after
     MEASURE_WARMUP) of `t`'s batch; stops after the first that is not `small_enough` at its speed (larger ones
-    are slower still) and skips those the text alone rules out (small_enough at any speed is False)."""
+    are slower still)."""
     speeds: list[float] = []
-    for i, cand in enumerate(cands):
-        if i and not small_enough(cand, math.inf):
-            break
+    for cand in cands:
         try:
             seconds = statistics.median(time_steps(RandomSteps.setup(cand.config, t, device, eot_id),
                                                    MEASURE_STEPS, MEASURE_WARMUP, device))
@@ -347,8 +392,8 @@ def make_plan(inputs: list[str], values: dict, minutes: float, device: torch.dev
         keep_freed_cpu_memory()  # as train() does: steps at their steady speed
     log(f"plan: {human(data_tokens)} training tokens ({tokenizer_name(data, tokenizer)}), {in_minutes(minutes)} on "
         f"{device_name(device)}" + (f" x {world} processes" if world > 1 else "") + "; timing shapes ...")
-    speeds = measure_speeds(cands, t, device, lambda c, s: fits(c.params, s, minutes, data_tokens, world), eot_id,
-                            log)
+    speeds = measure_speeds(cands, t, device, lambda c, s: worth_measuring(
+        c.block_params, run_tokens(s, minutes, world), data_tokens), eot_id, log)
     base_width = build(spec.config_class, preset).emb_dim
     plan = choose(data_tokens, minutes, speeds, cands, t.lr, base_width, world)
     return replace(plan, data_settings=chosen)
@@ -369,18 +414,17 @@ def tokenizer_name(data: DataConfig, tokenizer: Tokenizer) -> str:
 
 def plan_table(plan: Plan) -> list[str]:
     """The candidates measured, one line each, the chosen one marked."""
-    lines = [f"  {'shape':<9} {'heads':>6} {'context':>7} {'params':>8} {'tokens/s':>10} {'tokens':>8} "
-             f"{'epochs':>7} {'minutes':>8}"]
+    lines = [f"  {'shape':<9} {'heads':>6} {'context':>7} {'params':>8} {'in blocks':>9} {'tokens/s':>10} "
+             f"{'tokens':>8} {'per block param':>15} {'epochs':>7} {'minutes':>8}"]
     for i, r in enumerate(plan.rows):
         c = r.candidate
         heads = f"{c.shape['n_heads']}/{c.shape.get('n_kv_heads', c.shape['n_heads'])}"
-        mark = "  <- chosen" if i == plan.chosen else ("" if r.fits else
-                                                       f"  too big: {TOKENS_PER_PARAM} x params = "
-                                                       f"{human(TOKENS_PER_PARAM * c.params)} tokens")
+        wanted = tokens_per_param(r.tokens)
+        mark = "  <- chosen" if i == plan.chosen else ("" if r.fits else f"  too big: {wanted:.2g} wanted")
         minutes = r.tokens / (r.tokens_per_s * plan.world) / 60
         lines.append(f"  {c.describe():<9} {heads:>6} {c.context_length:>7} {human(c.params):>8} "
-                     f"{r.tokens_per_s:>10,.0f} {human(r.tokens):>8} {r.tokens / plan.data_tokens:>7.2f} "
-                     f"{minutes:>8.2f}{mark}")
+                     f"{human(c.block_params):>9} {r.tokens_per_s:>10,.0f} {human(r.tokens):>8} "
+                     f"{r.tokens / c.block_params:>15.2g} {r.tokens / plan.data_tokens:>7.2f} {minutes:>8.2f}{mark}")
     return lines
 
 
@@ -388,13 +432,14 @@ def describe_plan(plan: Plan, minutes: float) -> str:
     c = plan.candidate
     text = (f"plan: {c.describe()} ({human(c.params)} parameters), batch {plan.batch_size} x {plan.context_length}, "
             f"{plan.steps:,} steps = {human(plan.tokens)} tokens ({plan.epochs:.2f} epochs, "
-            f"{plan.tokens / c.params:.2g} per parameter), lr {plan.lr:g}, about {plan.minutes:.2f} minutes")
+            f"{plan.tokens / c.block_params:.2g} per block parameter), lr {plan.lr:g}, about {plan.minutes:.2f} "
+            "minutes")
     if plan.capped:
-        text += (f"; {MAX_EPOCHS} passes over the text end the run before {in_minutes(minutes)} do: the text is the "
+        text += (f"; {EPOCHS} passes over the text end the run before {in_minutes(minutes)} do: the text is the "
                  "limit, more text would help")
     elif not plan.rows[plan.chosen].fits:
-        text += (f"; even the smallest shape gets fewer than {TOKENS_PER_PARAM} tokens per parameter in "
-                 f"{in_minutes(minutes)}: more time would help")
+        text += (f"; even the smallest shape gets fewer than the {tokens_per_param(plan.tokens):.2g} tokens per "
+                 f"block parameter its run calls for in {in_minutes(minutes)}: more time would help")
     return text
 
 
@@ -451,7 +496,7 @@ def plan_run(data: Sequence[str], cfg: PlanConfig, log=print) -> dict:
 
 def planned_settings(inputs: list[str], values: dict, log=print) -> dict:
     """The layer `train --minutes` takes from the plan when nothing names the model's shape (Plan.settings: shape,
-    context, batch, AdamW lr, the MAX_EPOCHS cap as max_tokens, a trained tokenizer's vocabulary). `values` are
+    context, batch, AdamW lr, the EPOCHS cap as max_tokens, a trained tokenizer's vocabulary). `values` are
     the run's settings below the plan and above it (resolve_train_config's). Under torchrun rank 0 plans (the
     process group is joined here) and every rank gets the same layer."""
     device = dist.setup(pick_device(values.get("device", "auto")))
@@ -480,7 +525,7 @@ def seconds_per_step(cfg: RunConfig, eot_id: int | None, device: torch.device) -
 
 def plan_steps(cfg: RunConfig, data: TrainData, device: torch.device, log=print) -> None:
     """--minutes: set cfg.train.max_steps to the optimizer steps that fit in that many minutes (rank 0 times them,
-    every rank gets its number), at most the plan's max_tokens cap (set when the plan chose the shape: MAX_EPOCHS
+    every rank gets its number), at most the plan's max_tokens cap (set when the plan chose the shape: EPOCHS
     passes over the text), so the schedule is planned for exactly those steps. train() calls it for a new run."""
     t = cfg.train
     seconds = dist.from_main(lambda: seconds_per_step(cfg, data.eot_id, device))
@@ -489,7 +534,7 @@ def plan_steps(cfg: RunConfig, data: TrainData, device: torch.device, log=print)
     if t.max_tokens is not None:
         cap = -(-t.max_tokens // (t.batch_size * t.grad_accum * cfg.model.context_length * dist.world_size()))
         if cap < steps:
-            steps, note = cap, (f"; {MAX_EPOCHS} passes over the training text end it after {cap * seconds / 60:.2f} "
+            steps, note = cap, (f"; {EPOCHS} passes over the training text end it after {cap * seconds / 60:.2f} "
                                 "minutes: the text is the limit, more text would help")
     t.max_steps, t.max_tokens = steps, None
     log(f"minutes: {seconds * 1000:.1f} ms per step (median of {CALIBRATION_STEPS}) -> {steps:,} steps in "
