@@ -49,8 +49,8 @@ from ..data import (
     tokenize_documents,
 )
 from ..devices import DEVICES, device_opt, pick_device
-from ..models import build as build_model
 from ..models import block_params, get_spec
+from ..models import build as build_model
 from ..perf import device_name, keep_freed_cpu_memory
 from ..runs.metrics import human
 from ..tokenizer import Tokenizer, get_tokenizer, train_bpe
@@ -419,13 +419,21 @@ def plan_table(plan: Plan) -> list[str]:
     for i, r in enumerate(plan.rows):
         c = r.candidate
         heads = f"{c.shape['n_heads']}/{c.shape.get('n_kv_heads', c.shape['n_heads'])}"
-        wanted = tokens_per_param(r.tokens)
-        mark = "  <- chosen" if i == plan.chosen else ("" if r.fits else f"  too big: {wanted:.2g} wanted")
+        mark = "  <- chosen" if i == plan.chosen else row_note(plan, r)
         minutes = r.tokens / (r.tokens_per_s * plan.world) / 60
         lines.append(f"  {c.describe():<9} {heads:>6} {c.context_length:>7} {human(c.params):>8} "
                      f"{human(c.block_params):>9} {r.tokens_per_s:>10,.0f} {human(r.tokens):>8} "
                      f"{r.tokens / c.block_params:>15.2g} {r.tokens / plan.data_tokens:>7.2f} {minutes:>8.2f}{mark}")
     return lines
+
+
+def row_note(plan: Plan, r: Row) -> str:
+    """Why a candidate that was not chosen could not be ("" for smaller ones that could)."""
+    if plan.capped:  # the text is the limit: the largest that passes over it EPOCHS times
+        if r.candidate.block_params > MAX_PARAMS_PER_TEXT_TOKEN * plan.data_tokens:
+            return f"  too big for the text (over {MAX_PARAMS_PER_TEXT_TOKEN} block parameters per token of it)"
+        return "" if r.fits_text else f"  too slow for {EPOCHS} passes over the text"
+    return "" if r.fits else f"  too big: a run this long wants {tokens_per_param(r.tokens):.2g} per block parameter"
 
 
 def describe_plan(plan: Plan, minutes: float) -> str:
