@@ -30,6 +30,7 @@ from .perf import device_name
 from .tokenizer import train_bpe
 from .training import train
 from .training.config import resolve_train_config
+from .training.plan import TOKENIZER_VOCAB
 from .training.recipes import RECIPES, get_recipe
 
 CALIBRATION_STEPS = 8
@@ -66,8 +67,6 @@ class QualityConfig:
         check_choice("device", self.device, DEVICES)
 
 
-# The tokenizer each recipe trains with unless --tokenizer-vocab says otherwise (None: GPT-2's).
-RECIPE_TOKENIZER_VOCAB = {"book": None, "nanogpt": None, "modern": 4096}
 
 
 def split_holdout(docs: list[str], holdout: float) -> tuple[list[str], list[str]]:
@@ -144,7 +143,7 @@ def bench_quality(data: tuple[str, ...], q: QualityConfig, log=print) -> dict:
 
 def make_tokenizer(q: QualityConfig, train_docs: list[str], work: Path) -> str | None:
     """The path of a byte-level BPE trained on the training documents, or None for GPT-2's tokenizer."""
-    vocab = q.tokenizer_vocab or RECIPE_TOKENIZER_VOCAB.get(q.recipe)
+    vocab = q.tokenizer_vocab or TOKENIZER_VOCAB.get(q.recipe)  # the recipe's, as plan counts; else GPT-2's
     if vocab is None:
         return None
     path = work / f"tokenizer-{vocab}.json"

@@ -90,8 +90,8 @@ MIN_STEPS = 1000  # the largest batch that still gives this many optimizer steps
 MEASURE_BATCH = 8  # windows per step when a shape's speed is measured
 MEASURE_STEPS, MEASURE_WARMUP = 5, 1  # per shape; the median counts
 CALIBRATION_STEPS, CALIBRATION_WARMUP = 5, 1  # train --minutes, on the run's own model
-# recipes whose plan trains a byte-level BPE of this many ids on the training text, as the default run does
-# (the others count with GPT-2's tokenizer, as `train --recipe` does)
+# recipes whose plan (and `bench quality`) trains a byte-level BPE of this many ids on the training text, as the
+# default run does (the others count with GPT-2's tokenizer, as `train --recipe` does)
 TOKENIZER_VOCAB = {"modern": DEFAULT_CORPUS_RUN["tokenizer_vocab"]}
 
 
