@@ -17,9 +17,10 @@ the plan lower). Last line JSON, with the machine, commit and command.
 Corpora: the built-in one (pydoc's topics, ~430 KB); Python's standard-library docstrings (module, class and
 function docstrings of every stdlib module outside the tests, idlelib, lib2to3 and site-packages, one document
 per module with at least 200 characters of them: 388 modules, 1.6 MB on CPython 3.11.7); the Vim 9.0
-documentation (/usr/share/vim/vim90/doc/*.txt, 151 files, 9.5 MB) where installed.
+documentation (/usr/share/vim/vim90/doc/*.txt, 151 files, 9.5 MB) where installed; Debian's fortune cookies
+(/usr/share/games/fortunes, `apt-get install fortunes`: quotations, jokes and verse, 2.6 MB) where installed.
 
-    python benchmarks/plan_quality.py [--minutes 1 3] [--corpora built-in docstrings vim-docs] [--quick]
+    python benchmarks/plan_quality.py [--minutes 1 3] [--corpora built-in docstrings vim-docs fortunes] [--quick]
 
 The full run trains 8 runs per corpus and budget, 8 x (1 + 3) = 32 minutes of training per corpus (with start-up
 and scoring, well over an hour in all); --quick: the built-in corpus, a 300-id tokenizer, three tiny shapes and
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -47,6 +49,8 @@ from gptforge.quality import split_holdout, write_documents
 from gptforge.training.plan import LADDER, ladder_shape
 
 VIM_DOCS = Path("/usr/share/vim/vim90/doc")
+FORTUNES = Path("/usr/share/games/fortunes")  # Debian's fortunes and fortunes-min packages
+FORTUNES_PER_DOCUMENT = 20
 GRID = LADDER[:7]  # (n_layers, emb_dim): 1 x 32 to 8 x 256, llama-mini's 4 x 128 among them
 DEFAULT_SHAPE = (4, 128)  # llama-mini, the modern recipe's preset
 COMMON = ["--no-progress", "--sample-tokens", "0", "--keep-last", "1"]
@@ -73,6 +77,20 @@ def stdlib_docstrings() -> list[str]:
     return docs
 
 
+def fortunes() -> list[str]:
+    """Debian's fortune cookies (quotations, jokes, verse: 44 files, 2.6 MB), FORTUNES_PER_DOCUMENT consecutive
+    ones of a file per document, the documents in a fixed shuffled order (so the held-out end is all categories)."""
+    docs = []
+    for path in sorted(p for p in FORTUNES.iterdir() if p.is_file() and not p.is_symlink() and not p.suffix):
+        items = [c.strip("\n") for c in path.read_text(encoding="utf-8").split("\n%\n") if c.strip()]
+        docs += ["\n%\n".join(items[i:i + FORTUNES_PER_DOCUMENT]) for i in range(0, len(items), FORTUNES_PER_DOCUMENT)]
+    random.Random(0).shuffle(docs)
+    return docs
+
+
+AVAILABLE = {"built-in": True, "docstrings": True, "vim-docs": VIM_DOCS.is_dir(), "fortunes": FORTUNES.is_dir()}
+
+
 def corpus_documents(name: str) -> list[str]:
     if name == "built-in":
         return default_documents()
@@ -80,7 +98,9 @@ def corpus_documents(name: str) -> list[str]:
         return stdlib_docstrings()
     if name == "vim-docs":
         return read_texts([str(VIM_DOCS)])
-    raise SystemExit(f"unknown corpus {name!r}; choose built-in, docstrings or vim-docs")
+    if name == "fortunes":
+        return fortunes()
+    raise SystemExit(f"unknown corpus {name!r}; choose one of {', '.join(AVAILABLE)}")
 
 
 def gptforge(*args: str) -> str:
@@ -187,7 +207,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="built-in corpus, tiny shapes, seconds")
     parser.add_argument("--grid-only", action="store_true", help="train and score the grid, not the plan")
     args = parser.parse_args()
-    corpora = ["built-in"] if args.quick else [c for c in args.corpora if c != "vim-docs" or VIM_DOCS.is_dir()]
+    corpora = ["built-in"] if args.quick else [c for c in args.corpora if AVAILABLE.get(c, True)]
     budgets, grid, extra = ([0.02], QUICK_GRID, QUICK) if args.quick else (args.minutes, GRID, [])
     selectable = has_best_checkpoint()
     results = []

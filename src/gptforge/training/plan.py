@@ -10,8 +10,9 @@ chooses for M minutes of training:
   here, a line in log-log between), trained for the whole time;
 - when that shape would pass over the training text more than EPOCHS times, the text is the limit
   (Muennighoff et al. 2023, Scaling Data-Constrained Language Models: a few passes are nearly as good as
-  new text, many are not): the largest shape that can pass over it EPOCHS times in the time (bigger models
-  learn more from the same text), for those passes; the run is shorter than M minutes and says so.
+  new text, many are not): the largest shape that can pass over it MIN_EPOCHS times in the time (bigger
+  models learn more from the same text), for at most EPOCHS passes; a run that EPOCHS passes end is shorter
+  than M minutes and says so.
 - the batch: the recipe's 8, or the largest of BATCH_SIZES that leaves MIN_STEPS optimizer steps, so
   tokens per step grow with long runs; the context grows with the width (CONTEXTS) but stays
   within what the text fills.
@@ -68,12 +69,16 @@ from .step import RandomSteps, time_steps
 # al. 2020 found the ratio growing with compute too.
 TOKENS_PER_PARAM = ((1e6, 2.0), (1e9, 20.0))
 # When the model the time calls for would pass over the text more than EPOCHS times, the text is the limit: the plan
-# trains the largest model that can pass over it EPOCHS times in the time (at most MAX_PARAMS_PER_TEXT_TOKEN block
-# parameters per token of text), for those passes. Muennighoff et al. 2023: a few passes are nearly as good as
-# new text; measured here (benchmarks/plan_quality.py): on a 93K-token text the best shape had 18 block
+# trains the largest model that can pass over it MIN_EPOCHS times in the time (at most MAX_PARAMS_PER_TEXT_TOKEN
+# block parameters per token of text), for at most EPOCHS passes. Muennighoff et al. 2023: a few passes are nearly
+# as good as new text; measured here (benchmarks/plan_quality.py): on a 93K-token text the best shape had 18 block
 # parameters per token of it and was best after 2.4 passes with the decay at the end; larger ones did worse (to
 # 68 per token), and every shape overfitted past ~4-5 passes.
+# The shape chosen then is the largest that passes over the text at least MIN_EPOCHS times in the time (on the
+# docstrings' 396K tokens at 3 minutes the best shape, 5x160, managed 2.8 passes; the shape that could pass 3 times
+# did worse), trained for at most EPOCHS passes or the time, whichever ends first.
 EPOCHS = 3
+MIN_EPOCHS = 2.5
 MAX_PARAMS_PER_TEXT_TOKEN = 20
 # (n_layers, emb_dim), about twice the parameters per rung (0.14M to 205M with a 4,096-id vocabulary): 32 wide per
 # layer up to 8 layers, then wider; heads 32 wide, 64 from WIDE_HEADS on
@@ -216,9 +221,9 @@ def fits(params: int, tokens: int) -> bool:
 
 
 def fits_text(params: int, tokens: int, data_tokens: int) -> bool:
-    """Whether a model of `params` block parameters passes EPOCHS times over the text in `tokens`, and is at most
-    MAX_PARAMS_PER_TEXT_TOKEN per token of it."""
-    return tokens >= EPOCHS * data_tokens and params <= MAX_PARAMS_PER_TEXT_TOKEN * data_tokens
+    """Whether a model of `params` block parameters passes MIN_EPOCHS times over the text in `tokens`, and is at
+    most MAX_PARAMS_PER_TEXT_TOKEN per token of it."""
+    return tokens >= MIN_EPOCHS * data_tokens and params <= MAX_PARAMS_PER_TEXT_TOKEN * data_tokens
 
 
 def worth_measuring(params: int, tokens: int, data_tokens: int) -> bool:
@@ -229,7 +234,7 @@ def worth_measuring(params: int, tokens: int, data_tokens: int) -> bool:
 @dataclass
 class Row:
     """One measured candidate: its speed, the tokens the time gives it, whether that is enough for its size (`fits`),
-    and whether it could pass EPOCHS times over the text (`fits_text`)."""
+    and whether it could pass MIN_EPOCHS times over the text (`fits_text`)."""
 
     candidate: Candidate
     tokens_per_s: float
@@ -250,7 +255,7 @@ class Plan:
     tokens: int
     lr: float
     minutes: float  # estimated training minutes of the chosen plan
-    capped: bool  # the text is the limit: EPOCHS passes over it end the run before the minutes do
+    capped: bool  # the text is the limit: the shape is the largest that passes over it MIN_EPOCHS times
     world: int = 1
     data_settings: dict = field(default_factory=dict)  # the tokenizer the plan chose (and a run must use)
 
@@ -301,8 +306,9 @@ def choose(data_tokens: int, minutes: float, speeds: Sequence[float], cands: Seq
     """The plan, a pure function of the measured speeds (tokens/s per process of cands[i]; the first len(speeds)
     candidates were measured). The time is the limit while the largest candidate that gets its tokens per
     parameter (`fits`; none does: the smallest) passes over the text at most EPOCHS times: that one, for the
-    whole time. Past that the text is the limit: the largest candidate that can pass over it EPOCHS times in the
-    time (`fits_text`), for those EPOCHS passes. Then its batch, whole steps of it, and the lr for its width."""
+    whole time. Past that the text is the limit: the largest candidate that can pass over it MIN_EPOCHS times in
+    the time (`fits_text`), for EPOCHS passes or the time. Then its batch, whole steps of it, and the lr for its
+    width."""
     assert speeds, "at least the smallest candidate is measured"
     rows = []
     for c, s in zip(cands, speeds):
@@ -429,10 +435,10 @@ def plan_table(plan: Plan) -> list[str]:
 
 def row_note(plan: Plan, r: Row) -> str:
     """Why a candidate that was not chosen could not be ("" for smaller ones that could)."""
-    if plan.capped:  # the text is the limit: the largest that passes over it EPOCHS times
+    if plan.capped:  # the text is the limit: the largest that passes over it MIN_EPOCHS times
         if r.candidate.block_params > MAX_PARAMS_PER_TEXT_TOKEN * plan.data_tokens:
             return f"  too big for the text (over {MAX_PARAMS_PER_TEXT_TOKEN} block parameters per token of it)"
-        return "" if r.fits_text else f"  too slow for {EPOCHS} passes over the text"
+        return "" if r.fits_text else f"  too slow for {MIN_EPOCHS:g} passes over the text"
     return "" if r.fits else f"  too big: a run this long wants {tokens_per_param(r.tokens):.2g} per block parameter"
 
 
@@ -442,9 +448,12 @@ def describe_plan(plan: Plan, minutes: float) -> str:
             f"{plan.steps:,} steps = {human(plan.tokens)} tokens ({plan.epochs:.2f} epochs, "
             f"{plan.tokens / c.block_params:.2g} per block parameter), lr {plan.lr:g}, about {plan.minutes:.2f} "
             "minutes")
-    if plan.capped:
+    if plan.capped and plan.tokens < plan.rows[plan.chosen].tokens * 0.98:
         text += (f"; {EPOCHS} passes over the text end the run before {in_minutes(minutes)} do: the text is the "
                  "limit, more text would help")
+    elif plan.capped:
+        text += (f"; the text is the limit: a larger shape would pass over it fewer than {MIN_EPOCHS:g} times in "
+                 f"{in_minutes(minutes)}, more text would help")
     elif not plan.rows[plan.chosen].fits:
         text += (f"; even the smallest shape gets fewer than the {tokens_per_param(plan.tokens):.2g} tokens per "
                  f"block parameter its run calls for in {in_minutes(minutes)}: more time would help")
