@@ -103,6 +103,8 @@ CASES = [
      1),
     ("generate-num-samples-zero", "generate gpt2 --num-samples 0", "--num-samples must be at least 1, got 0", 1),
     ("generate-seed-negative", "generate gpt2 --seed -1", "--seed must be in [0, 4294967295]", 1),
+    ("generate-greedy-several-samples", "generate gpt2 --num-samples 3",
+     "--num-samples 3 with greedy decoding (--temperature 0, the default) gives 3 identical samples", 1),
     # bench
     ("bench-train-steps-zero", "bench train --steps 0", "--steps must be at least 1, got 0", 1),
     ("bench-train-steps-not-a-number", "bench train --steps x", "'x' is not a valid integer", 2),
@@ -127,11 +129,38 @@ CASES = [
     ("report-over-users-file", "report runs/x --out notes/mine.txt", "exists and is not a gptforge report", 1),
     ("report-under-a-file", "report runs/x --out afile/r.html", "is a file, not a directory", 1),
     ("report-read-only", "report runs/x --out ro/r.html", "cannot write in ro", 1),
+    ("report-text-file", "report data.txt", "data.txt: is a file; report takes run directories", 1),
+    # issue 31: flags that were ignored, messages that named another cause, tracebacks
+    ("train-out-of-memory", "train data.txt --out notes/new --emb-dim 200000 --n-heads 1",
+     "training needs about", 1),
+    ("bench-train-out-of-memory", "bench train --context-length 100000000", "training needs about", 1),
+    ("train-checkpoint-without-branch", "train --resume runs/x --checkpoint 4",
+     "--checkpoint 4 chooses where a branch starts (--resume RUN --out NEW)", 1),
+    ("eval-split-on-text", "eval model data.txt --split train",
+     "--split train chooses a split of a directory made by `gptforge prepare`", 1),
+    ("eval-tokenizer-not-the-models", "eval model data.txt --tokenizer tok.json",
+     "--tokenizer tok.json (300 ids) is not the tokenizer the model in model was trained with (50,257 ids)", 1),
+    ("eval-task-file-twice", "eval gpt2 --task choice data.txt --task choice data.txt",
+     "--task choice data.txt is given twice", 1),
+    ("convert-dtype-without-gguf", "convert model --to hf new --dtype f16",
+     "--dtype f16: only --to gguf writes another precision", 1),
+    ("convert-n-heads-of-a-model-that-records-them", "convert model --to hf new --n-heads 4",
+     "--n-heads 4: model records its heads (2)", 1),
+    ("train-decay-fraction-without-wsd", "train data.txt --out notes/new --decay-fraction 0.3",
+     "--decay-fraction 0.3 applies to --schedule wsd, and this run's schedule is cosine", 1),
+    ("train-stride-leaves-too-few-windows", "train data.txt --out notes/new --stride 1000 --context-length 16",
+     "starting 1000 tokens apart (--stride 1000), fewer than one batch of 8; give more text, lower --stride", 1),
+    ("train-config-key-in-another-table", "train --config wrong_table.toml",
+     "wrong_table.toml: 'lr' belongs in [train], not in [model]; move it there", 1),
+    ("eval-arguments-swapped", "eval data.txt model", "SOURCE data.txt: a text file, not a model", 1),
+    ("tokenizer-min-frequency-negative", "tokenizer train data.txt --vocab-size 300 --out notes/tok --min-frequency -3",
+     "--min-frequency -3: must be 0 or more", 1),
 ]
 
 
-def make_tree(root: Path, model_bytes: bytes) -> None:
+def make_tree(root: Path, model_bytes: bytes, tok_json: str) -> None:
     """The files a user has where the commands run."""
+    (root / "tok.json").write_text(tok_json)
     (root / "notes").mkdir()
     (root / "notes" / "mine.txt").write_text("my own notes\n")
     (root / "runs" / "x").mkdir(parents=True)
@@ -144,6 +173,7 @@ def make_tree(root: Path, model_bytes: bytes) -> None:
     (root / "model" / "model.safetensors").write_bytes(model_bytes)
     (root / "weight_decay.toml").write_text("[train]\nweight_decay = -1\n")
     (root / "eval.toml").write_text("batch_size = 0\n")
+    (root / "wrong_table.toml").write_text("[model]\nlr = 0.001\n")
     (root / "ro").mkdir()
     (root / "ro" / "kept.txt").write_text("kept\n")
     (root / "ro").chmod(0o555)
@@ -158,6 +188,18 @@ def model_bytes(tmp_path_factory) -> bytes:
     return path.read_bytes()
 
 
+@pytest.fixture(scope="module")
+def tok_json() -> str:
+    """A 300-id byte-level BPE: another tokenizer than the model's GPT-2."""
+    from pydoc_data.topics import topics
+
+    from gptforge.tokenizer import train_bpe
+
+    tok = train_bpe([topics[k] for k in sorted(topics)[:5]], 300)
+    assert tok.vocab_size == 300
+    return tok.json
+
+
 def snapshot(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
@@ -167,8 +209,9 @@ def no_hub(repo_id):
 
 
 @pytest.mark.parametrize("args,fragment,code", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_nothing_is_lost(args, fragment, code, tmp_path, capsys, monkeypatch, model_bytes):
-    make_tree(tmp_path, model_bytes)
+def test_bad_input_is_one_line_and_nothing_is_lost(args, fragment, code, tmp_path, capsys, monkeypatch, model_bytes,
+                                                  tok_json):
+    make_tree(tmp_path, model_bytes, tok_json)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(weights, "_hub_snapshot", no_hub)

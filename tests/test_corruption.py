@@ -242,3 +242,18 @@ def test_out_and_resume_in_a_read_only_place(read_only_dir, full_run, capsys):
             subprocess.run(["chattr", "-i", str(ro_run)], check=True)
         else:
             ro_run.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "convert", "init-from"])
+def test_a_damaged_weights_file_given_as_source_is_refused_by_name(cut, full_run, tmp_path, capsys, command):
+    weights = newest(cut) / ckpt.WEIGHTS
+    flip(weights, at=0.9)  # inside the tensors: the header still parses, a weight is wrong
+    text = str(full_run.parent / "corpus.txt")
+    args = {"eval": ["eval", str(weights), text],
+            "generate": ["generate", str(weights), "--prompt", "The", "--max-new-tokens", "2"],
+            "convert": ["convert", str(weights), "--to", "hf", str(tmp_path / "hf")],
+            "init-from": ["train", text, "--init-from", str(weights), "--out", str(tmp_path / "new"),
+                          "--max-steps", "1"]}[command]
+    line = stops(cut, capsys, *args)
+    assert f"{weights}: checksum mismatch with {newest(cut) / ckpt.CHECKSUMS}" in line
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "new").exists()

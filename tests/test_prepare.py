@@ -704,6 +704,19 @@ def str_count(m):
     m["splits"]["train"]["shards"][0]["tokens"] = str(m["splits"]["train"]["shards"][0]["tokens"])
 
 
+def eval_cmd(data, tmp):
+    """eval of a tiny GPT-2-vocabulary model on DATA."""
+    import torch
+
+    from gptforge import weights
+    from gptforge.models.gpt2 import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    path = weights.to_gptforge(GPT(GPTConfig(context_length=16, emb_dim=16, n_heads=2, n_layers=1)),
+                               tmp / "m.safetensors")
+    return ["eval", str(path), str(data), "--context-length", "16"]
+
+
 # (command, what the mistake is, how to make it: () -> argv, what stderr says, checked before any costly work)
 BAD_INPUT = [
     ("prepare", "--out is a file", lambda t: prep_cmd(good_input(t), out_file(t)), "out: is a file, not a directory",
@@ -758,6 +771,11 @@ BAD_INPUT = [
      "a.txt.zst: a zstd-compressed file; only gptforge prepare", False),
     ("train", "text of NUL bytes", lambda t: train_cmd(named("a.txt", b"\0" * 1000)(t), t),
      "a.txt: a binary file, not text (a NUL byte at byte 0)", False),
+    ("train", "--val-fraction on prepared data", lambda t: train_cmd(prepared(t), t) + ["--val-fraction", "0.2"],
+     "/data is prepared data, whose split its manifest fixes; leave --val-fraction out", False),
+    ("eval", "prepared data without a val split", lambda t: eval_cmd(prepared(t), t),
+     "data: has no val split (prepared with --val-fraction 0), so there is no held-out text to score; score the "
+     "train split with --split train", False),
 ]
 
 

@@ -318,3 +318,15 @@ def test_eval_command_tasks_json_last_line_and_where_data_lives(hf_dir, files, c
     assert code == 1 and err.count("\n") == 1 and "one FILE after each NAME" in err
     code, _, err = run(["eval", str(hf_dir), "--task", "mmlu", "x.jsonl"], capsys)
     assert code == 1 and "unknown task 'mmlu'" in err
+
+
+def test_two_choice_files_are_both_scored_under_their_own_names(hf_dir, files, capsys):
+    # a file of cloze items and one of multiple choice, both in the `choice` format: each scored on its own
+    code, out, err = run(["eval", str(hf_dir), "--task", f"choice={files['choice']}", "--task",
+                          f"choice={files['cloze']}", "--limit", "2", "--batch-size", "2"], capsys)
+    assert code == 0, err
+    last = json.loads(out.strip().splitlines()[-1])
+    assert set(last) == {"choice:choice", "choice:cloze"}
+    alone = json.loads(run(["eval", str(hf_dir), "--task", f"choice={files['cloze']}", "--limit", "2",
+                            "--batch-size", "2"], capsys)[1].strip().splitlines()[-1])
+    assert alone == {"choice": last["choice:cloze"]}  # the same scores; one file alone keeps the name choice

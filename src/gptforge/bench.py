@@ -27,6 +27,7 @@ from .perf import (
     sync,
 )
 from .training.config import TrainConfig
+from .training.state import check_memory
 from .training.step import RandomSteps, time_steps
 
 
@@ -58,6 +59,7 @@ def bench_train(model_cfg, t: TrainConfig, b: BenchConfig, log=print) -> dict:
 
     if device.type == "cpu":
         keep_freed_cpu_memory()  # as train.train does
+    check_memory(model_cfg, t, device)  # refused before anything is allocated
     step = RandomSteps.setup(model_cfg, t, device)  # set up as train.train does
     amp = step.amp
     T = model_cfg.context_length

@@ -33,6 +33,7 @@ import random
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,8 @@ METRICS = "metrics.jsonl"
 RUN_TOKENIZER = "tokenizer.json"  # --tokenizer-vocab: the tokenizer trained when the run started
 SHARDS = "shards"  # a sharded checkpoint's DCP directory
 META = "meta.json"  # a sharded checkpoint's model config and tokenizer (model.safetensors' metadata)
+UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then set back
+os.umask(UMASK)
 BEST = "best.json"  # the run's best evaluation: step, val_loss, val_bpb, checkpoint (relative to the run)
 CHECKPOINT_CHOICES = "best, latest or a step number"
 
@@ -90,8 +93,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         faults.point(f"write-{path.name}")
         os.replace(tmp, path)
-    except OSError:
+    except OSError as e:
         tmp.unlink(missing_ok=True)
+        if e.filename is None:  # a failed write() names no file: this one did (a full disk says where)
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
 
@@ -125,6 +130,12 @@ def save_weights(path: Path, model: GPT, tokenizer: Tokenizer | str, extra: dict
     """Weights as safetensors; `weights` (a full state dict gathered from shards) replaces model.state_dict()."""
     save_file({k: v.cpu() for k, v in model_state(model, weights).items()}, str(path),
               metadata=weights_metadata(model, tokenizer, extra))
+    follow_umask(path)
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file the mode the user's umask asks for (safetensors' writer makes its files 0600 whatever it says)."""
+    os.chmod(path, 0o666 & ~UMASK)
 
 
 def read_weights_meta(path: Path) -> dict:
@@ -260,8 +271,9 @@ def check_writable(path: Path, flag: str, probe: bool = True) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".gptforge-probe-", dir=place)
     except OSError as e:
-        raise CheckpointError(f"{flag} {path}: cannot write in {place} ({e.strerror}); choose a writable {flag}") \
-            from None
+        way = ("make it writable, or branch the run into a writable place with --out NEW" if flag == "--resume"
+               else f"choose a writable {flag}")
+        raise CheckpointError(f"{flag} {path}: cannot write in {place} ({e.strerror}); {way}") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -319,8 +331,7 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer |
         torch.save(state, tmp / STATE)
         faults.point("ckpt-after-state")
         _seal(tmp, {f: file_sha256(tmp / f) for f in (WEIGHTS, STATE)})
-    # a full disk: OSError from our writes, SafetensorError from safetensors, RuntimeError from torch.save
-    except (OSError, SafetensorError, RuntimeError) as e:
+    except WRITE_ERRORS as e:  # a full disk
         raise write_failed(run_dir, step, tmp, e) from None
     return _commit(run_dir, step, tmp, keep_last, keep)
 
@@ -341,11 +352,41 @@ def _seal(tmp: Path, sums: dict[str, str]) -> None:
     _fsync_dir(tmp)
 
 
+# what a failed write raises: OSError from our writes, SafetensorError from safetensors, RuntimeError from torch.save
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def write_reason(e: Exception) -> str:
+    """The first line of why a write failed ("No space left on device")."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (str(e).strip().splitlines() or [repr(e)])[0]
+
+
+@contextmanager
+def cleaned_on_failure(out: Path, command: str):
+    """Writing `out` (a new file, or a new or empty directory): if a write fails (a full disk), whatever was written
+    there is removed and the failure becomes one line naming `out`."""
+    existed = out.exists()
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        if out.is_dir() and not out.is_symlink():
+            for p in out.iterdir():  # the directory was new or empty: all of it is this command's
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if not existed:
+                out.rmdir()
+        elif out.is_file() and not existed:
+            out.unlink()
+        raise CheckpointError(f"{command}: could not write {out} ({write_reason(e)}); nothing was left there: free "
+                              "space (or choose another place) and run it again") from None
+
+
 def write_failed(run_dir: Path, step: int, tmp: Path, e: Exception) -> CheckpointError:
     """The error of a checkpoint write that failed (a full disk), after removing what it wrote."""
     shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints are untouched
     previous = latest_checkpoint(run_dir)
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [repr(e)])[0]
+    reason = write_reason(e)
     return CheckpointError(
         f"could not write the checkpoint for step {step} in {Path(run_dir) / CHECKPOINTS} ({reason}); "
         + (f"{previous.name} is intact: free space and continue with --resume {run_dir}" if previous
@@ -524,15 +565,34 @@ def source_checkpoint(source: str, which: str | None, note, warn=None) -> str:
     return source
 
 
-def resolve_weights(source: str | Path) -> Path:
+def verify_listed(path: Path) -> None:
+    """A checkpoint's file given by itself (its model.safetensors as SOURCE): checked against the checksums.json
+    beside it when that lists it, as its whole checkpoint directory would be."""
+    sums = Path(path).parent / CHECKSUMS
+    if not sums.is_file():
+        return
+    try:
+        digest = json.loads(sums.read_text()).get(Path(path).name)
+    except (OSError, ValueError, AttributeError):
+        raise CheckpointError(f"{sums}: unreadable (not the checksums.json gptforge wrote), so {path} cannot be "
+                              "checked; restore it or move the file elsewhere") from None
+    if digest is not None and file_sha256(path) != digest:
+        raise CheckpointError(f"{path}: checksum mismatch with {sums} (the file is damaged or incomplete); use "
+                              "another checkpoint of the run")
+
+
+def resolve_weights(source: str | Path, verify: bool = True) -> Path:
     """A run dir (its best checkpoint, else its newest), a checkpoint dir or a .safetensors file -> the weights
-    file to load (for a sharded checkpoint: its directory, `checkpoint_weights`)."""
+    file to load (for a sharded checkpoint: its directory, `checkpoint_weights`). A file or checkpoint directory is
+    checked against its checksums.json (`verify`: unless the caller just did)."""
     p = Path(source)
     if p.is_file():
+        if verify:
+            verify_listed(p)
         return p
     if p.is_dir():
         if (p / WEIGHTS).is_file() or is_sharded(p):
-            if (p / CHECKSUMS).is_file():
+            if verify and (p / CHECKSUMS).is_file():
                 verify_checkpoint(p)
             return checkpoint_weights(p)
         if checkpoint_dirs(p):

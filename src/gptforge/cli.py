@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import sys
 import typing
+from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from . import distributed
 from .bench import BenchConfig, bench_generate, bench_train
@@ -29,6 +31,7 @@ from .prepare import PrepareConfig, train_tokenizer
 from .prepare import prepare as run_prepare
 from .quality import QualityConfig, bench_quality
 from .runs.report import write_report
+from .runs.rundir import RunLock
 from .serve import ServeConfig
 from .serve import serve as run_server
 from .training import TrainingError
@@ -131,7 +134,10 @@ def cli() -> None:
 @config_option
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this directory from its last checkpoint (its config.toml is the base; "
-                   "training flags such as a larger --max-steps may change).")
+                   "training flags such as a larger --max-steps may change). With --out NEW: a branch, NEW starts "
+                   "from the run's newest checkpoint (or --checkpoint's) and the run itself is left as it is.")
+@click.option("--checkpoint", "which", metavar="best|latest|STEP", default=None,
+              help="With --resume RUN --out NEW: the checkpoint of RUN the branch starts from.  [default: latest]")
 @arch_option
 @preset_option
 @click.option("--init-from", type=str, default=None,
@@ -145,8 +151,9 @@ def cli() -> None:
               help="Train with N processes on this machine: relaunches this command under torchrun "
                    "(DDP, or FSDP with --parallel fsdp). Multi-node: run torchrun yourself (see README).")
 @dataclass_options(ModelSettings, DataConfig, TrainConfig)
-def train(data: tuple[str, ...], config_file: str | None, resume: str | None, arch: str | None, preset: str | None,
-          init_from: str | None = None, recipe: str | None = None, nproc: int | None = None, **flags) -> None:
+def train(data: tuple[str, ...], config_file: str | None, resume: str | None, which: str | None, arch: str | None,
+          preset: str | None, init_from: str | None = None, recipe: str | None = None, nproc: int | None = None,
+          **flags) -> None:
     """Train a model (GPT-2, or Llama/Qwen3 with --arch llama) on DATA (text files or directories of .txt/.md
     files) and write a run directory.
 
@@ -159,14 +166,22 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, ar
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     if nproc and nproc > 1 and not distributed.is_distributed():
         sys.exit(distributed.launch(nproc, _without_nproc(_ARGV)))
-    if resume is None and flags.get("out") and distributed.restarted(flags["out"]):
-        resume = flags["out"]  # torchrun --max-restarts started this job again: continue the run it made
+    if flags.get("out") and distributed.restarted(flags["out"]):
+        resume, which = flags["out"], None  # torchrun --max-restarts started this job again: continue the run it made
+    branching = resume is not None and flags.get("out") is not None and \
+        Path(flags["out"]).resolve() != Path(resume).resolve()
+    if which is not None and not branching:
+        raise ConfigError(f"--checkpoint {which} chooses where a branch starts (--resume RUN --out NEW); --resume "
+                          "alone continues from the newest checkpoint: leave --checkpoint out")
     cfg, run_dir = resolve_train_config(data, config_file, resume, preset, given(flags), init_from,
                                         warn=lambda message: click.echo(message, err=True), arch=arch,
                                         recipe=recipe, planner=lambda inputs, values: planned_settings(
                                             inputs, values, log=click.echo))
+    branch = Path(resume) if branching else None
     try:
-        summary = run_training(cfg, run_dir, resume=resume is not None, log=click.echo)
+        with RunLock(run_dir) if distributed.is_main() else nullcontext():  # one training process per run
+            summary = run_training(cfg, run_dir, resume=resume is not None, log=click.echo,
+                                   branch=(branch, which) if branch is not None else None)
     finally:
         distributed.cleanup()
     if not distributed.is_main():
@@ -504,6 +519,18 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "not enough memory", "Cannot allocate memory")
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an error is an allocation that failed (CPU or CUDA)."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(m in str(e) for m in OUT_OF_MEMORY)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become a one-line error and exit code 1, not a traceback."""
     global _ARGV
@@ -518,6 +545,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except USER_ERRORS as e:
         click.echo(f"gptforge: error: {e}", err=True)
+        sys.exit(1)
+    except (RuntimeError, MemoryError) as e:  # the allocator's own words: one line, what to reduce
+        if not out_of_memory(e):
+            raise
+        click.echo(f"gptforge: error: out of memory ({first_line(e)}): reduce --batch-size, --context-length or "
+                   "the model's size (--emb-dim, --n-layers)", err=True)
         sys.exit(1)
     except OSError as e:  # a write that failed (full disk, read-only place): the path and the reason, no traceback
         path = f"{e.filename}: " if e.filename else ""

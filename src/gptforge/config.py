@@ -145,8 +145,11 @@ def check_toml(raw: dict[str, Any], path: str | Path, sections: dict[str, type],
         name = key.replace("-", "_")
         allowed = field_types(sections[table]) if table else types_by_key
         if name not in allowed:
-            hint = difflib.get_close_matches(name, known, n=1)
             where = f"[{table}]" if table else "the top level"
+            home = [t for t, cls in sections.items() if t and name in field_types(cls)]
+            if home:  # a real key in another table: say which
+                raise ConfigError(f"{path}: {key!r} belongs in [{home[0]}], not in {where}; move it there")
+            hint = difflib.get_close_matches(name, known, n=1)
             raise ConfigError(
                 f"{path}: unknown key {key!r} in {where}"
                 + (f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}")

@@ -227,13 +227,18 @@ class TokenWindows(torch.utils.data.Dataset):
     """Windows over one flat token array: window i is tokens[i*stride : i*stride + context_length + 1].
 
     Item i is (inputs, targets), targets being inputs shifted by one token. Works as a torch
-    Dataset; `batch` gathers many windows at once.
+    Dataset; `batch` gathers many windows at once. `new_targets_only` (evaluation with a stride under the
+    context): each window after the first scores only the stride's tokens it adds, the ones before them being
+    context (sliding-window perplexity: every token scored once, with up to context_length - stride tokens before
+    it); targets already scored are IGNORE_INDEX.
     """
 
-    def __init__(self, tokens: np.ndarray | torch.Tensor, context_length: int, stride: int | None = None):
+    def __init__(self, tokens: np.ndarray | torch.Tensor, context_length: int, stride: int | None = None,
+                 new_targets_only: bool = False):
         self.tokens = tokens.numpy() if isinstance(tokens, torch.Tensor) else tokens
         self.context_length = context_length
         self.stride = stride or context_length
+        self.new_targets_only = new_targets_only and self.stride < context_length
         span = context_length + 1
         self.n = 0 if len(self.tokens) < span else (len(self.tokens) - span) // self.stride + 1
 
@@ -251,7 +256,11 @@ class TokenWindows(torch.utils.data.Dataset):
         starts = np.asarray(indices, dtype=np.int64) * self.stride
         span = starts[:, None] + np.arange(self.context_length + 1)  # (B, T+1)
         w = torch.from_numpy(self.tokens[span].astype(np.int64))
-        return w[:, :-1], w[:, 1:]
+        x, y = w[:, :-1], w[:, 1:]
+        if self.new_targets_only:
+            y = y.clone()
+            y[torch.from_numpy(starts > 0), : self.context_length - self.stride] = IGNORE_INDEX
+        return x, y
 
 
 class Batches:
@@ -394,9 +403,12 @@ def check_windows(windows: TokenWindows, n_tokens: int, split: str, batch_size: 
             + (" or change --val-fraction" if split in ("train", "val") else "")
         )
     if drop_last and len(windows) < batch_size:
+        apart = windows.stride != windows.context_length
         raise DataError(
-            f"the {split} split has {n_tokens} tokens = {len(windows)} windows of {windows.context_length}, "
-            f"fewer than one batch of {batch_size}; give more text, lower --batch-size or --context-length"
+            f"the {split} split has {n_tokens} tokens = {len(windows)} windows of {windows.context_length}"
+            + (f" starting {windows.stride} tokens apart (--stride {windows.stride})" if apart else "")
+            + f", fewer than one batch of {batch_size}; give more text, lower "
+            + ("--stride, --batch-size or --context-length" if apart else "--batch-size or --context-length")
         )
 
 
@@ -707,10 +719,18 @@ def data_defaults(inputs: Sequence[str | Path], explicit: dict) -> dict:
     return out
 
 
-def eval_tokens(paths: Sequence[str | Path], tokenizer: Tokenizer):
-    """Tokens to score: a prepared directory's val split (train when it has no val), or the given text."""
+def eval_tokens(paths: Sequence[str | Path], tokenizer: Tokenizer, split: str | None = None):
+    """Tokens to score: a prepared directory's val split (`split` "train": its train split), or the given text."""
     data_dir = prepared_dir(paths)
     if data_dir is None:
+        if split is not None:
+            raise DataError(f"--split {split} chooses a split of a directory made by `gptforge prepare`; "
+                            f"{', '.join(map(str, paths))} is text, scored whole: leave --split out")
         return tokenize_documents(read_texts(paths), tokenizer)
     train, val = open_prepared(data_dir, tokenizer)
-    return val if len(val) else train
+    if split == "train":
+        return train
+    if not len(val):
+        raise DataError(f"{data_dir}: has no val split (prepared with --val-fraction 0), so there is no held-out "
+                        "text to score; score the train split with --split train, or prepare it with a val split")
+    return val

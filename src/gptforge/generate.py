@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SEED_MAX, check_choice, check_range, opt
+from .config import SEED_MAX, ConfigError, check_choice, check_range, opt
 from .devices import DEVICES, device_opt, pick_device
 from .models import KVCache, max_positions
 from .tokenizer import tokenizer_opt
@@ -232,11 +232,15 @@ def sample_text(
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
         if tokenizer.eot_id is None:
-            raise ValueError("the prompt is empty; give some text to continue")
+            raise ConfigError("the prompt is empty and the tokenizer has no end-of-text token to start from; give "
+                              "some text to continue (--prompt)")
         ids = [tokenizer.eot_id]  # an empty prompt starts a fresh document
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     if (warning := past_context(model.cfg, len(ids) + cfg.max_new_tokens)) is not None:
         print(warning, file=sys.stderr)
+    if (limit := max_positions(model.cfg)) is not None and len(ids) > limit:
+        print(f"gptforge: warning: the prompt is {len(ids)} tokens and the model reads at most {limit} (its learned "
+              f"positions): its first {len(ids) - limit} tokens are not seen", file=sys.stderr)
     generator = sampling_generator(cfg, seed, device)
     outs = generate(model, idx, cfg, eos_id=tokenizer.stop_ids, generator=generator, stats=stats)
     return [tokenizer.decode(o[:-1] if o and o[-1] in tokenizer.stop_ids else o) for o in outs]
@@ -245,6 +249,9 @@ def sample_text(
 def generate_text(source, cfg: GenerateConfig, sample: SampleConfig, stats: dict | None = None) -> list[str]:
     """`gptforge generate`: cfg.num_samples continuations of cfg.prompt by the model in source (any format
     weights.load_any reads), prompt excluded; stats as in generate()."""
+    if cfg.num_samples > 1 and sample.temperature == 0:
+        raise ConfigError(f"--num-samples {cfg.num_samples} with greedy decoding (--temperature 0, the default) gives "
+                          f"{cfg.num_samples} identical samples; set --temperature (e.g. 0.8) to sample")
     device = pick_device(cfg.device)
     model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
     return sample_text(model, tokenizer, cfg.prompt, sample, cfg.num_samples, cfg.seed, device, stats=stats)

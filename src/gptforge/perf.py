@@ -122,3 +122,53 @@ def sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- benchmarks
+
+
+# ----------------------------------------------------------------------------- memory, before it is taken
+
+# bytes per parameter a training step holds: fp32 weights, their gradients and the optimizer's two moments
+# (AdamW; Muon keeps one for its matrices and AdamW's two for the rest: at most as much)
+TRAIN_BYTES_PER_PARAM = 16
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process could still take on the device: CUDA's free memory, or the system's MemAvailable
+    (/proc/meminfo; else free pages); None where neither can be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def activation_bytes(cfg, batch_size: int, context_length: int | None = None) -> int:
+    """What a training step's forward keeps for the backward, in fp32: per token and layer about 12 widths
+    (norms, q/k/v, attention output, residuals) and 3 feed-forward widths (GPT-2: 4 x emb_dim; SwiGLU: its
+    intermediate size), plus the logits and their gradient."""
+    tokens = batch_size * (context_length or cfg.context_length)
+    ff = getattr(cfg, "intermediate_size", None) or 4 * cfg.emb_dim
+    per_token = cfg.n_layers * (12 * cfg.emb_dim + 3 * ff) + 2 * cfg.vocab_size
+    return 4 * tokens * per_token
+
+
+def training_bytes(params: int, cfg, batch_size: int, context_length: int | None = None) -> int:
+    """Estimated peak bytes of training a model of `params` parameters and config cfg at this batch."""
+    return TRAIN_BYTES_PER_PARAM * params + activation_bytes(cfg, batch_size, context_length)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"

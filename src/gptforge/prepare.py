@@ -535,6 +535,7 @@ class ShardWriter:
         try:
             self.f.write(b)
         except OSError as e:
+            self.discard()  # a partial shard is never kept: the run resumes from the last whole one
             raise DataError(f"{self.tmp}: cannot write ({e.strerror})") from None
         self.sha.update(b)
         self.tokens += len(ids)
@@ -549,6 +550,7 @@ class ShardWriter:
             self.f.close()
             os.replace(self.tmp, self.final)
         except OSError as e:
+            self.discard()
             raise DataError(f"{self.tmp}: cannot write ({e.strerror})") from None
         return {"file": self.name, "tokens": self.tokens, "documents": self.documents,
                 "sha256": self.sha.hexdigest()}
@@ -964,6 +966,9 @@ def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: i
     writable and hold nothing but a tokenizer.json, which is replaced only with `overwrite`.
     """
 
+    if min_frequency < 0:
+        raise DataError(f"--min-frequency {min_frequency}: must be 0 or more (merge only pairs seen at least this "
+                        "often; 2 by default)")
     files = find_inputs(inputs, PrepareConfig(include=include).include_patterns())
     kinds = [file_kind(f) for f in files]
     out = Path(out)

@@ -187,6 +187,10 @@ class HFTokenizer:
         self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
         self._token_bytes: np.ndarray | None = None
 
+    def vocab(self) -> dict[str, int]:
+        """Token -> id, added tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def _id(self, vocab: dict[str, int], token: str, key: str, config: str | None) -> int:
         if token not in vocab:
             raise ConfigError(f"{config or self.source}: {key} {token!r} is not a token of {self.source}; "
@@ -294,14 +298,50 @@ def tokenizer_opt() -> str | None:
 
 
 def get_tokenizer(name: str = "gpt2") -> Tokenizer:
-    """The tokenizer a config or checkpoint names: gpt2, or a tokenizer.json file (or a directory holding one)."""
+    """The tokenizer a config or checkpoint names: gpt2, a tokenizer.json file (or a directory holding one), or a
+    gptforge checkpoint (its model.safetensors, or the directory: the tokenizer its weights carry)."""
     if name == "gpt2":
         return GPT2Tokenizer()
     path = Path(name)
+    if (carried := carried_tokenizer(path)) is not None:
+        return carried
     if path.is_file() or (path / "tokenizer.json").is_file():
         return HFTokenizer.from_file(path)
     raise ConfigError(f"unknown tokenizer {name!r}: use gpt2 or the path of a Hugging Face tokenizer.json "
-                      "(or of a directory holding one)")
+                      "(or of a directory holding one, or of a gptforge checkpoint)")
+
+
+def carried_tokenizer(path: Path) -> Tokenizer | None:
+    """The tokenizer a gptforge checkpoint's weights carry in their metadata (a single-file checkpoint, or a sharded
+    one's meta.json); None for anything else."""
+    weights = path / "model.safetensors" if path.is_dir() else path
+    meta = None
+    if weights.is_file() and weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # not a safetensors file after all: the caller says what it takes
+            return None
+    elif path.is_dir() and (path / "meta.json").is_file():
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+    if not isinstance(meta, dict) or "tokenizer" not in meta:
+        return None
+    return tokenizer_from_metadata(meta)
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers give the same ids, as far as can be told: the same number of ids and, for two Hugging
+    Face tokenizers, the same vocabulary and merges."""
+    if a.vocab_size != b.vocab_size:
+        return False
+    if isinstance(a, HFTokenizer) and isinstance(b, HFTokenizer):
+        return a.name.split("-eos")[0] == b.name.split("-eos")[0] or a.vocab() == b.vocab()
+    return True
 
 
 def tokenizer_metadata(tokenizer: Tokenizer | str) -> dict[str, str]:

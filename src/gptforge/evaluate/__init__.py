@@ -20,7 +20,7 @@ import torch
 
 from .. import ops
 from ..config import ConfigError, check_choice, check_range, opt
-from ..data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
+from ..data import Batches, TokenWindows, check_windows, document_eot, eval_tokens, prepared_dir
 from ..devices import DEVICES, device_opt, pick_device
 from ..distributed import all_sum
 from ..models.layers import cross_entropy
@@ -41,6 +41,8 @@ class EvalConfig:
     limit: int | None = opt(None, "--task: score only the first N items of each task; default: all.")
     document_mask: bool = opt(False, "Score each end-of-text-separated document of a window on its own "
                                      "(as train --document-mask trains).")
+    split: str | None = opt(None, "With a directory made by `gptforge prepare`: the split to score, val or train; "
+                                  "default: val.", choices=("val", "train"))
     device: str = device_opt()
     tokenizer: str | None = tokenizer_opt()
 
@@ -48,6 +50,8 @@ class EvalConfig:
         for name in ("context_length", "stride", "batch_size", "max_batches", "limit"):
             check_range(name, getattr(self, name), 1)
         check_choice("device", self.device, DEVICES)
+        if self.split is not None:
+            check_choice("split", self.split, ("val", "train"))
 
 
 def lm_loss(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -168,14 +172,20 @@ def evaluate_text(source, data: Iterable[str], cfg: EvalConfig, warn=None) -> Ev
     text files in `data` (or a prepared directory's val split), windows and batches as cfg says; `warn`
     (default: stderr) says why bpb is missing."""
     warn = warn or (lambda message: print(message, file=sys.stderr))
+    if cfg.split is not None and prepared_dir(tuple(data)) is None:  # before the model is read
+        eval_tokens(tuple(data), None, cfg.split)
     device = pick_device(cfg.device)
     model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
     ctx = cfg.context_length or model.cfg.context_length
     if ctx > model.cfg.context_length:
         raise ConfigError(f"--context-length {ctx} must be between 1 and the model's {model.cfg.context_length}")
-    tokens = eval_tokens(tuple(data), tokenizer)
-    windows = TokenWindows(tokens, ctx, cfg.stride)
+    tokens = eval_tokens(tuple(data), tokenizer, cfg.split)
+    windows = TokenWindows(tokens, ctx, cfg.stride, new_targets_only=True)
     check_windows(windows, len(tokens), "evaluation", cfg.batch_size, drop_last=False)
+    if windows.stride > ctx:
+        skipped = len(windows) * (windows.stride - ctx)
+        warn(f"gptforge: warning: --stride {windows.stride} is longer than the {ctx}-token windows: {skipped:,} of "
+             f"{len(tokens):,} tokens ({skipped / len(tokens):.0%}) fall between windows and are not scored")
     batches = Batches(windows, cfg.batch_size, shuffle=False, drop_last=False)
     eot_id = document_eot(tokenizer, "document_mask") if cfg.document_mask else None
     result = evaluate(model, batches, cfg.max_batches, device, byte_table(tokenizer, warn), eot_id)

@@ -248,10 +248,29 @@ def score_task(model: torch.nn.Module, task: PreparedTask, batch_size: int, devi
     return metrics(task.items, results), results
 
 
+def task_labels(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """What each (task, file) is called in scores and metrics: the task's name, or NAME:FILE-STEM for a task given
+    with several files (two `choice` files of your own: choice:quiz, choice:trivia). The same file twice is a
+    mistake."""
+    seen = set()
+    for name, path in pairs:
+        if (name, str(Path(path).resolve())) in seen:
+            raise DataError(f"--task {name} {path} is given twice; give each task file once")
+        seen.add((name, str(Path(path).resolve())))
+    counts = {name: sum(n == name for n, _ in pairs) for name, _ in pairs}
+    labels = [f"{name}:{Path(path).stem}" if counts[name] > 1 else name for name, path in pairs]
+    if len(set(labels)) < len(labels):
+        clash = next(label for label in labels if labels.count(label) > 1)
+        raise DataError(f"two task files would both be called {clash!r} (the same name in different folders); "
+                          "rename one of them")
+    return labels
+
+
 def prepare_tasks(specs: Sequence[str], limit: int | None, tokenizer: Tokenizer, max_length: int) -> list[PreparedTask]:
     """--eval-task NAME=FILE values, read (the first `limit` items) and encoded for training-time evaluation."""
     pairs = [spec.partition("=")[::2] for spec in specs]
-    return [PreparedTask.build(name, read_task(name, path, limit), tokenizer, max_length) for name, path in pairs]
+    return [PreparedTask.build(label, read_task(name, path, limit), tokenizer, max_length)
+            for label, (name, path) in zip(task_labels(pairs), pairs)]
 
 
 def format_scores(scores: dict[str, dict]) -> str:
@@ -270,7 +289,8 @@ def evaluate_tasks(source, tasks: Sequence[tuple[str, str]], cfg, log=print) -> 
     from ..weights import load_for_text
 
     device = pick_device(cfg.device)
-    items = {name: read_task(name, path, cfg.limit) for name, path in tasks}  # bad files fail before loading
+    items = {label: read_task(name, path, cfg.limit)  # bad files fail before loading
+             for label, (name, path) in zip(task_labels(tasks), tasks)}
     model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
     max_length = cfg.context_length or model.cfg.context_length
     if max_length > model.cfg.context_length:

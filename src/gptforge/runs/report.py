@@ -14,6 +14,7 @@ import html
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,12 +50,20 @@ def load_run(path: str | Path) -> Run:
     metrics = path / METRICS
     if not metrics.is_file():
         raise ConfigError(f"{path}: no {METRICS}; is this a gptforge run directory?")
-    records = []
-    for line in metrics.read_text().splitlines():
+    records, skipped = [], []
+    lines = metrics.read_bytes().decode("utf-8", errors="replace").splitlines()
+    for i, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut off by a crash
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif line.strip() and i < len(lines):  # the last line may be cut off by a crash: not worth a word
+            skipped.append(i)
+    if skipped:
+        where = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        print(f"gptforge: warning: {metrics}: skipped {len(skipped)} damaged line(s) ({where})", file=sys.stderr)
     config: dict = {}
     if (path / CONFIG).is_file():
         try:
@@ -297,6 +306,9 @@ def check_target(out: str | Path) -> Path:
 
 def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Render the runs in run_dirs into the HTML file out (see check_target); returns its path."""
+    for d in map(Path, run_dirs):  # what was named first: a text file given as a run says so, not "--out"
+        if d.is_file():
+            raise ConfigError(f"{d}: is a file; report takes run directories (those `gptforge train` writes)")
     out = check_target(out)
     runs = load_runs(run_dirs)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,15 +14,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CONFIG, check_writable, saved_run_config, source_checkpoint
+from .. import distributed as dist
+from ..checkpoint import CHECKPOINTS, CONFIG, check_writable, saved_run_config, source_checkpoint
 from ..config import SEED_MAX, ConfigError, build, check_choice, check_range, check_toml, opt, read_toml, to_toml_dict
-from ..data import DataConfig, data_defaults
+from ..data import DataConfig, data_defaults, prepared_dir
 from ..devices import DEVICES
 from ..evaluate.tasks import TASKS
 from ..models import DEFAULT_ARCH, ModelSettings, ModelSpec, check_settings, get_spec, preset_arch, spec_for
 from ..models.gpt2 import GPTConfig
+from ..runs.rundir import LOCK, in_use
 from ..runs.trackers import LOGGERS
-from ..weights import init_model_config
+from ..weights import init_model_config, init_tokenizer
 from .optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_ON
 from .recipes import get_recipe
 
@@ -275,7 +277,14 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
     if resume:
         run_dir = Path(resume)
         saved = saved_train_config(run_dir, warn)
-        check_writable(run_dir, "--resume")
+        check_not_in_use(run_dir)
+        if (out := flags.get("out")) is not None and Path(out).resolve() != run_dir.resolve():
+            check_new_run_dir(Path(out))  # a branch: --out is a new run; --resume's directory is only read
+            run_dir = Path(out)
+        else:
+            check_writable(run_dir, "--resume")
+            if (run_dir / CHECKPOINTS).is_dir():  # a checkpoints/ that cannot be written fails now, not after training
+                check_writable(run_dir / CHECKPOINTS, "--resume")
         changes = {**file_values, **flags}
         if data:
             changes["inputs"] = list(data)
@@ -285,6 +294,9 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
                 raise ConfigError(f"cannot change {k} when resuming {run_dir} (the run has {saved.get(k)!r}, "
                                   f"asked for {changes[k]!r}); start a new run with --out instead")
         layers = [saved, changes]
+        if changed := [k for k in sorted(changes) if k not in ("inputs", "out") and changes[k] != saved.get(k)]:
+            warn("gptforge: note: resuming with " + ", ".join(f"{k} {saved.get(k)!r} -> {changes[k]!r}"
+                                                          for k in changed) + f" (recorded in {run_dir / CONFIG})")
         inputs = saved.get("inputs", [])
         preset_name = saved.get("preset")
         init_from = saved.get("init_from")
@@ -304,6 +316,8 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         presets = spec.presets
         inputs = list(data) or list(file_values.get("inputs", []))
         corpus_run = {} if inputs else DEFAULT_CORPUS_RUN
+        if init_cfg is not None:  # the source brings its own tokenizer (init_tokenizer, below)
+            corpus_run = {k: v for k, v in corpus_run.items() if k != "tokenizer_vocab"}
         user, below = {**file_values, **flags}, {**corpus_run, **recipe_settings}
         replaced = {}  # the user's choice replaces what a recipe (or the default run) chose beside it
         if "tokenizer" in user and "tokenizer_vocab" not in user:
@@ -313,21 +327,19 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
         below.update(replaced)
         run_dir = Path(flags.get("out") or file_values.get("out")
                        or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-        if (run_dir / CONFIG).exists():
-            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                              "or choose another --out")
-        if run_dir.is_dir() and (held := sorted(p.name for p in run_dir.iterdir())):
-            raise ConfigError(f"--out {run_dir}: the directory is not empty (it holds {', '.join(held[:3])}"
-                              + (", ..." if len(held) > 3 else "") + "); a new run needs a new or empty directory")
-        check_writable(run_dir, "--out")
+        check_new_run_dir(run_dir)
         planned = planner(inputs, {"arch": spec.arch, **presets.get(preset_name, {}), **below, **user}) \
             if plan_shape and planner is not None else {}
         below.update(planned)
         # tokenizer; vocab_size (a preset's follows it too)
         follow = {**data_defaults(inputs, {**below, **user}), **replaced}
+        if init_cfg is not None and user.get("tokenizer_vocab") is None:  # the source's tokenizer, or the same one
+            if (chosen := init_tokenizer(init_from, user.get("tokenizer", follow.get("tokenizer")))) is not None:
+                follow["tokenizer"] = chosen
         layers = [presets.get(preset_name, {}), corpus_run, recipe_settings, planned, follow, file_values, flags]
         if init_cfg is not None:
             layers.append(init_cfg.to_dict())
+    check_applies(flags, layers, inputs)  # the command line's: a config.toml records every setting
     cfg = RunConfig(model=build(spec.config_class, *layers), data=build(DataConfig, *layers),
                     train=build(TrainConfig, *layers), inputs=[str(p) for p in inputs], preset=preset_name,
                     init_from=init_from, recipe=recipe)
@@ -336,6 +348,40 @@ def resolve_train_config(data, config_file, resume, preset, flags, init_from=Non
                           "model's own vocabulary: leave --tokenizer-vocab out (or give --tokenizer)")
     cfg.train.out = str(run_dir)
     return cfg, run_dir
+
+
+def check_applies(user: dict, layers: list[dict], inputs: list) -> None:
+    """Refuse a flag the run would ignore: --decay-fraction without the wsd schedule, --val-fraction on a prepared
+    directory (its manifest fixes the split)."""
+    merged = {k: v for layer in layers for k, v in layer.items()}
+    schedule = merged.get("schedule", TrainConfig.schedule)
+    if "decay_fraction" in user and schedule != "wsd":
+        raise ConfigError(f"--decay-fraction {user['decay_fraction']} applies to --schedule wsd, and this run's "
+                          f"schedule is {schedule}: add --schedule wsd or leave --decay-fraction out")
+    if "val_fraction" in user and (data_dir := prepared_dir(inputs)) is not None:
+        raise ConfigError(f"--val-fraction {user['val_fraction']}: {data_dir} is prepared data, whose split its "
+                          "manifest fixes; leave --val-fraction out (or prepare it again with `gptforge prepare "
+                          "--val-fraction`)")
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    """Refuse a run directory that another training process holds (runs.rundir's lock). Rank 0 alone asks: under
+    torchrun it takes the lock itself, maybe before the other ranks get here."""
+    if dist.is_main() and (why := in_use(run_dir)):
+        raise ConfigError(f"{why}; wait for it to end or stop it, or branch it with --resume {run_dir} --out NEW")
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run's --out (or a branch's): not a run, not in use, empty (but for a lock a killed run left), writable."""
+    if dist.is_main() and (why := in_use(run_dir)):
+        raise ConfigError(f"{why}; choose another --out")
+    if (run_dir / CONFIG).exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                          "or choose another --out")
+    if run_dir.is_dir() and (held := sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)):
+        raise ConfigError(f"--out {run_dir}: the directory is not empty (it holds {', '.join(held[:3])}"
+                          + (", ..." if len(held) > 3 else "") + "); a new run needs a new or empty directory")
+    check_writable(run_dir, "--out")
 
 
 # The settings that give a run's length, and those that name a model's shape (with one, --minutes plans the length

@@ -13,7 +13,6 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
-from ..config import ConfigError
 from ..devices import pick_device
 from ..evaluate import byte_table, evaluate, perplexity
 from ..evaluate.tasks import PreparedTask, format_scores, prepare_tasks, score_task
@@ -21,13 +20,23 @@ from ..generate import SampleConfig, sample_text
 from ..models import spec_for
 from ..perf import keep_freed_cpu_memory, mfu, peak_flops
 from ..runs.metrics import MetricsLog, Progress, format_eval, human, plot_losses, plot_tasks
+from ..runs.rundir import branch_point, branch_run
 from ..runs.trackers import check_loggers, open_trackers
 from ..tokenizer import Tokenizer
 from .best import Verdict
 from .config import RunConfig, TrainConfig
 from .optim import build_optimizer, check_optimizer, describe_optimizer, set_lr
 from .plan import plan_steps
-from .state import Checkpointer, RunState, Schedule, TrainData, build_data, build_model, run_tokenizer
+from .state import (
+    Checkpointer,
+    RunState,
+    Schedule,
+    TrainData,
+    build_data,
+    build_model,
+    check_memory,
+    run_tokenizer,
+)
 from .step import Precision, StepResult, stop_requests, train_step
 
 
@@ -136,8 +145,10 @@ def describe_run(cfg: RunConfig, core: torch.nn.Module, data: TrainData, schedul
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dict:
-    """Train (or resume) the run in run_dir; returns a summary of the last evaluation."""
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
+          branch: tuple[Path, str | None] | None = None) -> dict:
+    """Train (or resume) the run in run_dir; returns a summary of the last evaluation. `branch` (source run,
+    --checkpoint or None for its newest): run_dir starts as a copy of the source's history up to that checkpoint."""
     t, run_dir = cfg.train, Path(run_dir)
     device = dist.setup(pick_device(t.device))
     if device.type == "cpu":
@@ -145,10 +156,12 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     main = dist.is_main()
     log = log if main else (lambda *args, **kwargs: None)  # only rank 0 prints, plots and writes
     warn = (lambda message: print(message, file=sys.stderr, flush=True)) if main else (lambda message: None)
-    tokenizer = run_tokenizer(cfg, run_dir, resume)
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size}; set --vocab-size to at least that")
+    if branch is not None:  # --resume RUN --out NEW: rank 0 copies, then every rank resumes NEW
+        if main:
+            branch_run(branch[0], run_dir, branch_point(Path(branch[0]), branch[1], note=log, warn=warn), log)
+        dist.barrier()
+    check_memory(cfg.model, t, device)  # before the tokenizer, the data and the model: refused at once if it cannot fit
+    tokenizer = run_tokenizer(cfg, run_dir, resume, warn)
     torch.manual_seed(t.seed)
     check_loggers(t.logger)
     check_optimizer(t.optimizer)

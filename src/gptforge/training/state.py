@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
-from .. import faults
+from .. import faults, perf
 from ..config import ConfigError
 from ..data import (
     Batches,
@@ -41,9 +41,23 @@ from .config import RunConfig, TrainConfig
 from .optim import lr_at
 
 
-def run_tokenizer(cfg: RunConfig, run_dir: Path, resume: bool) -> Tokenizer:
+def run_tokenizer(cfg: RunConfig, run_dir: Path, resume: bool, warn=print) -> Tokenizer:
     """The run's tokenizer: --tokenizer's; with --tokenizer-vocab N, a byte-level BPE trained by rank 0 on the
-    run's training text (train() keeps it as RUN_DIR/tokenizer.json, which a resume reads back)."""
+    run's training text (train() keeps it as RUN_DIR/tokenizer.json, which a resume reads back). When the text
+    gives fewer than N ids, the model's vocabulary (N unless set) follows the tokenizer, and `warn` says so."""
+    tokenizer = _tokenizer(cfg, run_dir, resume)
+    asked = cfg.data.tokenizer_vocab
+    if not resume and asked is not None and tokenizer.vocab_size < asked == cfg.model.vocab_size:
+        warn(f"gptforge: note: the training text gives a byte-level BPE of {tokenizer.vocab_size:,} ids, not the "
+             f"{asked:,} of --tokenizer-vocab (too little text for more merges); the model's vocabulary follows it")
+        cfg.model.vocab_size = tokenizer.vocab_size
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size}; set --vocab-size to at least that")
+    return tokenizer
+
+
+def _tokenizer(cfg: RunConfig, run_dir: Path, resume: bool) -> Tokenizer:
     vocab = cfg.data.tokenizer_vocab
     if vocab is None:
         return get_tokenizer(cfg.data.tokenizer)
@@ -178,6 +192,23 @@ class RunState:
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def check_memory(model_cfg, t: TrainConfig, device: torch.device) -> None:
+    """Refuse, before anything is allocated, training whose estimated peak (weights, gradients, optimizer state:
+    perf.TRAIN_BYTES_PER_PARAM each; activations: perf.activation_bytes) is more than the device has free."""
+    free = perf.available_memory(device)
+    if free is None:
+        return
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build(model_cfg).parameters())
+    share = dist.world_size() if t.parallel == "fsdp" else 1  # FSDP: each rank holds its share of the state
+    need = perf.TRAIN_BYTES_PER_PARAM * params // share + perf.activation_bytes(model_cfg, t.batch_size)
+    if need > free:
+        raise ConfigError(f"training needs about {perf.human_bytes(need)} of memory on {device} ({params:,} "
+                          f"parameters x {perf.TRAIN_BYTES_PER_PARAM} bytes, and activations for batch {t.batch_size} "
+                          f"x {model_cfg.context_length}) and {perf.human_bytes(free)} is free: reduce the model "
+                          "(--emb-dim, --n-layers, --vocab-size), --batch-size or --context-length")
+
+
 def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torch.nn.Module:
     """Random initial weights from the seed (as --init says), or --init-from's weights (a resumed run loads
     its own later)."""
@@ -255,7 +286,7 @@ class Checkpointer:
             ckpt.set_aside(damaged, self.warn)
         sharded = ckpt.is_sharded(last)
         if not sharded:
-            model.load_state_dict(load_model(last / ckpt.WEIGHTS)[0].state_dict())  # verified just above
+            model.load_state_dict(load_model(last / ckpt.WEIGHTS, verify=False)[0].state_dict())  # verified just above
         if "scaler" in saved and self.scaler.is_enabled():
             self.scaler.load_state_dict(saved["scaler"])
         state.load_state_dict(saved)

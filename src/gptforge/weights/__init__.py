@@ -51,7 +51,14 @@ from safetensors.torch import save_file
 from .. import checkpoint as ckpt
 from ..config import ConfigError
 from ..models import DEFAULT_ARCH, build, config_from_dict, max_positions, spec_for
-from ..tokenizer import TOKENIZER_CONFIG, HFTokenizer, Tokenizer, get_tokenizer, tokenizer_from_metadata
+from ..tokenizer import (
+    TOKENIZER_CONFIG,
+    HFTokenizer,
+    Tokenizer,
+    get_tokenizer,
+    same_tokenizer,
+    tokenizer_from_metadata,
+)
 from . import gguf_out, gpt2, llama
 from .gpt2 import BOOK_BLOCK_NAMES, BOOK_NAMES, HEAD_SIZE, HUB_NAMES, SHAPE_KEYS
 from .plan import Entry, Source, WeightFamily, expected, fill, our_shapes
@@ -70,6 +77,7 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_SHARD_INDEX = "model.safetensors.index.json"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # fetched with a hub model that has them
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".json", ".csv", ".parquet", ".zst", ".gz")  # data, not models
 NANOGPT_CKPT = "ckpt.pt"  # what nanoGPT's train.py writes into its out_dir
 LOCAL_PREFIXES = ("./", "../", "/", "~")  # a SOURCE written like this is a path here, never a hub id
 
@@ -77,8 +85,8 @@ __all__ = [
     "BOOK_BLOCK_NAMES", "BOOK_NAMES", "FAMILIES", "HEAD_SIZE", "HF_SHARD_INDEX", "HF_WEIGHTS", "HUB_NAMES",
     "LOCAL_PREFIXES", "SHAPE_KEYS", "TORCH_SUFFIXES", "Entry", "SafetensorsReader", "Source", "TFCheckpointReader",
     "TorchReader", "WeightFamily", "WeightsError", "build_model", "check_source", "convert", "convert_target",
-    "hf_config", "init_model_config", "load_any", "load_for_text", "load_model", "open_source", "text_tokenizer",
-    "to_gguf", "to_gptforge", "to_hf",
+    "hf_config", "init_model_config", "init_tokenizer", "load_any", "load_for_text", "load_model", "open_source",
+    "text_tokenizer", "to_gguf", "to_gptforge", "to_hf",
 ]
 
 
@@ -115,6 +123,9 @@ def open_source(source: str | Path, n_heads: int | None = None) -> Source:
             return gpt2.tf_source(p.parent)
         if p.name == "config.json":
             return _hf_source(p.parent)
+        if p.suffix.lower() in TEXT_SUFFIXES:  # eval TEXT SOURCE: the arguments swapped
+            raise WeightsError(f"SOURCE {source}: a text file, not a model; the model comes first, then the text "
+                               f"(gptforge eval RUN_DIR {source})")
         if p.suffix not in TORCH_SUFFIXES:  # safetensors, whatever the name
             reader = SafetensorsReader.single(p)
             if reader.metadata.get("format") == "gptforge":
@@ -208,6 +219,8 @@ def _hf_source(d: Path, weights: Path | None = None, reader=None, hub_id: str | 
     meta = {"format": "hub" if hub_id else "hf", "source": hub_id or str(where)}
     if (d / HF_TOKENIZER_FILES[0]).is_file():  # the family may know better (GPT-2's is always gpt2)
         meta["tokenizer"] = str(d / HF_TOKENIZER_FILES[0])
+    if any((d / name).is_file() for name in (HF_TOKENIZER_FILES[0], "vocab.json")):
+        meta["tokenizer_files"] = "yes"  # a tokenizer the directory holds, not one assumed for its family
     return family.hf_source(cfg, reader, meta)
 
 
@@ -224,8 +237,8 @@ def _torch_source(path: Path, n_heads: int | None) -> Source:
     raise WeightsError(f"{path}: a state dict of neither {kinds}")
 
 
-def _gptforge_source(p: Path) -> Source:
-    path = ckpt.resolve_weights(p)
+def _gptforge_source(p: Path, verify: bool = True) -> Source:
+    path = ckpt.resolve_weights(p, verify)
     meta = ckpt.read_weights_meta(path)
     try:
         cfg = config_from_dict(json.loads(meta["model"]), meta.get("arch"))  # no arch: written before families
@@ -308,11 +321,11 @@ def load_any(source: str | Path, device: torch.device | str = "cpu", *, context_
     return model.to(device), src.meta
 
 
-def load_model(source: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+def load_model(source: str | Path, device: torch.device | str = "cpu", verify: bool = True) -> tuple[nn.Module, dict]:
     """A gptforge model from a run dir (its best checkpoint, else its newest intact one: checkpoint.choose_checkpoint),
-    checkpoint dir or weights file; returns (model, the weights file's metadata). The one reader of gptforge weights
-    files."""
-    src = _gptforge_source(Path(source))
+    checkpoint dir or weights file (checked against its checksums.json unless `verify` is False: the caller just
+    did); returns (model, the weights file's metadata). The one reader of gptforge weights files."""
+    src = _gptforge_source(Path(source), verify)
     return build_model(src).to(device), src.meta
 
 
@@ -357,12 +370,47 @@ def text_tokenizer(cfg: Any, meta: dict, source: str | Path, tokenizer: str | No
         raise ConfigError(f"{source}: carries no tokenizer; pass --tokenizer with the tokenizer the model was trained "
                           "with (a tokenizer.json, a directory holding one, or gpt2)")
     tok = tokenizer_from_metadata(meta) if tokenizer is None else get_tokenizer(tokenizer)
+    if tokenizer is not None and carries_tokenizer(meta):
+        check_same_tokenizer(tok, source_tokenizer(meta), f"--tokenizer {tokenizer}", source)
     if cfg.vocab_size < tok.vocab_size:
         which = f"the --tokenizer {tokenizer}" if tokenizer is not None else f"its {meta.get('tokenizer', 'gpt2')}"
         raise ConfigError(f"{source}: the model has {cfg.vocab_size} token ids, fewer than {which} "
                           f"tokenizer's {tok.vocab_size}; it cannot read or write text (pass --tokenizer with the "
                           "tokenizer the model was trained with)")
     return tok
+
+
+def carries_tokenizer(meta: dict) -> bool:
+    """Whether a source holds the tokenizer its model was trained with: gptforge weights (their metadata), or a
+    Hugging Face directory with tokenizer files; not one assumed for its family (GPT-2's, for bare weights)."""
+    return "tokenizer" in meta and ("model" in meta or "tokenizer_files" in meta)
+
+
+def source_tokenizer(meta: dict) -> Tokenizer:
+    """The tokenizer a source's metadata carries (gptforge weights) or names (a Hugging Face directory's file)."""
+    return tokenizer_from_metadata(meta) if "tokenizer_json" in meta else get_tokenizer(meta["tokenizer"])
+
+
+def check_same_tokenizer(ours: Tokenizer, theirs: Tokenizer, what: str, source) -> None:
+    """Refuse a tokenizer other than the one the model in `source` was trained with: its ids would mean other
+    tokens (a loss that means nothing, text that makes no sense, embeddings trained on the wrong rows)."""
+    if not same_tokenizer(ours, theirs):
+        raise ConfigError(f"{what} ({ours.vocab_size:,} ids) is not the tokenizer the model in {source} was trained "
+                          f"with ({theirs.vocab_size:,} ids): the ids would mean other tokens; leave it out (the "
+                          "model's own is used) or give the model's tokenizer")
+
+
+def init_tokenizer(source: str, named: str | None) -> str | None:
+    """The tokenizer of a run started from `source` (--init-from): the source's own when `named` (--tokenizer, or a
+    prepared directory's) is None, `named` when it is the same one; another one is refused. None: gpt2 (a source
+    that carries no tokenizer, such as the book's model.pth, and nothing named)."""
+    meta = open_source(source).meta
+    if not carries_tokenizer(meta):
+        return named
+    if named is not None:
+        check_same_tokenizer(get_tokenizer(named), source_tokenizer(meta), f"the run's tokenizer {named}", source)
+        return named
+    return str(source) if "tokenizer_json" in meta else meta["tokenizer"]
 
 
 # ----------------------------------------------------------------------------- export
@@ -414,6 +462,7 @@ def to_hf(model: nn.Module, out_dir: str | Path, tokenizer: Tokenizer | str = "g
     name = tokenizer if isinstance(tokenizer, str) else tokenizer.name
     meta = {"format": "pt", "gptforge_model": json.dumps(cfg.to_dict()), "gptforge_tokenizer": name}
     save_file(sd, str(out / "model.safetensors"), metadata=meta)
+    ckpt.follow_umask(out / "model.safetensors")
     conf = family.hf_config(cfg)
     if isinstance(tokenizer, HFTokenizer):
         conf["eos_token_id"] = tokenizer.eot_id
@@ -454,7 +503,13 @@ def convert(source: str | Path, target: str, out: str | Path, n_heads: int | Non
     convert_target(out, target)
     if target == "gguf" and dtype not in gguf_out.DTYPES:
         raise WeightsError(f"--dtype {dtype}: GGUF export writes {', '.join(gguf_out.DTYPES)}")
+    if target != "gguf" and dtype != "f32":
+        raise WeightsError(f"--dtype {dtype}: only --to gguf writes another precision; --to {target} writes the "
+                           "model's float32 weights (leave --dtype out)")
     src = open_source(source, n_heads=n_heads)
+    if n_heads is not None and getattr(src.cfg, "n_heads", n_heads) != n_heads:
+        raise WeightsError(f"--n-heads {n_heads}: {source} records its heads ({src.cfg.n_heads}); --n-heads is for "
+                           "sources that do not (the book's model.pth): leave it out")
     check_source(src)  # a partial file first, then the tokenizer: both before the weights are read
     meta = src.meta
     tok = tokenizer_from_metadata(meta) if tokenizer is None and "tokenizer" in meta else text_tokenizer(
@@ -462,8 +517,9 @@ def convert(source: str | Path, target: str, out: str | Path, n_heads: int | Non
     if target == "gguf":
         _family(src.cfg).gguf_arch(src.cfg)  # what llama.cpp cannot run, refused before the weights are read
     model = build_model(src)
-    if target == "gguf":
-        return to_gguf(model, out, tok, dtype, name=Path(str(source)).name), model, meta
-    if target == "hf":
-        return to_hf(model, out, tok), model, meta
-    return to_gptforge(model, out, tok, source=str(source)), model, meta
+    with ckpt.cleaned_on_failure(Path(out), "convert"):
+        if target == "gguf":
+            return to_gguf(model, out, tok, dtype, name=Path(str(source)).name), model, meta
+        if target == "hf":
+            return to_hf(model, out, tok), model, meta
+        return to_gptforge(model, out, tok, source=str(source)), model, meta
