@@ -151,14 +151,21 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
+ATTENTION_SAVED = 3.3  # T x T tensors per head a step keeps when attention has dropout (probabilities, mask, grad)
+
+
 def activation_bytes(cfg, batch_size: int, context_length: int | None = None) -> int:
-    """What a training step's forward keeps for the backward, in fp32: per token and layer about 12 widths
-    (norms, q/k/v, attention output, residuals) and 3 feed-forward widths (GPT-2: 4 x emb_dim; SwiGLU: its
-    intermediate size), plus the logits and their gradient."""
-    tokens = batch_size * (context_length or cfg.context_length)
-    ff = getattr(cfg, "intermediate_size", None) or 4 * cfg.emb_dim
-    per_token = cfg.n_layers * (12 * cfg.emb_dim + 3 * ff) + 2 * cfg.vocab_size
-    return 4 * tokens * per_token
+    """What a training step keeps for the backward, in fp32, per token: per layer about 24 widths for GPT-2's
+    block (norms, q/k/v, attention output, residuals, its 4-wide MLP) or 16 widths and 5 intermediate widths for
+    a SwiGLU block (QK-norm and rotary copies, gate, up, their product); with attention dropout, which rules out the
+    fused attention kernels, the T x T probabilities of each head; and the logits with their gradient. Fitted to
+    the peak memory of training steps on a CPU (tests/test_rundir.py checks it within 30%)."""
+    T = context_length or cfg.context_length
+    ff = getattr(cfg, "intermediate_size", None)
+    layer = 16 * cfg.emb_dim + 5 * ff if ff else 24 * cfg.emb_dim
+    if getattr(cfg, "drop_rate", 0.0) > 0:
+        layer += ATTENTION_SAVED * cfg.n_heads * T
+    return int(4 * batch_size * T * (cfg.n_layers * layer + 2 * cfg.vocab_size))
 
 
 def training_bytes(params: int, cfg, batch_size: int, context_length: int | None = None) -> int:
