@@ -1,7 +1,7 @@
 """One training process per run directory (RUN_DIR/run.lock), and branches (`--resume RUN --out NEW`).
 
-Moments are chosen by progress: the first process is stopped (SIGSTOP, armed through GPTFORGE_FAULT) in the middle
-of a given step, and the test goes on once the kernel reports it stopped; never after a sleep.
+Moments are chosen by progress: the first process stops itself (SIGSTOP, armed through GPTFORGE_FAULT) in the middle
+of a given step, and the test goes on when waitpid reports that stop; nothing waits on a clock.
 """
 
 import hashlib
@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -55,13 +54,12 @@ def gptforge(*args, fault=None, popen=False):
 
 
 def wait_stopped(proc) -> None:
-    """Until the kernel reports the process stopped (or it ended: a failure)."""
-    while proc.poll() is None:
-        with open(f"/proc/{proc.pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "T":
-                return
-        time.sleep(0.05)  # polling the process's state, not waiting for a moment
-    raise AssertionError(f"the run ended (exit {proc.returncode}) instead of stopping: {proc.stderr.read()[-2000:]}")
+    """Until the process stops itself at its armed step: waitpid reports the stop (no polling, no clock)."""
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        raise AssertionError(f"the run ended (exit {proc.returncode}) instead of stopping: "
+                             f"{proc.stderr.read()[-2000:]}")
 
 
 def one_line_error(code, err, *needles):
@@ -78,7 +76,7 @@ def tree(run_dir) -> dict[str, str]:
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process state from /proc")
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP and waitpid are POSIX")
 def test_a_second_training_process_is_refused_while_readers_are_not(corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
     first = gptforge(*train_args(corpus, 8), "--out", run_dir, fault="step-mid:6:SIGSTOP", popen=True)
