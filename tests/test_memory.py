@@ -14,7 +14,7 @@ from gptforge.training.config import TrainConfig
 # a fresh process per shape: the growth of its peak resident memory from just before the model is built to after
 # a warmup and 3 optimizer steps (CPU, fp32); the import of torch and gptforge is not counted
 PROBE = """
-import json, resource, sys
+import json, sys
 import torch
 from gptforge import perf
 from gptforge.config import build
@@ -27,9 +27,12 @@ perf.keep_freed_cpu_memory()  # as train() and bench train run on a CPU
 cfg, t = build(get_spec(arch).config_class, shape), build(TrainConfig, train)
 with torch.device("meta"):
     params = sum(p.numel() for p in build_model(cfg).parameters())
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):  # kB in /proc/self/status; ru_maxrss would keep the peak of the forked parent (pytest) across exec
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS:")
 time_steps(RandomSteps.setup(cfg, t, torch.device("cpu")), 3, 1, torch.device("cpu"))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+peak = status("VmHWM:") - before
 print(json.dumps({"estimate": perf.training_bytes(params, cfg, t.batch_size), "peak": peak}))
 """
 
