@@ -153,14 +153,23 @@ CASES = [
     ("train-config-key-in-another-table", "train --config wrong_table.toml",
      "wrong_table.toml: 'lr' belongs in [train], not in [model]; move it there", 1),
     ("eval-arguments-swapped", "eval data.txt model", "SOURCE data.txt: a text file, not a model", 1),
+    ("convert-without-out", "convert model --to hf", "no OUT given: say where to write", 1),
+    ("convert-out-twice", "convert model new --to hf --out other", "OUT is given twice (new and --out other)", 1),
+    ("train-init-from-pth-without-its-tokenizer", "train data.txt --out notes/new --init-from mm.pth",
+     "--init-from mm.pth: carries no tokenizer and has 300 token ids, fewer than gpt2 (assumed) has (50,257); pass "
+     "--tokenizer", 1),
+    ("train-init-from-pth-with-a-larger-tokenizer",
+     "train data.txt --out notes/new --init-from mm.pth --tokenizer gpt2",
+     "fewer than --tokenizer gpt2 has (50,257)", 1),
     ("tokenizer-min-frequency-negative", "tokenizer train data.txt --vocab-size 300 --out notes/tok --min-frequency -3",
      "--min-frequency -3: must be 0 or more", 1),
 ]
 
 
-def make_tree(root: Path, model_bytes: bytes, tok_json: str) -> None:
+def make_tree(root: Path, model_bytes: bytes, tok_json: str, pth_bytes: bytes) -> None:
     """The files a user has where the commands run."""
     (root / "tok.json").write_text(tok_json)
+    (root / "mm.pth").write_bytes(pth_bytes)
     (root / "notes").mkdir()
     (root / "notes" / "mine.txt").write_text("my own notes\n")
     (root / "runs" / "x").mkdir(parents=True)
@@ -189,6 +198,20 @@ def model_bytes(tmp_path_factory) -> bytes:
 
 
 @pytest.fixture(scope="module")
+def pth_bytes(tmp_path_factory) -> bytes:
+    """A minimind-style .pth (a bare Qwen3 state dict in fp16, no tokenizer) of 300 token ids."""
+    import transformers
+
+    torch.manual_seed(0)
+    conf = transformers.Qwen3Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    tie_word_embeddings=True, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("pth") / "mm.pth"
+    torch.save({k: v.half() for k, v in transformers.Qwen3ForCausalLM(conf).state_dict().items()}, path)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
 def tok_json() -> str:
     """A 300-id byte-level BPE: another tokenizer than the model's GPT-2."""
     from pydoc_data.topics import topics
@@ -210,8 +233,8 @@ def no_hub(repo_id):
 
 @pytest.mark.parametrize("args,fragment,code", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_nothing_is_lost(args, fragment, code, tmp_path, capsys, monkeypatch, model_bytes,
-                                                  tok_json):
-    make_tree(tmp_path, model_bytes, tok_json)
+                                                  tok_json, pth_bytes):
+    make_tree(tmp_path, model_bytes, tok_json, pth_bytes)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(weights, "_hub_snapshot", no_hub)

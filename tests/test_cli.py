@@ -79,6 +79,29 @@ def test_generate_seeded_and_greedy(trained, capsys):
     assert "generated 8 tokens in" in g1[2] and "tokens/s" in g1[2]  # speed on stderr, text alone on stdout
 
 
+def test_generate_ctrl_c_keeps_the_text_so_far(trained, capsys, monkeypatch):
+    """Ctrl-C during generation prints the tokens generated before it (the same as a shorter run's) and exits 130."""
+    import importlib
+
+    gen = importlib.import_module("gptforge.generate")  # the module (the package also exports a function so named)
+    run_dir, _, _ = trained
+    args = ["generate", str(run_dir), "--prompt", "The", "--device", "cpu"]
+    code, five, _ = run(args + ["--max-new-tokens", "5"], capsys)
+    assert code == 0
+    decode, calls = gen.decode_one_token, []
+
+    def interrupted_after_four(*a, **k):  # the prefill gives token 1, decode steps 2-5, then Ctrl-C
+        calls.append(1)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return decode(*a, **k)
+
+    monkeypatch.setattr(gen, "decode_one_token", interrupted_after_four)
+    code, out, err = run(args + ["--max-new-tokens", "50"], capsys)
+    assert code == 130 and out == five
+    assert "generated 5 tokens" in err and "interrupted" in err and "Traceback" not in err
+
+
 def test_resume_extends_a_finished_run(trained, capsys, tmp_path):
     import shutil
 

@@ -317,6 +317,37 @@ def test_local_paths_never_ask_the_hub(tmp_path, monkeypatch):
     assert asked == ["gpt2", "someone/model"]
 
 
+def test_unreachable_hub_answers_at_once(tmp_path, monkeypatch):
+    """A hub id not in the cache while the hub's host cannot be reached: one line after one connection attempt, not
+    huggingface_hub's ~25 s of retries (no download is attempted at all)."""
+    import socket as socket_module
+
+    from huggingface_hub import constants
+
+    from gptforge import weights
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    downloads, connects = [], []
+
+    def download(repo_id, name, local_files_only=False, **kwargs):
+        downloads.append((repo_id, name, local_files_only))
+        from huggingface_hub.errors import LocalEntryNotFoundError
+        raise LocalEntryNotFoundError(f"{repo_id}/{name} not cached")
+
+    def connect(address, timeout=None):
+        connects.append(address)
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(weights, "hf_hub_download", download)
+    monkeypatch.setattr(socket_module, "create_connection", connect)
+    with pytest.raises(CheckpointError, match="someone/model: no such local path.*the hub could not be reached"):
+        load_any("someone/model")
+    assert downloads == [("someone/model", "config.json", True)]  # the cache only
+    assert len(connects) == 1 and connects[0][0] in constants.ENDPOINT  # huggingface.co unless HF_ENDPOINT says
+
+
 def test_cli_eval_hub_id_offline_env(tmp_path, text_file):
     """The real environment variables, through the CLI: HF_HOME's cache, HF_HUB_OFFLINE=1."""
     hf = hf_model(seed=6, vocab_size=50257, n_positions=64, n_embd=16, n_head=2, n_layer=1)

@@ -283,6 +283,9 @@ def generate(source: str, config_file: str | None, which: str | None, **flags) -
     seconds = stats["prefill_seconds"] + stats["decode_seconds"]
     click.echo(f"generated {stats['tokens']} tokens in {seconds:.2f} s ({stats['tokens'] / max(seconds, 1e-9):.1f} "
                f"tokens/s; prompt prefill {stats['prefill_seconds'] * 1000:.0f} ms)", err=True)
+    if stats["interrupted"]:
+        click.echo("interrupted: the text above is what was generated before Ctrl-C", err=True)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------- bench
@@ -392,7 +395,9 @@ def bench_generate_cmd(arch: str | None, preset: str | None, **flags) -> None:
                    "LlamaForCausalLM); gptforge: a checkpoint directory (or a .safetensors file) that eval, "
                    "generate and --init-from take; gguf: one OUT.gguf file for llama.cpp and Ollama (architecture "
                    "gpt2, llama, qwen2 or qwen3, the tokenizer inside).")
-@click.argument("out", type=click.Path())
+@click.argument("out", type=click.Path(), required=False)
+@click.option("--out", "out_flag", type=click.Path(), default=None, metavar="OUT",
+              help="OUT as an option, as train, prepare and report take it (give OUT once, either way).")
 @click.option("--n-heads", type=int, default=None,
               help="Attention heads of a state dict that does not show them: the book's model.pth [default: emb_dim "
                    "/ 64, as in GPT-2], or a Llama/minimind .pth without q_norm (MiniMind2's have 8).")
@@ -404,14 +409,19 @@ def bench_generate_cmd(arch: str | None, preset: str | None, **flags) -> None:
               help="--to gguf: the type of the weight matrices (norms and biases stay f32, as llama.cpp's converter "
                    "keeps them).")
 @checkpoint_option
-def convert(source: str, target: str, out: str, n_heads: int | None, tokenizer: str | None, dtype: str,
-            which: str | None) -> None:
+def convert(source: str, target: str, out: str | None, out_flag: str | None, n_heads: int | None,
+            tokenizer: str | None, dtype: str, which: str | None) -> None:
     """Convert the model in SOURCE (any format `eval` takes) to OUT.
 
     OUT is a new or empty directory (or, for --to gptforge, a new .safetensors file; for --to gguf, a
     new .gguf file): nothing there is ever overwritten.
     """
 
+    if (out is None) == (out_flag is None):
+        raise ConfigError("no OUT given: say where to write, `gptforge convert SOURCE OUT --to ...` (or --out OUT)"
+                          if out is None else
+                          f"OUT is given twice ({out} and --out {out_flag}); give it once")
+    out = out or out_flag
     check_range("n_heads", n_heads, 1)
     path, model, meta = convert_model(pick(source, which), target, out, n_heads, tokenizer, dtype)
     head = "tied" if model.cfg.tie_weights else "untied"

@@ -174,6 +174,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     stats: dict | None = None,
+    keep_on_interrupt: bool = False,
 ) -> list[list[int]]:
     """Continue each row of idx (B, T) by up to cfg.max_new_tokens tokens.
 
@@ -182,7 +183,8 @@ def generate(
     Returns the new tokens of each row. With use_cache, a KV cache turns each step into a one-token
     forward pass (same tokens, greedy). A `stats` dict receives prefill_seconds (the prompt and the
     first pick; the cache is allocated before the clock starts), decode_seconds and tokens (new tokens
-    of all rows).
+    of all rows). With keep_on_interrupt, Ctrl-C ends the generation and the tokens so far are returned (stats gets
+    interrupted=True) rather than lost.
     """
     was_training = model.training
     model.eval()
@@ -206,12 +208,19 @@ def generate(
                 done |= torch.isin(tok.squeeze(1), stops)
                 if bool(done.all()):
                     break
+    except KeyboardInterrupt:
+        if not keep_on_interrupt:
+            raise
+        interrupted = True
+    else:
+        interrupted = False
     finally:
         model.train(was_training)
     if stats is not None:
         t2 = time.perf_counter()
         t1 = t0 if t1 is None else t1
-        stats.update(prefill_seconds=t1 - t0, decode_seconds=t2 - t1, tokens=sum(len(o) for o in out))
+        stats.update(prefill_seconds=t1 - t0, decode_seconds=t2 - t1, tokens=sum(len(o) for o in out),
+                     interrupted=interrupted)
     return out
 
 
@@ -224,8 +233,10 @@ def sample_text(
     seed: int | None = None,
     device: torch.device | str = "cpu",
     stats: dict | None = None,
+    keep_on_interrupt: bool = False,
 ) -> list[str]:
-    """Prompt text -> num_samples continuations (text only, prompt excluded); stats as in generate().
+    """Prompt text -> num_samples continuations (text only, prompt excluded); stats and keep_on_interrupt as in
+    generate().
 
     Each stops at one of the tokenizer's stop_ids, which is left out of the text (nothing else is).
     """
@@ -242,16 +253,19 @@ def sample_text(
         print(f"gptforge: warning: the prompt is {len(ids)} tokens and the model reads at most {limit} (its learned "
               f"positions): its first {len(ids) - limit} tokens are not seen", file=sys.stderr)
     generator = sampling_generator(cfg, seed, device)
-    outs = generate(model, idx, cfg, eos_id=tokenizer.stop_ids, generator=generator, stats=stats)
+    outs = generate(model, idx, cfg, eos_id=tokenizer.stop_ids, generator=generator, stats=stats,
+                    keep_on_interrupt=keep_on_interrupt)
     return [tokenizer.decode(o[:-1] if o and o[-1] in tokenizer.stop_ids else o) for o in outs]
 
 
 def generate_text(source, cfg: GenerateConfig, sample: SampleConfig, stats: dict | None = None) -> list[str]:
     """`gptforge generate`: cfg.num_samples continuations of cfg.prompt by the model in source (any format
-    weights.load_any reads), prompt excluded; stats as in generate()."""
+    weights.load_any reads), prompt excluded; stats as in generate(). Ctrl-C while generating keeps the text so far
+    (stats["interrupted"])."""
     if cfg.num_samples > 1 and sample.temperature == 0:
         raise ConfigError(f"--num-samples {cfg.num_samples} with greedy decoding (--temperature 0, the default) gives "
                           f"{cfg.num_samples} identical samples; set --temperature (e.g. 0.8) to sample")
     device = pick_device(cfg.device)
     model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
-    return sample_text(model, tokenizer, cfg.prompt, sample, cfg.num_samples, cfg.seed, device, stats=stats)
+    return sample_text(model, tokenizer, cfg.prompt, sample, cfg.num_samples, cfg.seed, device, stats=stats,
+                       keep_on_interrupt=True)

@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -157,6 +159,8 @@ def _hub_snapshot(repo_id: str) -> Path:
 
     weights = (HF_WEIGHTS[0], HF_SHARD_INDEX, *HF_WEIGHTS[1:])
     try:
+        if not _cached(repo_id, "config.json") and not _hub_reachable():
+            raise fail_offline("config.json")
         config = Path(hf_hub_download(repo_id, "config.json"))
         not_cached = False
         for name in weights:
@@ -184,6 +188,28 @@ def _hub_snapshot(repo_id: str) -> Path:
     except HfHubHTTPError as e:
         raise WeightsError(f"{repo_id}: no such local path, and fetching it from the Hugging Face hub failed: "
                            f"{first_line(e)}") from None
+
+
+def _cached(repo_id: str, name: str) -> bool:
+    try:
+        hf_hub_download(repo_id, name, local_files_only=True)
+        return True
+    except (LocalEntryNotFoundError, EntryNotFoundError):
+        return False
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the hub's host answers at all: one connection, no retries (huggingface_hub retries an unreachable
+    host for ~25 s, 11 lines of warnings, before the same answer)."""
+    if constants.is_offline_mode():
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _hf_family(conf: dict, path: Path) -> WeightFamily:
@@ -404,8 +430,15 @@ def init_tokenizer(source: str, named: str | None) -> str | None:
     """The tokenizer of a run started from `source` (--init-from): the source's own when `named` (--tokenizer, or a
     prepared directory's) is None, `named` when it is the same one; another one is refused. None: gpt2 (a source
     that carries no tokenizer, such as the book's model.pth, and nothing named)."""
-    meta = open_source(source).meta
+    src = open_source(source)
+    meta = src.meta
     if not carries_tokenizer(meta):
+        tok = get_tokenizer(named or meta.get("tokenizer", "gpt2"))
+        if src.cfg.vocab_size < tok.vocab_size:
+            which = f"--tokenizer {named}" if named else f"{meta.get('tokenizer', 'gpt2')} (assumed)"
+            raise ConfigError(f"--init-from {source}: carries no tokenizer and has {src.cfg.vocab_size:,} token ids, "
+                              f"fewer than {which} has ({tok.vocab_size:,}); pass --tokenizer with the tokenizer the "
+                              "model was trained with (a tokenizer.json, a directory holding one, or gpt2)")
         return named
     if named is not None:
         check_same_tokenizer(get_tokenizer(named), source_tokenizer(meta), f"the run's tokenizer {named}", source)
