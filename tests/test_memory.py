@@ -69,3 +69,39 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_is_allocated(monkeypat
         state.check_memory(cfg, TrainConfig(batch_size=8), torch.device("cpu"))
     state.check_memory(LlamaConfig(vocab_size=300, context_length=16, emb_dim=32, n_heads=2, n_layers=1),
                        TrainConfig(batch_size=2), torch.device("cpu"))  # a small one passes
+
+
+def test_a_kv_cache_or_model_that_cannot_fit_is_refused_before_allocation(monkeypatch, tmp_path):
+    """generate, serve and bench generate size their KV cache (exactly: 2 x layers x batch x kv heads x positions x
+    head width x dtype bytes) against the free memory first; a model is refused before its weights are read."""
+    import importlib
+
+    from gptforge import perf, weights
+    from gptforge.config import ConfigError
+    from gptforge.models import KVCache, build
+
+    gen = importlib.import_module("gptforge.generate")
+    cfg = LlamaConfig(vocab_size=300, context_length=16, emb_dim=32, n_heads=2, n_kv_heads=1, n_layers=2)
+    torch.manual_seed(0)
+    model = build(cfg)
+    assert KVCache.nbytes(cfg, torch.float32, 3, 1000) == 2 * 2 * 3 * 1 * 1000 * 16 * 4
+    cache = gen.new_cache(model, 3, 1000)  # what the estimate counts is what is allocated
+    assert cache.k.nbytes + cache.v.nbytes == KVCache.nbytes(cfg, torch.float32, 3, 1000)
+    monkeypatch.setattr(perf, "available_memory", lambda device: 100_000)  # 100 KB free
+    allocated = []
+
+    class Recorded(KVCache):
+        def __init__(self, *args, **kwargs):
+            allocated.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "KVCache", Recorded)
+    with pytest.raises(ConfigError, match=r"the KV cache \(3 x 1000 positions, 2 layers\) needs about 768 KB of memory "
+                                          r"on cpu and 100 KB is free: lower --max-new-tokens"):
+        gen.new_cache(model, 3, 1000)
+    assert not allocated
+    gen.new_cache(model, 1, 100)  # 25.6 KB: fits
+    path = weights.to_gptforge(model, tmp_path / "m.safetensors", "gpt2")
+    monkeypatch.setattr(perf, "available_memory", lambda device: 10_000)
+    with pytest.raises(ConfigError, match=r"the model \(.* parameters, float32\) needs about .* and 10 KB is free"):
+        weights.load_any(path)

@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from . import faults
 from .models import spec_for
 from .models.gpt2 import GPT
+from .perf import human_bytes
 from .tokenizer import Tokenizer, tokenizer_metadata
 
 CHECKPOINTS = "checkpoints"
@@ -278,6 +279,31 @@ def check_writable(path: Path, flag: str, probe: bool = True) -> None:
     os.unlink(probe)
 
 
+def free_bytes(path: Path) -> int | None:
+    """Bytes free for an unprivileged writer on the filesystem `path` is (or would be made) on; None if unknown."""
+    place = Path(path).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        return shutil.disk_usage(place).free
+    except OSError:
+        return None
+
+
+def check_free_space(path: Path, need: int, what: str) -> None:
+    """Refuse now, before writing, `need` bytes (of `what`) at `path` when its disk has less free."""
+    free = free_bytes(path)
+    if free is not None and need > free:
+        raise CheckpointError(f"{path}: not enough free space: {what} needs about {human_bytes(need)} and "
+                              f"{human_bytes(free)} is free there (No space left on device); free space or choose "
+                              "another place")
+
+
+def checkpoint_bytes(ckpt_dir: Path) -> int:
+    """The bytes a checkpoint directory's files take."""
+    return sum(f.stat().st_size for f in Path(ckpt_dir).rglob("*") if f.is_file())
+
+
 def saved_run_config(run_dir: Path) -> tuple[dict, str] | None:
     """(config.toml's content as saved in the newest checkpoint that has it, that checkpoint's name), or None."""
     for d in reversed(checkpoint_dirs(run_dir)):
@@ -322,6 +348,13 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer |
     """
     root = Path(run_dir) / CHECKPOINTS
     _clear_stale(root)
+    previous = (checkpoint_dirs(run_dir) or [None])[-1]  # not verified here: only its size is read
+    if previous is not None:  # the same model and state again: the same bytes
+        try:
+            check_free_space(root, checkpoint_bytes(previous), f"the checkpoint of step {step} (as large as "
+                             f"{previous.name})")
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; {previous.name} is intact: continue with --resume {run_dir}") from None
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     try:
         tmp.mkdir()
@@ -356,11 +389,19 @@ def _seal(tmp: Path, sums: dict[str, str]) -> None:
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 
-def write_reason(e: Exception) -> str:
-    """The first line of why a write failed ("No space left on device")."""
+def write_reason(e: Exception, place: Path | None = None) -> str:
+    """The first line of why a write failed ("No space left on device"). A writer that does not say why (torch's:
+    "[enforce fail at inline_container.cc:672] . unexpected pos ...") gets the free space of `place` beside its words,
+    and "No space left on device" when that is (nearly) nothing."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    return (str(e).strip().splitlines() or [repr(e)])[0]
+    words = (str(e).strip().splitlines() or [repr(e)])[0]
+    free = free_bytes(place) if place is not None else None
+    if free is None:
+        return words
+    if free < 1 << 20:
+        return f"No space left on device: {human_bytes(free)} free; the writer said: {words[:120]}"
+    return f"{words[:160]}; {human_bytes(free)} free there"
 
 
 @contextmanager
@@ -378,15 +419,15 @@ def cleaned_on_failure(out: Path, command: str):
                 out.rmdir()
         elif out.is_file() and not existed:
             out.unlink()
-        raise CheckpointError(f"{command}: could not write {out} ({write_reason(e)}); nothing was left there: free "
-                              "space (or choose another place) and run it again") from None
+        raise CheckpointError(f"{command}: could not write {out} ({write_reason(e, out)}); nothing was left there: "
+                              "free space (or choose another place) and run it again") from None
 
 
 def write_failed(run_dir: Path, step: int, tmp: Path, e: Exception) -> CheckpointError:
     """The error of a checkpoint write that failed (a full disk), after removing what it wrote."""
     shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints are untouched
     previous = latest_checkpoint(run_dir)
-    reason = write_reason(e)
+    reason = write_reason(e, Path(run_dir) / CHECKPOINTS)
     return CheckpointError(
         f"could not write the checkpoint for step {step} in {Path(run_dir) / CHECKPOINTS} ({reason}); "
         + (f"{previous.name} is intact: free space and continue with --resume {run_dir}" if previous

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import perf
 from .config import SEED_MAX, ConfigError, check_choice, check_range, opt
 from .devices import DEVICES, device_opt, pick_device
 from .models import KVCache, max_positions
@@ -133,6 +134,10 @@ def new_cache(model: torch.nn.Module, batch_size: int, total: int | None = None)
     """An empty KV cache for the model (for sequences of `total` tokens), on its device and in its dtype."""
     p = next(model.parameters())
     max_len = cache_length(model.cfg, total) if total is not None else None
+    need = KVCache.nbytes(model.cfg, p.dtype, batch_size, max_len)
+    positions = max_len or model.cfg.context_length
+    perf.check_fits(need, p.device, f"the KV cache ({batch_size} x {positions} positions, {model.cfg.n_layers} layers)",
+                    "lower --max-new-tokens, the prompt's length or --num-samples (serve: max_tokens)")
     return KVCache(model.cfg, batch_size, p.device, p.dtype, max_len)
 
 

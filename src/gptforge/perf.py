@@ -151,6 +151,17 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
+def check_fits(need: int, device: torch.device, what: str, advice: str) -> None:
+    """Refuse, before allocating, `need` bytes (of `what`) that the device does not have free: one line naming the
+    estimate, the free memory and `advice` (what to reduce)."""
+    free = available_memory(torch.device(device))
+    if free is not None and need > free:
+        from .config import ConfigError
+
+        raise ConfigError(f"{what} needs about {human_bytes(need)} of memory on {device} and {human_bytes(free)} is "
+                          f"free: {advice}")
+
+
 ATTENTION_SAVED = 3.3  # T x T tensors per head a step keeps when attention has dropout (probabilities, mask, grad)
 
 

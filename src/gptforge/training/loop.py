@@ -34,6 +34,7 @@ from .state import (
     TrainData,
     build_data,
     build_model,
+    check_disk,
     check_memory,
     run_tokenizer,
 )
@@ -161,6 +162,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
             branch_run(branch[0], run_dir, branch_point(Path(branch[0]), branch[1], note=log, warn=warn), log)
         dist.barrier()
     check_memory(cfg.model, t, device)  # before the tokenizer, the data and the model: refused at once if it cannot fit
+    if main:
+        check_disk(cfg.model, run_dir)  # room for one checkpoint
     tokenizer = run_tokenizer(cfg, run_dir, resume, warn)
     torch.manual_seed(t.seed)
     check_loggers(t.logger)

@@ -209,6 +209,15 @@ def check_memory(model_cfg, t: TrainConfig, device: torch.device) -> None:
                           "(--emb-dim, --n-layers, --vocab-size), --batch-size or --context-length")
 
 
+def check_disk(model_cfg, run_dir: Path) -> None:
+    """Refuse, before training, a run whose first checkpoint cannot fit on run_dir's disk: the weights and at least
+    one optimizer moment per parameter, float32 (AdamW keeps two, Muon one for its matrices)."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build(model_cfg).parameters())
+    ckpt.check_free_space(Path(run_dir), 8 * params,
+                          f"a checkpoint ({params:,} parameters: weights and optimizer state)")
+
+
 def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torch.nn.Module:
     """Random initial weights from the seed (as --init says), or --init-from's weights (a resumed run loads
     its own later)."""

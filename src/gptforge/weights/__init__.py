@@ -51,6 +51,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 from safetensors.torch import save_file
 
 from .. import checkpoint as ckpt
+from .. import perf
 from ..config import ConfigError
 from ..models import DEFAULT_ARCH, build, config_from_dict, max_positions, spec_for
 from ..tokenizer import (
@@ -331,6 +332,9 @@ def build_model(src: Source, context_length: int | None = None, drop_rate: float
         cfg = replace(cfg, drop_rate=drop_rate)
     with torch.device("meta"):
         model = build(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    perf.check_fits(4 * n, torch.device("cpu"), f"the model ({n:,} parameters, float32)",
+                    "use a smaller model, or a machine with more memory")
     fill(model, src)
     return model
 
@@ -549,6 +553,10 @@ def convert(source: str | Path, target: str, out: str | Path, n_heads: int | Non
         src.cfg, meta, source, tokenizer)
     if target == "gguf":
         _family(src.cfg).gguf_arch(src.cfg)  # what llama.cpp cannot run, refused before the weights are read
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build(src.cfg).parameters())
+    width = 2 if target == "gguf" and dtype != "f32" else 4
+    ckpt.check_free_space(Path(out), n * width, f"the model ({n:,} parameters x {width} bytes)")
     model = build_model(src)
     with ckpt.cleaned_on_failure(Path(out), "convert"):
         if target == "gguf":
