@@ -112,7 +112,12 @@ CASES = [
     ("bench-train-batch-size-zero", "bench train --batch-size 0", "--batch-size must be at least 1", 1),
     ("bench-train-not-divisible", "bench train --emb-dim 30 --n-heads 4", "must be divisible by --n-heads 4", 1),
     ("bench-generate-batch-size-zero", "bench generate --batch-size 0", "--batch-size must be at least 1", 1),
-    ("bench-generate-prompt-tokens-zero", "bench generate --prompt-tokens 0", "--prompt-tokens 0 (at least 1)", 1),
+    ("bench-generate-prompt-tokens-zero", "bench generate --prompt-tokens 0", "--prompt-tokens 0: must be at least 1",
+     1),
+    ("bench-generate-max-new-tokens-one", "bench generate --max-new-tokens 1", "--max-new-tokens 1: must be at least 2",
+     1),
+    ("bench-generate-past-the-context", "bench generate --prompt-tokens 100 --max-new-tokens 100",
+     "--prompt-tokens 100 plus --max-new-tokens 100 must fit in the context length 128", 1),
     # convert: OUT checked before the model is read; only a new or empty directory (or new file) is written
     ("convert-hf-into-users-files", "convert gpt2 --to hf notes", "OUT notes: not empty (holds mine.txt)", 1),
     ("convert-hf-over-earlier-convert", "convert gpt2 --to hf hf",

@@ -240,3 +240,18 @@ def test_generate_convert_serve_and_init_from_take_the_best(rising_run, small_te
     assert code == 0, err
     assert "--init-from: using" in err and "step-00000004" in err
     assert f'init_from = "{rising_run / "checkpoints/step-00000004"}"' in (tmp_path / "ft/config.toml").read_text()
+
+
+def test_a_diverging_run_is_told_once_and_a_sound_one_never(small_text, tmp_path, capsys):
+    """A train loss above 1.5 x ln V (guessing every token alike) says the run diverged, once, naming the lr; the
+    same run at a sound lr says nothing."""
+    from gptforge.training.best import diverging
+
+    assert diverging(10.9, 1, 50257, 4e-4) is None  # an untrained model (the book's init starts at 10.98)
+    assert diverging(float("nan"), 1, 50257, 4e-4) is None  # non-finite: the step itself stops the run
+    assert "train loss 17 at step 3 is above 1.5 x 10.82" in diverging(17.0, 3, 50257, 1.0)
+    train(tiny(small_text, lr=50.0, grad_clip=0.0, max_steps=6, eval_every=6), tmp_path / "hot", log=quiet)
+    out = capsys.readouterr().out
+    assert out.count("diverging: train loss") == 1 and "the learning rate 50 is likely too high" in out
+    train(tiny(small_text, max_steps=6, eval_every=6), tmp_path / "sound", log=quiet)
+    assert "diverging" not in capsys.readouterr().out

@@ -102,9 +102,14 @@ def bench_generate(model_cfg, t: TrainConfig, b: BenchConfig, log=print) -> dict
     From `t`: batch_size, device, seed; from `b`: prompt_tokens, max_new_tokens (both fit in the context).
     """
     batch_size, seed, prompt_tokens, max_new_tokens = t.batch_size, t.seed, b.prompt_tokens, b.max_new_tokens
-    if prompt_tokens < 1 or max_new_tokens < 2 or prompt_tokens + max_new_tokens > model_cfg.context_length:
-        raise ConfigError(f"--prompt-tokens {prompt_tokens} (at least 1) plus --max-new-tokens {max_new_tokens} "
-                          f"(at least 2) must fit in the context length {model_cfg.context_length}")
+    if prompt_tokens < 1:
+        raise ConfigError(f"--prompt-tokens {prompt_tokens}: must be at least 1")
+    if max_new_tokens < 2:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be at least 2 (the first new token is the "
+                          "prefill's; decoding is timed from the second)")
+    if prompt_tokens + max_new_tokens > model_cfg.context_length:
+        raise ConfigError(f"--prompt-tokens {prompt_tokens} plus --max-new-tokens {max_new_tokens} must fit in the "
+                          f"context length {model_cfg.context_length}; lower one (or raise --context-length)")
     device = pick_device(t.device)
 
     torch.manual_seed(seed)

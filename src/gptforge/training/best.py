@@ -13,6 +13,18 @@ import math
 from dataclasses import asdict, dataclass
 
 PATIENCE = 2  # evaluations without a new best (while train loss falls) before the overfitting line
+DIVERGED = 1.5  # a train loss this many times that of guessing every token alike (ln V) means the run diverged
+
+
+def diverging(loss: float, step: int, vocab_size: int, lr: float) -> str | None:
+    """The line to print when a step's train loss is far above an untrained model's (ln V nats, uniform guessing):
+    the updates are making the model worse than knowing nothing, nearly always a learning rate too high."""
+    uniform = math.log(vocab_size)
+    if not math.isfinite(loss) or loss <= DIVERGED * uniform:
+        return None
+    return (f"gptforge: warning: diverging: train loss {loss:.4g} at step {step} is above {DIVERGED:g} x "
+            f"{uniform:.2f} (ln {vocab_size:,}, what guessing every token alike scores); the learning rate {lr:.3g} "
+            "is likely too high: lower --lr (e.g. ten times), add --warmup-steps or keep --grad-clip on")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..runs.metrics import MetricsLog, Progress, format_eval, human, plot_losses
 from ..runs.rundir import branch_point, branch_run
 from ..runs.trackers import check_loggers, open_trackers
 from ..tokenizer import Tokenizer
-from .best import Verdict
+from .best import Verdict, diverging
 from .config import RunConfig, TrainConfig
 from .optim import build_optimizer, check_optimizer, describe_optimizer, set_lr
 from .plan import plan_steps
@@ -206,6 +206,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
     save_every, best = t.save_every or t.eval_every, checkpointer.best
     model.train()
     step_seconds, start_tokens, stopping, last_save, early = [], state.tokens, False, time.monotonic(), None
+    diverged = None  # the line said when the train loss went far above guessing (once)
     with stop_requests() as stop:
         while state.step < schedule.total_steps and not stopping:
             t0 = time.perf_counter()
@@ -220,6 +221,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
             step_seconds.append(seconds)
             tok_s = progress.step(result.loss, result.tokens, seconds, lr)
             log_step(result, state, lr, tok_s, mfu(fpt, tok_s, peak), t, metrics, trackers, progress)
+            if not diverged and (diverged := diverging(result.loss, state.step, cfg.model.vocab_size, lr)):
+                progress.write(diverged)
             verdict = Verdict()
             if state.step % t.eval_every == 0 or state.step == schedule.total_steps:
                 last_eval = evaluator(model, state)
