@@ -135,6 +135,9 @@ CASES = [
     ("report-under-a-file", "report runs/x --out afile/r.html", "is a file, not a directory", 1),
     ("report-read-only", "report runs/x --out ro/r.html", "cannot write in ro", 1),
     ("report-text-file", "report data.txt", "data.txt: is a file; report takes run directories", 1),
+    ("report-same-run-twice", "report runs/x runs/../runs/x", "runs/../runs/x: given twice (runs/x and "
+     "runs/../runs/x are the same run); name each run once", 1),
+    ("eval-empty-text-before-the-model", "eval model empty.txt", "no text found in empty.txt", 1),
     # issue 31: flags that were ignored, messages that named another cause, tracebacks
     ("train-out-of-memory", "train data.txt --out notes/new --emb-dim 200000 --n-heads 1",
      "training needs about", 1),
@@ -180,6 +183,7 @@ def make_tree(root: Path, model_bytes: bytes, tok_json: str, pth_bytes: bytes) -
     (root / "runs" / "x").mkdir(parents=True)
     (root / "afile").write_text("a file, not a directory\n")
     (root / "data.txt").write_text("Every effort moves you. " * 50)
+    (root / "empty.txt").write_text("")
     (root / "hf").mkdir()
     (root / "hf" / "config.json").write_text("{}\n")  # what an earlier convert --to hf left
     (root / "hf" / "model.safetensors").write_bytes(b"weights of an earlier convert")

@@ -719,14 +719,19 @@ def data_defaults(inputs: Sequence[str | Path], explicit: dict) -> dict:
     return out
 
 
-def eval_tokens(paths: Sequence[str | Path], tokenizer: Tokenizer, split: str | None = None):
-    """Tokens to score: a prepared directory's val split (`split` "train": its train split), or the given text."""
+def eval_tokens(paths: Sequence[str | Path], tokenizer: Tokenizer | None, split: str | None = None,
+                texts: list[str] | None = None):
+    """Tokens to score: a prepared directory's val split (`split` "train": its train split), or the given text
+    (`texts`: already read from paths). With no tokenizer, only the checks: the text read, or None."""
     data_dir = prepared_dir(paths)
     if data_dir is None:
         if split is not None:
             raise DataError(f"--split {split} chooses a split of a directory made by `gptforge prepare`; "
                             f"{', '.join(map(str, paths))} is text, scored whole: leave --split out")
-        return tokenize_documents(read_texts(paths), tokenizer)
+        texts = read_texts(paths) if texts is None else texts
+        return texts if tokenizer is None else tokenize_documents(texts, tokenizer)
+    if tokenizer is None:
+        return None
     train, val = open_prepared(data_dir, tokenizer)
     if split == "train":
         return train

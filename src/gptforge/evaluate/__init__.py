@@ -20,13 +20,13 @@ import torch
 
 from .. import ops
 from ..config import ConfigError, check_choice, check_range, opt
-from ..data import Batches, TokenWindows, check_windows, document_eot, eval_tokens, prepared_dir
+from ..data import Batches, DataError, TokenWindows, check_windows, document_eot, eval_tokens
 from ..devices import DEVICES, device_opt, pick_device
 from ..distributed import all_sum
 from ..models.layers import cross_entropy
 from ..ops import IGNORE_INDEX as IGNORE
 from ..tokenizer import Tokenizer, tokenizer_opt
-from ..weights import load_for_text
+from ..weights import load_for_text, open_source
 
 
 @dataclass
@@ -172,14 +172,17 @@ def evaluate_text(source, data: Iterable[str], cfg: EvalConfig, warn=None) -> Ev
     text files in `data` (or a prepared directory's val split), windows and batches as cfg says; `warn`
     (default: stderr) says why bpb is missing."""
     warn = warn or (lambda message: print(message, file=sys.stderr))
-    if cfg.split is not None and prepared_dir(tuple(data)) is None:  # before the model is read
-        eval_tokens(tuple(data), None, cfg.split)
+    try:
+        texts = eval_tokens(tuple(data), None, cfg.split)  # the text read and checked before the model is
+    except DataError:
+        open_source(source)  # unless SOURCE is no model (eval TEXT SOURCE: the arguments swapped), which says so
+        raise
     device = pick_device(cfg.device)
     model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
     ctx = cfg.context_length or model.cfg.context_length
     if ctx > model.cfg.context_length:
         raise ConfigError(f"--context-length {ctx} must be between 1 and the model's {model.cfg.context_length}")
-    tokens = eval_tokens(tuple(data), tokenizer, cfg.split)
+    tokens = eval_tokens(tuple(data), tokenizer, cfg.split, texts)
     windows = TokenWindows(tokens, ctx, cfg.stride, new_targets_only=True)
     check_windows(windows, len(tokens), "evaluation", cfg.batch_size, drop_last=False)
     if windows.stride > ctx:

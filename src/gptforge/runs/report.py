@@ -306,9 +306,13 @@ def check_target(out: str | Path) -> Path:
 
 def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Render the runs in run_dirs into the HTML file out (see check_target); returns its path."""
+    seen: dict[Path, Path] = {}
     for d in map(Path, run_dirs):  # what was named first: a text file given as a run says so, not "--out"
         if d.is_file():
             raise ConfigError(f"{d}: is a file; report takes run directories (those `gptforge train` writes)")
+        if (same := seen.setdefault(d.resolve(), d)) is not d:
+            alias = f" ({same} and {d} are the same run)" if str(same) != str(d) else ""
+            raise ConfigError(f"{d}: given twice{alias}; name each run once")
     out = check_target(out)
     runs = load_runs(run_dirs)
     out.parent.mkdir(parents=True, exist_ok=True)
