@@ -217,7 +217,9 @@ def test_serve_flags_out_of_range_are_one_line(args, message, capsys, tmp_path):
 def test_unknown_routes_answer_json(server):
     assert httpx.get(server + "/v1/completions", timeout=10).status_code == 405
     r = httpx.get(server + "/nothing", timeout=10)
-    assert r.status_code == 404 and r.json()["error"]["message"]
+    assert r.status_code == 404 and r.json()["error"]["message"].startswith("/nothing is not served: this server has")
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+    assert r.status_code == 404 and "it has no chat template" in r.json()["error"]["message"]
     assert httpx.get(server + "/v1/models", timeout=10).json()["data"][0]["id"] == "tiny"
 
 

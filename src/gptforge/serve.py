@@ -458,7 +458,12 @@ def make_app(engine: Engine, hosts: AllowedHosts | None = None):
         return JSONResponse(engine.reply(text, usage))
 
     async def http_error(request: HTTPRequest, exc: HTTPException):
-        return JSONResponse(error_body(exc.detail), status_code=exc.status_code)
+        detail = exc.detail
+        if exc.status_code == 404:  # say what is served instead of a bare "Not Found"
+            detail = (f"{request.url.path} is not served: this server has GET /, GET /v1/models and POST "
+                      "/v1/completions" + (" (a pretrained model continues text; it has no chat template)"
+                                           if "chat" in request.url.path else ""))
+        return JSONResponse(error_body(detail), status_code=exc.status_code)
 
     routes = [Route("/", index), Route("/v1/models", models), Route("/v1/completions", completions, methods=["POST"])]
     middleware = [Middleware(HostCheck, hosts=hosts or AllowedHosts.serving("127.0.0.1"))]
