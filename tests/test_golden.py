@@ -112,3 +112,18 @@ def test_golden_two_process_ddp(corpus, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check("ddp-2", run)
+
+
+def test_golden_modern_recipe(corpus, tmp_path, capsys):
+    """The default recipe, modern: the llama family with QK-norm, Muon for the hidden matrices, warmup-stable-decay,
+    attention kept inside documents and a byte-level BPE trained on the text (a small shape, the same settings)."""
+    from clirun import run as cli
+
+    args = ["train", str(corpus), "--recipe", "modern", "--out", str(tmp_path / "run"), "--context-length", "32",
+            "--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--n-kv-heads", "1", "--head-dim", "16",
+            "--intermediate-size", "64", "--tokenizer-vocab", "512", "--batch-size", "4", "--max-steps", "8",
+            "--eval-every", "4", "--eval-batches", "2", "--log-every", "1", "--sample-tokens", "0", "--seed", "5",
+            "--device", "cpu", "--no-progress", "--save-every", "4"]
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    check("modern", tmp_path / "run")
