@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from clirun import run
 
-from gptforge import prepare as prep
-from gptforge.data import DataError, ShardedTokens, open_prepared
-from gptforge.prepare import PrepareConfig, prepare
+from gptforge.data import DataError, ShardedTokens, open_prepared, shards, sources
+from gptforge.data import prepare as prep
+from gptforge.data.prepare import PrepareConfig, prepare
 
 EOT = 50256
 
@@ -103,7 +103,7 @@ def test_include_patterns_and_text_field(tmp_path, docs, tiktoken_gpt2):
 
 def test_large_text_file_in_pieces_equals_whole_file(tmp_path, docs, tiktoken_gpt2, monkeypatch):
     """A text file is read in pieces; the cuts fall between pre-tokens, so the ids are those of the whole."""
-    monkeypatch.setattr(prep, "TEXT_CHUNK", 300)
+    monkeypatch.setattr(sources, "TEXT_CHUNK", 300)
     one_line = " ".join(d.replace("\n", " ") for d in docs[:3])  # no newline: the fallback cut before " word"
     text = "\n".join(docs[:6]) + "\n  indented\n\n\n" + one_line + " Ünïcode 東京 🤖 end\n"
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
@@ -117,7 +117,7 @@ def test_zstd_file_of_several_frames_is_read_whole(tmp_path, docs, tiktoken_gpt2
     """Frames one after another (as zstd -c a b > ab.zst or pzstd write them), read in small chunks."""
     import zstandard
 
-    monkeypatch.setattr(prep, "TEXT_CHUNK", 500)
+    monkeypatch.setattr(sources, "TEXT_CHUNK", 500)
     c = zstandard.ZstdCompressor()
     (tmp_path / "a.txt.zst").write_bytes(b"".join(c.compress(d.encode()) for d in docs[:3]) + c.compress(b""))
     prepare([tmp_path / "a.txt.zst"], tmp_path / "out", cfg(), log=quiet)
@@ -177,7 +177,7 @@ def test_interrupted_prepare_resumes_without_redoing_shards(tmp_path, docs, monk
     full = prepare([src], tmp_path / "full", cfg(**settings), log=quiet)
 
     out = tmp_path / "out"
-    real_atomic = prep._atomic_write
+    real_atomic = shards._atomic_write
     commits = []
 
     def crash_after_three(path, obj):
@@ -186,19 +186,19 @@ def test_interrupted_prepare_resumes_without_redoing_shards(tmp_path, docs, monk
         if len(commits) == 3:
             raise KeyboardInterrupt  # as a Ctrl-C right after the third shard group is finished
 
-    monkeypatch.setattr(prep, "_atomic_write", crash_after_three)
+    monkeypatch.setattr(shards, "_atomic_write", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         prepare([src], out, cfg(**settings), log=quiet)
-    monkeypatch.setattr(prep, "_atomic_write", real_atomic)
+    monkeypatch.setattr(shards, "_atomic_write", real_atomic)
     assert not (out / "manifest.json").exists() and (out / "prepare-state.json").exists()
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.bin")}
     assert finished and not list(out.glob(".*.tmp"))
     (out / ".train-000099.bin.tmp").write_bytes(b"\0" * 10)  # a half-written shard is never taken for one
 
     encoded = []
-    real_encode = prep._encode_task
-    monkeypatch.setattr(prep, "_encode_task", lambda kind, payloads: encoded.append(len(payloads))
-                        or real_encode(kind, payloads))
+    real_encode = prep.encode_task
+    monkeypatch.setattr(prep, "encode_task", lambda job, kind, payloads: encoded.append(len(payloads))
+                        or real_encode(job, kind, payloads))
     m = prepare([src], out, cfg(**settings), log=quiet)
     assert m["splits"] == full["splits"]  # same shards, same sha256, as a run never stopped
     assert sum(encoded) == len(docs) - commits[-1][1]  # only the records after the last finished shard
@@ -207,10 +207,10 @@ def test_interrupted_prepare_resumes_without_redoing_shards(tmp_path, docs, monk
 
 
 def test_resume_inside_a_document(tmp_path, docs, tiktoken_gpt2, monkeypatch):
-    monkeypatch.setattr(prep, "TEXT_CHUNK", 400)
+    monkeypatch.setattr(sources, "TEXT_CHUNK", 400)
     (tmp_path / "a.txt").write_text("\n".join(docs[:4]))
     (tmp_path / "b.txt").write_text("\n".join(docs[4:8]))
-    real_atomic, n = prep._atomic_write, []
+    real_atomic, n = shards._atomic_write, []
 
     def crash(path, obj):
         real_atomic(path, obj)
@@ -218,12 +218,12 @@ def test_resume_inside_a_document(tmp_path, docs, tiktoken_gpt2, monkeypatch):
         if len(n) == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep, "_atomic_write", crash)
+    monkeypatch.setattr(shards, "_atomic_write", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", cfg(shard_tokens=700), log=quiet)
     state = json.loads((tmp_path / "out" / "prepare-state.json").read_text())
     assert state["open_doc"] == "train" and state["position"][1] > 0  # stopped in the middle of a.txt
-    monkeypatch.setattr(prep, "_atomic_write", real_atomic)
+    monkeypatch.setattr(shards, "_atomic_write", real_atomic)
     prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", cfg(shard_tokens=700), log=quiet)
     expected = reference(["\n".join(docs[:4]), "\n".join(docs[4:8])], tiktoken_gpt2)
     np.testing.assert_array_equal(stream(tmp_path / "out"), expected)

@@ -15,7 +15,7 @@ import pytest
 from clirun import run
 
 from gptforge.data import DataError, open_prepared
-from gptforge.prepare import PrepareConfig, prepare
+from gptforge.data.prepare import PrepareConfig, prepare
 
 datasets = pytest.importorskip("datasets")
 
@@ -247,9 +247,9 @@ def test_dataset_order_is_kept(tmp_path, texts, jsonl):
 
 
 def test_out_is_checked_before_the_dataset_is_opened(tmp_path, monkeypatch):
-    from gptforge import hf_datasets
+    from gptforge.data import prepare as prep
 
-    monkeypatch.setattr(hf_datasets, "open_dataset", lambda *a: pytest.fail("the dataset was opened"))
+    monkeypatch.setattr(prep, "open_dataset", lambda *a: pytest.fail("the dataset was opened"))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="holds files gptforge prepare did not make"):

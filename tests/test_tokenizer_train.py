@@ -120,7 +120,8 @@ def test_tokenizer_travels_from_training_to_data_to_checkpoint(tmp_path, corpus_
 
 def test_out_is_checked_before_training_and_kept_without_overwrite(tmp_path, corpus_texts, capsys, read_only_dir,
                                                                     monkeypatch):
-    from gptforge import prepare, tokenizer
+    from gptforge import tokenizer
+    from gptforge.tokenizer import train as tokenizer_train
 
     corpus = tmp_path / "a.txt"
     corpus.write_text("\n".join(corpus_texts[:5]))
@@ -131,7 +132,7 @@ def test_out_is_checked_before_training_and_kept_without_overwrite(tmp_path, cor
 
     real_train_bpe = tokenizer.train_bpe
     trained = []  # train_tokenizer's own reference to train_bpe is the one that trains
-    monkeypatch.setattr(prepare, "train_bpe", lambda *a, **k: trained.append(1) or real_train_bpe(*a, **k))
+    monkeypatch.setattr(tokenizer_train, "train_bpe", lambda *a, **k: trained.append(1) or real_train_bpe(*a, **k))
     for where, says in ((tmp_path / "tok", "already holds tokenizer.json; pass --overwrite to replace it"),
                         (read_only_dir / "tok", f"cannot write in {read_only_dir} ("),
                         (corpus, "is a file, not a directory")):

@@ -23,17 +23,18 @@ from .bench import BenchConfig, bench_generate, bench_train
 from .checkpoint import CHECKPOINTS, CheckpointError, source_checkpoint, step_name
 from .config import ConfigError, build, check_range, default_of, field_types, help_of, read_toml
 from .data import DataConfig, DataError
+from .data.prepare import PrepareConfig
+from .data.prepare import prepare as run_prepare
 from .evaluate import EvalConfig, evaluate_text
 from .evaluate.tasks import TASKS, describe_task, evaluate_tasks, get_task
 from .generate import GenerateConfig, SampleConfig, generate_text
 from .models import SPECS, ModelSettings, all_presets, check_settings, get_spec, preset_arch
-from .prepare import PrepareConfig, train_tokenizer
-from .prepare import prepare as run_prepare
 from .quality import QualityConfig, bench_quality
 from .runs.report import write_report
 from .runs.rundir import RunLock
 from .serve import ServeConfig
 from .serve import serve as run_server
+from .tokenizer.train import train_tokenizer
 from .training import TrainingError
 from .training import train as run_training
 from .training.config import TrainConfig, resolve_train_config
@@ -165,7 +166,7 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, wh
     if nproc is not None and nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     if nproc and nproc > 1 and not distributed.is_distributed():
-        sys.exit(distributed.launch(nproc, _without_nproc(_ARGV)))
+        sys.exit(distributed.launch(nproc, _without_nproc(click.get_current_context().find_root().obj["argv"])))
     if flags.get("out") and distributed.restarted(flags["out"]):
         resume, which = flags["out"], None  # torchrun --max-restarts started this job again: continue the run it made
     branching = resume is not None and flags.get("out") is not None and \
@@ -514,9 +515,6 @@ def _flat_config(config_file: str | None, *classes: type, extra: dict[str, type]
     return read_toml(config_file, {}, {**types, **(extra or {})})
 
 
-_ARGV: list[str] = []
-
-
 def _without_nproc(argv: list[str]) -> list[str]:
     out, skip = [], False
     for a in argv:
@@ -543,10 +541,9 @@ def out_of_memory(e: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become a one-line error and exit code 1, not a traceback."""
-    global _ARGV
-    _ARGV = list(sys.argv[1:] if argv is None else argv)
-    try:
-        code = cli.main(args=argv, prog_name="gptforge", standalone_mode=False)
+    try:  # the command line as given travels in click's context (train --nproc starts itself again with it)
+        code = cli.main(args=argv, prog_name="gptforge", standalone_mode=False,
+                        obj={"argv": list(sys.argv[1:] if argv is None else argv)})
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)

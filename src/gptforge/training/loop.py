@@ -34,8 +34,7 @@ from .state import (
     TrainData,
     build_data,
     build_model,
-    check_disk,
-    check_memory,
+    check_resources,
     run_tokenizer,
 )
 from .step import Precision, StepResult, stop_requests, train_step
@@ -161,14 +160,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
         if main:
             branch_run(branch[0], run_dir, branch_point(Path(branch[0]), branch[1], note=log, warn=warn), log)
         dist.barrier()
-    check_memory(cfg.model, t, device)  # before the tokenizer, the data and the model: refused at once if it cannot fit
-    if main:
-        check_disk(cfg.model, run_dir)  # room for one checkpoint
+    check_resources(cfg.model, t, device, run_dir if main else None)  # memory, disk: before tokenizer, data, model
     tokenizer = run_tokenizer(cfg, run_dir, resume, warn)
     torch.manual_seed(t.seed)
     check_loggers(t.logger)
     check_optimizer(t.optimizer)
-
     tasks = prepare_tasks(t.eval_task, t.eval_task_limit, tokenizer, cfg.model.context_length)  # bad files: now
     data = build_data(cfg, tokenizer)
     if t.minutes is not None and not resume:  # --minutes: max_steps from the run's own timed steps

@@ -209,6 +209,13 @@ def check_memory(model_cfg, t: TrainConfig, device: torch.device) -> None:
                           "(--emb-dim, --n-layers, --vocab-size), --batch-size or --context-length")
 
 
+def check_resources(model_cfg, t: TrainConfig, device: torch.device, run_dir: Path | None) -> None:
+    """The memory training needs (check_memory) and, given run_dir (rank 0), the disk its first checkpoint needs."""
+    check_memory(model_cfg, t, device)
+    if run_dir is not None:
+        check_disk(model_cfg, run_dir)
+
+
 def check_disk(model_cfg, run_dir: Path) -> None:
     """Refuse, before training, a run whose first checkpoint cannot fit on run_dir's disk: the weights and at least
     one optimizer moment per parameter, float32 (AdamW keeps two, Muon one for its matrices)."""

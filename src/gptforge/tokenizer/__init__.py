@@ -38,7 +38,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
 
-from .config import ConfigError, opt
+from ..config import ConfigError, opt
 
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
