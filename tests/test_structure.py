@@ -1,10 +1,21 @@
-"""The shape of the code: no import cycles (imports inside functions count), no function over 100 lines."""
+"""The shape of the code: no import cycles (imports inside functions count), no function over 100 lines, and no
+file copied from another project."""
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).parent.parent / "src" / "gptforge"
 MAX_FUNCTION_LINES = 100
+
+ROOT = SRC.parent.parent
+OURS = ("src", "tests", "benchmarks", "docs")  # everything in them is written by us
+# another project's licence or copyright header (a colon, comma or space where a header has one, so these patterns
+# do not match themselves); a copyright line naming gptforge is ours
+FOREIGN_HEADER = re.compile(r"Copyright\s+(\(c\)|©|\d{4}).*|SPDX-License-Identifier\s*:|Permission is hereby granted,"
+                            r"\s+free of charge|Licensed under the\s+\w+|All rights\s+reserved", re.IGNORECASE)
+LICENCE_FILES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
+THIRD_PARTY_DATA = ("tests/data/minimind",)  # minimind's tokenizer files (data, not code), its Apache-2.0 LICENSE kept
 
 
 def module_name(path: Path, root: Path = SRC) -> str:
@@ -80,3 +91,50 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     (root / "sub").mkdir(parents=True)
     (root / "sub" / "x.py").write_text("def f():\n    from ..y import g\n    from . import z\n    return g, z\n")
     assert {"gptforge.y", "gptforge.sub.z"} <= imports_of(root / "sub" / "x.py", root)
+
+
+def copied_files(root: Path = ROOT, exempt: tuple[str, ...] = THIRD_PARTY_DATA) -> list[str]:
+    """Files under OURS that look copied from another project: a foreign licence or copyright header, a licence
+    file of their own, or Python in tests/data other than the make_*.py scripts that make the data beside them."""
+    found = []
+    for top in OURS:
+        for path in sorted((root / top).rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if not path.is_file() or "__pycache__" in path.parts or rel.startswith(exempt):
+                continue
+            if path.name.split(".")[0].upper() in LICENCE_FILES:
+                found.append(f"{rel} (a licence file: the project's is the root's LICENSE)")
+            elif rel.startswith("tests/data/") and path.suffix == ".py" and not path.name.startswith("make_"):
+                found.append(f"{rel} (Python in tests/data: a reference is built by the tests, or by a make_*.py)")
+            else:
+                text = path.read_bytes().decode("utf-8", errors="ignore")
+                header = next((m[0] for m in FOREIGN_HEADER.finditer(text) if "gptforge" not in m[0].lower()), None)
+                if header:
+                    found.append(f"{rel} ({header.strip()[:60]!r})")
+    return found
+
+
+def test_no_copied_third_party_file():
+    found = copied_files()
+    assert not found, "files that look copied from another project (write our own): " + "; ".join(found)
+
+
+def test_the_copy_check_catches_what_it_looks_for(tmp_path):
+    """Foreign headers, licence files and Python in tests/data are found (each header split in two here, so that
+    this file does not match itself); ours and the make_*.py scripts are not."""
+    for top in OURS:
+        (tmp_path / top).mkdir()
+    (tmp_path / "src" / "ours.py").write_text("# Copyright (c) 2026 the gptforge authors\nx = 1  # copied text\n")
+    assert copied_files(tmp_path) == []
+    (tmp_path / "src" / "vendored.py").write_text("# Copyright" " (c) 2022 Andrej Karpathy\nimport torch\n")
+    (tmp_path / "benchmarks" / "util.py").write_text("# SPDX-License-Identifier" ": Apache-2.0\n")
+    (tmp_path / "docs" / "notes.md").write_text("Permission is hereby granted," " free of charge, to any person\n")
+    (tmp_path / "tests" / "data" / "other").mkdir(parents=True)
+    (tmp_path / "tests" / "data" / "other" / "model.py").write_text("class GPT: ...\n")
+    (tmp_path / "tests" / "data" / "make_it.py").write_text("print('the data beside me')\n")
+    (tmp_path / "tests" / "data" / "other" / "LICENSE.txt").write_text("MIT License\n")
+    found = copied_files(tmp_path)
+    assert [f.split(" ")[0] for f in found] == ["src/vendored.py", "tests/data/other/LICENSE.txt",
+                                                "tests/data/other/model.py", "benchmarks/util.py", "docs/notes.md"]
+    assert "Andrej Karpathy" in found[0]
+    assert copied_files(tmp_path, exempt=("tests/data/other", "src", "benchmarks", "docs")) == []
