@@ -117,7 +117,7 @@ def test_kv_cache_logits_match_full_forward(tiny_model, tiny_cfg):
     parts += [tiny_model(x[:, t : t + 1], cache) for t in range(8, 12)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
     assert cache.pos == 12
-    with pytest.raises(ValueError, match="longer than the model's context_length"):
+    with pytest.raises(IndexError, match="longer than the model's context_length"):
         tiny_model(torch.zeros(2, 5, dtype=torch.long), cache)
 
 

@@ -43,7 +43,7 @@ def test_parameter_names_follow_gpt2():
 def test_output_shape_and_context_limit(tiny_model, tiny_cfg):
     x = torch.randint(0, tiny_cfg.vocab_size, (3, 10))
     assert tiny_model(x).shape == (3, 10, tiny_cfg.vocab_size)
-    with pytest.raises(ValueError, match="longer than the model's context_length"):
+    with pytest.raises(IndexError, match="longer than the model's context_length"):
         tiny_model(torch.zeros(1, tiny_cfg.context_length + 1, dtype=torch.long))
 
 

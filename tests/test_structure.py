@@ -138,3 +138,70 @@ def test_the_copy_check_catches_what_it_looks_for(tmp_path):
                                                 "tests/data/other/model.py", "benchmarks/util.py", "docs/notes.md"]
     assert "Andrej Karpathy" in found[0]
     assert copied_files(tmp_path, exempt=("tests/data/other", "src", "benchmarks", "docs")) == []
+
+
+# ----------------------------------------------------------------------------- state and errors
+
+MUTATORS = {"append", "extend", "insert", "update", "add", "pop", "popitem", "clear", "setdefault", "remove",
+            "discard", "sort", "reverse", "appendleft"}
+MUTABLE_CALLS = {"list", "dict", "set", "defaultdict", "deque", "OrderedDict", "Counter"}
+# a process-wide pass counter is what fault injection is: each armed point counts its passes in this process
+STATE_ALLOWED = {("faults.py", "_passed")}
+
+
+def module_level_state(path: Path, root: Path = SRC) -> list[str]:
+    """Module-level mutable state in one file: `global` statements, lower-case names bound to a list, dict or set
+    (a constant is ALL_CAPS, never changed), and any change to a module-level name from inside the module."""
+    tree = ast.parse(path.read_text())
+    where = str(path.relative_to(root))
+    found, top = [], set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, ast.AnnAssign) and node.value is not None else []
+        value = getattr(node, "value", None)
+        for t in targets:
+            names = [t] if isinstance(t, ast.Name) else [e for e in getattr(t, "elts", []) if isinstance(e, ast.Name)]
+            for name in names:
+                top.add(name.id)
+                mutable = isinstance(value, (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)) \
+                    or (isinstance(value, ast.Call) and getattr(value.func, "id", getattr(value.func, "attr", ""))
+                        in MUTABLE_CALLS)
+                constant = name.id.isupper() or name.id == "__all__"
+                if mutable and not constant and (path.name, name.id) not in STATE_ALLOWED:
+                    found.append(f"{where}:{node.lineno} {name.id} (a mutable module-level value)")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            found.append(f"{where}:{node.lineno} global {', '.join(node.names)}")
+        target = None
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name):
+                    target = t.value.id
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS \
+                and isinstance(node.func.value, ast.Name):
+            target = node.func.value.id
+        if target in top and (path.name, target) not in STATE_ALLOWED:
+            found.append(f"{where}:{node.lineno} changes the module-level {target}")
+    return found
+
+
+def test_no_module_level_mutable_state():
+    found = [f for p in sorted(SRC.rglob("*.py")) for f in module_level_state(p)]
+    assert not found, "module-level mutable state:\n" + "\n".join(found)
+
+
+def test_no_bare_value_error_for_user_input():
+    """User errors are errors.py's classes (one line from cli.main); invariants are asserts."""
+    found = [f"{p.relative_to(SRC)}:{i}" for p in sorted(SRC.rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\braise ValueError\b", line)]
+    assert not found, "bare raise ValueError (use errors.py's classes):\n" + "\n".join(found)
+
+
+def test_the_state_checks_catch_what_they_look_for(tmp_path):
+    (tmp_path / "m.py").write_text("CACHE = {}\n_seen = []\nLIMIT = 3\n\n\ndef f(x):\n    global LIMIT\n"
+                                   "    CACHE[x] = 1\n    _seen.append(x)\n    local = {}\n    local[x] = 2\n")
+    found = module_level_state(tmp_path / "m.py", tmp_path)
+    assert any("_seen (a mutable" in f for f in found) and any("global LIMIT" in f for f in found)
+    assert any("changes the module-level CACHE" in f for f in found)
+    assert any("changes the module-level _seen" in f for f in found)
+    assert not any("local" in f or "LIMIT (a" in f for f in found)

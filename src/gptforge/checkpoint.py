@@ -42,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import faults
+from .errors import CheckpointError
 from .models import spec_for
 from .models.gpt2 import GPT
 from .perf import human_bytes
@@ -60,10 +61,6 @@ UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), th
 os.umask(UMASK)
 BEST = "best.json"  # the run's best evaluation: step, val_loss, val_bpb, checkpoint (relative to the run)
 CHECKPOINT_CHOICES = "best, latest or a step number"
-
-
-class CheckpointError(ValueError):
-    """A model source or checkpoint that cannot be used; the message says why."""
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -196,10 +193,10 @@ def verify_checkpoint(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> None:
     ckpt_dir = Path(ckpt_dir)
     try:
         expected = json.loads((ckpt_dir / CHECKSUMS).read_text())
-        if not isinstance(expected, dict) or not expected:
-            raise ValueError(expected)
-    except (OSError, ValueError):  # ValueError: not JSON, not UTF-8, or not {file: digest}
-        raise CheckpointError(f"{ckpt_dir}: {CHECKSUMS} is missing or unreadable") from None
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        expected = None
+    if not isinstance(expected, dict) or not expected:  # missing, unreadable, or not {file: digest}
+        raise CheckpointError(f"{ckpt_dir}: {CHECKSUMS} is missing or unreadable")
     for name, digest in sorted(expected.items())[part[0]::part[1]]:
         path = ckpt_dir / name
         if not path.is_file():
@@ -529,10 +526,10 @@ def read_best(run_dir: Path, warn=None) -> dict | None:
         return None
     try:
         best = json.loads(path.read_text())
-        if not isinstance(best, dict) or not isinstance(best.get("step"), int) or \
-                not isinstance(best.get("val_loss"), (int, float)):
-            raise ValueError(best)
     except (OSError, ValueError):
+        best = None
+    if not isinstance(best, dict) or not isinstance(best.get("step"), int) or \
+            not isinstance(best.get("val_loss"), (int, float)):
         if warn is not None:
             warn(f"{path} is unreadable (not a best.json gptforge wrote); ignoring it")
         return None

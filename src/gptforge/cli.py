@@ -20,11 +20,12 @@ import torch
 
 from . import distributed
 from .bench import BenchConfig, bench_generate, bench_train
-from .checkpoint import CHECKPOINTS, CheckpointError, source_checkpoint, step_name
+from .checkpoint import CHECKPOINTS, source_checkpoint, step_name
 from .config import ConfigError, build, check_range, default_of, field_types, help_of, read_toml
-from .data import DataConfig, DataError
+from .data import DataConfig
 from .data.prepare import PrepareConfig
 from .data.prepare import prepare as run_prepare
+from .errors import UserError
 from .evaluate import EvalConfig, evaluate_text
 from .evaluate.tasks import TASKS, describe_task, evaluate_tasks, get_task
 from .generate import GenerateConfig, SampleConfig, generate_text
@@ -35,14 +36,11 @@ from .runs.rundir import RunLock
 from .serve import ServeConfig
 from .serve import serve as run_server
 from .tokenizer.train import train_tokenizer
-from .training import TrainingError
 from .training import train as run_training
 from .training.config import TrainConfig, resolve_train_config
 from .training.plan import PlanConfig, plan_run, planned_settings
 from .training.recipes import RECIPES
 from .weights import convert as convert_model
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
 
 
 def dataclass_options(*classes: type, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
@@ -550,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except USER_ERRORS as e:
+    except UserError as e:
         click.echo(f"gptforge: error: {e}", err=True)
         sys.exit(1)
     except (RuntimeError, MemoryError) as e:  # the allocator's own words: one line, what to reduce

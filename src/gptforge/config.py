@@ -28,10 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """A setting a user must fix; the message names the file, key or flag."""
-
+from .errors import ConfigError
 
 SEED_MAX = 2**32 - 1  # numpy's seed range; the data order seeds torch with seed * 1_000_003 + epoch (< 2**64)
 

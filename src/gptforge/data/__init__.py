@@ -15,8 +15,9 @@ integers (epoch, batch) that a checkpoint can hold.
 Imports run one way: config <- text <- shards <- windows, sources <- workers <- prepare.
 """
 
+from ..errors import DataError
 from ..ops import IGNORE_INDEX
-from .config import SAMPLING, TEXT_SUFFIXES, DataConfig, DataError
+from .config import SAMPLING, TEXT_SUFFIXES, DataConfig
 from .shards import (
     ShardedTokens,
     check_manifest,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import opt
+from ..errors import ConfigError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -42,26 +43,24 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.stride is not None and self.stride <= 0:
-            raise ValueError(f"stride must be a positive integer, got {self.stride}")
+            raise ConfigError(f"--stride must be a positive integer, got {self.stride}")
         if self.sampling not in (None, "shuffle", "random", "sequential"):
-            raise ValueError(f"sampling must be shuffle, random or sequential, got {self.sampling!r}")
+            raise ConfigError(f"--sampling must be shuffle, random or sequential, got {self.sampling!r}")
         if self.tokenizer_vocab is not None and self.tokenizer_vocab < 257:
-            raise ValueError(f"--tokenizer-vocab {self.tokenizer_vocab} is too small: a byte-level BPE needs at "
+            raise ConfigError(f"--tokenizer-vocab {self.tokenizer_vocab} is too small: a byte-level BPE needs at "
                              "least 257 ids (256 bytes and <|endoftext|>)")
         if self.packing not in PACKING:
-            raise ValueError(f"--packing must be concat or pad, got {self.packing!r}")
+            raise ConfigError(f"--packing must be concat or pad, got {self.packing!r}")
         if self.packing == "pad" and self.document_mask:
-            raise ValueError("--document-mask is for packed windows; --packing pad holds one document per row "
+            raise ConfigError("--document-mask is for packed windows; --packing pad holds one document per row "
                              "already: give only one of them")
         if self.packing == "pad" and self.sampling == "random":
-            raise ValueError("--sampling random draws windows at any token offset; --packing pad has one row per "
+            raise ConfigError("--sampling random draws windows at any token offset; --packing pad has one row per "
                              "document: use --sampling shuffle or sequential")
         if self.packing == "pad" and self.stride is not None:
-            raise ValueError("--stride steps windows through the token stream; --packing pad has one row per "
+            raise ConfigError("--stride steps windows through the token stream; --packing pad has one row per "
                              "document: leave --stride out")
 
 
-class DataError(ValueError):
-    """Input data a user must fix; the message says what and where."""

@@ -42,10 +42,11 @@ from tqdm import tqdm
 
 from ..checkpoint import check_writable
 from ..config import ConfigError, opt
+from ..errors import DataError
 from ..runs.metrics import human
 from ..tokenizer import TOKENIZER_CONFIG, HFTokenizer, Tokenizer, get_tokenizer
 from . import sources
-from .config import MANIFEST, SHARDS_FORMAT, SHARDS_VERSION, SPLITS, STATE, DataError
+from .config import MANIFEST, SHARDS_FORMAT, SHARDS_VERSION, SPLITS, STATE
 from .shards import (
     TOKENIZER_FILE,
     OpenShards,
@@ -98,15 +99,15 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_docs is not None and self.val_docs < 0:
-            raise ValueError(f"val_docs must be 0 or more, got {self.val_docs}")
+            raise ConfigError(f"--val-docs must be 0 or more, got {self.val_docs}")
         if self.shard_tokens <= 0:
-            raise ValueError(f"shard_tokens must be positive, got {self.shard_tokens}")
+            raise ConfigError(f"--shard-tokens must be positive, got {self.shard_tokens}")
         if self.workers < 0:
-            raise ValueError(f"workers must be 0 (all cores) or more, got {self.workers}")
+            raise ConfigError(f"--workers must be 0 (all cores) or more, got {self.workers}")
         if self.dtype not in ("auto", "uint16", "uint32"):
-            raise ValueError(f"dtype must be auto, uint16 or uint32, got {self.dtype!r}")
+            raise ConfigError(f"--dtype must be auto, uint16 or uint32, got {self.dtype!r}")
 
     def include_patterns(self) -> tuple[str, ...]:
         if not self.include:
@@ -164,11 +165,12 @@ def _read_state(path: Path) -> dict:
     """prepare-state.json of an interrupted run, checked as far as resuming reads it."""
     try:
         state = json.loads(path.read_bytes())
-        if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the state of the interrupted prepare ({e}); pass --overwrite to "
-                        "prepare anew") from None
+        state = e
+    if not isinstance(state, dict):
+        why = state if isinstance(state, Exception) else "not a JSON object"
+        raise DataError(f"{path}: cannot read the state of the interrupted prepare ({why}); pass --overwrite to "
+                        "prepare anew")
     for key, ok in (("fingerprint", lambda v: isinstance(v, dict)), ("open_doc", lambda v: v in (None, *SPLITS)),
                     ("position", lambda v: isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)),
                     ("stats", lambda v: isinstance(v, dict) and set(v) == set(asdict(Stats()))),

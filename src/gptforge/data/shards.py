@@ -17,8 +17,9 @@ import numpy as np
 from .. import faults
 from ..checkpoint import atomic_write_bytes, file_sha256
 from ..config import ConfigError
+from ..errors import DataError
 from ..tokenizer import TOKENIZER_CONFIG, Tokenizer, get_tokenizer
-from .config import MANIFEST, SHARDS_FORMAT, SHARDS_VERSION, SPLITS, STATE, DataError
+from .config import MANIFEST, SHARDS_FORMAT, SHARDS_VERSION, SPLITS, STATE
 from .text import read_texts, tokenize_documents
 
 
@@ -62,7 +63,7 @@ class ShardedTokens:
         if isinstance(index, slice):
             lo, hi, step = index.indices(len(self))
             if step != 1:
-                raise ValueError("ShardedTokens slices must have step 1")
+                raise NotImplementedError("ShardedTokens slices must have step 1")
             return ShardedTokens(self.paths, self.lengths, self.dtype, self.start + lo, self.start + max(hi, lo),
                                  self.digest, self.vocab_size)
         idx = np.asarray(index, dtype=np.int64)

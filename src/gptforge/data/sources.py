@@ -13,7 +13,8 @@ from typing import Any
 
 import zstandard
 
-from .config import JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, DataError
+from ..errors import DataError
+from .config import JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES
 from .text import file_format, find_text_files, not_text
 
 DEFAULT_INCLUDE = tuple(f"*{s}{c}" for s in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES

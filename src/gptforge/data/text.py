@@ -11,8 +11,9 @@ from pydoc_data.topics import topics
 
 import numpy as np
 
+from ..errors import DataError
 from ..tokenizer import Tokenizer
-from .config import COMPRESSIONS, JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, DataError
+from .config import COMPRESSIONS, JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES
 
 
 def find_text_files(paths: Sequence[str | Path], include: Sequence[str] | None = None) -> list[Path]:

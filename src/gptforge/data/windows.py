@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..errors import DataError
 from ..ops import IGNORE_INDEX  # the target of a padding position: never scored
 from ..tokenizer import Tokenizer
-from .config import DataConfig, DataError
+from .config import DataConfig
 from .shards import ShardedTokens
 
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import DataError
 from ..tokenizer import HFTokenizer, Tokenizer, get_tokenizer
-from .config import DataError
 from .sources import Item
 
 TASK_BYTES = 1 << 20  # input bytes per task handed to a worker

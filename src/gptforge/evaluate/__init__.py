@@ -20,9 +20,10 @@ import torch
 
 from .. import ops
 from ..config import ConfigError, check_choice, check_range, opt
-from ..data import Batches, DataError, TokenWindows, check_windows, document_eot, eval_tokens
+from ..data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
 from ..devices import DEVICES, device_opt, pick_device
 from ..distributed import all_sum
+from ..errors import DataError
 from ..models.layers import cross_entropy
 from ..ops import IGNORE_INDEX as IGNORE
 from ..tokenizer import Tokenizer, tokenizer_opt
@@ -148,7 +149,7 @@ def evaluate(
     total, count, n_bytes = all_sum([total, count, n_bytes], torch.device(device))
     count, n_bytes = int(count), int(n_bytes)
     if count == 0:
-        raise ValueError("no batches to evaluate: the data gives no complete window with a scored target")
+        raise DataError("no batches to evaluate: the data gives no complete window with a scored target")
     return EvalResult(loss=total / count, tokens=count, bytes=None if table is None else n_bytes)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import DataError
+from ..errors import DataError
 from ..tokenizer import Tokenizer
 from .loglikelihood import Row, encode_pair, plan_rows, score_rows
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import check_choice, check_range, flag
+from ..errors import ConfigError
 from .layers import (
     MLP,
     CausalSelfAttention,
@@ -75,10 +76,10 @@ class GPTConfig(SavedConfig):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{flag(name)} must be a whole number, got {value!r}")
+                raise ConfigError(f"{flag(name)} must be a whole number, got {value!r}")
             check_range(name, value, 1)
         if self.emb_dim % self.n_heads:
-            raise ValueError(f"--emb-dim {self.emb_dim} must be divisible by --n-heads {self.n_heads}; "
+            raise ConfigError(f"--emb-dim {self.emb_dim} must be divisible by --n-heads {self.n_heads}; "
                              "change one of them")
         check_range("drop_rate", self.drop_rate, 0, 1, below=True)
         check_choice("gelu", self.gelu, GELU)
@@ -170,7 +171,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.context_length and layout is None:  # a layout's positions are its own
-            raise ValueError(
+            raise IndexError(
                 f"sequence of {start + T} tokens is longer than the model's context_length "
                 f"{self.cfg.context_length}"
             )

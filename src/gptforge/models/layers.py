@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..errors import ConfigError
 
 
 class SavedConfig:
@@ -27,7 +28,7 @@ class SavedConfig:
     def from_dict(cls, d: dict):
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
         return cls(**d)
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import check_range, flag
+from ..errors import ConfigError
 from .layers import (
     GroupedQueryAttention,
     KVCache,
@@ -77,18 +78,18 @@ class LlamaConfig(SavedConfig):
             if value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{flag(name)} must be a whole number, got {value!r}")
+                raise ConfigError(f"{flag(name)} must be a whole number, got {value!r}")
             check_range(name, value, 1)
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            raise ValueError(f"--n-kv-heads {self.n_kv_heads} must divide --n-heads {self.n_heads} (each key/value "
+            raise ConfigError(f"--n-kv-heads {self.n_kv_heads} must divide --n-heads {self.n_heads} (each key/value "
                              "head serves a whole group of query heads); change one of them")
         if self.head_dim is None and self.emb_dim % self.n_heads:
-            raise ValueError(f"--emb-dim {self.emb_dim} must be divisible by --n-heads {self.n_heads}, "
+            raise ConfigError(f"--emb-dim {self.emb_dim} must be divisible by --n-heads {self.n_heads}, "
                              "or give --head-dim")
         if self.head_dim is not None and self.head_dim % 2:
-            raise ValueError(f"--head-dim {self.head_dim} must be even (rotary embeddings turn pairs of dimensions)")
+            raise ConfigError(f"--head-dim {self.head_dim} must be even (rotary embeddings turn pairs of dimensions)")
         if self.head_dim is None and (self.emb_dim // self.n_heads) % 2:
-            raise ValueError(f"--emb-dim {self.emb_dim} / --n-heads {self.n_heads} gives odd heads of "
+            raise ConfigError(f"--emb-dim {self.emb_dim} / --n-heads {self.n_heads} gives odd heads of "
                              f"{self.emb_dim // self.n_heads}; rotary embeddings need even ones (give --head-dim)")
         # the defaults resolved, so that a saved config says what the model is
         self.n_kv_heads = self.n_kv_heads or self.n_heads

@@ -41,10 +41,11 @@ class MetricsLog:
                 continue
             try:
                 record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError(line)
-                records.append(record)
             except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
                 bad.append(i)
         if bad == [len(lines)] and not data.endswith(b"\n"):
             warn(f"gptforge: warning: {self.path}: dropped the cut-off last line {bad[0]} (written when the run "

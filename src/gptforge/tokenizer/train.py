@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..data.config import DataError
 from ..data.prepare import PrepareConfig, _where, check_out
 from ..data.shards import TOKENIZER_FILE, _atomic_write, written_name
 from ..data.sources import file_kind, find_inputs, read_items
 from ..data.workers import BAD, OK, record_text
+from ..errors import DataError
 from . import train_bpe
 
 

@@ -39,7 +39,6 @@ from .. import distributed as dist
 from ..config import ConfigError, build, check_choice, check_range, opt
 from ..data import (
     DataConfig,
-    DataError,
     data_defaults,
     document_eot,
     find_text_files,
@@ -50,6 +49,7 @@ from ..data import (
     tokenize_documents,
 )
 from ..devices import DEVICES, device_opt, pick_device
+from ..errors import DataError
 from ..models import block_params, get_spec
 from ..models import build as build_model
 from ..perf import device_name, keep_freed_cpu_memory

@@ -17,6 +17,7 @@ import torch
 from .. import distributed as dist
 from .. import faults
 from ..config import ConfigError
+from ..errors import TrainingError
 from ..evaluate import loss_batch
 from ..models import build
 from ..ops import IGNORE_INDEX
@@ -24,10 +25,6 @@ from ..perf import sync
 from .config import TrainConfig
 from .optim import build_optimizer
 from .state import RunState, TrainData
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the step and what to change."""
 
 
 @contextlib.contextmanager

@@ -16,11 +16,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import CheckpointError
-
-
-class WeightsError(CheckpointError):
-    """A model source that cannot be read; the message names the file, the tensor and the shapes."""
+from ..errors import WeightsError
 
 
 class ShardedCheckpointReader:
@@ -161,7 +157,7 @@ class TFCheckpointReader:
             raise WeightsError(f"{self.where}: cannot read ({e.strerror})") from None
         try:
             records = self._table_records(data)
-        except (ValueError, IndexError, struct.error) as e:
+        except (ValueError, IndexError, struct.error) as e:  # also WeightsError, a ValueError
             raise WeightsError(f"{self.where}: not a TensorFlow checkpoint index ({e})") from None
         num_shards = 1
         for key, value in records:
@@ -182,7 +178,7 @@ class TFCheckpointReader:
     def _table_records(cls, data: bytes) -> list[tuple[str, bytes]]:
         footer = data[-48:]
         if len(data) < 48 or struct.unpack("<Q", footer[40:])[0] != cls.MAGIC:
-            raise ValueError("no table footer")
+            raise WeightsError("no table footer")
         pos = 0
         _meta_off, pos = _varint(footer, pos)
         _meta_size, pos = _varint(footer, pos)
@@ -198,7 +194,7 @@ class TFCheckpointReader:
     @staticmethod
     def _block(data: bytes, offset: int, size: int) -> list[tuple[bytes, bytes]]:
         if data[offset + size] != 0:  # the trailer's compression byte; TensorFlow writes bundles uncompressed
-            raise ValueError(f"compressed block (type {data[offset + size]})")
+            raise WeightsError(f"compressed block (type {data[offset + size]})")
         block = data[offset:offset + size]
         (num_restarts,) = struct.unpack("<I", block[-4:])
         end = len(block) - 4 - 4 * num_restarts
@@ -261,7 +257,7 @@ def _proto_fields(buf: bytes) -> dict[int, list]:
         elif wire == 1:
             value, pos = struct.unpack("<Q", buf[pos:pos + 8])[0], pos + 8
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
+            raise WeightsError(f"not a TensorFlow checkpoint: unsupported protobuf wire type {wire}")
         out.setdefault(number, []).append(value)
     return out
 
