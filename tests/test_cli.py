@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import click
 import pytest
 from clirun import run
 
@@ -234,3 +235,46 @@ def test_command_flags_are_the_component_dataclasses_fields(capsys):
         assert code == 0
         for name in names:
             assert "--" + name.replace("_", "-") in out, (path, name)
+
+
+def leaf_commands(group=None, prefix=()):
+    from gptforge.cli import cli
+
+    group = group or cli
+    for name, cmd in sorted(group.commands.items()):
+        if isinstance(cmd, click.Group):
+            yield from leaf_commands(cmd, prefix + (name,))
+        else:
+            yield prefix + (name,), cmd
+
+
+POSITIONALS = {"eval": ["gpt2", "t.txt"], "generate": ["gpt2"], "serve": ["gpt2"], "convert": ["gpt2", "out"],
+               "report": ["runs/x"], "prepare": ["t.txt"], "tokenizer train": ["t.txt"]}
+
+
+def test_every_command_reads_a_config_file(tmp_path, capsys, monkeypatch):
+    """Each command takes --config FILE (prepare: a .toml given to its --config): a key no option has is refused
+    naming the file, before any work; a key it has is applied (options on the command line win)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.toml").write_text("no_such_setting = 1\n")
+    commands = dict(leaf_commands())
+    assert {"train", "eval", "generate", "serve", "convert", "report", "prepare", "plan"} <= {" ".join(k) for k in
+                                                                                            commands}
+    for path in commands:
+        name = " ".join(path)
+        code, _, err = run([*path, *POSITIONALS.get(name, []), "--config", "bad.toml"], capsys)
+        assert code == 1 and "bad.toml" in err and "no_such_setting" in err, (name, err)
+    (tmp_path / "t.txt").write_text("Every effort moves you. " * 200)
+    (tmp_path / "tok.toml").write_text('vocab-size = 300\nout = "tok"\n')  # required options, from the file
+    code, out, err = run(["tokenizer", "train", "t.txt", "--config", "tok.toml"], capsys)
+    assert code == 0 and (tmp_path / "tok" / "tokenizer.json").is_file(), err
+    (tmp_path / "serve.toml").write_text("port = 99999\n")
+    assert "--port must be between 0 and 65535, got 99999" in run(["serve", "gpt2", "--config", "serve.toml"],
+                                                                   capsys)[2]
+    (tmp_path / "plan.toml").write_text("minutes = -1\n")
+    assert "--minutes must be above 0, got -1.0" in run(["plan", "t.txt", "--config", "plan.toml"], capsys)[2]
+    assert "--minutes must be above 0, got -2.0" in run(["plan", "t.txt", "--config", "plan.toml", "--minutes", "-2"],
+                                                        capsys)[2]  # the command line wins
+    (tmp_path / "prep.toml").write_text('workers = -2\nout = "d"\n')
+    assert "--workers must be 0 (all cores) or more, got -2" in run(["prepare", "t.txt", "--config", "prep.toml"],
+                                                                    capsys)[2]

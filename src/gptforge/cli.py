@@ -7,6 +7,7 @@ any of them for train, eval and generate, and flags given on the command line wi
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import typing
@@ -505,12 +506,65 @@ def tokenizer_train(corpus: tuple[str, ...], vocab_size: int, out: str, text_fie
     click.echo(f"wrote {path}")
 
 
+def accepts_config(cmd: click.Command) -> click.Command:
+    """Give a command `--config FILE`: a TOML file of flat keys named like its options (with _ or -), read before
+    the command runs, each value converted and checked as the option's own (choices, numbers); options given on the
+    command line win. prepare's --config already names a Hugging Face dataset's configuration: there a value that
+    is a .toml file is the settings file."""
+    options = {max(p.opts, key=len).lstrip("-").replace("-", "_"): p  # keyed as the flag is spelled (--to: to)
+               for p in cmd.params if isinstance(p, click.Option) and p.name != "help"}
+    required = [p for p in options.values() if p.required]
+    for p in required:  # the file may give them: checked after it is read
+        p.required = False
+    shared = "config" in options
+    if not shared:
+        cmd.params.append(click.Option(["--config", "config_file"], type=click.Path(dir_okay=False), default=None,
+                                       help="TOML file with settings (the options' names, with _ or -); options "
+                                            "given on the command line win."))
+    callback = cmd.callback
+
+    @functools.wraps(callback)
+    def run(**kwargs):
+        path = kwargs.pop("config_file", None)
+        if shared and str(kwargs.get("config") or "").endswith(".toml") and Path(kwargs["config"]).is_file():
+            path, kwargs["config"] = kwargs["config"], None
+        if path:
+            for key, value in _settings_file(path, options).items():
+                if kwargs.get(options[key].name) in (None, ()):
+                    kwargs[options[key].name] = value
+        for p in required:
+            if kwargs.get(p.name) is None:
+                raise click.MissingParameter(ctx=click.get_current_context(), param=p)
+        return callback(**kwargs)
+
+    cmd.callback = run
+    return cmd
+
+
+def _settings_file(path: str, options: dict[str, click.Option]) -> dict[str, Any]:
+    """The values of a command's --config file, keyed and converted as its options (one line for a bad one)."""
+    raw = read_toml(path, {}, {name: object for name in options if name != "config"})
+    ctx = click.get_current_context()
+    out = {}
+    for name, value in raw.items():
+        try:
+            out[name] = options[name].process_value(ctx, value)
+        except click.BadParameter as e:
+            raise ConfigError(f"{path}: {name} = {value!r}: {e.format_message()}") from None
+    return out
+
+
 def _flat_config(config_file: str | None, *classes: type, extra: dict[str, type] | None = None) -> dict:
     """A --config TOML for eval/generate: flat keys named like the command's flags (the fields of `classes`)."""
     if not config_file:
         return {}
     types = {k: v for cls in classes for k, v in field_types(cls).items()}
     return read_toml(config_file, {}, {**types, **(extra or {})})
+
+
+for _command in (serve, plan_cmd, bench_train_cmd, bench_generate_cmd, bench_quality_cmd, convert, report, prepare,
+                 tokenizer_train):  # train, eval and generate read theirs with their own layering
+    accepts_config(_command)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
