@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..checkpoint import CONFIG, METRICS, atomic_write_bytes, check_writable, read_best
+from ..checkpoint import CONFIG, METRICS, atomic_write_bytes, check_writable
 from ..config import ConfigError, tomllib
+from .choose import read_best
 from .metrics import best_eval, task_keys
 from .trackers import flat_config
 

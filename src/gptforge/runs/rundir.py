@@ -33,9 +33,9 @@ from ..checkpoint import (
     RUN_TOKENIZER,
     CheckpointError,
     checkpoint_dirs,
-    choose_checkpoint,
     latest_checkpoint,
 )
+from .choose import choose_checkpoint
 
 LOCK = "run.lock"
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed as dist
-from ..checkpoint import CHECKPOINTS, CONFIG, check_writable, saved_run_config, source_checkpoint
+from ..checkpoint import CHECKPOINTS, CONFIG, check_writable, saved_run_config
 from ..config import SEED_MAX, ConfigError, build, check_choice, check_range, check_toml, opt, read_toml, to_toml_dict
 from ..data import DataConfig, data_defaults, prepared_dir
 from ..devices import DEVICES
 from ..evaluate.tasks import TASKS
 from ..models import DEFAULT_ARCH, ModelSettings, ModelSpec, check_settings, get_spec, preset_arch, spec_for
 from ..models.gpt2 import GPTConfig
+from ..runs.choose import source_checkpoint
 from ..runs.rundir import LOCK, in_use
 from ..runs.trackers import LOGGERS
 from ..weights import init_model_config, init_tokenizer

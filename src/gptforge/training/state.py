@@ -5,6 +5,7 @@ with the RNG and the world-size remap)."""
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from ..data import (
 )
 from ..models import build
 from ..models.layers import torch_default_init
+from ..runs.choose import write_best
 from ..runs.metrics import human
 from ..tokenizer import HFTokenizer, Tokenizer, get_tokenizer, train_bpe
 from ..weights import load_any, load_model
@@ -209,6 +211,28 @@ def check_memory(model_cfg, t: TrainConfig, device: torch.device) -> None:
                           "(--emb-dim, --n-layers, --vocab-size), --batch-size or --context-length")
 
 
+def rng_state() -> dict:
+    """This process's random number generator states (Python, NumPy, torch CPU and CUDA)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def check_resources(model_cfg, t: TrainConfig, device: torch.device, run_dir: Path | None) -> None:
     """The memory training needs (check_memory) and, given run_dir (rank 0), the disk its first checkpoint needs."""
     check_memory(model_cfg, t, device)
@@ -313,7 +337,7 @@ class Checkpointer:
             self.log(f"resuming with {world} process(es) x batch {t.batch_size} (was {old_world} x {old_batch}): "
                      f"data position mapped to batch {state.batch} of epoch {state.epoch}; dropout streams re-seeded")
         else:
-            ckpt.set_rng_state(rngs[dist.rank()])
+            set_rng_state(rngs[dist.rank()])
         if state.step >= self.schedule.total_steps:
             raise ConfigError(f"{run_dir}: the run already finished at step {state.step}; "
                               f"pass a larger --max-steps to extend it")
@@ -323,7 +347,7 @@ class Checkpointer:
             raise ConfigError(f"{run_dir}: the run ended early at step {state.step} ({why}); to train on, resume "
                               "with a larger --early-stop, or --early-stop 0 for none")
         if dist.is_main() and self.best.step is not None:
-            ckpt.write_best(run_dir, self.best.record())  # as of the checkpoint resumed from
+            write_best(run_dir, self.best.record())  # as of the checkpoint resumed from
         self.log(f"resuming {run_dir} from step {state.step} ({human(state.tokens)} tokens seen), training to "
                  f"{self.schedule.total_steps}")
         return last / ckpt.SHARDS if sharded else saved["optimizer"]
@@ -339,7 +363,7 @@ class Checkpointer:
     def _saved(self, state: RunState, optim_state: dict | None) -> dict:
         t = self.cfg.train
         saved = dict(state.state_dict(), data_hash=self.data.data_hash, world_size=dist.world_size(),
-                     batch_size=t.batch_size, optimizer_kind=t.optimizer, rng=dist.gather(ckpt.rng_state()),
+                     batch_size=t.batch_size, optimizer_kind=t.optimizer, rng=dist.gather(rng_state()),
                      schedule=self.schedule.state_dict(), best=self.best.state_dict())
         if optim_state is not None:
             saved["optimizer"] = optim_state
@@ -363,7 +387,7 @@ class Checkpointer:
     def _note_best(self, best: dict, step: int) -> None:
         """best.json, once the checkpoint of a new best is committed (rank 0)."""
         if best.get("step") == step:
-            ckpt.write_best(self.run_dir, best)
+            write_best(self.run_dir, best)
 
     def _save_sharded(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
         """Every rank writes its shards (in the background with --async-checkpoint: sealed by the next save or

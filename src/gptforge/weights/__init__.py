@@ -54,6 +54,7 @@ from .. import checkpoint as ckpt
 from .. import perf
 from ..config import ConfigError
 from ..models import DEFAULT_ARCH, build, config_from_dict, max_positions, spec_for
+from ..runs.choose import resolve_weights
 from ..tokenizer import (
     TOKENIZER_CONFIG,
     HFTokenizer,
@@ -265,7 +266,7 @@ def _torch_source(path: Path, n_heads: int | None) -> Source:
 
 
 def _gptforge_source(p: Path, verify: bool = True) -> Source:
-    path = ckpt.resolve_weights(p, verify)
+    path = resolve_weights(p, verify)
     meta = ckpt.read_weights_meta(path)
     try:
         cfg = config_from_dict(json.loads(meta["model"]), meta.get("arch"))  # no arch: written before families
@@ -352,7 +353,7 @@ def load_any(source: str | Path, device: torch.device | str = "cpu", *, context_
 
 
 def load_model(source: str | Path, device: torch.device | str = "cpu", verify: bool = True) -> tuple[nn.Module, dict]:
-    """A gptforge model from a run dir (its best checkpoint, else its newest intact one: checkpoint.choose_checkpoint),
+    """A gptforge model from a run dir (its best checkpoint, else its newest intact one: runs.choose.choose_checkpoint),
     checkpoint dir or weights file (checked against its checksums.json unless `verify` is False: the caller just
     did); returns (model, the weights file's metadata). The one reader of gptforge weights files."""
     src = _gptforge_source(Path(source), verify)

@@ -7,107 +7,49 @@ any of them for train, eval and generate, and flags given on the command line wi
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-import typing
 from contextlib import nullcontext
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import click
-import torch
 
-from . import distributed
-from .bench import BenchConfig, bench_generate, bench_train
-from .checkpoint import CHECKPOINTS, source_checkpoint, step_name
-from .config import ConfigError, build, check_range, default_of, field_types, help_of, read_toml
-from .data import DataConfig
-from .data.prepare import PrepareConfig
-from .data.prepare import prepare as run_prepare
-from .errors import UserError
-from .evaluate import EvalConfig, evaluate_text
-from .evaluate.tasks import TASKS, describe_task, evaluate_tasks, get_task
-from .generate import GenerateConfig, SampleConfig, generate_text
-from .models import SPECS, ModelSettings, all_presets, check_settings, get_spec, preset_arch
-from .quality import QualityConfig, bench_quality
-from .runs.report import write_report
-from .runs.rundir import RunLock
-from .serve import ServeConfig
-from .serve import serve as run_server
-from .tokenizer.train import train_tokenizer
-from .training import train as run_training
-from .training.config import TrainConfig, resolve_train_config
-from .training.plan import PlanConfig, plan_run, planned_settings
-from .training.recipes import RECIPES
-from .weights import convert as convert_model
-
-
-def dataclass_options(*classes: type, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
-                      defaults: dict[str, Any] | None = None):
-    """Add a --flag for every field of the given dataclasses (or those named in `only`); unset flags arrive as None.
-
-    `defaults` are what the command uses instead of a field's own default, shown in the help as such.
-    """
-
-    def decorate(fn):
-        for cls in reversed(classes):
-            types = field_types(cls)
-            for f in reversed(fields(cls)):
-                if f.name in exclude or (only is not None and f.name not in only):
-                    continue
-                flag = "--" + f.name.replace("_", "-")
-                default = (defaults or {}).get(f.name, default_of(f))
-                help_text = help_of(f) + (f"  [default: {default}]" if default not in (None, "", []) else "")
-                metavar = f.metadata.get("metavar")
-                if types[f.name] is bool:
-                    option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
-                elif typing.get_origin(types[f.name]) is list:  # repeatable; unset arrives as None
-                    option = click.option(flag, f.name, multiple=True, help=help_text, metavar=metavar,
-                                          type=click.Choice(f.metadata["choices"]) if "choices" in f.metadata else str,
-                                          callback=lambda ctx, param, value: list(value) or None)
-                elif "choices" in f.metadata:
-                    option = click.option(flag, f.name, type=click.Choice(f.metadata["choices"]), default=None,
-                                          help=help_text)
-                else:
-                    option = click.option(flag, f.name, type=types[f.name], default=None, help=help_text,
-                                          metavar=metavar)
-                fn = option(fn)
-        return fn
-
-    return decorate
-
-
-def given(values: dict[str, Any]) -> dict[str, Any]:
-    """The flags the user actually passed."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
-arch_option = click.option(
-    "--arch", type=click.Choice(sorted(SPECS)), default=None,
-    help="Model family: gpt2 (GPT-2: learned positions, LayerNorm, GELU) or llama (Llama/Qwen3/minimind: RMSNorm, "
-         "rotary positions, grouped-query attention, SwiGLU).  [default: the preset's, else gpt2]")
-preset_option = click.option(
-    "--preset", type=click.Choice(all_presets()), default=None,
-    help="Model shape to start from (it sets --arch); shape flags override single values.  "
-         "[default: mini (gpt2), llama-mini (llama)]")
-
-checkpoint_option = click.option(
-    "--checkpoint", "which", metavar="best|latest|STEP", default=None,
-    help="Which checkpoint a run directory SOURCE means: best (the lowest val loss, RUN_DIR/best.json), latest "
-         "(the newest) or a step number.  [default: best, or the newest for a run without best.json]")
-
-
-def pick(source: str, which: str | None) -> str:
-    """SOURCE with a run directory turned into its chosen checkpoint; one line on stderr says which and why."""
-    say = lambda message: click.echo(f"gptforge: {message}", err=True)  # noqa: E731
-    return source_checkpoint(source, which, note=say, warn=lambda message: say(f"warning: {message}"))
-
-
-config_option = click.option(
-    "--config", "config_file", type=click.Path(dir_okay=False),
-    help="TOML file with settings (same names as the flags, with _ or -); flags given here win.",
+from .. import distributed
+from ..bench import BenchConfig, bench_generate, bench_train
+from ..checkpoint import CHECKPOINTS, step_name
+from ..config import ConfigError, build, check_range
+from ..data import DataConfig
+from ..data.prepare import PrepareConfig
+from ..data.prepare import prepare as run_prepare
+from ..errors import UserError
+from ..evaluate import EvalConfig, evaluate_text
+from ..evaluate.tasks import TASKS, describe_task, evaluate_tasks, get_task
+from ..generate import GenerateConfig, SampleConfig, generate_text
+from ..models import ModelSettings, check_settings, get_spec, preset_arch
+from ..quality import QualityConfig, bench_quality
+from ..runs.report import write_report
+from ..runs.rundir import RunLock
+from ..serve import ServeConfig
+from ..serve import serve as run_server
+from ..tokenizer.train import train_tokenizer
+from ..training import train as run_training
+from ..training.config import TrainConfig, resolve_train_config
+from ..training.plan import PlanConfig, plan_run, planned_settings
+from ..training.recipes import RECIPES
+from ..weights import convert as convert_model
+from .options import (
+    accepts_config,
+    arch_option,
+    checkpoint_option,
+    config_option,
+    dataclass_options,
+    first_line,
+    flat_config,
+    given,
+    out_of_memory,
+    pick,
+    preset_option,
+    without_nproc,
 )
 
 
@@ -165,7 +107,7 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, wh
     if nproc is not None and nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     if nproc and nproc > 1 and not distributed.is_distributed():
-        sys.exit(distributed.launch(nproc, _without_nproc(click.get_current_context().find_root().obj["argv"])))
+        sys.exit(distributed.launch(nproc, without_nproc(click.get_current_context().find_root().obj["argv"])))
     if flags.get("out") and distributed.restarted(flags["out"]):
         resume, which = flags["out"], None  # torchrun --max-restarts started this job again: continue the run it made
     branching = resume is not None and flags.get("out") is not None and \
@@ -223,7 +165,7 @@ def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], config_
     gptforge eval gpt2 --task arc-easy                  where ARC-Easy's file comes from
     """
 
-    values = {**_flat_config(config_file, EvalConfig, extra={"json": bool}), **given(flags)}
+    values = {**flat_config(config_file, EvalConfig, extra={"json": bool}), **given(flags)}
     if tasks:
         pairs = task_files(tasks, data)
         if not pairs:
@@ -271,7 +213,7 @@ def task_files(tasks: tuple[str, ...], data: tuple[str, ...]) -> list[tuple[str,
 def generate(source: str, config_file: str | None, which: str | None, **flags) -> None:
     """Continue a prompt with the model in SOURCE (any format `eval` takes, e.g. gpt2-xl or a run dir)."""
 
-    values = {**_flat_config(config_file, GenerateConfig, SampleConfig), **given(flags)}
+    values = {**flat_config(config_file, GenerateConfig, SampleConfig), **given(flags)}
     cfg, sample = build(GenerateConfig, values), build(SampleConfig, values)
     source = pick(source, which)
     stats: dict = {}
@@ -506,89 +448,9 @@ def tokenizer_train(corpus: tuple[str, ...], vocab_size: int, out: str, text_fie
     click.echo(f"wrote {path}")
 
 
-def accepts_config(cmd: click.Command) -> click.Command:
-    """Give a command `--config FILE`: a TOML file of flat keys named like its options (with _ or -), read before
-    the command runs, each value converted and checked as the option's own (choices, numbers); options given on the
-    command line win. prepare's --config already names a Hugging Face dataset's configuration: there a value that
-    is a .toml file is the settings file."""
-    options = {max(p.opts, key=len).lstrip("-").replace("-", "_"): p  # keyed as the flag is spelled (--to: to)
-               for p in cmd.params if isinstance(p, click.Option) and p.name != "help"}
-    required = [p for p in options.values() if p.required]
-    for p in required:  # the file may give them: checked after it is read
-        p.required = False
-    shared = "config" in options
-    if not shared:
-        cmd.params.append(click.Option(["--config", "config_file"], type=click.Path(dir_okay=False), default=None,
-                                       help="TOML file with settings (the options' names, with _ or -); options "
-                                            "given on the command line win."))
-    callback = cmd.callback
-
-    @functools.wraps(callback)
-    def run(**kwargs):
-        path = kwargs.pop("config_file", None)
-        if shared and str(kwargs.get("config") or "").endswith(".toml") and Path(kwargs["config"]).is_file():
-            path, kwargs["config"] = kwargs["config"], None
-        if path:
-            for key, value in _settings_file(path, options).items():
-                if kwargs.get(options[key].name) in (None, ()):
-                    kwargs[options[key].name] = value
-        for p in required:
-            if kwargs.get(p.name) is None:
-                raise click.MissingParameter(ctx=click.get_current_context(), param=p)
-        return callback(**kwargs)
-
-    cmd.callback = run
-    return cmd
-
-
-def _settings_file(path: str, options: dict[str, click.Option]) -> dict[str, Any]:
-    """The values of a command's --config file, keyed and converted as its options (one line for a bad one)."""
-    raw = read_toml(path, {}, {name: object for name in options if name != "config"})
-    ctx = click.get_current_context()
-    out = {}
-    for name, value in raw.items():
-        try:
-            out[name] = options[name].process_value(ctx, value)
-        except click.BadParameter as e:
-            raise ConfigError(f"{path}: {name} = {value!r}: {e.format_message()}") from None
-    return out
-
-
-def _flat_config(config_file: str | None, *classes: type, extra: dict[str, type] | None = None) -> dict:
-    """A --config TOML for eval/generate: flat keys named like the command's flags (the fields of `classes`)."""
-    if not config_file:
-        return {}
-    types = {k: v for cls in classes for k, v in field_types(cls).items()}
-    return read_toml(config_file, {}, {**types, **(extra or {})})
-
-
 for _command in (serve, plan_cmd, bench_train_cmd, bench_generate_cmd, bench_quality_cmd, convert, report, prepare,
                  tokenizer_train):  # train, eval and generate read theirs with their own layering
     accepts_config(_command)
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
-
-
-OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "not enough memory", "Cannot allocate memory")
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """Whether an error is an allocation that failed (CPU or CUDA)."""
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(m in str(e) for m in OUT_OF_MEMORY)
 
 
 def main(argv: list[str] | None = None) -> None:
