@@ -46,7 +46,7 @@ import torch
 from gptforge.data import default_documents, read_texts
 from gptforge.perf import device_name
 from gptforge.quality import split_holdout, write_documents
-from gptforge.training.plan import LADDER, ladder_shape
+from gptforge.training.ladder import LADDER, ladder_shape
 
 VIM_DOCS = Path("/usr/share/vim/vim90/doc")
 FORTUNES = Path("/usr/share/games/fortunes")  # Debian's fortunes and fortunes-min packages

@@ -12,8 +12,10 @@ import pytest
 import torch
 from clirun import run
 
+import gptforge.training.ladder as rungs
 import gptforge.training.plan as plan
 from gptforge.config import ConfigError, tomllib
+from gptforge.errors import DataError
 from gptforge.models.llama import PRESETS as LLAMA_PRESETS
 from gptforge.training.config import resolve_train_config
 from gptforge.training.recipes import RECIPES
@@ -25,7 +27,7 @@ LOTS = 10**9  # training tokens: the epoch cap never binds
 
 
 def ladder(data_tokens=LOTS, arch="llama", vocab=4096):
-    return plan.candidates(arch, RECIPES["modern"] if arch == "llama" else {}, vocab, data_tokens)
+    return rungs.candidates(arch, RECIPES["modern"] if arch == "llama" else {}, vocab, data_tokens)
 
 
 def by_size(cands, scale=1e12):
@@ -54,7 +56,7 @@ def test_the_ladder_spans_small_to_large_and_holds_llama_mini():
 
 
 def test_too_little_text_to_plan_is_a_data_error():
-    with pytest.raises(plan.DataError, match="too few to plan"):
+    with pytest.raises(DataError, match="too few to plan"):
         ladder(data_tokens=500)
 
 
@@ -170,7 +172,7 @@ def test_measuring_stops_after_the_first_shape_that_is_too_big(monkeypatch):
     cands = ladder(data_tokens=LOTS)
     built = []
     monkeypatch.setattr(plan.RandomSteps, "setup", lambda cfg, *a, **k: built.append(cfg) or cfg)
-    monkeypatch.setattr(plan, "time_steps", lambda cfg, *a, **k: [plan.count_params(cfg)[0] * 1e-9] * 3)
+    monkeypatch.setattr(plan, "time_steps", lambda cfg, *a, **k: [rungs.count_params(cfg)[0] * 1e-9] * 3)
     t = plan.build(plan.TrainConfig, {"batch_size": 8})
     small_enough = lambda c, s: plan.worth_measuring(c.block_params, plan.run_tokens(s, 1), LOTS)  # noqa: E731
     speeds = plan.measure_speeds(cands, t, torch.device("cpu"), small_enough, log=lambda *_: None)

@@ -22,7 +22,6 @@ a generation stops when its client goes away.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import re
@@ -31,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from html import escape
 from importlib import resources
@@ -42,26 +41,28 @@ import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import checkpoint as ckpt
-from .config import ConfigError, check_choice, check_range, opt
-from .devices import DEVICES, device_opt, pick_device
-from .generate import SampleConfig, cache_length, iter_tokens, sampling_generator
-from .models import KVCache
-from .tokenizer import tokenizer_opt
-from .weights import load_for_text
+from .. import checkpoint as ckpt
+from ..config import ConfigError, check_choice, check_range, opt
+from ..devices import DEVICES, device_opt, pick_device
+from ..errors import UserError
+from ..generate import SampleConfig, cache_length, iter_tokens, sampling_generator
+from ..models import KVCache
+from ..tokenizer import tokenizer_opt
+from ..weights import load_for_text
+from .hosts import LOOPBACK, AllowedHosts, HostCheck, error_body, host_name
+
+__all__ = ["MAX_BODY_BYTES", "AllowedHosts", "Engine", "Limits", "RequestError", "ServeConfig", "host_name",
+           "load_engine", "make_app", "serve"]
 
 MAX_BODY_BYTES = 1 << 20
 MAX_DEPTH = 8  # arrays and objects inside each other in a request body; the fields we take need 2
 MAX_SEED = 2**63 - 1  # seeds are 0 .. 2^63 - 1 (OpenAI's int64; torch.Generator takes them all)
-LOOPBACK = ("localhost", "127.0.0.1", "::1")
-WILDCARD = ("0.0.0.0", "::", "")
 # Request fields we take; the rest of OpenAI's fields are accepted only at their "off" values.
 ACCEPTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stream", "seed", "user"}
 OFF_VALUES = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, 0), "frequency_penalty": (0,),
@@ -69,7 +70,7 @@ OFF_VALUES = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, 0
               "stream_options": (None, {}, {"include_usage": False})}
 
 
-class RequestError(ValueError):
+class RequestError(UserError):
     """A request the server rejects with HTTP `status` and an OpenAI-style JSON error."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400):
@@ -123,51 +124,6 @@ def size(n: float) -> str:
     while n >= 1024 and len(units) > 1:
         n, units = n / 1024, units[1:]
     return f"{n:.4g} {units[0]}"
-
-
-@dataclass(frozen=True)
-class AllowedHosts:
-    """The names a request's Host header may give: loopback, the listening address, --allowed-host names;
-    when listening on every address (0.0.0.0, ::) also any IP address and this machine's name. A
-    DNS-rebinding page always sends its own domain name, so it is refused."""
-
-    names: frozenset[str]
-    any_ip: bool = False
-
-    @classmethod
-    def serving(cls, host: str, extra: Iterable[str] = ()) -> AllowedHosts:
-        names = set(LOOPBACK)
-        for given in extra:
-            if (name := host_name(given)) is None:
-                raise ConfigError(f"--allowed-host {given!r} is not a host name; give one like example.org")
-            names.add(name)
-        wildcard = host in WILDCARD
-        names.add(socket.gethostname().lower() if wildcard else _normal(host))
-        return cls(frozenset(names), any_ip=wildcard)
-
-    def accepts(self, header: str | None) -> bool:
-        name = host_name(header)
-        if name is None:
-            return False
-        return name in self.names or (self.any_ip and _is_ip(name))
-
-
-def _normal(name: str) -> str:
-    return name.strip().lower().removeprefix("[").removesuffix("]").removesuffix(".")
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
-def host_name(header: str | None) -> str | None:
-    """The name in a Host header without its port ("[::1]:8000" -> "::1"), lower case; None if malformed."""
-    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(:\d{1,5})?", (header or "").strip())
-    return _normal(match.group(1)) if match else None
 
 
 @dataclass
@@ -361,10 +317,6 @@ def _number(data: dict, key: str, default, typ: type, low, high):
     return typ(value)
 
 
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
 def page() -> str:
     return resources.files("gptforge").joinpath("serve_page.html").read_text(encoding="utf-8")
 
@@ -391,25 +343,6 @@ def check_content_type(header: str | None) -> None:
     if media != "application/json":
         raise RequestError(f"Content-Type must be application/json, got {header or 'none'!r}; send the JSON body "
                            "with that header", "Content-Type", status=415)
-
-
-class HostCheck:
-    """ASGI middleware: requests whose Host header is not one of `hosts` get 403 (DNS rebinding)."""
-
-    def __init__(self, app, hosts: AllowedHosts):
-        self.app, self.hosts = app, hosts
-
-    async def __call__(self, scope, receive, send):
-
-        if scope["type"] == "http":
-            host = Headers(scope=scope).get("host")
-            if not self.hosts.accepts(host):
-                name = host_name(host) or "NAME"
-                message = (f"Host {host or 'none'!r} is not a name this server answers to; open it by localhost "
-                           f"or its address, or start it with --allowed-host {name}")
-                await JSONResponse(error_body(message, "Host"), status_code=403)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def make_app(engine: Engine, hosts: AllowedHosts | None = None):
