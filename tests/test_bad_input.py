@@ -246,7 +246,7 @@ def test_bad_input_is_one_line_and_nothing_is_lost(args, fragment, code, tmp_pat
     make_tree(tmp_path, model_bytes, tok_json, pth_bytes)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(weights, "_hub_snapshot", no_hub)
+    monkeypatch.setattr(weights.load, "_hub_snapshot", no_hub)
     immutable = "ro/" in args and os.geteuid() == 0  # root writes anywhere, except into an immutable directory
     if immutable and subprocess.run(["chattr", "+i", "ro"], capture_output=True).returncode != 0:
         pytest.skip("needs chattr +i to make a directory read-only for root")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 SRC = Path(__file__).parent.parent / "src" / "gptforge"
 MAX_FUNCTION_LINES = 100
+MAX_FILE_LINES = 500
 
 ROOT = SRC.parent.parent
 OURS = ("src", "tests", "benchmarks", "docs")  # everything in them is written by us
@@ -205,3 +206,9 @@ def test_the_state_checks_catch_what_they_look_for(tmp_path):
     assert any("changes the module-level CACHE" in f for f in found)
     assert any("changes the module-level _seen" in f for f in found)
     assert not any("local" in f or "LIMIT (a" in f for f in found)
+
+
+def test_no_source_file_over_500_lines():
+    long = [f"{p.relative_to(SRC)} ({n} lines)" for p in sorted(SRC.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
+    assert not long, f"source files over {MAX_FILE_LINES} lines (split them by concern): {', '.join(long)}"

@@ -310,7 +310,7 @@ def test_local_paths_never_ask_the_hub(tmp_path, monkeypatch):
         asked.append(repo_id)
         raise LookupError(repo_id)
 
-    monkeypatch.setattr(weights, "_hub_snapshot", fake_hub)
+    monkeypatch.setattr(weights.load, "_hub_snapshot", fake_hub)
     for source in ("gpt2", "someone/model"):
         with pytest.raises(LookupError):
             load_any(source)
@@ -340,7 +340,7 @@ def test_unreachable_hub_answers_at_once(tmp_path, monkeypatch):
         connects.append(address)
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(weights, "hf_hub_download", download)
+    monkeypatch.setattr(weights.load, "hf_hub_download", download)
     monkeypatch.setattr(socket_module, "create_connection", connect)
     with pytest.raises(CheckpointError, match="someone/model: no such local path.*the hub could not be reached"):
         load_any("someone/model")

@@ -1,7 +1,6 @@
 """The command line's machinery: flags generated from the settings dataclasses, `--config FILE` for every command,
 the options several commands share, and the checks main() makes of what went wrong."""
 
-
 from __future__ import annotations
 
 import functools

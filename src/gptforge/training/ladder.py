@@ -1,7 +1,6 @@
 """The ladder of shapes `gptforge plan` times and chooses from: a family's rungs from 0.14M to 205M parameters
 (about twice the parameters per rung), each with its heads, context length for the data, and parameter counts."""
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass
