@@ -30,10 +30,9 @@ DATA_DIR/
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -46,13 +45,13 @@ from ..errors import DataError
 from ..runs.metrics import human
 from ..tokenizer import TOKENIZER_CONFIG, HFTokenizer, Tokenizer, get_tokenizer
 from . import sources
-from .config import MANIFEST, SHARDS_FORMAT, SHARDS_VERSION, SPLITS, STATE
+from .config import MANIFEST, SHARDS_FORMAT, SHARDS_VERSION, STATE
 from .shards import (
     TOKENIZER_FILE,
     OpenShards,
+    PrepareState,
     Stats,
     _atomic_write,
-    check_splits,
     damaged_shards,
     made_by_prepare,
     read_manifest,
@@ -161,27 +160,7 @@ def check_out(out: Path, ours, command: str, probe: bool = True) -> None:
     check_writable(out, "--out", probe=probe)
 
 
-def _read_state(path: Path) -> dict:
-    """prepare-state.json of an interrupted run, checked as far as resuming reads it."""
-    try:
-        state = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        state = e
-    if not isinstance(state, dict):
-        why = state if isinstance(state, Exception) else "not a JSON object"
-        raise DataError(f"{path}: cannot read the state of the interrupted prepare ({why}); pass --overwrite to "
-                        "prepare anew")
-    for key, ok in (("fingerprint", lambda v: isinstance(v, dict)), ("open_doc", lambda v: v in (None, *SPLITS)),
-                    ("position", lambda v: isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)),
-                    ("stats", lambda v: isinstance(v, dict) and set(v) == set(asdict(Stats()))),
-                    ("val_set", lambda v: v is None or isinstance(v, list)), ("splits", lambda v: isinstance(v, dict))):
-        if not ok(state.get(key)):
-            raise DataError(f"{path}: {key} is missing or damaged; pass --overwrite to prepare anew")
-    check_splits(state["splits"], path, "pass --overwrite to prepare anew")
-    return state
-
-
-def _existing(out: Path, fp: dict, dtype: str, cfg: PrepareConfig, log) -> tuple[dict | None, dict | None]:
+def _existing(out: Path, fp: dict, dtype: str, cfg: PrepareConfig, log) -> tuple[dict | None, PrepareState | None]:
     """What `out` holds: (its manifest, None) when it is this very data, finished and intact; (None, the saved
     state) for an interrupted prepare of it to resume; (None, None) to start afresh, after removing what an
     earlier prepare left there: data damaged since (with a warning), or with --overwrite, data from other inputs
@@ -191,7 +170,8 @@ def _existing(out: Path, fp: dict, dtype: str, cfg: PrepareConfig, log) -> tuple
         if not path.is_file():
             continue
         try:
-            saved = read_manifest(out) if name == MANIFEST else _read_state(path)
+            state = None if name == MANIFEST else PrepareState.read(path)
+            saved = read_manifest(out) if state is None else state.to_json()
         except DataError:
             if not cfg.overwrite:
                 raise
@@ -209,7 +189,7 @@ def _existing(out: Path, fp: dict, dtype: str, cfg: PrepareConfig, log) -> tuple
         if name == MANIFEST:
             log(f"{out}: up to date ({saved['splits']['train']['tokens']:,} train tokens); nothing to do")
             return saved, None
-        return None, saved
+        return None, state
     if out.is_dir():
         _clean_dir(out)
     return None, None
@@ -275,15 +255,14 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
         _atomic_write(out / TOKENIZER_FILE, tokenizer.json)
         if tokenizer.has_config:  # the data's own copy gives the same eos (and name) as the original
             _atomic_write(out / TOKENIZER_CONFIG, tokenizer.config())
-    state = state or {"fingerprint": fp, "position": [0, 0], "open_doc": None, "stats": asdict(Stats()),
-                      "splits": {s: {"tokens": 0, "documents": 0, "shards": []} for s in SPLITS}, "val_set": None}
-    stats = Stats(**state["stats"])
+    state = state or PrepareState(fp)
+    stats = state.stats
     tok_spec = ("hf", tokenizer.json) if isinstance(tokenizer, HFTokenizer) else ("gpt2", "")
     workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     job, pool = Job(tok_spec, dtype, cfg.text_field), start_pool(workers)
     try:
-        if cfg.val_docs is not None and state["val_set"] is None:
-            state["val_set"] = _choose_val_docs(files, kinds, cfg, job, pool, workers, log)
+        if cfg.val_docs is not None and state.val_set is None:
+            state.val_set = _choose_val_docs(files, kinds, cfg, job, pool, workers, log)
         _write_shards(files, kinds, cfg, tokenizer, OpenShards(out, state, np.dtype(dtype)), stats, job, pool,
                       workers)
     finally:
@@ -300,7 +279,7 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, cfg: PrepareConfig, l
         "tokenizer": {"name": tokenizer.name, **({"file": TOKENIZER_FILE} if isinstance(tokenizer, HFTokenizer)
                                                  else {})},
         "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": dtype,
-        "splits": state["splits"],
+        "splits": state.splits,
         "stats": {**_input_stats(files), "empty_documents": stats.empty,
                   "bad_lines_skipped": stats.bad_lines, "invalid_utf8_replaced": stats.invalid_utf8},
         "fingerprint": fp,
@@ -315,12 +294,12 @@ def _write_shards(files: list[Path], kinds: list, cfg: PrepareConfig, tokenizer:
                   stats: Stats, job: Job, pool, workers: int) -> None:
     """Tokenize the input from the saved position on into the shards, committing them whenever one is full."""
     state = shards.state
-    val_set = set(state["val_set"]) if state["val_set"] is not None else None
+    val_set = set(state.val_set) if state.val_set is not None else None
     datasets = any(isinstance(f, DatasetInput) for f in files)
-    skipped = state["position"][1] if datasets else sum(_size(f) for f in files[: state["position"][0]])
+    skipped = state.position[1] if datasets else sum(_size(f) for f in files[: state.position[0]])
     bar = _Progress(cfg.progress, sum(_size(f) for f in files) or None, skipped, shards.tokens(),
                     unit="rows" if datasets else "B")
-    position, open_doc = list(state["position"]), state["open_doc"]
+    position, open_doc = list(state.position), state.open_doc
     eot = np.array([tokenizer.eot_id], dtype=shards.dtype)
     items = read_items(files, kinds, cfg.text_field, tuple(position), on_bytes=bar.set_bytes)
     try:

@@ -350,18 +350,18 @@ class OpenShards:
     """The shard of each split being written, and the commit that makes them final and records where the
     input is then (prepare-state.json), so that an interrupted run resumes there."""
 
-    def __init__(self, out: Path, state: dict, dtype: np.dtype):
+    def __init__(self, out: Path, state: PrepareState, dtype: np.dtype):
         self.out, self.state, self.dtype = out, state, dtype
         self.writers: dict[str, ShardWriter] = {}
 
     def __getitem__(self, split: str) -> ShardWriter:
         if split not in self.writers:
-            self.writers[split] = ShardWriter(self.out, split, len(self.state["splits"][split]["shards"]), self.dtype)
+            self.writers[split] = ShardWriter(self.out, split, len(self.state.splits[split]["shards"]), self.dtype)
         return self.writers[split]
 
     def tokens(self) -> int:
         """Tokens written so far, in finished shards and open ones."""
-        return sum(s["tokens"] for s in self.state["splits"].values()) + sum(w.tokens for w in self.writers.values())
+        return sum(s["tokens"] for s in self.state.splits.values()) + sum(w.tokens for w in self.writers.values())
 
     def full(self, shard_tokens: int) -> bool:
         return any(w.tokens >= shard_tokens for w in self.writers.values())
@@ -369,13 +369,13 @@ class OpenShards:
     def commit(self, position: list[int], open_doc: str | None, stats: Stats) -> None:
         for split, w in self.writers.items():
             entry = w.close()
-            s = self.state["splits"][split]
+            s = self.state.splits[split]
             s["shards"].append(entry)
             s["tokens"] += entry["tokens"]
             s["documents"] += entry["documents"]
         self.writers.clear()
-        self.state.update(position=position, open_doc=open_doc, stats=asdict(stats))
-        _atomic_write(self.out / STATE, self.state)
+        self.state.position, self.state.open_doc, self.state.stats = position, open_doc, stats
+        _atomic_write(self.out / STATE, self.state.to_json())
         faults.point("prepare-between-shards")
 
     def discard(self) -> None:
@@ -416,3 +416,46 @@ class Stats:
     bad_examples: list = field(default_factory=list)
     invalid_utf8: int = 0
     invalid_examples: list = field(default_factory=list)
+
+
+def _empty_splits() -> dict:
+    return {s: {"tokens": 0, "documents": 0, "shards": []} for s in SPLITS}
+
+
+@dataclass
+class PrepareState:
+    """Where an unfinished prepare stands (prepare-state.json, rewritten at each shard group's commit): the inputs'
+    fingerprint, the input position (file, record) the next shard group starts at, the split of a document left
+    open there, the counters, the finished shards of each split, and the --val-docs choice."""
+
+    fingerprint: dict
+    position: list[int] = field(default_factory=lambda: [0, 0])
+    open_doc: str | None = None
+    stats: Stats = field(default_factory=Stats)
+    splits: dict = field(default_factory=_empty_splits)
+    val_set: list[int] | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def read(cls, path: Path) -> PrepareState:
+        """The state an interrupted run left, checked as far as resuming reads it (one line naming what is wrong)."""
+        try:
+            raw = json.loads(path.read_bytes())
+        except (OSError, ValueError) as e:
+            raw = e
+        if not isinstance(raw, dict):
+            why = raw if isinstance(raw, Exception) else "not a JSON object"
+            raise DataError(f"{path}: cannot read the state of the interrupted prepare ({why}); pass --overwrite to "
+                            "prepare anew")
+        for key, ok in (("fingerprint", lambda v: isinstance(v, dict)), ("open_doc", lambda v: v in (None, *SPLITS)),
+                        ("position", lambda v: isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)),
+                        ("stats", lambda v: isinstance(v, dict) and set(v) == set(asdict(Stats()))),
+                        ("val_set", lambda v: v is None or isinstance(v, list)),
+                        ("splits", lambda v: isinstance(v, dict))):
+            if not ok(raw.get(key)):
+                raise DataError(f"{path}: {key} is missing or damaged; pass --overwrite to prepare anew")
+        check_splits(raw["splits"], path, "pass --overwrite to prepare anew")
+        return cls(raw["fingerprint"], raw["position"], raw["open_doc"], Stats(**raw["stats"]), raw["splits"],
+                   raw["val_set"])
