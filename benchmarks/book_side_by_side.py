@@ -83,25 +83,36 @@ class BookAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.dropout = BookDropout(cfg["drop_rate"], cfg["same_masks"])
         ctx = cfg["context_length"]
-        self.register_buffer("mask", torch.ones(ctx, ctx, dtype=torch.bool).triu(1), persistent=False)
+        self.register_buffer("mask", torch.ones(ctx, ctx).triu(1))  # saved, as the book's state dicts hold it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         hs = C // self.n_heads
         q, k, v = (w(x).view(B, T, self.n_heads, hs).transpose(1, 2) for w in (self.W_query, self.W_key, self.W_value))
-        scores = (q @ k.transpose(2, 3)).masked_fill(self.mask[:T, :T], -torch.inf)  # (B, nh, T, T)
+        scores = (q @ k.transpose(2, 3)).masked_fill(self.mask[:T, :T].bool(), -torch.inf)  # (B, nh, T, T)
         weights = self.dropout(torch.softmax(scores / hs**0.5, dim=-1))
         y = (weights @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.out_proj(y)
 
 
+class BookFeedForward(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(d, 4 * d), BookGELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 class BookBlock(nn.Module):
+    """Pre-LayerNorm block, its modules registered in the book's order (attention, feed-forward, norms): the order
+    torch.manual_seed's draws initialise them in, and the order of the book's state dict and optimizer state."""
+
     def __init__(self, cfg: dict):
         super().__init__()
         d = cfg["emb_dim"]
-        self.norm1, self.att = BookLayerNorm(d), BookAttention(cfg)
-        self.norm2 = BookLayerNorm(d)
-        self.ff = nn.Sequential(nn.Linear(d, 4 * d), BookGELU(), nn.Linear(4 * d, d))
+        self.att, self.ff = BookAttention(cfg), BookFeedForward(d)
+        self.norm1, self.norm2 = BookLayerNorm(d), BookLayerNorm(d)
         self.drop_shortcut = BookDropout(cfg["drop_rate"], cfg["same_masks"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +151,7 @@ def gptforge_state(ref: BookGPT) -> dict[str, torch.Tensor]:
         out[f"h.{i}.attn.c_attn.weight"] = torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight])
         if att.W_query.bias is not None:
             out[f"h.{i}.attn.c_attn.bias"] = torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias])
-        for name, t in (("attn.c_proj", att.out_proj), ("mlp.c_fc", b.ff[0]), ("mlp.c_proj", b.ff[2])):
+        for name, t in (("attn.c_proj", att.out_proj), ("mlp.c_fc", b.ff.layers[0]), ("mlp.c_proj", b.ff.layers[2])):
             out[f"h.{i}.{name}.weight"], out[f"h.{i}.{name}.bias"] = t.weight, t.bias
         for name, n in (("ln_1", b.norm1), ("ln_2", b.norm2)):
             out[f"h.{i}.{name}.weight"], out[f"h.{i}.{name}.bias"] = n.scale, n.shift
@@ -310,19 +321,20 @@ def side_by_side(text: str, text_path: str, args) -> list[dict]:
             if step % args.eval_freq == 0:
                 rec.update(evaluate_both(ref, ours.model, loaders, args.eval_iter))
             records.append(rec)
+            print(table_row(rec), flush=True)
             step += 1
     return records
 
 
-def print_table(records: list[dict]) -> None:
-    print(f"{'step':>4} {'loss ref':>9} {'loss ours':>9} {'|d loss|':>8} {'gnorm ref':>9} {'gnorm ours':>10} "
+HEADER = (f"{'step':>4} {'loss ref':>9} {'loss ours':>9} {'|d loss|':>8} {'gnorm ref':>9} {'gnorm ours':>10} "
           f"{'pnorm ref':>10} {'|d pnorm|':>9} {'max |dw|':>8} {'eval ref (train/val)':>20} {'eval ours':>13}")
-    for r in records:
-        ev = (f"{r['train_ref']:9.3f}/{r['val_ref']:.3f} {r['train_ours']:6.3f}/{r['val_ours']:.3f}"
-              if "val_ref" in r else "")
-        print(f"{r['step']:>4} {r['loss_ref']:9.4f} {r['loss_ours']:9.4f} {abs(r['loss_ref'] - r['loss_ours']):8.1e} "
-              f"{r['grad_norm_ref']:9.3f} {r['grad_norm_ours']:10.3f} {r['param_norm_ref']:10.2f} "
-              f"{abs(r['param_norm_ref'] - r['param_norm_ours']):9.1e} {r['max_weight_diff']:8.1e} {ev}")
+
+
+def table_row(r: dict) -> str:
+    ev = f"{r['train_ref']:9.3f}/{r['val_ref']:.3f} {r['train_ours']:6.3f}/{r['val_ours']:.3f}" if "val_ref" in r else ""
+    return (f"{r['step']:>4} {r['loss_ref']:9.4f} {r['loss_ours']:9.4f} {abs(r['loss_ref'] - r['loss_ours']):8.1e} "
+            f"{r['grad_norm_ref']:9.3f} {r['grad_norm_ours']:10.3f} {r['param_norm_ref']:10.2f} "
+            f"{abs(r['param_norm_ref'] - r['param_norm_ours']):9.1e} {r['max_weight_diff']:8.1e} {ev}")
 
 
 def first_parting(records: list[dict], tol: float) -> dict | None:
@@ -353,8 +365,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     text = Path(args.text).read_text(encoding="utf-8")
+    print(HEADER, flush=True)
     records = side_by_side(text, args.text, args)
-    print_table(records)
     parted = first_parting(records, args.tol)
     last = records[-1]
     evals = [r for r in records if "val_ref" in r]

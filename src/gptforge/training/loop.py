@@ -32,6 +32,7 @@ from .state import (
     RunState,
     Schedule,
     TrainData,
+    adopt_moments,
     build_data,
     build_model,
     check_resources,
@@ -183,6 +184,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
     optimizer = build_optimizer(model, t, device)
     if resumed:
         checkpointer.load_optimizer(model, optimizer, restored)
+    elif cfg.init_from:
+        adopt_moments(cfg, model, optimizer, warn)
     if main:
         if cfg.data.tokenizer_vocab is not None and not (run_dir / ckpt.RUN_TOKENIZER).is_file():
             ckpt.atomic_write_bytes(run_dir / ckpt.RUN_TOKENIZER, tokenizer.json.encode())

@@ -64,7 +64,7 @@ from ..tokenizer import (
 )
 from . import gguf_out, gpt2, llama
 from .gpt2 import BOOK_BLOCK_NAMES, BOOK_NAMES, HEAD_SIZE, HUB_NAMES, SHAPE_KEYS
-from .plan import Entry, Source, WeightFamily, expected, fill, our_shapes
+from .plan import Entry, SavedMoments, Source, WeightFamily, expected, fill, our_shapes, saved_moments
 from .readers import (
     SafetensorsReader,
     ShardedCheckpointReader,
@@ -87,8 +87,8 @@ LOCAL_PREFIXES = ("./", "../", "/", "~")  # a SOURCE written like this is a path
 __all__ = [
     "BOOK_BLOCK_NAMES", "BOOK_NAMES", "FAMILIES", "HEAD_SIZE", "HF_SHARD_INDEX", "HF_WEIGHTS", "HUB_NAMES",
     "LOCAL_PREFIXES", "SHAPE_KEYS", "TORCH_SUFFIXES", "Entry", "SafetensorsReader", "Source", "TFCheckpointReader",
-    "TorchReader", "WeightFamily", "WeightsError", "build_model", "check_source", "convert", "convert_target",
-    "hf_config", "init_model_config", "init_tokenizer", "load_any", "load_for_text", "load_model", "open_source",
+    "SavedMoments", "TorchReader", "WeightFamily", "WeightsError", "build_model", "check_source", "convert", "convert_target",
+    "hf_config", "init_model_config", "init_moments", "init_tokenizer", "load_any", "load_for_text", "load_model", "open_source",
     "text_tokenizer", "to_gguf", "to_gptforge", "to_hf",
 ]
 
@@ -349,6 +349,13 @@ def load_any(source: str | Path, device: torch.device | str = "cpu", *, context_
     src = open_source(source, n_heads=n_heads)
     model = build_model(src, context_length, drop_rate)
     return model.to(device), src.meta
+
+
+def init_moments(source: str | Path, model: nn.Module) -> SavedMoments | str:
+    """The AdamW moments a SOURCE file carries beside its weights (the book's model_and_optimizer.pth), under the
+    names of `model` (built from that source), or a sentence saying why there are none."""
+    src = open_source(source)
+    return saved_moments(src, {k: tuple(p.shape) for k, p in model.named_parameters()})
 
 
 def load_model(source: str | Path, device: torch.device | str = "cpu", verify: bool = True) -> tuple[nn.Module, dict]:
