@@ -26,8 +26,8 @@ RECIPES: dict[str, dict] = {
         arch="gpt2", preset="gpt2-small", context_length=256, qkv_bias=False, tie_weights=False, drop_rate=0.1,
         init="torch", lr=4e-4, weight_decay=0.1, weight_decay_on="all", beta1=0.9, beta2=0.999,
         schedule="constant", warmup_steps=0, grad_clip=0.0, epochs=10, batch_size=2, eval_every=5,
-        eval_batches=5, val_fraction=0.1, val_split="characters", sampling="shuffle", sample_prompt="Every effort moves you",
-        sample_tokens=25,
+        eval_batches=5, val_fraction=0.1, val_split="characters", sampling="shuffle",
+        sample_prompt="Every effort moves you", sample_tokens=25,
     ),
     "nanogpt": dict(
         arch="gpt2", preset="mini", drop_rate=0.0, tie_weights=True, init="gpt2", optimizer="adamw", lr=1e-3,

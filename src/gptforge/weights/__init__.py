@@ -86,10 +86,10 @@ LOCAL_PREFIXES = ("./", "../", "/", "~")  # a SOURCE written like this is a path
 
 __all__ = [
     "BOOK_BLOCK_NAMES", "BOOK_NAMES", "FAMILIES", "HEAD_SIZE", "HF_SHARD_INDEX", "HF_WEIGHTS", "HUB_NAMES",
-    "LOCAL_PREFIXES", "SHAPE_KEYS", "TORCH_SUFFIXES", "Entry", "SafetensorsReader", "Source", "TFCheckpointReader",
-    "SavedMoments", "TorchReader", "WeightFamily", "WeightsError", "build_model", "check_source", "convert", "convert_target",
-    "hf_config", "init_model_config", "init_moments", "init_tokenizer", "load_any", "load_for_text", "load_model", "open_source",
-    "text_tokenizer", "to_gguf", "to_gptforge", "to_hf",
+    "LOCAL_PREFIXES", "SHAPE_KEYS", "TORCH_SUFFIXES", "Entry", "SafetensorsReader", "SavedMoments", "Source",
+    "TFCheckpointReader", "TorchReader", "WeightFamily", "WeightsError", "build_model", "check_source", "convert",
+    "convert_target", "hf_config", "init_model_config", "init_moments", "init_tokenizer", "load_any",
+    "load_for_text", "load_model", "open_source", "text_tokenizer", "to_gguf", "to_gptforge", "to_hf",
 ]
 
 
