@@ -136,7 +136,7 @@ BOOK_SHAPE = {"emb_dim": 64, "n_layers": 2, "n_heads": 1, "context_length": 16, 
 
 
 def test_init_from_the_books_file_continues_its_adamw_moments(tmp_path, text):
-    cfg = gptforge_run_config(text, {**BOOK_SHAPE, "vocab_size": 512})
+    cfg = gptforge_run_config(text, BOOK_SHAPE)  # GPT-2's 50,257 ids: a book file's tokenizer is gpt2
     steps = batches(cfg, 7, seed=1)
     path, ref, ref_opt = book_file(tmp_path, cfg, steps[:4])
     later = [ref_step(ref, ref_opt, x, y)[0] for x, y in steps[4:]]  # the reference goes on

@@ -38,7 +38,7 @@ from ..tokenizer import HFTokenizer, Tokenizer, get_tokenizer, train_bpe
 from ..weights import SavedMoments, init_moments, load_any, load_model
 from .best import Best
 from .config import RunConfig, TrainConfig
-from .optim import lr_at
+from .optim import build_optimizer, lr_at
 
 
 def run_tokenizer(cfg: RunConfig, run_dir: Path, resume: bool, warn=print) -> Tokenizer:
@@ -238,6 +238,19 @@ def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torc
     if cfg.train.activation_checkpointing:
         dist.checkpoint_blocks(model)
     return model
+
+
+def start_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device, restored, warn
+                    ) -> torch.optim.Optimizer:
+    """The run's optimizer (after wrapping: FSDP replaces parameters): a resumed run's state from its checkpoint
+    (`restored`, what Checkpointer.restore returned), a new run --init-from a file with AdamW moments those moments
+    (adopt_moments), else fresh."""
+    optimizer = build_optimizer(model, cfg.train, device)
+    if restored is not None:
+        Checkpointer.load_optimizer(model, optimizer, restored)
+    elif cfg.init_from:
+        adopt_moments(cfg, model, optimizer, warn)
+    return optimizer
 
 
 def adopt_moments(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, warn) -> None:
