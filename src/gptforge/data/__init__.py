@@ -33,7 +33,9 @@ from .text import (
     default_documents,
     find_text_files,
     read_texts,
+    split_texts,
     split_tokens,
+    text_splits,
     tokenize_documents,
 )
 from .windows import (
@@ -53,6 +55,6 @@ __all__ = [
     "IGNORE_INDEX", "SAMPLING", "TEXT_SUFFIXES", "Batches", "DataConfig", "DataError", "PaddedDocuments",
     "RandomBatches", "ShardedTokens", "TokenWindows", "check_manifest", "check_windows", "data_defaults",
     "default_corpus", "default_documents", "document_eot", "document_spans", "eval_tokens", "find_text_files",
-    "make_windows", "open_prepared", "pad_ids", "prepared_dir", "read_manifest", "read_texts", "split_tokens",
-    "tokenize_documents", "tokens_digest", "training_batches",
+    "make_windows", "open_prepared", "pad_ids", "prepared_dir", "read_manifest", "read_texts", "split_texts",
+    "split_tokens", "text_splits", "tokenize_documents", "tokens_digest", "training_batches",
 ]

@@ -14,6 +14,7 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 SAMPLING = ("shuffle", "random", "sequential")
 PACKING = ("concat", "pad")
 SPLITS = ("train", "val")
+VAL_SPLITS = ("tokens", "characters")  # DataConfig.val_split
 MANIFEST = "manifest.json"  # a prepared directory (gptforge prepare): see read_manifest
 STATE = "prepare-state.json"  # an unfinished one
 SHARDS_FORMAT = "gptforge-shards"
@@ -25,6 +26,9 @@ class DataConfig:
     """How text becomes training windows."""
 
     val_fraction: float = opt(0.1, "Share of the tokens, taken from the end, held out for validation.")
+    val_split: str = opt("tokens", "How --val-fraction cuts text: tokens (the last share of the tokens) or characters "
+                                   "(the last share of the characters, each side tokenized on its own, as the "
+                                   "book's chapter 5 cuts its story).", choices=VAL_SPLITS)
     stride: int | None = opt(None, "Step between window starts; default: the context length (no overlap).")
     tokenizer: str = opt("gpt2", "Tokenizer: gpt2 (OpenAI's GPT-2 BPE, offline), or the path of a Hugging Face "
                                  "tokenizer.json (or its directory); default for a prepared DATA_DIR: its own.")
@@ -44,6 +48,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_split not in VAL_SPLITS:
+            raise ConfigError(f"--val-split must be tokens or characters, got {self.val_split!r}")
         if self.stride is not None and self.stride <= 0:
             raise ConfigError(f"--stride must be a positive integer, got {self.stride}")
         if self.sampling not in (None, "shuffle", "random", "sequential"):

@@ -150,3 +150,27 @@ def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, n
     """Train = the first (1 - val_fraction) of the tokens, val = the rest (views, not copies)."""
     n_val = int(round(len(tokens) * val_fraction))
     return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+
+
+def split_texts(texts: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """The documents' first int((1 - val_fraction) x their characters) and the rest, cut inside the document where
+    the count ends (the book's `text[:split_idx]`, `text[split_idx:]` for one document)."""
+    budget, train, val = int(sum(map(len, texts)) * (1 - val_fraction)), [], []
+    for text in texts:
+        head, tail = text[:max(budget, 0)], text[max(budget, 0):]
+        budget -= len(head)
+        if head:
+            train.append(head)
+        if tail:
+            val.append(tail)
+    return train, val
+
+
+def text_splits(texts: Sequence[str], tokenizer: Tokenizer, val_fraction: float, by: str = "tokens"
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Train and val tokens of text documents: the tokens cut at val_fraction (split_tokens), or (by="characters")
+    the characters cut (split_texts) and each side tokenized on its own."""
+    if by == "characters":
+        train, val = split_texts(texts, val_fraction)
+        return tokenize_documents(train, tokenizer), tokenize_documents(val, tokenizer)
+    return split_tokens(tokenize_documents(texts, tokenizer), val_fraction)

@@ -359,10 +359,11 @@ def check_applies(user: dict, layers: list[dict], inputs: list) -> None:
     if "decay_fraction" in user and schedule != "wsd":
         raise ConfigError(f"--decay-fraction {user['decay_fraction']} applies to --schedule wsd, and this run's "
                           f"schedule is {schedule}: add --schedule wsd or leave --decay-fraction out")
-    if "val_fraction" in user and (data_dir := prepared_dir(inputs)) is not None:
-        raise ConfigError(f"--val-fraction {user['val_fraction']}: {data_dir} is prepared data, whose split its "
-                          "manifest fixes; leave --val-fraction out (or prepare it again with `gptforge prepare "
-                          "--val-fraction`)")
+    for key in ("val_fraction", "val_split"):
+        if key in user and (data_dir := prepared_dir(inputs)) is not None:
+            raise ConfigError(f"--{key.replace('_', '-')} {user[key]}: {data_dir} is prepared data, whose split its "
+                              f"manifest fixes; leave --{key.replace('_', '-')} out (or prepare it again with "
+                              "`gptforge prepare --val-fraction`)")
 
 
 def check_not_in_use(run_dir: Path) -> None:

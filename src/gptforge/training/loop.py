@@ -25,7 +25,7 @@ from ..runs.trackers import check_loggers, open_trackers
 from ..tokenizer import Tokenizer
 from .best import Verdict, diverging
 from .config import RunConfig, TrainConfig
-from .optim import build_optimizer, check_optimizer, describe_optimizer, set_lr
+from .optim import check_optimizer, describe_optimizer, set_lr
 from .plan import plan_steps
 from .state import (
     Checkpointer,
@@ -36,6 +36,7 @@ from .state import (
     build_model,
     check_resources,
     run_tokenizer,
+    start_optimizer,
 )
 from .step import Precision, StepResult, stop_requests, train_step
 
@@ -180,9 +181,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
     model = dist.wrap(model, device, t.parallel)
     core = dist.unwrap(model)  # the GPT itself: evaluation, sampling, saving (no _orig_mod. prefixes)
     step_model = torch.compile(model) if t.compile else model  # what the training step calls
-    optimizer = build_optimizer(model, t, device)
-    if resumed:
-        checkpointer.load_optimizer(model, optimizer, restored)
+    optimizer = start_optimizer(cfg, model, device, restored, warn)  # fresh, resumed, or --init-from's moments
     if main:
         if cfg.data.tokenizer_vocab is not None and not (run_dir / ckpt.RUN_TOKENIZER).is_file():
             ckpt.atomic_write_bytes(run_dir / ckpt.RUN_TOKENIZER, tokenizer.json.encode())

@@ -27,8 +27,8 @@ from ..data import (
     open_prepared,
     prepared_dir,
     read_texts,
-    split_tokens,
-    tokenize_documents,
+    split_texts,
+    text_splits,
     tokens_digest,
     training_batches,
 )
@@ -37,10 +37,10 @@ from ..models.layers import torch_default_init
 from ..runs.choose import write_best
 from ..runs.metrics import human
 from ..tokenizer import HFTokenizer, Tokenizer, get_tokenizer, train_bpe
-from ..weights import load_any, load_model
+from ..weights import SavedMoments, init_moments, load_any, load_model
 from .best import Best
 from .config import RunConfig, TrainConfig
-from .optim import lr_at
+from .optim import build_optimizer, lr_at
 
 
 def run_tokenizer(cfg: RunConfig, run_dir: Path, resume: bool, warn=print) -> Tokenizer:
@@ -74,20 +74,13 @@ def _tokenizer(cfg: RunConfig, run_dir: Path, resume: bool) -> Tokenizer:
 def training_text(texts: list[str], val_fraction: float) -> list[str]:
     """The first (1 - val_fraction) of the documents' characters: about the text of the train split, which
     split_tokens cuts at the same share of the tokens (the tokenizer is trained before there are tokens)."""
-    budget, out = int(sum(map(len, texts)) * (1 - val_fraction)), []
-    for text in texts:
-        if budget <= 0:
-            break
-        out.append(text[:budget])
-        budget -= len(out[-1])
-    return out
+    return split_texts(texts, val_fraction)[0]
 
 
 def load_splits(cfg: RunConfig, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     if (data_dir := prepared_dir(cfg.inputs)) is not None:  # shards, memory-mapped; this rank's share of train
         return open_prepared(data_dir, tokenizer, dist.rank(), dist.world_size())
-    tokens = tokenize_documents(read_texts(cfg.inputs), tokenizer)
-    return split_tokens(tokens, cfg.data.val_fraction)
+    return text_splits(read_texts(cfg.inputs), tokenizer, cfg.data.val_fraction, cfg.data.val_split)
 
 
 
@@ -269,6 +262,55 @@ def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torc
     if cfg.train.activation_checkpointing:
         dist.checkpoint_blocks(model)
     return model
+
+
+def start_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device, restored, warn
+                    ) -> torch.optim.Optimizer:
+    """The run's optimizer (after wrapping: FSDP replaces parameters): a resumed run's state from its checkpoint
+    (`restored`, what Checkpointer.restore returned), a new run --init-from a file with AdamW moments those moments
+    (adopt_moments), else fresh."""
+    optimizer = build_optimizer(model, cfg.train, device)
+    if restored is not None:
+        Checkpointer.load_optimizer(model, optimizer, restored)
+    elif cfg.init_from:
+        adopt_moments(cfg, model, optimizer, warn)
+    return optimizer
+
+
+def adopt_moments(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, warn) -> None:
+    """--init-from a file that carries its optimizer's state (the book's model_and_optimizer.pth): its AdamW
+    moments and step counts go into the run's optimizer when that is the same optimizer (AdamW with the same
+    betas), as the book's `optimizer.load_state_dict` continues them; otherwise the run starts with fresh moments.
+    `warn` (stderr) says which. The run's own settings (lr, weight decay) stay the run's."""
+    t, where = cfg.train, f"gptforge: --init-from {cfg.init_from}"
+    saved = init_moments(cfg.init_from, dist.unwrap(model))
+    why = saved if isinstance(saved, str) else moments_mismatch(saved, t)
+    if why is None and t.parallel == "fsdp" and dist.world_size() > 1:
+        why = "its moments are not spread over FSDP's shards"
+    if why is not None:
+        warn(f"{where}: {why}; AdamW starts with fresh moments")
+        return
+    number = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    params = dict(dist.unwrap(model).named_parameters())
+    state_dict = optimizer.state_dict()
+    state_dict["state"] = {number[id(params[name])]: s for name, s in saved.state.items()}
+    dist.load_optimizer_state(model, optimizer, state_dict)
+    steps = sorted({int(s["step"]) for s in saved.state.values()})
+    warn(f"{where}: kept its AdamW moments ({len(saved.state)} tensors, step {'/'.join(map(str, steps))}); "
+         "the run continues them")
+
+
+def moments_mismatch(saved: SavedMoments, t: TrainConfig) -> str | None:
+    """Why a file's AdamW moments do not fit the run's optimizer (None: they do)."""
+    if t.optimizer != "adamw":
+        return f"the run trains with --optimizer {t.optimizer}, not AdamW"
+    if saved.settings.get("amsgrad"):
+        return "its AdamW used amsgrad, which gptforge does not"
+    betas = tuple(saved.settings.get("betas", ()))
+    if betas != (t.beta1, t.beta2):
+        return (f"its AdamW betas {betas} are not the run's ({t.beta1}, {t.beta2}); give --beta1 and --beta2 to "
+                "continue them")
+    return None
 
 
 @dataclass

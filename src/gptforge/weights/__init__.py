@@ -45,6 +45,7 @@ from .load import (
     build_model,
     check_source,
     init_model_config,
+    init_moments,
     init_tokenizer,
     load_any,
     load_for_text,
@@ -52,13 +53,13 @@ from .load import (
     open_source,
     text_tokenizer,
 )
-from .plan import Entry, Source, WeightFamily
+from .plan import Entry, SavedMoments, Source, WeightFamily
 from .readers import SafetensorsReader, TFCheckpointReader, TorchReader, WeightsError
 
 __all__ = [
     "BOOK_BLOCK_NAMES", "BOOK_NAMES", "FAMILIES", "HEAD_SIZE", "HF_SHARD_INDEX", "HF_WEIGHTS", "HUB_NAMES",
-    "LOCAL_PREFIXES", "SHAPE_KEYS", "TORCH_SUFFIXES", "Entry", "SafetensorsReader", "Source", "TFCheckpointReader",
-    "TorchReader", "WeightFamily", "WeightsError", "build_model", "check_source", "convert", "convert_target",
-    "hf_config", "init_model_config", "init_tokenizer", "load_any", "load_for_text", "load_model", "open_source",
-    "text_tokenizer", "to_gguf", "to_gptforge", "to_hf",
+    "LOCAL_PREFIXES", "SHAPE_KEYS", "TORCH_SUFFIXES", "Entry", "SafetensorsReader", "SavedMoments", "Source",
+    "TFCheckpointReader", "TorchReader", "WeightFamily", "WeightsError", "build_model", "check_source", "convert",
+    "convert_target", "hf_config", "init_model_config", "init_moments", "init_tokenizer", "load_any", "load_for_text",
+    "load_model", "open_source", "text_tokenizer", "to_gguf", "to_gptforge", "to_hf",
 ]

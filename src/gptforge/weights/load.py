@@ -29,7 +29,7 @@ from ..tokenizer import (
 )
 from . import gpt2, llama
 from .gpt2 import HUB_NAMES
-from .plan import Entry, Source, WeightFamily, expected, fill, our_shapes
+from .plan import Entry, SavedMoments, Source, WeightFamily, expected, fill, our_shapes, saved_moments
 from .readers import (
     SafetensorsReader,
     ShardedCheckpointReader,
@@ -306,6 +306,13 @@ def load_any(source: str | Path, device: torch.device | str = "cpu", *, context_
     src = open_source(source, n_heads=n_heads)
     model = build_model(src, context_length, drop_rate)
     return model.to(device), src.meta
+
+
+def init_moments(source: str | Path, model: nn.Module) -> SavedMoments | str:
+    """The AdamW moments a SOURCE file carries beside its weights (the book's model_and_optimizer.pth), under the
+    names of `model` (built from that source), or a sentence saying why there are none."""
+    src = open_source(source)
+    return saved_moments(src, {k: tuple(p.shape) for k, p in model.named_parameters()})
 
 
 def load_model(source: str | Path, device: torch.device | str = "cpu", verify: bool = True) -> tuple[nn.Module, dict]:

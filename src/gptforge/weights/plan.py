@@ -194,6 +194,51 @@ def _convert(how: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     return _fresh(t)
 
 
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class SavedMoments:
+    """The Adam(W) state a source file carries beside its weights, mapped onto our parameters as the weights are."""
+
+    settings: dict  # the file's first param group without its params: lr, betas, eps, weight_decay, amsgrad, ...
+    state: dict[str, dict[str, torch.Tensor]]  # our parameter name -> {"step", "exp_avg", "exp_avg_sq"}
+
+
+def saved_moments(src: Source, shapes: dict[str, tuple[int, ...]]) -> SavedMoments | str:
+    """The AdamW moments of a source whose file holds ``optimizer_state_dict`` beside ``model_state_dict`` (the
+    book's model_and_optimizer.pth), or a sentence saying why there are none. The file's optimizer numbers the
+    parameters in the model's order, which is its state dict's order without the tensors that are not weights
+    (src.ignored); each of our parameters gets its moments made as its weight is (the book's q, k and v moments
+    concatenated), cropped to `shapes` (our parameters' shapes: a shorter context keeps the first positions)."""
+    saved = getattr(src.reader, "extras", {}).get("optimizer_state_dict")
+    if saved is None:
+        return "it holds no optimizer state"
+    try:
+        groups, state = saved["param_groups"], saved["state"]
+        numbers = [i for g in groups for i in g["params"]]
+        settings = {k: v for k, v in groups[0].items() if k != "params"}
+    except (KeyError, TypeError, IndexError):
+        return "its optimizer_state_dict is not a torch optimizer's (no param_groups and state)"
+    names = [k for k in src.reader.shapes if k not in src.ignored]
+    if sorted(numbers) != list(range(len(names))):
+        return f"its optimizer holds {len(numbers)} parameters and its model {len(names)}"
+    by_name = {names[i]: state.get(i, {}) for i in numbers}
+    if any(not {*ADAM_MOMENTS, "step"} <= set(s) for s in by_name.values() if s):
+        return "its optimizer state has no exp_avg / exp_avg_sq (not Adam)"
+    out = {}
+    for e in src.plan:
+        parts = [by_name[s] for s in e.src]
+        if not all(parts):  # never updated: the optimizer starts that parameter as it would
+            continue
+        if any(tuple(p["exp_avg"].shape) != src.reader.shapes[s] for p, s in zip(parts, e.src)):
+            return f"its moments of {e.src[0]} do not have the weight's shape {src.reader.shapes[e.src[0]]}"
+        moments = {k: _convert(e.how, [p[k] for p in parts]) for k in ADAM_MOMENTS}
+        want = shapes[e.ours]
+        out[e.ours] = {"step": torch.as_tensor(parts[0]["step"], dtype=torch.float32).clone(),
+                       **{k: v if tuple(v.shape) == want else _fresh(v[:want[0]]) for k, v in moments.items()}}
+    return SavedMoments(settings, out)
+
 
 def fill(model: nn.Module, src: Source) -> None:
     """Assign the parameters of a meta-device model from a checked source, one transformer block at a time.
