@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from .errors import ConfigError
+
 # Dense peak TFLOP/s by GPU name (bf16/fp16 tensor cores; TF32 is half of it on these parts).
 GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -156,8 +158,6 @@ def check_fits(need: int, device: torch.device, what: str, advice: str) -> None:
     estimate, the free memory and `advice` (what to reduce)."""
     free = available_memory(torch.device(device))
     if free is not None and need > free:
-        from .config import ConfigError
-
         raise ConfigError(f"{what} needs about {human_bytes(need)} of memory on {device} and {human_bytes(free)} is "
                           f"free: {advice}")
 
