@@ -160,3 +160,15 @@ def test_init_from_says_fresh_moments_for_weights_alone(tmp_path, text, capsys):
                        capsys)
     assert code == 0, err
     assert f"--init-from {path}: it holds no optimizer state; AdamW starts with fresh moments" in err
+
+
+@pytest.mark.parametrize("optimizer_state", [[1, 2], {"state": {}}, {"state": [], "param_groups": [{"params": [0]}]}])
+def test_init_from_a_damaged_optimizer_state_says_fresh_moments(tmp_path, text, optimizer_state):
+    cfg = gptforge_run_config(text, BOOK_SHAPE)
+    torch.manual_seed(0)
+    path = tmp_path / "model_and_optimizer.pth"
+    torch.save({"model_state_dict": BookGPT(book_cfg(cfg.model)).state_dict(),
+                "optimizer_state_dict": optimizer_state}, path)
+    said = []
+    continue_from(path, text, {"drop_rate": 0.0}, [], said.append)
+    assert len(said) == 1 and "AdamW starts with fresh moments" in said[0], said

@@ -214,17 +214,20 @@ def saved_moments(src: Source, shapes: dict[str, tuple[int, ...]]) -> SavedMomen
     saved = getattr(src.reader, "extras", {}).get("optimizer_state_dict")
     if saved is None:
         return "it holds no optimizer state"
+    not_torch = "its optimizer_state_dict is not a torch optimizer's (no param_groups and state)"
     try:
         groups, state = saved["param_groups"], saved["state"]
         numbers = [i for g in groups for i in g["params"]]
         settings = {k: v for k, v in groups[0].items() if k != "params"}
-    except (KeyError, TypeError, IndexError):
-        return "its optimizer_state_dict is not a torch optimizer's (no param_groups and state)"
+    except (KeyError, TypeError, IndexError, AttributeError):
+        return not_torch
+    if not isinstance(state, dict) or not all(isinstance(s, dict) for s in state.values()):
+        return not_torch
     names = [k for k in src.reader.shapes if k not in src.ignored]
     if sorted(numbers) != list(range(len(names))):
         return f"its optimizer holds {len(numbers)} parameters and its model {len(names)}"
     by_name = {names[i]: state.get(i, {}) for i in numbers}
-    if any(not {*ADAM_MOMENTS, "step"} <= set(s) for s in by_name.values() if s):
+    if any(not ({*ADAM_MOMENTS, "step"} <= set(s)) for s in by_name.values() if s):
         return "its optimizer state has no exp_avg / exp_avg_sq (not Adam)"
     out = {}
     for e in src.plan:
