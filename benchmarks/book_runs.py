@@ -101,9 +101,9 @@ def main() -> None:
               + ", ".join(k for k in ("untrained", "final_train", "final_val", "no_spike") if not r[k]))
     if args.plot:
         plot(runs, Path(args.plot))
-    summary = {str(seed): dict(final_train=runs[seed][-1]["train_loss"], final_val=runs[seed][-1]["val_loss"],
-                               untrained=(runs[seed][0]["train_loss"], runs[seed][0]["val_loss"]), **results[seed])
-               for seed in runs}
+    summary = {str(seed): dict(loss_step0=(runs[seed][0]["train_loss"], runs[seed][0]["val_loss"]),
+                               loss_final=(runs[seed][-1]["train_loss"], runs[seed][-1]["val_loss"]),
+                               **results[seed]) for seed in runs}
     print(json.dumps(dict(in_band=sum(r["in_band"] for r in results.values()), seeds=len(runs), runs=summary)))
 
 
