@@ -36,6 +36,49 @@ def train(text: str, seed: int, out: Path) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
+def book_run(text_path: str, seed: int, out: Path) -> None:
+    """The chapter's own flow, in-process, with benchmarks/book_side_by_side.py's reference model and torch's
+    dropout: torch.manual_seed(seed) before the loaders and again before the model, AdamW(lr=4e-4,
+    weight_decay=0.1), evaluate_model over 5 batches after every 5th update (and after the last); written as
+    metrics.jsonl eval records at `step` = updates done, as gptforge writes them."""
+    import torch
+    from book_side_by_side import BookGPT, book_loaders, book_loss
+
+    from gptforge.tokenizer import get_tokenizer
+
+    cfg = dict(vocab_size=50257, context_length=256, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.1,
+               qkv_bias=False, same_masks=False)
+    torch.manual_seed(seed)
+    loaders = book_loaders(Path(text_path).read_text(encoding="utf-8"), get_tokenizer("gpt2").encode, 256, 2)
+    torch.manual_seed(seed)
+    model = BookGPT(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+    records, updates = [], 0
+
+    @torch.no_grad()
+    def evaluate() -> None:
+        model.eval()
+        losses = [sum(book_loss(model, x, y).item() for x, y in batches) / len(batches)
+                  for batches in ([b for _, b in zip(range(5), loader)] for loader in loaders)]
+        model.train()
+        records.append(dict(event="eval", step=updates, train_loss=losses[0], val_loss=losses[1]))
+
+    rng = torch.get_rng_state()
+    evaluate()  # untrained; the RNG put back, so the training draws what the notebook's draws
+    torch.set_rng_state(rng)
+    for _epoch in range(10):
+        for x, y in loaders[0]:
+            optimizer.zero_grad()
+            book_loss(model, x, y).backward()
+            optimizer.step()
+            updates += 1
+            if (updates - 1) % 5 == 0:
+                evaluate()
+    evaluate()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def evaluations(run: Path) -> list[dict]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in records if r.get("event") == "eval"]
@@ -55,7 +98,7 @@ def band(evals: list[dict]) -> dict:
     return dict(checks, in_band=all(checks.values()), jumps=jumps)
 
 
-def plot(runs: dict[int, list[dict]], path: Path) -> None:
+def plot(runs: dict[int, list[dict]], path: Path, who: str = "gptforge") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +107,7 @@ def plot(runs: dict[int, list[dict]], path: Path) -> None:
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key, col in ((ax_train, "train_loss", 1), (ax_val, "val_loss", 2)):
         for seed, evals in runs.items():
-            ax.plot([r["step"] for r in evals], [r[key] for r in evals], lw=1, alpha=0.8, label=f"gptforge seed {seed}")
+            ax.plot([r["step"] for r in evals], [r[key] for r in evals], lw=1, alpha=0.8, label=f"{who} seed {seed}")
         ax.plot([s + 1 for s, *_ in BOOK_LOG], [row[col] for row in BOOK_LOG], "k--o", ms=3, lw=1.5,
                 label="the book (ch05.ipynb)")
         ax.set_title(key.replace("_", " "))
@@ -72,7 +115,8 @@ def plot(runs: dict[int, list[dict]], path: Path) -> None:
         ax.grid(alpha=0.3)
     ax_train.set_ylabel("cross-entropy (nats)")
     ax_val.legend(fontsize=8)
-    fig.suptitle("gptforge train the-verdict.txt --recipe book, against the book's chapter-5 log")
+    what = "the book's code" if who != "gptforge" else "gptforge train the-verdict.txt --recipe book"
+    fig.suptitle(f"{what}, against the book's chapter-5 log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -84,12 +128,14 @@ def main() -> None:
     p.add_argument("--runs", required=True, help="directory for the run directories (seed-S)")
     p.add_argument("--reuse", action="store_true", help="read finished runs instead of training them again")
     p.add_argument("--plot", default=None, help="PNG of the curves beside the book's")
+    p.add_argument("--book", action="store_true", help="run the book's own flow (the reference model of "
+                                                      "book_side_by_side.py) instead of gptforge train")
     args = p.parse_args()
     runs = {}
     for seed in args.seeds:
         run = Path(args.runs) / f"seed-{seed}"
         if not (args.reuse and (run / "metrics.jsonl").is_file()):
-            train(args.text, seed, run)
+            (book_run if args.book else train)(args.text, seed, run)
         runs[seed] = evaluations(run)
     results = {seed: band(evals) for seed, evals in runs.items()}
     steps = [r["step"] for r in next(iter(runs.values()))]
@@ -100,7 +146,7 @@ def main() -> None:
         print(f"seed {seed}: {'in band' if r['in_band'] else 'OUT of band'} "
               + ", ".join(k for k in ("untrained", "final_train", "final_val", "no_spike") if not r[k]))
     if args.plot:
-        plot(runs, Path(args.plot))
+        plot(runs, Path(args.plot), "book code" if args.book else "gptforge")
     summary = {str(seed): dict(loss_step0=(runs[seed][0]["train_loss"], runs[seed][0]["val_loss"]),
                                loss_final=(runs[seed][-1]["train_loss"], runs[seed][-1]["val_loss"]),
                                **results[seed]) for seed in runs}
