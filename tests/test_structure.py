@@ -127,9 +127,9 @@ def test_the_copy_check_catches_what_it_looks_for(tmp_path):
         (tmp_path / top).mkdir()
     (tmp_path / "src" / "ours.py").write_text("# Copyright (c) 2026 the gptforge authors\nx = 1  # copied text\n")
     assert copied_files(tmp_path) == []
-    (tmp_path / "src" / "vendored.py").write_text("# Copyright" " (c) 2022 Andrej Karpathy\nimport torch\n")
+    (tmp_path / "src" / "vendored.py").write_text("# Copyright" " (c) 2019 Example Vendor Ltd\nimport torch\n")
     (tmp_path / "benchmarks" / "util.py").write_text("# SPDX-License-Identifier" ": Apache-2.0\n")
-    (tmp_path / "docs" / "notes.md").write_text("Permission is hereby granted," " free of charge, to any person\n")
+    (tmp_path / "docs" / "notes.md").write_text("All rights" " reserved by Example Vendor Ltd\n")
     (tmp_path / "tests" / "data" / "other").mkdir(parents=True)
     (tmp_path / "tests" / "data" / "other" / "model.py").write_text("class GPT: ...\n")
     (tmp_path / "tests" / "data" / "make_it.py").write_text("print('the data beside me')\n")
@@ -137,7 +137,7 @@ def test_the_copy_check_catches_what_it_looks_for(tmp_path):
     found = copied_files(tmp_path)
     assert [f.split(" ")[0] for f in found] == ["src/vendored.py", "tests/data/other/LICENSE.txt",
                                                 "tests/data/other/model.py", "benchmarks/util.py", "docs/notes.md"]
-    assert "Andrej Karpathy" in found[0]
+    assert "Example Vendor Ltd" in found[0]
     assert copied_files(tmp_path, exempt=("tests/data/other", "src", "benchmarks", "docs")) == []
 
 
