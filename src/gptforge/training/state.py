@@ -187,14 +187,20 @@ class RunState:
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def check_memory(model_cfg, t: TrainConfig, device: torch.device) -> None:
+def count_params(model_cfg) -> int:
+    """The parameters of a model config, counted on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build(model_cfg).parameters())
+
+
+def check_memory(model_cfg, t: TrainConfig, device: torch.device, params: int | None = None) -> None:
     """Refuse, before anything is allocated, training whose estimated peak (weights, gradients, optimizer state:
-    perf.TRAIN_BYTES_PER_PARAM each; activations: perf.activation_bytes) is more than the device has free."""
+    perf.TRAIN_BYTES_PER_PARAM each; activations: perf.activation_bytes) is more than the device has free.
+    `params`: the config's parameter count when the caller has it."""
     free = perf.available_memory(device)
     if free is None:
         return
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build(model_cfg).parameters())
+    params = count_params(model_cfg) if params is None else params
     share = dist.world_size() if t.parallel == "fsdp" else 1  # FSDP: each rank holds its share of the state
     need = perf.TRAIN_BYTES_PER_PARAM * params // share + perf.activation_bytes(model_cfg, t.batch_size)
     if need > free:
@@ -228,16 +234,15 @@ def set_rng_state(state: dict) -> None:
 
 def check_resources(model_cfg, t: TrainConfig, device: torch.device, run_dir: Path | None) -> None:
     """The memory training needs (check_memory) and, given run_dir (rank 0), the disk its first checkpoint needs."""
-    check_memory(model_cfg, t, device)
+    params = count_params(model_cfg)  # counted once for both checks
+    check_memory(model_cfg, t, device, params)
     if run_dir is not None:
-        check_disk(model_cfg, run_dir)
+        check_disk(params, run_dir)
 
 
-def check_disk(model_cfg, run_dir: Path) -> None:
-    """Refuse, before training, a run whose first checkpoint cannot fit on run_dir's disk: the weights and at least
-    one optimizer moment per parameter, float32 (AdamW keeps two, Muon one for its matrices)."""
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build(model_cfg).parameters())
+def check_disk(params: int, run_dir: Path) -> None:
+    """Refuse, before training, a run of `params` parameters whose first checkpoint cannot fit on run_dir's disk: the
+    weights and at least one optimizer moment per parameter, float32 (AdamW keeps two, Muon one for its matrices)."""
     ckpt.check_free_space(Path(run_dir), 8 * params,
                           f"a checkpoint ({params:,} parameters: weights and optimizer state)")
 
