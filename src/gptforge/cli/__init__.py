@@ -44,7 +44,6 @@ from .options import (
     config_option,
     dataclass_options,
     first_line,
-    flat_config,
     given,
     out_of_memory,
     pick,
@@ -147,12 +146,11 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, wh
 @click.option("--task", "tasks", multiple=True, metavar="NAME",
               help=f"Score a downstream task ({', '.join(TASKS)}) as lm-evaluation-harness does, on the FILE that "
                    "follows it (or NAME=FILE); repeatable. NAME alone: where its data is expected and how to get it.")
-@config_option
 @checkpoint_option
 @dataclass_options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, default=None, help="Print a JSON line last.")
-def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], config_file: str | None,
-             which: str | None, as_json: bool | None, **flags) -> None:
+def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], which: str | None, as_json: bool | None,
+             **flags) -> None:
     """Loss, perplexity and bits per byte of the model in SOURCE on the text in DATA; or, with --task NAME FILE,
     downstream task scores (acc, acc_norm; LAMBADA's acc and perplexity) with a JSON line last.
 
@@ -165,7 +163,7 @@ def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], config_
     gptforge eval gpt2 --task arc-easy                  where ARC-Easy's file comes from
     """
 
-    values = {**flat_config(config_file, EvalConfig, extra={"json": bool}), **given(flags)}
+    values = given(flags)
     if tasks:
         pairs = task_files(tasks, data)
         if not pairs:
@@ -181,7 +179,7 @@ def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], config_
                            warn=lambda message: click.echo(message, err=True))
     bpb = "n/a" if result.bpb is None else f"{result.bpb:.4f}"
     click.echo(f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | bpb {bpb} | tokens {result.tokens:,}")
-    if as_json if as_json is not None else values.get("json", False):
+    if as_json:
         click.echo(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "bpb": result.bpb,
                                "tokens": result.tokens}))
 
@@ -207,13 +205,12 @@ def task_files(tasks: tuple[str, ...], data: tuple[str, ...]) -> list[tuple[str,
 
 @cli.command()
 @click.argument("source")
-@config_option
 @checkpoint_option
 @dataclass_options(GenerateConfig, SampleConfig)
-def generate(source: str, config_file: str | None, which: str | None, **flags) -> None:
+def generate(source: str, which: str | None, **flags) -> None:
     """Continue a prompt with the model in SOURCE (any format `eval` takes, e.g. gpt2-xl or a run dir)."""
 
-    values = {**flat_config(config_file, GenerateConfig, SampleConfig), **given(flags)}
+    values = given(flags)
     cfg, sample = build(GenerateConfig, values), build(SampleConfig, values)
     source = pick(source, which)
     stats: dict = {}
@@ -448,8 +445,8 @@ def tokenizer_train(corpus: tuple[str, ...], vocab_size: int, out: str, text_fie
     click.echo(f"wrote {path}")
 
 
-for _command in (serve, plan_cmd, bench_train_cmd, bench_generate_cmd, bench_quality_cmd, convert, report, prepare,
-                 tokenizer_train):  # train, eval and generate read theirs with their own layering
+for _command in (eval_cmd, generate, serve, plan_cmd, bench_train_cmd, bench_generate_cmd, bench_quality_cmd, convert,
+                 report, prepare, tokenizer_train):  # train reads its own, with its tables and layering
     accepts_config(_command)
 
 

@@ -135,14 +135,6 @@ def _settings_file(path: str, options: dict[str, click.Option]) -> dict[str, Any
     return out
 
 
-def flat_config(config_file: str | None, *classes: type, extra: dict[str, type] | None = None) -> dict:
-    """A --config TOML for eval/generate: flat keys named like the command's flags (the fields of `classes`)."""
-    if not config_file:
-        return {}
-    types = {k: v for cls in classes for k, v in field_types(cls).items()}
-    return read_toml(config_file, {}, {**types, **(extra or {})})
-
-
 def without_nproc(argv: list[str]) -> list[str]:
     out, skip = [], False
     for a in argv:
