@@ -166,7 +166,7 @@ def run_harness(hf_dir, tmp_path_factory):
         (include / f"{name}_local.yaml").write_text(
             f"include: {official / yaml}\ntask: {name}_local\ndataset_path: json\ndataset_name: null\n"
             f"dataset_kwargs:\n  data_files:\n    {split}: {data}\n{splits}")
-    # README's task config for our own multiple-choice format (records without a "delimiter" of their own)
+    # docs/eval.md's task config for our own multiple-choice format (records without a "delimiter" of their own)
     (include / "choice_local.yaml").write_text(CHOICE_YAML.format(file=write_jsonl(include / "c.jsonl", CHOICE[:2])))
     names["choice"] = None
     lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4)

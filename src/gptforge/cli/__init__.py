@@ -90,7 +90,7 @@ def cli() -> None:
                    "llama + Muon + WSD + document masks); its preset unless --preset; flags and --config win.")
 @click.option("--nproc", type=int, default=None,
               help="Train with N processes on this machine: relaunches this command under torchrun "
-                   "(DDP, or FSDP with --parallel fsdp). Multi-node: run torchrun yourself (see README).")
+                   "(DDP, or FSDP with --parallel fsdp). Multi-node: run torchrun yourself (see docs/distributed.md).")
 @dataclass_options(ModelSettings, DataConfig, TrainConfig)
 def train(data: tuple[str, ...], config_file: str | None, resume: str | None, which: str | None, arch: str | None,
           preset: str | None, init_from: str | None = None, recipe: str | None = None, nproc: int | None = None,

@@ -152,7 +152,7 @@ TASKS = {t.name: t for t in (
          "https://yonatanbisk.com/piqa/"),
     Task("choice", choice_item, "your JSON Lines: {\"context\", \"choices\": [...], \"label\": i} (multiple "
          "choice) or {\"context\", \"continuation\"} (cloze); optional \"delimiter\" (default \" \")",
-         "write it yourself (README: 'Downstream tasks')"),
+         "write it yourself (docs/eval.md: 'Downstream tasks')"),
 )}
 
 
