@@ -5,6 +5,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).parent.parent / "src" / "gptforge"
 MAX_FUNCTION_LINES = 100
 MAX_FILE_LINES = 500
@@ -211,3 +213,58 @@ def test_no_source_file_over_500_lines():
     long = [f"{p.relative_to(SRC)} ({n} lines)" for p in sorted(SRC.rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
     assert not long, f"source files over {MAX_FILE_LINES} lines (split them by concern): {', '.join(long)}"
+
+
+# ----------------------------------------------------------------------------- settings: checks declared once
+
+
+def settings_classes():
+    from gptforge.bench import BenchConfig
+    from gptforge.data.config import DataConfig
+    from gptforge.data.prepare import PrepareConfig
+    from gptforge.evaluate import EvalConfig
+    from gptforge.generate import GenerateConfig, SampleConfig
+    from gptforge.models.gpt2 import GPTConfig
+    from gptforge.models.llama import LlamaConfig
+    from gptforge.quality import QualityConfig
+    from gptforge.serve import ServeConfig
+    from gptforge.training.config import TrainConfig
+    from gptforge.training.plan import PlanConfig
+
+    return {BenchConfig: {}, DataConfig: {}, PrepareConfig: {}, EvalConfig: {}, GenerateConfig: {},
+            SampleConfig: {}, GPTConfig: {}, LlamaConfig: {}, QualityConfig: {}, ServeConfig: {}, TrainConfig: {},
+            PlanConfig: {"minutes": 1.0}}
+
+
+def test_ranges_and_choices_are_checked_in_one_place():
+    """No settings class calls check_range/check_choice itself: the field's metadata declares them, check_fields
+    applies them (the one call outside is the TF converter's --n-heads, a plain click option)."""
+    calls = [f"{p.relative_to(SRC)}:{i}" for p in sorted(SRC.rglob("*.py")) if p.name != "config.py" or
+             p.parent != SRC for i, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"\bcheck_(range|choice)\(", line)]
+    assert calls == ["cli/__init__.py:" + str(next(i for i, line in enumerate(
+        (SRC / "cli" / "__init__.py").read_text().splitlines(), 1) if "check_range(" in line))]
+
+
+def test_every_declared_range_and_choice_is_enforced():
+    """For every settings field that declares a range or choices: a value just outside is refused by name."""
+    from dataclasses import fields
+
+    from gptforge.config import ConfigError, build
+
+    checked = 0
+    for cls, base in settings_classes().items():
+        for f in fields(cls):
+            md = f.metadata
+            if "choices" in md:
+                bad = ["no-such-choice"] if "list" in str(f.type) else "no-such-choice"
+            elif "low" in md:
+                bad = md["low"] if md.get("above") else md["low"] - 1
+            elif "high" in md:
+                bad = md["high"] if md.get("below") else md["high"] + 1
+            else:
+                continue
+            with pytest.raises(ConfigError, match=re.escape("--" + f.name.replace("_", "-"))):
+                build(cls, base, {f.name: bad})
+            checked += 1
+    assert checked > 60

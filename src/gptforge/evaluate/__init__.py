@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..config import ConfigError, check_choice, check_range, opt
+from ..config import ConfigError, check_fields, opt
 from ..data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
-from ..devices import DEVICES, device_opt, pick_device
+from ..devices import device_opt, pick_device
 from ..distributed import all_sum
 from ..errors import DataError
 from ..models.layers import cross_entropy
@@ -35,11 +35,11 @@ class EvalConfig:
     """Which windows `gptforge eval` scores, and how many at a time."""
 
     context_length: int | None = opt(None, "Tokens per scored window; at most the model's; default: the model's "
-                                           "context length.")
-    stride: int | None = opt(None, "Step between window starts; default: the context length.")
-    batch_size: int = opt(8, "Windows per batch.")
-    max_batches: int | None = opt(None, "Score only the first N batches; default: all.")
-    limit: int | None = opt(None, "--task: score only the first N items of each task; default: all.")
+                                           "context length.", low=1)
+    stride: int | None = opt(None, "Step between window starts; default: the context length.", low=1)
+    batch_size: int = opt(8, "Windows per batch.", low=1)
+    max_batches: int | None = opt(None, "Score only the first N batches; default: all.", low=1)
+    limit: int | None = opt(None, "--task: score only the first N items of each task; default: all.", low=1)
     document_mask: bool = opt(False, "Score each end-of-text-separated document of a window on its own "
                                      "(as train --document-mask trains).")
     split: str | None = opt(None, "With a directory made by `gptforge prepare`: the split to score, val or train; "
@@ -48,11 +48,7 @@ class EvalConfig:
     tokenizer: str | None = tokenizer_opt()
 
     def __post_init__(self) -> None:
-        for name in ("context_length", "stride", "batch_size", "max_batches", "limit"):
-            check_range(name, getattr(self, name), 1)
-        check_choice("device", self.device, DEVICES)
-        if self.split is not None:
-            check_choice("split", self.split, ("val", "train"))
+        check_fields(self)
 
 
 def lm_loss(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
