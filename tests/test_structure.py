@@ -228,8 +228,8 @@ def settings_classes():
     from gptforge.models.llama import LlamaConfig
     from gptforge.quality import QualityConfig
     from gptforge.serve import ServeConfig
-    from gptforge.training.config import TrainConfig
     from gptforge.tokenizer.train import TokenizerTrainConfig
+    from gptforge.training.config import TrainConfig
     from gptforge.training.plan import PlanConfig
     from gptforge.weights.export import ConvertConfig
 

@@ -32,6 +32,8 @@ from .readers import Reader, TorchReader, WeightsError, positive_int, read_json
 
 NAME = "Llama/Qwen"
 HF_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+HF_PREFIX = "model."
+HF_TRANSPOSED = ()  # Hugging Face stores Linear weights as we do, (out, in)
 SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers", "intermediate_size",
               "norm_eps", "rope_theta", "qk_norm", "qkv_bias", "tie_weights")
 STATE_DICTS = ("Llama/Qwen/minimind (no model.embed_tokens.weight)",)
