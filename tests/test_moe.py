@@ -1,0 +1,147 @@
+"""The llama family's mixture-of-experts layer: routing and the load-balancing loss by hand, the sorted dispatch
+against a per-expert loop written here, minimind's parameter counts, and training through the CLI."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptforge.config import ConfigError
+from gptforge.models import get_spec, preset_arch
+from gptforge.models.llama import PRESETS, Llama, LlamaConfig
+from gptforge.models.moe import MoE, dispatch, load_balancing_loss, route
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+
+# four tokens, three experts: fixed router logits whose softmax and top-2 are worked out by hand below
+LOGITS = torch.tensor([[2.0, 1.0, 0.0],
+                       [0.0, 3.0, 1.0],
+                       [1.0, 1.5, 2.0],
+                       [0.5, 0.0, -0.5]])
+
+
+def softmax_by_hand(row):
+    e = [math.exp(v) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def test_router_chooses_the_top_k_probabilities_and_renormalises_them():
+    probs, chosen, weights = route(LOGITS, 2, norm_topk_prob=True)
+    by_hand = [softmax_by_hand(r) for r in LOGITS.tolist()]
+    torch.testing.assert_close(probs, torch.tensor(by_hand))
+    assert chosen.tolist() == [[0, 1], [1, 2], [2, 1], [0, 1]]
+    for n, (a, b) in enumerate(chosen.tolist()):
+        pa, pb = by_hand[n][a], by_hand[n][b]
+        torch.testing.assert_close(weights[n], torch.tensor([pa / (pa + pb), pb / (pa + pb)]))
+    _, _, raw = route(LOGITS, 2, norm_topk_prob=False)
+    torch.testing.assert_close(raw, probs.gather(1, chosen))  # without renormalising: the probabilities
+    _, top1, w1 = route(LOGITS, 1, norm_topk_prob=True)
+    assert top1.flatten().tolist() == [0, 1, 2, 0] and torch.equal(w1, torch.ones(4, 1))
+
+
+def test_bias_changes_the_choice_but_not_the_weights():
+    bias = torch.tensor([0.0, 0.0, 1.0])  # expert 2 wins every top-1 choice
+    probs, chosen, weights = route(LOGITS, 1, norm_topk_prob=False, bias=bias)
+    assert chosen.flatten().tolist() == [2, 2, 2, 2]
+    torch.testing.assert_close(weights.flatten(), probs[:, 2])  # weights are the unbiased probabilities
+
+
+def test_load_balancing_loss_is_minimind_formula_by_hand():
+    probs, chosen, _ = route(LOGITS, 2, norm_topk_prob=True)
+    by_hand = [softmax_by_hand(r) for r in LOGITS.tolist()]
+    # routed slots per token: expert 0 twice, expert 1 four times, expert 2 twice, over 4 tokens
+    f = [2 / 4, 4 / 4, 2 / 4]
+    p_mean = [sum(r[e] for r in by_hand) / 4 for e in range(3)]
+    want = 0.01 * 3 * sum(fe * pe for fe, pe in zip(f, p_mean))
+    assert load_balancing_loss(probs, chosen, 0.01).item() == pytest.approx(want, rel=1e-6)
+    # minimind's own expression: one_hot(topk_idx).float().mean(0) * scores.mean(0), summed, times E and coef
+    minimind = (F.one_hot(chosen, 3).float().mean(0) * probs.mean(0)).sum() * 3 * 0.01
+    torch.testing.assert_close(load_balancing_loss(probs, chosen, 0.01), minimind)
+
+
+def naive_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The per-expert loop minimind runs: each expert on the tokens that chose it, weighted, index-added back."""
+    flat = x.reshape(-1, x.size(-1))
+    _, chosen, weights = route(layer.gate(flat), layer.k, layer.norm_topk_prob)
+    y = torch.zeros_like(flat)
+    for e, expert in enumerate(layer.experts):
+        token, slot = torch.where(chosen == e)
+        y = y.index_add(0, token, expert(flat[token]) * weights[token, slot, None])
+    return y.view_as(x)
+
+
+@pytest.mark.parametrize("k, norm", [(1, True), (2, True), (2, False), (4, False)])
+def test_sorted_dispatch_equals_the_per_expert_loop_in_values_and_gradients(k, norm):
+    torch.manual_seed(0)
+    layer = MoE(32, 48, 4, k, norm_topk_prob=norm, aux_loss_coef=0.0, balance="aux", bias_speed=0.0, drop_rate=0.0)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    ours = layer(x)
+    grads = torch.autograd.grad(ours.square().sum(), [x, *layer.parameters()])
+    ref = naive_moe(layer, x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert layer.load.sum().item() == 21 * k
+
+
+def test_an_expert_no_token_chose_still_gets_a_zero_gradient():
+    torch.manual_seed(0)
+    layer = MoE(16, 32, 3, 1, norm_topk_prob=True, aux_loss_coef=0.0, balance="aux", bias_speed=0.0, drop_rate=0.0)
+    chosen = torch.zeros(5, 1, dtype=torch.long)  # every token to expert 0
+    x = torch.randn(5, 16)
+    y = dispatch(x, chosen, torch.ones(5, 1), layer.experts, torch.bincount(chosen.flatten(), minlength=3))
+    y.sum().backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in layer.experts[2].parameters())
+
+
+def test_bias_moves_towards_equal_load():
+    layer = MoE(8, 16, 4, 1, norm_topk_prob=True, aux_loss_coef=0.0, balance="bias", bias_speed=0.01, drop_rate=0.0)
+    layer.update_bias(torch.tensor([10, 2, 2, 2]))
+    torch.testing.assert_close(layer.expert_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    assert "expert_bias" in layer.state_dict()  # a buffer: saved with the weights, not trained
+
+
+def test_model_adds_the_layers_aux_losses_in_training_only():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, emb_dim=32, n_heads=4, n_layers=2, n_experts=4, experts_per_token=2,
+                      router_aux_loss_coef=0.1)
+    model = Llama(cfg)
+    x = torch.randint(0, 50, (2, 8))
+    model.train()
+    total = model(x, targets=x)
+    aux = sum(block.mlp.aux for block in model.layers)
+    ce = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
+    torch.testing.assert_close(total, ce + aux)
+    assert aux.item() > 0
+    model.eval()
+    torch.testing.assert_close(model(x, targets=x), ce)
+
+
+def test_minimind_3_moe_has_the_parameter_count_of_minimind_code():
+    """minimind's code (use_moe=True: 4 experts of 2432, top-1) counts 198,416,640; minimind-3 63,912,192."""
+    with torch.device("meta"):
+        moe, dense = (Llama(LlamaConfig(**PRESETS[n])) for n in ("minimind-3-moe", "minimind-3"))
+    assert moe.num_params() == 198_416_640 and dense.num_params() == 63_912_192
+    assert moe.num_params(active=True) == 63_912_192 + 8 * 4 * 768  # one expert and the routers
+    assert preset_arch("minimind-3-moe") == "llama"
+
+
+def test_flops_count_the_active_experts():
+    spec = get_spec("llama")
+    dense = LlamaConfig(vocab_size=50, emb_dim=32, n_heads=4, n_layers=2, intermediate_size=64)
+    moe = LlamaConfig(vocab_size=50, emb_dim=32, n_heads=4, n_layers=2, intermediate_size=64, n_experts=8,
+                      experts_per_token=2)
+    assert spec.matmul_params(moe) == spec.matmul_params(dense) + 2 * (3 * 32 * 64 + 8 * 32)
+    assert spec.flops_per_token(moe, 16) - spec.flops_per_token(dense, 16) == 6 * 2 * (3 * 32 * 64 + 8 * 32)
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(n_experts=2, experts_per_token=3), "--experts-per-token 3 must be at most --n-experts 2"),
+    (dict(n_experts=-1), "--n-experts must be at least 0"),
+    (dict(router_balance="sigmoid"), "--router-balance must be one of aux, bias"),
+])
+def test_bad_expert_settings_are_refused_with_the_flag_named(values, message):
+    with pytest.raises(ConfigError, match=message):
+        LlamaConfig(**values)
