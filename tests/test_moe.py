@@ -1,16 +1,23 @@
 """The llama family's mixture-of-experts layer: routing and the load-balancing loss by hand, the sorted dispatch
 against a per-expert loop written here, minimind's parameter counts, and training through the CLI."""
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from gptforge import checkpoint as ckpt
 from gptforge.config import ConfigError
+from gptforge.data import DataConfig
 from gptforge.models import get_spec, preset_arch
 from gptforge.models.llama import PRESETS, Llama, LlamaConfig
 from gptforge.models.moe import MoE, dispatch, load_balancing_loss, route
+from gptforge.training import RunConfig, TrainConfig, train
+from gptforge.training.optim import hidden_matrices
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -145,3 +152,54 @@ def test_flops_count_the_active_experts():
 def test_bad_expert_settings_are_refused_with_the_flag_named(values, message):
     with pytest.raises(ConfigError, match=message):
         LlamaConfig(**values)
+
+
+def tiny_moe_run(text_file, balance: str, **train_kw) -> RunConfig:
+    t = dict(batch_size=4, max_steps=5, eval_every=3, eval_batches=1, log_every=1, sample_tokens=0, lr=1e-2,
+             warmup_steps=1, seed=3, device="cpu", progress=False, save_every=2, keep_last=0)
+    t.update(train_kw)
+    model = LlamaConfig(context_length=16, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=2, intermediate_size=32,
+                        n_experts=4, experts_per_token=2, router_balance=balance, router_aux_loss_coef=0.01,
+                        router_bias_speed=0.01, drop_rate=0.1)
+    return RunConfig(model=model, data=DataConfig(val_fraction=0.1), train=TrainConfig(**t), inputs=[str(text_file)])
+
+
+def train_records(run_dir):
+    return [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["event"] == "train"]
+
+
+@pytest.mark.parametrize("balance, optimizer", [("aux", "adamw"), ("bias", "muon")])
+def test_moe_run_logs_expert_load_and_resumes_bit_for_bit(text_file, tmp_path, balance, optimizer):
+    cfg = tiny_moe_run(text_file, balance, grad_accum=2, optimizer=optimizer)
+    full = tmp_path / "full"
+    train(cfg, full, log=lambda *_: None)
+    records = train_records(full)
+    for r in records:  # per layer, the fraction of the step's routed slots each expert took
+        assert len(r["expert_load"]) == 2 and all(len(row) == 4 for row in r["expert_load"])
+        assert all(sum(row) == pytest.approx(1, abs=1e-3) for row in r["expert_load"])
+        assert ("aux_loss" in r) == (balance == "aux")
+    if balance == "aux":  # two layers near balance: about coef · k each
+        assert 0.02 < records[0]["aux_loss"] < 0.08
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for d in ckpt.checkpoint_dirs(cut):
+        if int(d.name.split("-")[1]) > 2:
+            shutil.rmtree(d)
+    train(cfg, cut, resume=True, log=lambda *_: None)
+    assert train_records(cut) == [{**r, "tokens_per_s": r2["tokens_per_s"], "mfu": r2["mfu"]}
+                                  for r, r2 in zip(records, train_records(cut))]
+    a, b = (load_file(str(ckpt.latest_checkpoint(r) / ckpt.WEIGHTS)) for r in (full, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bias = "layers.0.mlp.expert_bias"
+    assert (bias in a) == (balance == "bias")
+    if balance == "bias":  # moved by the load, not the optimizer: 5 steps of +-speed, an odd multiple of it
+        steps = a[bias] / 0.01
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and (steps.round().abs() % 2 == 1).all()
+
+
+def test_muon_takes_the_experts_but_not_the_router():
+    model = Llama(LlamaConfig(vocab_size=50, emb_dim=32, n_heads=4, n_layers=1, n_experts=3))
+    hidden = {id(p) for p in hidden_matrices(model)}
+    names = {n for n, p in model.named_parameters() if id(p) in hidden}
+    assert "layers.0.mlp.experts.2.down_proj.weight" in names and "layers.0.mlp.gate.weight" not in names
+    assert len(names) == 4 + 3 * 3  # q, k, v, o and three matrices of each expert

@@ -47,7 +47,11 @@ def describe_model(model: torch.nn.Module) -> str:
     arch = spec_for(model.cfg).arch
     positions = (f"; {model.num_params(non_embedding=True) / 1e6:.2f}M without position embeddings"
                  if spec_for(model.cfg).learned_positions else "")
-    return f"model: {arch}, {n / 1e6:.2f}M parameters ({head}{positions}), {n * 4 / 1e6:.1f} MB in fp32"
+    experts = ""
+    if getattr(model.cfg, "n_experts", 0):  # a mixture of experts: what one token runs through
+        experts = (f"; {model.num_params(active=True) / 1e6:.2f}M active, {model.cfg.experts_per_token} of "
+                   f"{model.cfg.n_experts} experts per token")
+    return f"model: {arch}, {n / 1e6:.2f}M parameters ({head}{positions}{experts}), {n * 4 / 1e6:.1f} MB in fp32"
 
 
 @dataclass
@@ -112,7 +116,7 @@ def log_step(result: StepResult, state: RunState, lr: float, tok_s: float, mfu: 
     elif state.step % t.log_every == 0:
         metrics.log(event="train", step=state.step, tokens=state.tokens, lr=lr, train_loss=result.loss,
                     grad_norm=result.grad_norm, tokens_per_s=round(tok_s, 1),
-                    mfu=round(mfu, 4) if mfu is not None else None)
+                    mfu=round(mfu, 4) if mfu is not None else None, **result.experts)
         trackers.log(metrics.records[-1])
 
 
