@@ -3,16 +3,20 @@ against a per-expert loop written here, minimind's parameter counts, and trainin
 
 import json
 import math
+import re
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from clirun import run
 from safetensors.torch import load_file
 
 from gptforge import checkpoint as ckpt
 from gptforge.config import ConfigError
 from gptforge.data import DataConfig
+from gptforge.distributed import checkpoint_blocks
+from gptforge.generate import SampleConfig, generate
 from gptforge.models import get_spec, preset_arch
 from gptforge.models.llama import PRESETS, Llama, LlamaConfig
 from gptforge.models.moe import MoE, dispatch, load_balancing_loss, route
@@ -203,3 +207,55 @@ def test_muon_takes_the_experts_but_not_the_router():
     names = {n for n, p in model.named_parameters() if id(p) in hidden}
     assert "layers.0.mlp.experts.2.down_proj.weight" in names and "layers.0.mlp.gate.weight" not in names
     assert len(names) == 4 + 3 * 3  # q, k, v, o and three matrices of each expert
+
+
+def tiny_moe(**kw) -> Llama:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, context_length=32, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=2, n_experts=4,
+               experts_per_token=2, qk_norm=True)
+    return Llama(LlamaConfig(**{**cfg, **kw}))
+
+
+def test_kv_cache_generation_equals_the_uncached_path():
+    model = tiny_moe().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.size(0) == 4:  # routers: decisive choices
+                p.mul_(50)
+    idx = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(2))
+    sample = SampleConfig(max_new_tokens=12)
+    assert generate(model, idx, sample) == generate(model, idx, sample, use_cache=False)
+
+
+def test_activation_checkpointing_and_document_masks_keep_loss_and_gradients():
+    model = tiny_moe(router_aux_loss_coef=0.1).train()
+    x = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(4))
+    segments = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+
+    def loss_and_grads():
+        loss = model(x, targets=x) + model(x, targets=x, segments=segments)
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    loss, grads = loss_and_grads()
+    checkpoint_blocks(model)
+    loss2, grads2 = loss_and_grads()
+    assert torch.equal(loss, loss2)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g, g2, rtol=1e-6, atol=1e-7)
+
+
+def test_cli_trains_a_mixture_of_experts_and_says_its_active_parameters(text_file, tmp_path, capsys):
+    code, out, err = run(["train", str(text_file), "--preset", "llama-tiny", "--n-experts", "4",
+                          "--experts-per-token", "2", "--moe-intermediate-size", "32", "--no-norm-topk-prob",
+                          "--router-balance", "bias", "--context-length", "16", "--max-steps", "2", "--batch-size", "2",
+                          "--eval-every", "2", "--sample-tokens", "0", "--device", "cpu", "--no-progress",
+                          "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert re.search(r"M parameters \(tied head; [\d.]+M active, 2 of 4 experts per token\)", out), out
+    toml = (tmp_path / "run" / "config.toml").read_text()
+    assert "n_experts = 4" in toml and 'router_balance = "bias"' in toml and "norm_topk_prob = false" in toml
+    code, out, err = run(["train", str(text_file), "--preset", "llama-tiny", "--n-experts", "2",
+                          "--experts-per-token", "3", "--out", str(tmp_path / "bad")], capsys)
+    assert code != 0 and err.strip().splitlines() == [
+        "gptforge: error: --experts-per-token 3 must be at most --n-experts 2 (each token goes to that many different "
+        "experts)"]
