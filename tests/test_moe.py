@@ -21,6 +21,7 @@ from gptforge.models import get_spec, preset_arch
 from gptforge.models.llama import PRESETS, Llama, LlamaConfig
 from gptforge.models.moe import MoE, dispatch, load_balancing_loss, route
 from gptforge.training import RunConfig, TrainConfig, train
+from gptforge.training.experts import CollapseWatch
 from gptforge.training.optim import hidden_matrices
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
@@ -259,3 +260,14 @@ def test_cli_trains_a_mixture_of_experts_and_says_its_active_parameters(text_fil
     assert code != 0 and err.strip().splitlines() == [
         "gptforge: error: --experts-per-token 3 must be at most --n-experts 2 (each token goes to that many different "
         "experts)"]
+
+
+def test_a_collapsed_router_gets_one_warning_after_three_evaluations():
+    watch = CollapseWatch(experts_per_token=2)
+    healthy = [{"event": "train", "expert_load": [[0.25, 0.25, 0.25, 0.25], [0.3, 0.2, 0.3, 0.2]]}]
+    collapsed = [{"event": "train", "expert_load": [[0.25, 0.25, 0.25, 0.25], [0.47, 0.43, 0.05, 0.05]]},
+                 {"event": "eval", "val_loss": 3.0}]
+    seen = [watch.observe(r) for r in (collapsed, collapsed, healthy, collapsed, collapsed, collapsed, collapsed)]
+    assert seen[:5] == [None] * 5 and seen[6] is None
+    assert seen[5].startswith("warning: the router of layer 1 has collapsed: expert 0 took 94% of its tokens")
+    assert CollapseWatch().observe([{"event": "train", "train_loss": 1.0}]) is None  # a dense model

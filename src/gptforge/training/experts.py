@@ -1,8 +1,10 @@
 """A training step's mixture-of-experts routing: its load-balancing loss and the load of every expert, summed over
 the step's micro-batches and all ranks; what metrics.jsonl logs of them; and the routing-bias update
-(--router-balance bias) that follows each optimizer step."""
+(--router-balance bias) that follows each optimizer step; and the warning for a collapsed router."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -47,3 +49,29 @@ class ExpertLoad:
         if any(layer.balance == "aux" for layer in self.layers):
             record["aux_loss"] = self.aux
         return record
+
+
+@dataclass
+class CollapseWatch:
+    """One warning line for a collapsed router: one expert took over 90% of a layer's tokens in the last train
+    record (expert_load) at each of 3 evaluations in a row."""
+
+    experts_per_token: int = 1
+    streak: int = 0
+    warned: bool = False
+
+    def observe(self, records: list[dict]) -> str | None:
+        load = next((r["expert_load"] for r in reversed(records) if "expert_load" in r), None)
+        if load is None or self.warned:
+            return None
+        tokens = [[share * self.experts_per_token for share in layer] for layer in load]  # fraction of tokens
+        collapsed = [(i, max(range(len(row)), key=row.__getitem__), max(row)) for i, row in enumerate(tokens)
+                     if max(row) > 0.9]
+        self.streak = self.streak + 1 if collapsed else 0
+        if self.streak < 3:
+            return None
+        self.warned = True
+        layer, expert, share = collapsed[0]
+        return (f"warning: the router of layer {layer} has collapsed: expert {expert} took {share:.0%} of its tokens "
+                f"at 3 evaluations in a row ({len(collapsed)} layer(s) so); raise --router-aux-loss-coef or use "
+                "--router-balance bias")

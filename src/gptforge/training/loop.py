@@ -25,6 +25,7 @@ from ..runs.trackers import check_loggers, open_trackers
 from ..tokenizer import Tokenizer
 from .best import Verdict, diverging
 from .config import RunConfig, TrainConfig
+from .experts import CollapseWatch
 from .optim import check_optimizer, describe_optimizer, set_lr
 from .plan import plan_steps
 from .state import (
@@ -73,6 +74,7 @@ class Evaluator:
     device: torch.device
     token_bytes: np.ndarray | None = None
     tasks: list[PreparedTask] = field(default_factory=list)
+    routing: CollapseWatch = field(default_factory=CollapseWatch)  # a mixture of experts' collapsed router
 
     def __call__(self, model: torch.nn.Module, state: RunState) -> dict:
         t, step = self.cfg.train, state.step
@@ -100,6 +102,8 @@ class Evaluator:
             record["sample"] = t.sample_prompt + text
             self.progress.write(f"  sample: {record['sample']!r}")
         self.metrics.log(**record)
+        if (collapsed := self.routing.observe(self.metrics.records)) is not None:
+            self.progress.write(collapsed)
         if dist.is_main():
             self.trackers.log(self.metrics.records[-1])
             plot_losses(self.metrics.records, self.run_dir / "loss.png")
@@ -199,7 +203,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
     progress = Progress(schedule.total_steps, state.step, enabled=t.progress and main, quiet=not main,
                         flops_per_token=fpt, peak_flops=peak)
     evaluator = Evaluator(cfg, tokenizer, data, schedule, metrics, trackers, progress, run_dir, device,
-                          byte_table(tokenizer, warn), tasks)
+                          byte_table(tokenizer, warn), tasks, CollapseWatch(getattr(cfg.model, "experts_per_token", 1)))
 
     last_eval = evaluator(model, state) if state.step == 0 else {}
     save_every, best = t.save_every or t.eval_every, checkpointer.best
