@@ -20,6 +20,7 @@ from gptforge.generate import SampleConfig, generate
 from gptforge.models import get_spec, preset_arch
 from gptforge.models.llama import PRESETS, Llama, LlamaConfig
 from gptforge.models.moe import MoE, dispatch, load_balancing_loss, route
+from gptforge.runs.report import load_runs, render
 from gptforge.training import RunConfig, TrainConfig, train
 from gptforge.training.experts import CollapseWatch
 from gptforge.training.optim import hidden_matrices
@@ -271,3 +272,21 @@ def test_a_collapsed_router_gets_one_warning_after_three_evaluations():
     assert seen[:5] == [None] * 5 and seen[6] is None
     assert seen[5].startswith("warning: the router of layer 1 has collapsed: expert 0 took 94% of its tokens")
     assert CollapseWatch().observe([{"event": "train", "train_loss": 1.0}]) is None  # a dense model
+
+
+def test_report_plots_the_expert_load(tmp_path):
+    run_dir = tmp_path / "moe"
+    run_dir.mkdir()
+    records = [{"event": "train", "step": s, "tokens": 64 * s, "lr": 1e-3, "train_loss": 5.0 - s / 10,
+                "aux_loss": 0.001, "expert_load": [[0.5, 0.3, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]]} for s in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    page = render(load_runs([run_dir]))
+    assert "busiest expert" in page and "(aux_loss)" in page
+    assert "busiest expert" not in render(load_runs([write_dense_run(tmp_path / "dense")]))
+
+
+def write_dense_run(run_dir):
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1, "tokens": 64, "train_loss": 5.0})
+                                           + "\n")
+    return run_dir
