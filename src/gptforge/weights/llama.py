@@ -333,15 +333,17 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
               "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # layers.i.X -> blk.i.Y, as convert_hf_to_gguf.py
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "mlp.gate": "ffn_gate_inp"}  # layers.i.X -> blk.i.Y, as convert_hf_to_gguf.py
 
 
 def gguf_arch(cfg: LlamaConfig) -> str:
-    """llama.cpp's architecture: the transformers class's (qwen3 with QK-norm, qwen2 with a q/k/v bias, else llama)."""
-    if cfg.n_experts:
-        raise WeightsError("GGUF export of a mixture of experts (llama.cpp's qwen3moe) is not written yet; convert it "
-                           "--to hf or --to gptforge")
-    return _hf_kind(cfg)
+    """llama.cpp's architecture: the transformers class's (qwen3 with QK-norm, qwen2 with a q/k/v bias, else llama;
+    qwen3moe with experts, whose top-k weights llama.cpp always renormalises)."""
+    if cfg.n_experts and not cfg.norm_topk_prob:
+        raise WeightsError("norm_topk_prob false: llama.cpp's qwen3moe always renormalises the chosen experts' "
+                           "weights; convert it --to hf or --to gptforge instead")
+    return _hf_kind(cfg).replace("_", "")  # qwen3_moe -> qwen3moe
 
 
 def gguf_params(writer, cfg: LlamaConfig) -> None:
@@ -357,6 +359,10 @@ def gguf_params(writer, cfg: LlamaConfig) -> None:
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
+    if cfg.n_experts:
+        writer.add_expert_count(cfg.n_experts)
+        writer.add_expert_used_count(cfg.experts_per_token)
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
 
 
 def interleave_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -374,12 +380,20 @@ def gguf_tensors(model: nn.Module):
     yield "token_embd.weight", model.embed_tokens.weight[: cfg.vocab_size]  # padding (pad_vocab) cut off
     for i in range(cfg.n_layers):
         for name, t in model.layers[i].state_dict().items():
+            if ".experts." in name:  # stacked per layer below, as the converter does
+                continue
             module, kind = name.rsplit(".", 1)
             if arch == "llama" and module == "self_attn.q_proj":
                 t = interleave_rotary(t, cfg.n_heads)
             elif arch == "llama" and module == "self_attn.k_proj":
                 t = interleave_rotary(t, cfg.n_kv_heads)
             yield f"blk.{i}.{GGUF_NAMES[module]}.{kind}", t
+        if cfg.n_experts:
+            experts = model.layers[i].mlp.experts
+            for ours, theirs in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"),
+                                 ("down_proj", "ffn_down_exps")):
+                stacked = torch.stack([getattr(e, ours).weight for e in experts])  # (E, out, in)
+                yield f"blk.{i}.{theirs}.weight", stacked
     yield "output_norm.weight", model.norm.weight
     if not cfg.tie_weights:
         yield "output.weight", model.lm_head.weight[: cfg.vocab_size]
