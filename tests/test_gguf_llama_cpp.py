@@ -93,3 +93,14 @@ def test_llama_family_runs_in_llama_cpp(tmp_path, kind):
                       tie_weights=kind != "llama")
     check_against_llama_cpp(tmp_path, spread(Llama(cfg), 0.05), tokenizer)
 
+
+
+def test_mixture_of_experts_runs_in_llama_cpp_as_qwen3moe(tmp_path):
+    """Not yet run here (no llama-cpp-python on the machine it was written on): the qwen3moe layout of
+    tests/test_gguf.py, run in llama.cpp."""
+    tokenizer = train_bpe([TEXT * 20], 320)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tokenizer.vocab_size, context_length=96, emb_dim=64, n_heads=4, n_kv_heads=2,
+                      n_layers=2, intermediate_size=128, qk_norm=True, n_experts=4, experts_per_token=2,
+                      moe_intermediate_size=64)
+    check_against_llama_cpp(tmp_path, spread(Llama(cfg), 0.05), tokenizer)

@@ -9,8 +9,8 @@ memory-mapped or read by offset: the weights are never held twice.
 
 Nothing here knows a model family. Block names, tied parameters and the tensors sized by the
 context length are read off the model that the family's spec builds; Hugging Face names off the
-spec (``hf_prefix``, ``hf_transposed``). ``WeightFamily`` is what a family's weight formats provide
-(weights/gpt2.py); ``gptforge.weights.FAMILIES`` lists them.
+family's weights module (``HF_PREFIX``, ``HF_TRANSPOSED``). ``WeightFamily`` is what a family's weight formats
+provide (weights/gpt2.py); its ModelSpec names the module (``family_of``), ``gptforge.weights.FAMILIES`` lists them.
 """
 
 from __future__ import annotations
