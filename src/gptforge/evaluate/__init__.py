@@ -39,7 +39,7 @@ class EvalConfig:
     stride: int | None = opt(None, "Step between window starts; default: the context length.")
     batch_size: int = opt(8, "Windows per batch.")
     max_batches: int | None = opt(None, "Score only the first N batches; default: all.")
-    limit: int | None = opt(None, "--task: score only the first N items of each task; default: all.")
+    limit: int | None = opt(None, "--task, --suite: score only the first N items of each task; default: all.")
     document_mask: bool = opt(False, "Score each end-of-text-separated document of a window on its own "
                                      "(as train --document-mask trains).")
     split: str | None = opt(None, "With a directory made by `gptforge prepare`: the split to score, val or train; "

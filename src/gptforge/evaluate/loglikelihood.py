@@ -53,12 +53,15 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 class Row:
     """One model input: a prefix and branches; branch j's tokens follow the prefix in the model's view.
 
-    `pairs` says which request and continuation each branch scores.
+    `pairs` says which request and continuation each branch scores; `skips` (default none) how many of each
+    branch's first tokens are context rather than scored (a schema option's own words before the shared
+    continuation).
     """
 
     prefix: list[int]
     branches: list[list[int]]
     pairs: list[tuple[int, int]]
+    skips: list[int] | None = None
 
     @property
     def length(self) -> int:
@@ -97,7 +100,7 @@ def batch_tensors(rows: Sequence[Row], device) -> tuple[torch.Tensor, tuple[torc
     branch = torch.full((len(rows), T), -1, dtype=torch.long)  # 0: the prefix, j + 1: branch j, -1: padding
     index, target, counts = [], [], []
     for b, row in enumerate(rows):
-        p = len(row.prefix)
+        p, skips = len(row.prefix), row.skips or [0] * len(row.branches)
         ids[b, :p] = torch.tensor(row.prefix)
         pos[b, :p] = torch.arange(p)
         branch[b, :p] = 0
@@ -108,10 +111,10 @@ def batch_tensors(rows: Sequence[Row], device) -> tuple[torch.Tensor, tuple[torc
             pos[b, at:at + n] = torch.arange(p, p + n)
             branch[b, at:at + n] = j + 1
             # token 0 is scored from the prefix's last position, token k from the branch's (k-1)-th input
-            index += [b * T + p - 1] + [b * T + at + k for k in range(n)]
-            target += tokens
+            index += [b * T + (p - 1 if k == 0 else at + k - 1) for k in range(skips[j], n + 1)]
+            target += tokens[skips[j]:]
             at += n
-            row_counts.append(len(tokens))
+            row_counts.append(len(tokens) - skips[j])
         counts.append(row_counts)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     same = (branch[:, :, None] == branch[:, None, :]) | (branch[:, None, :] == 0)  # (B, T, T): query, key
