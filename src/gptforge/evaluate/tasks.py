@@ -1,4 +1,4 @@
-"""Downstream tasks scored as lm-evaluation-harness 0.4 scores them (zero-shot).
+"""Downstream tasks scored as lm-evaluation-harness 0.4 scores them (zero-shot, or few-shot: fewshot.py).
 
 Each `Task` reads the records of its official file (JSON Lines, the user's own: nothing is
 downloaded) into `Item`s: a context, the choices (or one cloze target) and the gold index, built
@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..errors import DataError
 from ..tokenizer import Tokenizer
+from .fewshot import with_fewshot
 from .loglikelihood import Row, encode_pair, plan_rows, score_rows
 
 
@@ -135,24 +137,28 @@ class Task:
     read: Callable[[dict, str], Item]
     expects: str  # the file and its records
     get: str  # where the official file comes from
+    train: str | None = None  # the train split few-shot examples come from; None: the evaluated file
+    exclude: bool = False  # the harness leaves the evaluated item out of its examples (fewshot.py)
 
 
 TASKS = {t.name: t for t in (
     Task("hellaswag", hellaswag_item, "hellaswag_val.jsonl (10,042 records: ctx_a, ctx_b, activity_label, "
-         "endings, label)", "get it from https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"),
+         "endings, label)", "get it from https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+         "hellaswag_train.jsonl (same place)", exclude=True),
     Task("lambada", lambada_item, "OpenAI's lambada_test.jsonl (5,153 records: text; its last word is predicted)",
          "get it from https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"),
     Task("arc-easy", arc_item, "AI2's ARC-Easy-Test.jsonl (2,376 records: question.stem, question.choices[]"
          ".{label,text}, answerKey)", "get it from ARC-V1-Feb2018.zip at https://allenai.org/data/arc "
-         "(ARC-Easy/ARC-Easy-Test.jsonl)"),
+         "(ARC-Easy/ARC-Easy-Test.jsonl)", "ARC-Easy-Train.jsonl (same zip)"),
     Task("arc-challenge", arc_item, "AI2's ARC-Challenge-Test.jsonl (1,172 records, as arc-easy's)",
-         "get it from ARC-V1-Feb2018.zip at https://allenai.org/data/arc (ARC-Challenge/ARC-Challenge-Test.jsonl)"),
+         "get it from ARC-V1-Feb2018.zip at https://allenai.org/data/arc (ARC-Challenge/ARC-Challenge-Test.jsonl)",
+         "ARC-Challenge-Train.jsonl (same zip)"),
     Task("piqa", piqa_item, "PIQA's valid.jsonl (1,838 records: goal, sol1, sol2) with valid-labels.lst beside it "
          "(one 0/1 per line), or records with a label field", "get valid.jsonl and valid-labels.lst from "
-         "https://yonatanbisk.com/piqa/"),
+         "https://yonatanbisk.com/piqa/", "train.jsonl with train-labels.lst (same place)", exclude=True),
     Task("choice", choice_item, "your JSON Lines: {\"context\", \"choices\": [...], \"label\": i} (multiple "
          "choice) or {\"context\", \"continuation\"} (cloze); optional \"delimiter\" (default \" \")",
-         "write it yourself (README: 'Downstream tasks')"),
+         "write it yourself (README: 'Downstream tasks')", exclude=True),
 )}
 
 
@@ -205,6 +211,24 @@ def read_task(name: str, path: str | Path, limit: int | None = None) -> list[Ite
     if len({it.cloze for it in items}) > 1:
         raise DataError(f"{path}: mixes multiple-choice and cloze records; put each kind in its own file")
     return items
+
+
+def task_items(name: str, path: str | Path, limit: int | None = None, num_fewshot: int = 0,
+               fewshot_files: dict[str, str] | None = None) -> list[Item]:
+    """read_task's items, with num_fewshot examples before each context drawn as the harness draws them: from the
+    task's train file (fewshot_files[name]) or, for a task without one, the whole evaluated file."""
+    items = read_task(name, path, limit)
+    if not num_fewshot:
+        return items
+    task, fewshot_files = TASKS[name], fewshot_files or {}
+    if task.train is None:
+        pool, where = (items if limit is None else read_task(name, path)), str(path)
+    elif name not in fewshot_files:
+        raise ConfigError(f"--num-fewshot {num_fewshot}: {name}'s examples come from its train split, as "
+                          f"lm-evaluation-harness draws them; give --fewshot-file {name}=FILE ({task.train})")
+    else:
+        pool, where = read_task(name, fewshot_files[name]), fewshot_files[name]
+    return with_fewshot(items, pool, num_fewshot, name, task.exclude, where)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -289,7 +313,8 @@ def evaluate_tasks(source, tasks: Sequence[tuple[str, str]], cfg, log=print) -> 
     from ..weights import load_for_text
 
     device = pick_device(cfg.device)
-    items = {label: read_task(name, path, cfg.limit)  # bad files fail before loading
+    fewshot_files = dict(spec.partition("=")[::2] for spec in cfg.fewshot_file)
+    items = {label: task_items(name, path, cfg.limit, cfg.num_fewshot, fewshot_files)  # bad files fail before loading
              for label, (name, path) in zip(task_labels(tasks), tasks)}
     model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
     max_length = cfg.context_length or model.cfg.context_length
