@@ -38,10 +38,9 @@ def draw(rnd: random.Random, pool: Sequence, n: int, item, exclude: bool) -> lis
 def example(item, task_name: str) -> str:
     """An item as a few-shot example: its context, the target delimiter, its gold answer. LAMBADA's answer is the
     harness's target, " " + the last word, so its examples hold two spaces before the word (as the harness's do)."""
-    answer = item.choices[item.label]
     if task_name == "lambada":
-        return f"{item.context} {item.delimiter}{answer}"
-    return f"{item.context}{item.delimiter}{answer}"
+        return f"{item.context} {item.delimiter}{item.choices[0]}"
+    return item.example()
 
 
 def with_fewshot(items: Sequence, pool: Sequence, n: int, task_name: str, exclude: bool,

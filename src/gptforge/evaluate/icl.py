@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ..config import ConfigError
 from ..errors import DataError
 from ..tokenizer import Tokenizer
-from .loglikelihood import Row
+from .loglikelihood import Row, common_length
 
 KINDS = ("multiple_choice", "schema", "language_modeling")
 FIELDS = {"multiple_choice": "query, choices, gold", "schema": "context_options, continuation, gold",
@@ -83,16 +83,6 @@ def render(kind: str, item: dict, delimiter: str, examples: Sequence[dict]) -> l
     shots = "".join(f"{e['context'].strip()}{delimiter}{e['continuation']}\n\n" for e in examples)
     without = f"{shots}{item['context'].strip()}{delimiter}"
     return [without.strip(), without + item["continuation"]]
-
-
-def common_length(seqs: Sequence[Sequence[int]], from_end: bool = False) -> int:
-    """How many leading (from_end: trailing) tokens all of seqs share."""
-    n = min(len(s) for s in seqs)
-    for k in range(n):
-        at = -1 - k if from_end else k
-        if any(s[at] != seqs[0][at] for s in seqs):
-            return k
-    return n
 
 
 def bos_id(tokenizer: Tokenizer) -> int:
