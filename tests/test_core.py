@@ -261,3 +261,28 @@ def test_suite_takes_one_directory(hf_dir, tmp_path, capsys):  # noqa: F811
     assert code == 1 and "--suite core takes one DATA, the eval bundle directory" in err
     code, _, err = run(["eval", str(hf_dir), "--suite", "core", str(tmp_path / "nope")], capsys)
     assert code == 1 and "nope: no such directory; --suite core expects the DCLM eval bundle" in err
+
+
+def test_eval_suite_during_training_logs_core_and_matches_eval(text_file, tmp_path, capsys):
+    bundle = write_bundle(tmp_path / "bundle")
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", str(text_file), "--out", str(out), "--context-length", "32", "--emb-dim", "32",
+                             "--n-heads", "2", "--n-layers", "2", "--max-steps", "4", "--eval-every", "2",
+                             "--eval-batches", "1", "--sample-tokens", "0", "--batch-size", "2", "--no-progress",
+                             "--device", "cpu", "--eval-suite", f"core={bundle}", "--eval-task-limit", "4"], capsys)
+    assert code == 0, err
+    evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    labels = [t[0] for t in TASKS]
+    for r in evals:
+        assert r["core"] == pytest.approx(sum(r[f"task/core/{label}"] for label in labels) / len(labels))
+    assert "  core " in stdout and (out / "tasks.png").stat().st_size > 0
+    code, text, err = run(["eval", str(out), "--checkpoint", "latest", "--suite", "core", str(bundle), "--limit", "4",
+                           "--device", "cpu"], capsys)
+    assert code == 0, err
+    last = json.loads(text.strip().splitlines()[-1])
+    assert last["core"] == pytest.approx(evals[-1]["core"], abs=1e-9)  # the same numbers as `gptforge eval`
+    assert {k: v["centered"] for k, v in last["tasks"].items()} == pytest.approx(
+        {label: evals[-1][f"task/core/{label}"] for label in labels}, abs=1e-9)
+    code, _, err = run(["train", str(text_file), "--out", str(tmp_path / "r2"), "--eval-suite", "mmlu=x"], capsys)
+    assert code == 1 and "--eval-suite 'mmlu=x' must be core=DIR" in err
