@@ -22,6 +22,7 @@ class Item:
     delimiter: str = " "  # between the context and each choice (the harness's target_delimiter)
     cloze: bool = False
     contexts: list[str] | None = None  # schema: the candidate contexts, each followed by the continuation
+    group: str | None = None  # the subject an item belongs to (C-Eval, CMMLU): scored per subject too
 
     @property
     def kind(self) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +40,13 @@ from .records import (
     winogrande_item,
     wsc273_item,
 )
+from .subjects import LAYOUTS, read_subjects
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    read: Callable[[dict, str], Item]
+    read: Callable[[dict, str], Item] | None  # None: a directory of subjects (subjects.py)
     expects: str  # the file and its records
     get: str  # where the official file comes from
     train: str | None = None  # the train split few-shot examples come from; None: the evaluated file
@@ -90,6 +91,12 @@ TASKS = {t.name: t for t in (
          "dev-labels.lst beside it (one 1-3 per line), or records with a label field", "get it from AI2's "
          "socialiqa-train-dev.zip (https://allenai.org/data/socialiqa)", "train.jsonl with train-labels.lst "
          "(same zip)", exclude=True, labels=True),
+    Task("ceval", None, "C-Eval's directory (ceval-exam.zip unzipped: val/SUBJECT_val.csv and dev/SUBJECT_dev.csv, "
+         "52 subjects, 1,346 val questions: id, question, A, B, C, D, answer)", "get ceval-exam.zip from "
+         "https://huggingface.co/datasets/ceval/ceval-exam and unzip it"),
+    Task("cmmlu", None, "CMMLU's directory (cmmlu_v1_0_1.zip unzipped: test/SUBJECT.csv and dev/SUBJECT.csv, "
+         "67 subjects, 11,582 test questions: Question, A, B, C, D, Answer)", "get cmmlu_v1_0_1.zip from "
+         "https://huggingface.co/datasets/haonan-li/cmmlu and unzip it"),
     Task("choice", choice_item, "your JSON Lines: {\"context\", \"choices\": [...], \"label\": i} (multiple "
          "choice), {\"context\", \"continuation\"} (cloze) or {\"contexts\": [...], \"continuation\", \"label\": i} "
          "(schema); optional \"delimiter\" (default \" \")",
@@ -118,6 +125,10 @@ def read_task(name: str, path: str | Path, limit: int | None = None) -> list[Ite
     """The first `limit` items (all when None) of task `name`'s file; a missing or malformed file is a DataError
     naming the file, line and field."""
     task, path = get_task(name), Path(path)
+    if name in LAYOUTS:
+        if not path.is_dir():
+            raise DataError(f"{path}: no such directory; task {name} expects {task.expects}; {task.get}")
+        return read_subjects(name, path, limit)
     if not path.is_file():
         raise DataError(f"{path}: no such file; task {name} expects {task.expects}; {task.get}")
     labels = _labels_file(path) if task.labels else None
@@ -153,6 +164,9 @@ def task_items(name: str, path: str | Path, limit: int | None = None, num_fewsho
                fewshot_files: dict[str, str] | None = None) -> list[Item]:
     """read_task's items, with num_fewshot examples before each context drawn as the harness draws them: from the
     task's train file (fewshot_files[name]) or, for a task without one, the whole evaluated file."""
+    if num_fewshot and name in LAYOUTS:  # the first examples of each subject's dev file
+        read_task(name, path)  # the directory checked as without examples
+        return read_subjects(name, path, limit, num_fewshot)
     items = read_task(name, path, limit)
     if not num_fewshot:
         return items
@@ -190,6 +204,14 @@ def metrics(items: Sequence[Item], results: Sequence[Sequence[tuple[float, bool]
     if items[0].contexts is not None:
         return {"acc": float(np.mean([np.argmax([ll for ll, _ in r]) == it.label for it, r in zip(items, results)])),
                 "n": len(items)}
+    if items[0].group is not None:  # C-Eval, CMMLU: over all items, and each subject's acc
+        plain = [replace(it, group=None) for it in items]
+        out = metrics(plain, results)
+        out["subjects"] = {}
+        for g in dict.fromkeys(it.group for it in items):
+            mine = [(p, r) for p, it, r in zip(plain, items, results) if it.group == g]
+            out["subjects"][g] = metrics([p for p, _ in mine], [r for _, r in mine])["acc"]
+        return out
     if items[0].cloze:
         lls = [r[0][0] for r in results]
         return {"acc": float(np.mean([r[0][1] for r in results])),
@@ -239,8 +261,8 @@ def prepare_tasks(specs: Sequence[str], limit: int | None, tokenizer: Tokenizer,
 
 def format_scores(scores: dict[str, dict]) -> str:
     """One line: "hellaswag acc 0.2500 acc_norm 0.2700 (n 100) | lambada ..."."""
-    return " | ".join(f"{name} " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if k != "n") + f" (n {s['n']})"
-                      for name, s in scores.items())
+    return " | ".join(f"{name} " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if isinstance(v, float))
+                      + f" (n {s['n']})" for name, s in scores.items())
 
 
 def evaluate_tasks(source, tasks: Sequence[tuple[str, str]], cfg, log=print) -> dict[str, dict]:

@@ -90,7 +90,8 @@ class Evaluator:
             ranks = (dist.rank(), dist.world_size())
             task_scores = {task.name: score_task(model, task, t.batch_size, self.device, ranks=ranks)[0]
                            for task in self.tasks}
-            record.update({f"task/{name}/{k}": v for name, s in task_scores.items() for k, v in s.items() if k != "n"})
+            record.update({f"task/{name}/{k}": v for name, s in task_scores.items() for k, v in s.items()
+                           if isinstance(v, float)})
             self.progress.write("  tasks: " + format_scores(task_scores))
         if self.suite:
             record.update(self.score_suite(model))
