@@ -23,6 +23,7 @@ from ..data.prepare import PrepareConfig
 from ..data.prepare import prepare as run_prepare
 from ..errors import UserError
 from ..evaluate import EvalConfig, evaluate_text
+from ..evaluate.core import evaluate_core
 from ..evaluate.tasks import TASKS, describe_task, evaluate_tasks, get_task
 from ..generate import GenerateConfig, SampleConfig, generate_text
 from ..models import ModelSettings, check_settings, get_spec, preset_arch
@@ -147,11 +148,13 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, wh
 @click.option("--task", "tasks", multiple=True, metavar="NAME",
               help=f"Score a downstream task ({', '.join(TASKS)}) as lm-evaluation-harness does, on the FILE that "
                    "follows it (or NAME=FILE); repeatable. NAME alone: where its data is expected and how to get it.")
+@click.option("--suite", type=click.Choice(["core"]), default=None,
+              help="Score a suite: core, the DCLM CORE score (nanochat's), on the eval bundle directory given as DATA.")
 @checkpoint_option
 @dataclass_options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, default=None, help="Print a JSON line last.")
-def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], which: str | None, as_json: bool | None,
-             **flags) -> None:
+def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], suite: str | None, which: str | None,
+             as_json: bool | None, **flags) -> None:
     """Loss, perplexity and bits per byte of the model in SOURCE on the text in DATA; or, with --task NAME FILE,
     downstream task scores (acc, acc_norm; LAMBADA's acc and perplexity) with a JSON line last.
 
@@ -162,9 +165,17 @@ def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], which: 
     \b
     gptforge eval runs/first --task hellaswag hellaswag_val.jsonl --task lambada lambada_test.jsonl
     gptforge eval gpt2 --task arc-easy                  where ARC-Easy's file comes from
+    gptforge eval runs/first --suite core eval_bundle   the CORE score, on the DCLM eval bundle
     """
 
     values = given(flags)
+    if suite:
+        if tasks or len(data) != 1:
+            raise ConfigError("--suite core takes one DATA, the eval bundle directory (core.yaml, "
+                              "eval_meta_data.csv, eval_data/), and no --task")
+        click.echo(json.dumps(evaluate_core(pick(source, which), data[0], build(EvalConfig, values),
+                                            log=click.echo)))
+        return
     if tasks:
         pairs = task_files(tasks, data)
         if not pairs:

@@ -109,8 +109,11 @@ class TrainConfig:
         "help": "Also score a downstream task at each evaluation, NAME=FILE (repeatable; NAME one of "
                 f"{', '.join(TASKS)}, FILE its data as `gptforge eval --task` reads it); logged as "
                 "task/NAME/acc, task/NAME/acc_norm (or task/NAME/perplexity).", "metavar": "NAME=FILE"})
-    eval_task_limit: int | None = opt(None, "Items of each --eval-task scored at each evaluation (the first N); "
-                                            "default: all.", low=1)
+    eval_suite: str | None = opt(None, "Also score a suite at each evaluation: core=DIR, the DCLM CORE tasks of the "
+                                       "eval bundle in DIR (as `gptforge eval --suite core DIR`); logged as core "
+                                       "and task/core/LABEL (each task's centred accuracy).", metavar="core=DIR")
+    eval_task_limit: int | None = opt(None, "Items of each --eval-task (and each --eval-suite task) scored at each "
+                                            "evaluation (the first N); default: all.", low=1)
     sample_prompt: str = opt("Every effort moves you", "Prompt for the sample shown at each evaluation.")
     sample_tokens: int = opt(40, "Tokens in that sample; 0 turns samples off.", low=0)
     sample_temperature: float = opt(0.0, "Temperature of that sample; 0 is greedy.", low=0)
@@ -140,6 +143,8 @@ class TrainConfig:
             name, _, path = spec.partition("=")
             if name not in TASKS or not path:
                 raise ConfigError(f"--eval-task {spec!r} must be NAME=FILE with NAME one of {', '.join(TASKS)}")
+        if self.eval_suite is not None and not (self.eval_suite.startswith("core=") and self.eval_suite[5:]):
+            raise ConfigError(f"--eval-suite {self.eval_suite!r} must be core=DIR (the DCLM eval bundle's directory)")
         if self.async_checkpoint and self.checkpoint_format == "full":
             raise ConfigError("--async-checkpoint writes sharded checkpoints; leave out --checkpoint-format full "
                               "(or give --checkpoint-format sharded)")
