@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from clirun import run
+from minimind_like import tokenizer_dir
 
 from gptforge.data import DataError
 from gptforge.evaluate.tasks import PreparedTask, read_task, score_task
@@ -24,7 +25,7 @@ from gptforge.models.llama import Llama, LlamaConfig
 from gptforge.tokenizer import get_tokenizer
 from gptforge.weights import load_for_text, to_hf
 
-MINIMIND = Path(__file__).parent / "data" / "minimind"
+MINIMIND = tokenizer_dir()  # minimind_like.py: a tokenizer with the properties of minimind's
 CONTEXT = 48  # short enough that the long HellaSwag item below is cut from the left
 
 HELLASWAG = [

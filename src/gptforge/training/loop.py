@@ -189,9 +189,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
     torch.manual_seed(t.seed)
     check_loggers(t.logger)
     check_optimizer(t.optimizer)
-    tasks = prepare_tasks(t.eval_task, t.eval_task_limit, tokenizer, cfg.model.context_length)  # bad files: now
-    suite = [] if t.eval_suite is None else prepare_core(t.eval_suite[5:], t.eval_task_limit, tokenizer,
-                                                         cfg.model.context_length)
+    tasks, suite = prepare_downstream(cfg, tokenizer)  # bad files: now
     data = build_data(cfg, tokenizer)
     if t.minutes is not None and not resume:  # --minutes: max_steps from the run's own timed steps
         plan_steps(cfg, data, device, log)
@@ -270,6 +268,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
                 best=best.record() if best.step is not None else None,
                 tokens_per_s=(state.tokens - start_tokens) / max(train_seconds, 1e-9),
                 median_step_seconds=statistics.median(step_seconds) if step_seconds else None)
+
+
+def prepare_downstream(cfg: RunConfig, tokenizer) -> tuple[list[PreparedTask], list[PreparedCore]]:
+    """--eval-task's tasks and --eval-suite's CORE tasks, read and encoded once before the first step."""
+    t = cfg.train
+    tasks = prepare_tasks(t.eval_task, t.eval_task_limit, tokenizer, cfg.model.context_length)
+    suite = [] if t.eval_suite is None else prepare_core(t.eval_suite[5:], t.eval_task_limit, tokenizer,
+                                                         cfg.model.context_length)
+    return tasks, suite
 
 
 def _toml_bytes(cfg: RunConfig) -> bytes:
