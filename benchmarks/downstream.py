@@ -4,6 +4,7 @@
     python benchmarks/downstream.py --items 200            # what a shared 2-core CPU finishes in ~10 minutes
     python benchmarks/downstream.py --items 24 --sweep 1,4,8,16   # gptforge's batch sizes, harness's too
     python benchmarks/downstream.py --data hellaswag_val.jsonl    # the real file, if you have it
+    python benchmarks/downstream.py --items 24 --num-fewshot 5    # few-shot contexts (a synthesised train split)
 
 The official hellaswag_val.jsonl cannot be downloaded here, so without --data the items are
 synthesised in its format (ctx_a, ctx_b, activity_label, endings, label) from English text that
@@ -43,12 +44,12 @@ def synthesise(n: int, seed: int = 0) -> list[dict]:
             for i in range(n)]
 
 
-def run_gptforge(hf_dir: Path, data: Path, n: int, batch_size: int):
-    from gptforge.evaluate.tasks import PreparedTask, read_task, score_task
+def run_gptforge(hf_dir: Path, data: Path, n: int, batch_size: int, shots: int = 0, train: Path | None = None):
+    from gptforge.evaluate.tasks import PreparedTask, score_task, task_items
     from gptforge.weights import load_for_text
 
     model, tokenizer, _ = load_for_text(hf_dir)
-    items = read_task("hellaswag", data, n)
+    items = task_items("hellaswag", data, n, shots, {"hellaswag": str(train)} if train else None)
     t0 = time.perf_counter()
     prepared = PreparedTask.build("hellaswag", items, tokenizer, model.cfg.context_length)
     metrics, results = score_task(model, prepared, batch_size, "cpu")
@@ -80,6 +81,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="gptforge's rows (items) per forward")
     p.add_argument("--harness-batch-size", type=int, default=8, help="lm-evaluation-harness's requests per forward")
     p.add_argument("--sweep", default=None, help="comma-separated batch sizes to time for both instead")
+    p.add_argument("--num-fewshot", type=int, default=0, help="examples before each item, drawn from a synthesised "
+                                                              "train split as the harness draws them")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -93,18 +96,23 @@ def main() -> None:
     if data is None:
         data = tmp / "hellaswag_synthetic.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in synthesise(args.items)))
+    train = None
+    if args.num_fewshot:
+        train = tmp / "hellaswag_train_synthetic.jsonl"
+        train.write_text("".join(json.dumps(r) + "\n" for r in synthesise(200, seed=1)))
     torch.manual_seed(0)
     hf_dir = to_hf(GPT(GPTConfig(**{**PRESETS["gpt2-small"], "n_layers": args.layers})).eval(), tmp / "hf")
     print(f"model: GPT-2 124M shape ({args.layers} layers), random weights; {args.items} items "
-          f"({'synthesised' if args.data is None else data}); {torch.get_num_threads()} threads", flush=True)
+          f"({'synthesised' if args.data is None else data}), {args.num_fewshot}-shot; {torch.get_num_threads()} "
+          "threads", flush=True)
     if args.sweep:
         for bs in (int(b) for b in args.sweep.split(",")):
-            ours = run_gptforge(hf_dir, data, args.items, bs)
+            ours = run_gptforge(hf_dir, data, args.items, bs, args.num_fewshot, train)
             theirs = run_harness(hf_dir, ours[3], bs)
             print(f"batch {bs:3d}: gptforge {args.items / ours[0]:.2f} items/s, harness "
                   f"{args.items / theirs[0]:.2f} items/s", flush=True)
         return
-    seconds, metrics, results, items = run_gptforge(hf_dir, data, args.items, args.batch_size)
+    seconds, metrics, results, items = run_gptforge(hf_dir, data, args.items, args.batch_size, args.num_fewshot, train)
     print(f"gptforge: {seconds:.1f} s, {len(items) / seconds:.2f} items/s, {metrics}", flush=True)
     h_seconds, h_metrics, h_results = run_harness(hf_dir, items, args.harness_batch_size)
     print(f"lm-evaluation-harness: {h_seconds:.1f} s, {len(items) / h_seconds:.2f} items/s, {h_metrics}", flush=True)
@@ -113,6 +121,7 @@ def main() -> None:
     print(f"speed-up {h_seconds / seconds:.2f}x; largest log-likelihood difference {diff:.2e}; "
           f"acc/acc_norm {'identical' if same else 'DIFFER'}")
     print(json.dumps({"items": len(items), "synthetic": args.data is None, "layers": args.layers,
+                      "num_fewshot": args.num_fewshot,
                       "gptforge_seconds": round(seconds, 2), "harness_seconds": round(h_seconds, 2),
                       "gptforge_items_per_s": round(len(items) / seconds, 3),
                       "harness_items_per_s": round(len(items) / h_seconds, 3),
