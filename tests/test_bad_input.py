@@ -178,7 +178,7 @@ CASES = [
      "train data.txt --out notes/new --init-from mm.pth --tokenizer gpt2",
      "fewer than --tokenizer gpt2 has (50,257)", 1),
     ("tokenizer-min-frequency-negative", "tokenizer train data.txt --vocab-size 300 --out notes/tok --min-frequency -3",
-     "--min-frequency -3: must be 0 or more", 1),
+     "--min-frequency must be at least 0, got -3", 1),
 ]
 
 

@@ -89,6 +89,26 @@ def test_llama_family_two_processes_equal_one(single, parallel):
     assert_same_losses(one, run, tol=1e-5)
 
 
+MOE = [*LLAMA, "--n-experts", "4", "--experts-per-token", "2", "--moe-intermediate-size", "32", "--router-balance",
+       "bias", "--router-bias-speed", "0.01"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_mixture_of_experts_two_processes_equal_one(single, parallel):
+    """Sorted dispatch under DDP and FSDP2 (every expert gets a gradient on every rank), the step's expert load
+    summed over ranks, and the routing biases moved by it alike on every rank: 2 gloo processes = 1 process.
+    (--router-balance bias: minimind's aux loss is computed per micro-batch, so other micro-batches change it.)"""
+    d, text = single
+    one = d / "moe-single"
+    if not one.exists():
+        gptforge(text, "--out", one, "--batch-size", "4", *MOE)
+    run = d / f"moe-{parallel}"
+    gptforge(text, "--out", run, "--batch-size", "2", "--nproc", "2", "--parallel", parallel, *MOE)
+    assert_same_losses(one, run, tol=1e-5)
+    assert [r["expert_load"] for r in records(one, "train")] == [r["expert_load"] for r in records(run, "train")]
+    assert_resumes_exactly(run, d / f"moe-{parallel}-cut")
+
+
 MUON = ["--optimizer", "muon", "--weight-decay-on", "all", "--schedule", "wsd", *COMMON]
 
 

@@ -6,12 +6,12 @@ architecture (llama-model.cpp: token_embd {n_embd, n_vocab}, attn_qkv {n_embd, 3
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from clirun import run
+from minimind_like import tokenizer_dir
 
 from gptforge.models.gpt2 import GPT, GPTConfig
 from gptforge.models.layers import apply_rotary, rotary_tables
@@ -22,7 +22,7 @@ from gptforge.weights.llama import interleave_rotary
 
 gguf = pytest.importorskip("gguf")
 
-MINIMIND = Path(__file__).parent / "data" / "minimind" / "tokenizer.json"
+MINIMIND = tokenizer_dir() / "tokenizer.json"  # minimind_like.py
 
 
 def gpt2_model(**kw):
@@ -192,3 +192,23 @@ def test_cli_convert_to_gguf(tmp_path, capsys):
     f, t = read(tmp_path / "m.gguf")
     assert f["general.architecture"] == "qwen3" and f["general.file_type"] == 1 and f["general.name"] == "ckpt"
     assert_tensor(t, "blk.0.ffn_up.weight", [32, 64], model.layers[0].mlp.up_proj.weight, atol=1e-3)
+
+
+def test_mixture_of_experts_as_qwen3moe(tmp_path):
+    """llama.cpp's qwen3moe (convert_hf_to_gguf.py's Qwen3MoeModel): the router as ffn_gate_inp {n_embd, n_expert},
+    each layer's experts stacked: ffn_gate_exps / ffn_up_exps {n_embd, n_ff_exp, n_expert}, ffn_down_exps
+    {n_ff_exp, n_embd, n_expert}; the expert counts and width in the metadata."""
+    model = llama_model(qk_norm=True, n_experts=4, experts_per_token=2, moe_intermediate_size=48)
+    f, t = read(to_gguf(model, tmp_path / "m.gguf", get_tokenizer(str(MINIMIND))))
+    assert f["general.architecture"] == "qwen3moe"
+    assert (f["qwen3moe.expert_count"], f["qwen3moe.expert_used_count"]) == (4, 2)
+    assert f["qwen3moe.expert_feed_forward_length"] == 48
+    moe = model.layers[1].mlp
+    assert_tensor(t, "blk.1.ffn_gate_inp.weight", [32, 4], moe.gate.weight)
+    assert_tensor(t, "blk.1.ffn_gate_exps.weight", [32, 48, 4], torch.stack([e.gate_proj.weight for e in moe.experts]))
+    assert_tensor(t, "blk.1.ffn_up_exps.weight", [32, 48, 4], torch.stack([e.up_proj.weight for e in moe.experts]))
+    assert_tensor(t, "blk.1.ffn_down_exps.weight", [48, 32, 4], torch.stack([e.down_proj.weight for e in moe.experts]))
+    assert not any(".ffn_gate.weight" in name or "experts" in name for name in t)
+    with pytest.raises(WeightsError, match="norm_topk_prob false: llama.cpp's qwen3moe always renormalises"):
+        to_gguf(llama_model(qk_norm=True, n_experts=2, norm_topk_prob=False), tmp_path / "n.gguf",
+                get_tokenizer(str(MINIMIND)))

@@ -5,7 +5,7 @@ decoding with llama.cpp's cache gives gptforge's tokens, for a tiny GPT-2 with G
 llama / qwen2 / qwen3 models with a byte-level BPE trained in the test.
 
 llama-cpp-python has no wheel for this machine and builds from its source distribution in about ten minutes
-on two cores (README, "Running a model in llama.cpp"); the tests are skipped where it is not installed, and
+on two cores (docs/weights.md, `convert --to gguf`); the tests are skipped where it is not installed, and
 marked slow, as the build is, so CI does not pay for it. Tested with llama-cpp-python 0.3.36.
 """
 
@@ -93,3 +93,14 @@ def test_llama_family_runs_in_llama_cpp(tmp_path, kind):
                       tie_weights=kind != "llama")
     check_against_llama_cpp(tmp_path, spread(Llama(cfg), 0.05), tokenizer)
 
+
+
+def test_mixture_of_experts_runs_in_llama_cpp_as_qwen3moe(tmp_path):
+    """Not yet run here (no llama-cpp-python on the machine it was written on): the qwen3moe layout of
+    tests/test_gguf.py, run in llama.cpp."""
+    tokenizer = train_bpe([TEXT * 20], 320)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tokenizer.vocab_size, context_length=96, emb_dim=64, n_heads=4, n_kv_heads=2,
+                      n_layers=2, intermediate_size=128, qk_norm=True, n_experts=4, experts_per_token=2,
+                      moe_intermediate_size=64)
+    check_against_llama_cpp(tmp_path, spread(Llama(cfg), 0.05), tokenizer)

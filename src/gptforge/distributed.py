@@ -192,14 +192,17 @@ def _load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """What a sharded checkpoint holds, as this rank has it: the model's parameters (FSDP2: DTensor shards; the
-    raw parameters, so a padded vocabulary keeps its rows and a tied head is one tensor) and the optimizer's
-    state keyed by parameter name (its moments sharded as the parameters are)."""
+    raw parameters, so a padded vocabulary keeps its rows and a tied head is one tensor) and persistent buffers
+    (a mixture of experts' routing biases), and the optimizer's state keyed by parameter name (its moments sharded
+    as the parameters are)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     core = unwrap(model)
     if _is_fsdp(model):  # FSDP2 keeps the root's parameters unsharded after a forward without backward (evaluation)
         core.reshard()
-    return {"model": dict(core.named_parameters()),
+    buffers = {f"{name}.{b}" if name else b: t for name, m in core.named_modules() for b, t in m._buffers.items()
+               if t is not None and b not in m._non_persistent_buffers_set}
+    return {"model": {**dict(core.named_parameters()), **buffers},
             "optimizer": get_optimizer_state_dict(core, _parts(optimizer), options=StateDictOptions())}
 
 

@@ -100,7 +100,7 @@ TASKS = {t.name: t for t in (
     Task("choice", choice_item, "your JSON Lines: {\"context\", \"choices\": [...], \"label\": i} (multiple "
          "choice), {\"context\", \"continuation\"} (cloze) or {\"contexts\": [...], \"continuation\", \"label\": i} "
          "(schema); optional \"delimiter\" (default \" \")",
-         "write it yourself (README: 'Downstream tasks')", exclude=True),
+         "write it yourself (docs/eval.md: 'Downstream tasks')", exclude=True),
 )}
 
 

@@ -220,6 +220,21 @@ def task_figures(runs: list[Run]) -> list[str]:
                     "Downstream tasks: perplexity against steps")]
 
 
+def expert_figures(runs: list[Run]) -> list[str]:
+    """A mixture of experts' routing (none for dense runs): each layer's busiest expert's share of the routed slots
+    (1 / experts when balanced), and the load-balancing loss."""
+    layers = max((len(r["expert_load"]) for run in runs for r in run.trains if "expert_load" in r), default=0)
+    if not layers:
+        return []
+    busiest = [Run(run.name, run.path, [{**r, **{f"busiest/{i}": max(row) for i, row in enumerate(r["expert_load"])}}
+                                        for r in run.trains if "expert_load" in r], run.config) for run in runs]
+    series = [("train", f"busiest/{i}", f"layer {i}") for i in range(layers)]
+    return [_figure(plot(busiest, series, "step", "busiest expert's share"),
+                    "Mixture of experts: each layer's busiest expert's share of the routed tokens (expert_load)"),
+            _figure(plot(runs, [("train", "aux_loss", "aux")], "step", "load-balancing loss"),
+                    "Mixture of experts: the load-balancing loss added to the training loss (aux_loss)")]
+
+
 def config_table(runs: list[Run]) -> str:
     """Every config key as a row, one column per run; rows whose values differ get class "diff"."""
     keys = sorted({k for run in runs for k in run.config})
@@ -258,6 +273,7 @@ def render(runs: list[Run]) -> str:
         _figure(plot(runs, [("train", "grad_norm", "grad norm")], "step", "grad norm", log_y=True),
                 "Gradient norm before clipping"),
         *task_figures(runs),
+        *expert_figures(runs),
     ]
     names = ", ".join(html.escape(r.name) for r in runs)
     samples = "".join(f"<h3>{html.escape(r.name)}</h3>{samples_table(r)}" for r in runs)

@@ -26,6 +26,7 @@ from ..runs.trackers import check_loggers, open_trackers
 from ..tokenizer import Tokenizer
 from .best import Verdict, diverging
 from .config import RunConfig, TrainConfig
+from .experts import CollapseWatch
 from .optim import check_optimizer, describe_optimizer, set_lr
 from .plan import plan_steps
 from .state import (
@@ -48,7 +49,11 @@ def describe_model(model: torch.nn.Module) -> str:
     arch = spec_for(model.cfg).arch
     positions = (f"; {model.num_params(non_embedding=True) / 1e6:.2f}M without position embeddings"
                  if spec_for(model.cfg).learned_positions else "")
-    return f"model: {arch}, {n / 1e6:.2f}M parameters ({head}{positions}), {n * 4 / 1e6:.1f} MB in fp32"
+    experts = ""
+    if getattr(model.cfg, "n_experts", 0):  # a mixture of experts: what one token runs through
+        experts = (f"; {model.num_params(active=True) / 1e6:.2f}M active, {model.cfg.experts_per_token} of "
+                   f"{model.cfg.n_experts} experts per token")
+    return f"model: {arch}, {n / 1e6:.2f}M parameters ({head}{positions}{experts}), {n * 4 / 1e6:.1f} MB in fp32"
 
 
 @dataclass
@@ -72,6 +77,7 @@ class Evaluator:
     token_bytes: np.ndarray | None = None
     tasks: list[PreparedTask] = field(default_factory=list)
     suite: list[PreparedCore] = field(default_factory=list)
+    routing: CollapseWatch = field(default_factory=CollapseWatch)  # a mixture of experts' collapsed router
 
     def __call__(self, model: torch.nn.Module, state: RunState) -> dict:
         t, step = self.cfg.train, state.step
@@ -102,6 +108,8 @@ class Evaluator:
             record["sample"] = t.sample_prompt + text
             self.progress.write(f"  sample: {record['sample']!r}")
         self.metrics.log(**record)
+        if (collapsed := self.routing.observe(self.metrics.records)) is not None:
+            self.progress.write(collapsed)
         if dist.is_main():
             self.trackers.log(self.metrics.records[-1])
             plot_losses(self.metrics.records, self.run_dir / "loss.png")
@@ -127,7 +135,7 @@ def log_step(result: StepResult, state: RunState, lr: float, tok_s: float, mfu: 
     elif state.step % t.log_every == 0:
         metrics.log(event="train", step=state.step, tokens=state.tokens, lr=lr, train_loss=result.loss,
                     grad_norm=result.grad_norm, tokens_per_s=round(tok_s, 1),
-                    mfu=round(mfu, 4) if mfu is not None else None)
+                    mfu=round(mfu, 4) if mfu is not None else None, **result.experts)
         trackers.log(metrics.records[-1])
 
 
@@ -181,9 +189,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
     torch.manual_seed(t.seed)
     check_loggers(t.logger)
     check_optimizer(t.optimizer)
-    tasks = prepare_tasks(t.eval_task, t.eval_task_limit, tokenizer, cfg.model.context_length)  # bad files: now
-    suite = [] if t.eval_suite is None else prepare_core(t.eval_suite[5:], t.eval_task_limit, tokenizer,
-                                                         cfg.model.context_length)
+    tasks, suite = prepare_downstream(cfg, tokenizer)  # bad files: now
     data = build_data(cfg, tokenizer)
     if t.minutes is not None and not resume:  # --minutes: max_steps from the run's own timed steps
         plan_steps(cfg, data, device, log)
@@ -212,7 +218,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
     progress = Progress(schedule.total_steps, state.step, enabled=t.progress and main, quiet=not main,
                         flops_per_token=fpt, peak_flops=peak)
     evaluator = Evaluator(cfg, tokenizer, data, schedule, metrics, trackers, progress, run_dir, device,
-                          byte_table(tokenizer, warn), tasks, suite)
+                          byte_table(tokenizer, warn), tasks, suite,
+                          CollapseWatch(getattr(cfg.model, "experts_per_token", 1)))
 
     last_eval = evaluator(model, state) if state.step == 0 else {}
     save_every, best = t.save_every or t.eval_every, checkpointer.best
@@ -261,6 +268,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
                 best=best.record() if best.step is not None else None,
                 tokens_per_s=(state.tokens - start_tokens) / max(train_seconds, 1e-9),
                 median_step_seconds=statistics.median(step_seconds) if step_seconds else None)
+
+
+def prepare_downstream(cfg: RunConfig, tokenizer) -> tuple[list[PreparedTask], list[PreparedCore]]:
+    """--eval-task's tasks and --eval-suite's CORE tasks, read and encoded once before the first step."""
+    t = cfg.train
+    tasks = prepare_tasks(t.eval_task, t.eval_task_limit, tokenizer, cfg.model.context_length)
+    suite = [] if t.eval_suite is None else prepare_core(t.eval_suite[5:], t.eval_task_limit, tokenizer,
+                                                         cfg.model.context_length)
+    return tasks, suite
 
 
 def _toml_bytes(cfg: RunConfig) -> bytes:

@@ -12,6 +12,7 @@ import torch
 from .. import distributed as dist
 from ..config import ConfigError
 from ..models import spec_for
+from ..models.moe import Router
 from ..runs.metrics import human
 
 OPTIMIZERS = ("adamw", "muon")
@@ -50,10 +51,11 @@ def make_optimizer(
 
 def hidden_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Muon's parameters: the 2-D weights inside the transformer blocks (attention, GPT-2's fused c_attn
-    as one matrix, MLP); not the embeddings, the head (tied or not), norms or biases."""
+    as one matrix, MLP, each expert's three matrices); not the embeddings, the head (tied or not), norms, biases
+    or a mixture of experts' router."""
     core = dist.unwrap(model)
-    return [p for block in spec_for(core.cfg).blocks(core) for p in block.parameters()
-            if p.dim() == 2 and p.requires_grad]
+    return [p for block in spec_for(core.cfg).blocks(core) for m in block.modules() if not isinstance(m, Router)
+            for p in m.parameters(recurse=False) if p.dim() == 2 and p.requires_grad]
 
 
 def check_optimizer(name: str) -> None:

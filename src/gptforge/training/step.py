@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,7 @@ from ..models import build
 from ..ops import IGNORE_INDEX
 from ..perf import sync
 from .config import TrainConfig
+from .experts import ExpertLoad
 from .optim import build_optimizer
 from .state import RunState, TrainData
 
@@ -162,6 +163,7 @@ class StepResult:
     stop_requested: bool  # on any rank
     save_due: bool  # rank 0's --save-every-minutes clock
     tokens: int  # scored training tokens of the step, all ranks: the global batch, less padding (--packing pad)
+    experts: dict = field(default_factory=dict)  # mixture of experts: aux_loss, expert_load (training/experts.py)
 
 
 def loss_divisors(counts: list[int], grad_accum: int, padded: bool, device: torch.device) -> list[float]:
@@ -178,8 +180,9 @@ def loss_divisors(counts: list[int], grad_accum: int, padded: bool, device: torc
 
 def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, data: TrainData, state: RunState,
                device: torch.device, stop: list, save_due: bool) -> StepResult:
-    """One optimizer step of the whole job: micro-batches, clipping, one all-reduce, the update (if finite)."""
-    loss_sum = 0.0
+    """One optimizer step of the whole job: micro-batches, clipping, one all-reduce, the update (if finite). The
+    loss is the cross-entropy; a mixture of experts' load-balancing loss, trained with it, is logged apart."""
+    loss_sum, experts = 0.0, ExpertLoad.of(model)
     try:
         micro_batches = [state.next_batch(data.batches, device) for _ in range(t.grad_accum)]
         counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]  # y.numel() but for padding
@@ -187,6 +190,8 @@ def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, dat
         for micro, ((x, y), divisor) in enumerate(zip(micro_batches, divisors)):
             with dist.grad_sync(model, sync=micro == t.grad_accum - 1):  # reduce on the last micro-step
                 loss_sum += amp.backward(step_model, x, y, divisor, data.eot_id)
+            if experts is not None:
+                experts.add(divisor)
         faults.point("step-mid")
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
@@ -196,8 +201,9 @@ def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, dat
         ) from None
     grad_norm = amp.clip(model, optimizer, t.grad_clip)
     # one all-reduce: the mean loss over ranks, whether any rank was asked to stop, rank 0's clock, scored tokens
-    loss_total, stop_votes, save_votes, scored_total = dist.all_sum(
-        [loss_sum, float(bool(stop)), float(save_due), float(sum(counts))], device)
+    loss_total, stop_votes, save_votes, scored_total, *routing = dist.all_sum(
+        [loss_sum, float(bool(stop)), float(save_due), float(sum(counts)), *(experts.values() if experts else ())],
+        device)
     loss = loss_total / dist.world_size()
     # fp16: an overflowing gradient is the GradScaler's to skip (it lowers its scale), not an error
     finite = math.isfinite(loss) and (math.isfinite(grad_norm) or amp.scaler.is_enabled())
@@ -207,6 +213,8 @@ def train_step(model, step_model, optimizer, amp: Precision, t: TrainConfig, dat
         raise TrainingError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss}, grad norm "
                             f"{float(grad_norm)}); lower --lr, keep --grad-clip on, or pass --skip-nonfinite")
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, finite, stop_votes > 0, bool(save_votes), round(scored_total))
+    routed = experts.finish(routing, applied=finite) if experts else {}
+    loss -= routed.get("aux_loss", 0.0)  # the cross-entropy, comparable with val_loss
+    return StepResult(loss, grad_norm, finite, stop_votes > 0, bool(save_votes), round(scored_total), routed)
 
 

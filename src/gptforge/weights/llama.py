@@ -31,15 +31,28 @@ from .plan import Source, hf_names, hf_prefix_in, plan_hf
 from .readers import Reader, TorchReader, WeightsError, positive_int, read_json
 
 NAME = "Llama/Qwen"
-HF_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+HF_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+HF_PREFIX = "model."
+HF_TRANSPOSED = ()  # Hugging Face stores Linear weights as we do, (out, in)
 SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers", "intermediate_size",
-              "norm_eps", "rope_theta", "qk_norm", "qkv_bias", "tie_weights")
+              "norm_eps", "rope_theta", "qk_norm", "qkv_bias", "tie_weights", "n_experts", "experts_per_token",
+              "moe_intermediate_size", "norm_topk_prob")
 STATE_DICTS = ("Llama/Qwen/minimind (no model.embed_tokens.weight)",)
-HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "qwen3_moe": "Qwen3MoeForCausalLM"}
 # transformers' defaults for keys a config.json may leave out
 HF_DEFAULTS = {"llama": {"max_position_embeddings": 2048, "head_dim": None},
                "qwen2": {"max_position_embeddings": 32768, "head_dim": None},
-               "qwen3": {"max_position_embeddings": 32768, "head_dim": 128}}
+               "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
+               "qwen3_moe": {"max_position_embeddings": 32768, "head_dim": None, "num_experts": 128,
+                             "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
+                             "router_aux_loss_coef": 0.001}}
+# config.json keys of mixture-of-experts variants gptforge's router and experts do not compute (shared experts,
+# routers other than softmax top-k, expert biases), each with the value that means "not used"
+MOE_REFUSED = {"shared_expert_intermediate_size": 0, "n_shared_experts": 0, "num_shared_experts": 0,
+               "scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+               "routed_scaling_factor": 1.0, "decoder_sparse_step": 1, "mlp_only_layers": [], "mlp_bias": False,
+               "moe_bias": False, "router_bias": False}
 # What a minimind .pth does not store: its model code's rope_theta, and rms_norm_eps of minimind-3
 # (QK-norm, 1e-6) or MiniMind2 (no QK-norm, 1e-5); a length to train at (rotary: it limits nothing).
 MINIMIND_DEFAULTS = {"rope_theta": 1e6, "norm_eps_qk_norm": 1e-6, "norm_eps": 1e-5, "context_length": 512}
@@ -48,9 +61,11 @@ SKIPPED = ("rotary_emb.inv_freq",)  # buffers older transformers saved in pytorc
 
 def describe(cfg: LlamaConfig) -> str:
     """The settings that decide the family's tensor shapes, for errors about tensors that do not fit them."""
+    experts = (f"n_experts {cfg.n_experts}, moe_intermediate_size {cfg.moe_intermediate_size}, "
+               if cfg.n_experts else "")
     return (f"vocab_size {cfg.vocab_size}, emb_dim {cfg.emb_dim}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, "
             f"n_kv_heads {cfg.n_kv_heads}, head_dim {cfg.head_dim}, intermediate_size {cfg.intermediate_size}, "
-            f"qk_norm {cfg.qk_norm}, qkv_bias {cfg.qkv_bias}, tie_weights {cfg.tie_weights}")
+            f"{experts}qk_norm {cfg.qk_norm}, qkv_bias {cfg.qkv_bias}, tie_weights {cfg.tie_weights}")
 
 
 # ----------------------------------------------------------------------------- Hugging Face in
@@ -88,10 +103,20 @@ def _refuse_unsupported(conf: dict, path: Path, model_type: str) -> None:
     if other:
         raise WeightsError(f"{path}: layer_types holds {other[0]!r}; gptforge attends over the whole context "
                            "(full_attention in every layer)")
-    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if conf.get(key):
-            raise WeightsError(f"{path}: {key} is {conf[key]!r}; gptforge's llama family has dense MLPs only "
-                               "(no mixture of experts)")
+    if model_type == "qwen3_moe":
+        for key, none in MOE_REFUSED.items():
+            if conf.get(key, none) not in (none, None):
+                raise WeightsError(f"{path}: {key} is {conf[key]!r}; gptforge's mixture of experts is a softmax "
+                                   "top-k router over SwiGLU experts in every layer (no shared experts, other "
+                                   "routers, expert biases or dense layers between)")
+        if conf.get("num_experts") and conf.get("num_local_experts") not in (None, conf["num_experts"]):
+            raise WeightsError(f"{path}: num_experts {conf['num_experts']} and num_local_experts "
+                               f"{conf['num_local_experts']} differ")
+    else:
+        for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+            if conf.get(key):
+                raise WeightsError(f"{path}: {key} is {conf[key]!r}, but model_type {model_type!r} has dense MLPs "
+                                   "(a mixture of experts loads as qwen3_moe)")
     if conf.get("mlp_bias"):
         raise WeightsError(f"{path}: mlp_bias is true; gptforge's llama family has no MLP biases")
     if model_type != "qwen2" and conf.get("attention_bias"):
@@ -116,10 +141,25 @@ def config_from_hf(conf: dict, path: Path) -> LlamaConfig:
             n_layers=positive_int(conf, "num_hidden_layers", path),
             intermediate_size=positive_int(conf, "intermediate_size", path),
             norm_eps=float(conf.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(conf, path),
-            qk_norm=model_type == "qwen3", qkv_bias=model_type == "qwen2",
-            tie_weights=bool(conf.get("tie_word_embeddings", False)), drop_rate=0.0)
+            qk_norm=model_type in ("qwen3", "qwen3_moe"), qkv_bias=model_type == "qwen2",
+            tie_weights=bool(conf.get("tie_word_embeddings", False)), drop_rate=0.0,
+            **(_experts_from_hf(conf, path) if model_type == "qwen3_moe" else {}))
     except ValueError as e:
         raise WeightsError(f"{path}: {e}") from None
+
+
+def _experts_from_hf(conf: dict, path: Path) -> dict:
+    """The mixture-of-experts settings of a qwen3_moe config.json (num_experts, or transformers 5's
+    num_local_experts), transformers' defaults where it says nothing."""
+    d = {**HF_DEFAULTS["qwen3_moe"], **{k: v for k, v in conf.items() if v is not None}}
+    experts = "num_local_experts" if "num_local_experts" in conf and "num_experts" not in conf else "num_experts"
+    coef = d["router_aux_loss_coef"]
+    if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not isinstance(d["norm_topk_prob"], bool):
+        raise WeightsError(f"{path}: router_aux_loss_coef must be a number and norm_topk_prob true or false")
+    return dict(n_experts=positive_int(d, experts, path),
+                experts_per_token=positive_int(d, "num_experts_per_tok", path),
+                moe_intermediate_size=positive_int(d, "moe_intermediate_size", path),
+                norm_topk_prob=d["norm_topk_prob"], router_aux_loss_coef=float(coef))
 
 
 def _saved_config(cfg: LlamaConfig, reader: Reader) -> LlamaConfig:
@@ -185,6 +225,16 @@ def _heads(path: Path, shapes: dict, prefix: str, n_heads: int | None) -> tuple[
     return q_rows // head_dim, k_rows // head_dim, head_dim
 
 
+def _minimind_experts(shapes: dict, layer0: str) -> dict:
+    """minimind's MoE (use_moe): the number of experts and their width from layer 0's tensors; what no tensor says
+    (top-1, renormalised, the loss coefficient) from its MiniMindConfig's defaults. {} for a dense model."""
+    n = len({k for k in shapes if re.fullmatch(re.escape(layer0) + r"mlp\.experts\.\d+\.gate_proj\.weight", k)})
+    if not n:
+        return {}
+    return dict(n_experts=n, moe_intermediate_size=shapes[layer0 + "mlp.experts.0.gate_proj.weight"][0],
+                experts_per_token=1, norm_topk_prob=True, router_aux_loss_coef=5e-4)
+
+
 def _tied(reader: TorchReader, prefix: str) -> bool:
     """Tied when the state dict has no head, or one equal to the embedding (minimind saves both)."""
     if "lm_head.weight" not in reader.shapes:
@@ -199,12 +249,10 @@ def open_state_dict(path: Path, reader: TorchReader, n_heads: int | None) -> Sou
     prefix = "model." if "model.embed_tokens.weight" in shapes else ""
     if prefix + "embed_tokens.weight" not in shapes or _has_hf_config(path):
         return None
-    moe = next((k for k in sorted(shapes) if ".mlp.experts." in k or k.endswith(".mlp.gate.weight")), None)
-    if moe:
-        raise WeightsError(f"{path}: tensor {moe!r} belongs to a mixture-of-experts layer (minimind's MoE models); "
-                           "gptforge's llama family has dense MLPs only")
     layer0 = prefix + "layers.0."
-    for name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.gate_proj.weight"):
+    experts = _minimind_experts(shapes, layer0)
+    mlp = "mlp.experts.0.gate_proj.weight" if experts else "mlp.gate_proj.weight"
+    for name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", mlp):
         if layer0 + name not in shapes:
             raise WeightsError(f"{path}: tensor {layer0 + name!r} is missing: a partial Llama/minimind state dict")
     vocab, emb = shapes[prefix + "embed_tokens.weight"]
@@ -216,10 +264,10 @@ def open_state_dict(path: Path, reader: TorchReader, n_heads: int | None) -> Sou
     try:
         cfg = LlamaConfig(vocab_size=vocab, context_length=d["context_length"], emb_dim=emb, n_heads=heads,
                           n_kv_heads=kv_heads, head_dim=head_dim, n_layers=max(layers) + 1,
-                          intermediate_size=shapes[layer0 + "mlp.gate_proj.weight"][0],
+                          intermediate_size=shapes[layer0 + mlp][0],
                           norm_eps=d["norm_eps_qk_norm"] if qk_norm else d["norm_eps"], rope_theta=d["rope_theta"],
                           qk_norm=qk_norm, qkv_bias=layer0 + "self_attn.q_proj.bias" in shapes, tie_weights=tied,
-                          drop_rate=0.0)
+                          drop_rate=0.0, **experts)
     except ValueError as e:
         raise WeightsError(f"{path}: {e}") from None
     ignored = {k for k in shapes if k.endswith(SKIPPED)} | ({"lm_head.weight"} if tied else set())
@@ -235,6 +283,14 @@ def _hf_kind(cfg: LlamaConfig) -> str:
     if cfg.qk_norm and cfg.qkv_bias:
         raise WeightsError("a model with both qk_norm and qkv_bias has no transformers class (Qwen3's attention_bias "
                            "puts a bias on o_proj too); convert it --to gptforge instead")
+    if cfg.n_experts and not cfg.qk_norm:
+        raise WeightsError("a mixture of experts exports as Qwen3MoeForCausalLM, which has QK-norm; this model has "
+                           "none (qk_norm false): convert it --to gptforge instead")
+    if cfg.n_experts and cfg.router_balance == "bias":
+        raise WeightsError("router_balance bias: the routing bias (expert_bias) changes which experts a token goes "
+                           "to, and Qwen3MoeForCausalLM has none; convert it --to gptforge instead")
+    if cfg.n_experts:
+        return "qwen3_moe"
     return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
 
 
@@ -256,8 +312,13 @@ def hf_config(cfg: LlamaConfig) -> dict:
     else:
         conf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
                     layer_types=["full_attention"] * cfg.n_layers)
-        if kind == "qwen3":
+        if kind in ("qwen3", "qwen3_moe"):
             conf["attention_bias"] = False
+    if kind == "qwen3_moe":
+        conf.update(num_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+                    moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                    router_aux_loss_coef=cfg.router_aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[],
+                    output_router_logits=False)
     return conf
 
 
@@ -274,12 +335,17 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
               "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
-              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # layers.i.X -> blk.i.Y, as convert_hf_to_gguf.py
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "mlp.gate": "ffn_gate_inp"}  # layers.i.X -> blk.i.Y, as convert_hf_to_gguf.py
 
 
 def gguf_arch(cfg: LlamaConfig) -> str:
-    """llama.cpp's architecture: the transformers class's (qwen3 with QK-norm, qwen2 with a q/k/v bias, else llama)."""
-    return _hf_kind(cfg)
+    """llama.cpp's architecture: the transformers class's (qwen3 with QK-norm, qwen2 with a q/k/v bias, else llama;
+    qwen3moe with experts, whose top-k weights llama.cpp always renormalises)."""
+    if cfg.n_experts and not cfg.norm_topk_prob:
+        raise WeightsError("norm_topk_prob false: llama.cpp's qwen3moe always renormalises the chosen experts' "
+                           "weights; convert it --to hf or --to gptforge instead")
+    return _hf_kind(cfg).replace("_", "")  # qwen3_moe -> qwen3moe
 
 
 def gguf_params(writer, cfg: LlamaConfig) -> None:
@@ -295,6 +361,10 @@ def gguf_params(writer, cfg: LlamaConfig) -> None:
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
+    if cfg.n_experts:
+        writer.add_expert_count(cfg.n_experts)
+        writer.add_expert_used_count(cfg.experts_per_token)
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
 
 
 def interleave_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -312,12 +382,20 @@ def gguf_tensors(model: nn.Module):
     yield "token_embd.weight", model.embed_tokens.weight[: cfg.vocab_size]  # padding (pad_vocab) cut off
     for i in range(cfg.n_layers):
         for name, t in model.layers[i].state_dict().items():
+            if ".experts." in name:  # stacked per layer below, as the converter does
+                continue
             module, kind = name.rsplit(".", 1)
             if arch == "llama" and module == "self_attn.q_proj":
                 t = interleave_rotary(t, cfg.n_heads)
             elif arch == "llama" and module == "self_attn.k_proj":
                 t = interleave_rotary(t, cfg.n_kv_heads)
             yield f"blk.{i}.{GGUF_NAMES[module]}.{kind}", t
+        if cfg.n_experts:
+            experts = model.layers[i].mlp.experts
+            for ours, theirs in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"),
+                                 ("down_proj", "ffn_down_exps")):
+                stacked = torch.stack([getattr(e, ours).weight for e in experts])  # (E, out, in)
+                yield f"blk.{i}.{theirs}.weight", stacked
     yield "output_norm.weight", model.norm.weight
     if not cfg.tie_weights:
         yield "output.weight", model.lm_head.weight[: cfg.vocab_size]
