@@ -113,7 +113,8 @@ def get_task(name: str) -> Task:
 def describe_task(name: str) -> str:
     """Where a task's data is expected and how to get it (`gptforge eval SOURCE --task NAME` alone)."""
     task = get_task(name)
-    return f"{task.name}: expects {task.expects}\n  {task.get}\n  then: --task {task.name} FILE"
+    what = "DIR" if name in LAYOUTS else "FILE"
+    return f"{task.name}: expects {task.expects}\n  {task.get}\n  then: --task {task.name} {what}"
 
 
 def _labels_file(path: Path) -> list[str] | None:
