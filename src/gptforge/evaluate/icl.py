@@ -156,10 +156,10 @@ class IclTask:
                             f"items, the file has {len(items)}")
         bos, rows, counts = bos_id(tokenizer), [], []
         for i, (item, where) in enumerate(zip(items, wheres)):
-            examples = []
-            if num_fewshot:
-                others = [j for j in range(len(items)) if j != i]
-                examples = [items[j] for j in random.Random(FEWSHOT_SEED + i).sample(others, num_fewshot)]
+            # sample() picks positions by the population's length alone: positions among the other items (j
+            # skips i) give nanochat's draw from the list of other indices without building that list per item
+            picks = random.Random(FEWSHOT_SEED + i).sample(range(len(items) - 1), num_fewshot) if num_fewshot else []
+            examples = [items[j + (j >= i)] for j in picks]
             tokens, starts = encode(kind, render(kind, item, delimiter, examples), tokenizer, bos, where)
             tokens, starts, was_cut = cut(tokens, starts, max_length, where)
             rows += item_rows(i, tokens, starts, was_cut)
