@@ -11,10 +11,10 @@ Few-shot examples of item i: `random.Random(1234 + i).sample(the other items, k)
 but with its gold answer, then a blank line, before the item. Every prompt is tokenized with the BOS token
 prepended and, when longer than the model's context, cut from the left.
 
-A cost nanochat does not pay attention to: the prompts of an item share their few-shot examples and their
-beginning, so when none is cut they become one `Row` (loglikelihood.py): the common prefix once, each prompt's
-rest a branch seeing it, a schema option's own tokens before the shared suffix inputs that are not scored.
-Rows of many items share a batch.
+What differs from nanochat is the cost, not the numbers: the prompts of an item share their few-shot examples
+and their beginning, so when none is cut they become one `Row` (loglikelihood.py): the common prefix once, each
+prompt's rest a branch that sees it, a schema option's own tokens before the shared suffix as inputs that are not
+scored; only scored tokens reach the LM head, and rows of many items share a batch.
 """
 
 from __future__ import annotations
