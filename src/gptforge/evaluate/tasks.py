@@ -98,10 +98,10 @@ TASKS = {t.name: t for t in (
          "(same zip)", exclude=True, labels=True),
     Task("squad", squad_item, "SQuAD's dev-v2.0.json (11,873 questions: data[].paragraphs[].{context, qas[].{"
          "question, answers[].text}}; dev-v1.1.json works too)", "get it from https://rajpurkar.github.io/SQuAD-explorer/",
-         records=squad_records),
+         records=squad_records, exclude=True),
     Task("coqa", coqa_item, "CoQA's coqa-dev-v1.0.json (500 stories: data[].{story, questions[].input_text, "
          "answers[].input_text}; the last turn of each is predicted)", "get it from https://stanfordnlp.github.io/coqa/",
-         records=coqa_records),
+         records=coqa_records, exclude=True),
     Task("ceval", None, "C-Eval's directory (ceval-exam.zip unzipped: val/SUBJECT_val.csv and dev/SUBJECT_dev.csv, "
          "52 subjects, 1,346 val questions: id, question, A, B, C, D, answer)", "get ceval-exam.zip from "
          "https://huggingface.co/datasets/ceval/ceval-exam and unzip it"),
