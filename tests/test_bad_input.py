@@ -92,6 +92,8 @@ CASES = [
      "--fewshot-file 'lambada=data.txt' must be NAME=FILE with NAME one of hellaswag, arc-easy", 1),
     ("eval-suite-no-bundle", "eval gpt2 --suite core nope",
      "nope: no such directory; --suite core expects the DCLM eval bundle: core.yaml, eval_meta_data.csv", 1),
+    ("eval-num-fewshot-without-task", "eval gpt2 --suite core a --num-fewshot 2",
+     "--num-fewshot and --fewshot-file are for --task (a --suite's tasks give their own shots)", 1),
     ("eval-suite-two-dirs", "eval gpt2 --suite core a b", "--suite core takes one DATA, the eval bundle directory", 1),
     ("train-eval-suite-not-core", "train --eval-suite mmlu=x", "--eval-suite 'mmlu=x' must be core=DIR", 1),
     ("train-eval-task-no-file", "train --eval-task hellaswag", "--eval-task 'hellaswag' must be NAME=FILE", 1),

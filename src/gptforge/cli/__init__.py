@@ -169,6 +169,8 @@ def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], suite: 
     """
 
     values = given(flags)
+    if not tasks and {"num_fewshot", "fewshot_file"} & set(values):
+        raise ConfigError("--num-fewshot and --fewshot-file are for --task (a --suite's tasks give their own shots)")
     if suite:
         if tasks or len(data) != 1:
             raise ConfigError("--suite core takes one DATA, the eval bundle directory (core.yaml, "

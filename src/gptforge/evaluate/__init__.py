@@ -44,8 +44,9 @@ class EvalConfig:
     num_fewshot: int = opt(0, "--task: examples before each item, drawn and laid out as lm-evaluation-harness does.",
                            low=0)
     fewshot_file: list[str] = field(default_factory=list, metadata={
-        "help": "--num-fewshot: a task's train split to draw examples from, NAME=FILE (repeatable; hellaswag, "
-                "arc-easy, arc-challenge and piqa draw from theirs, the others from the evaluated file).",
+        "help": "--num-fewshot: a task's train split to draw examples from, NAME=FILE (repeatable; "
+                f"{', '.join(n for n, t in TASKS.items() if t.train)} draw from theirs, ceval and cmmlu from their "
+                "dev/ files, the others from the evaluated file).",
         "metavar": "NAME=FILE"})
     document_mask: bool = opt(False, "Score each end-of-text-separated document of a window on its own "
                                      "(as train --document-mask trains).")

@@ -28,8 +28,8 @@ def draw(rnd: random.Random, pool: Sequence, n: int, item, exclude: bool) -> lis
     """The harness's ContextSampler.sample: n examples; with exclude, n + 1 drawn and the item (every equal
     copy) removed, or, when that leaves fewer than n, n drawn again from the pool without it."""
     if not exclude:
-        return rnd.sample(list(pool), n)
-    picked = [x for x in rnd.sample(list(pool), n + 1) if x != item][:n]
+        return rnd.sample(pool, n)
+    picked = [x for x in rnd.sample(pool, n + 1) if x != item][:n]
     if len(picked) < n:
         picked = rnd.sample([x for x in pool if x != item], n)
     return picked
@@ -51,7 +51,7 @@ def with_fewshot(items: Sequence, pool: Sequence, n: int, task_name: str, exclud
     if n + exclude > len(pool):
         raise DataError(f"{where}: --num-fewshot {n} needs at least {n + exclude} examples to draw from, the "
                         f"few-shot pool has {len(pool)}")
-    rnd = random.Random(seed)
+    rnd, pool = random.Random(seed), list(pool)  # one list, not a copy per item: sample() draws n without copying
     out = []
     for item in items:
         shots = draw(rnd, pool, n, item, exclude)

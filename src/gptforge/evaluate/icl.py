@@ -11,10 +11,10 @@ Few-shot examples of item i: `random.Random(1234 + i).sample(the other items, k)
 but with its gold answer, then a blank line, before the item. Every prompt is tokenized with the BOS token
 prepended and, when longer than the model's context, cut from the left.
 
-A cost nanochat does not pay attention to: the prompts of an item share their few-shot examples and their
-beginning, so when none is cut they become one `Row` (loglikelihood.py): the common prefix once, each prompt's
-rest a branch seeing it, a schema option's own tokens before the shared suffix inputs that are not scored.
-Rows of many items share a batch.
+What differs from nanochat is the cost, not the numbers: the prompts of an item share their few-shot examples
+and their beginning, so when none is cut they become one `Row` (loglikelihood.py): the common prefix once, each
+prompt's rest a branch that sees it, a schema option's own tokens before the shared suffix as inputs that are not
+scored; only scored tokens reach the LM head, and rows of many items share a batch.
 """
 
 from __future__ import annotations
@@ -156,10 +156,10 @@ class IclTask:
                             f"items, the file has {len(items)}")
         bos, rows, counts = bos_id(tokenizer), [], []
         for i, (item, where) in enumerate(zip(items, wheres)):
-            examples = []
-            if num_fewshot:
-                others = [j for j in range(len(items)) if j != i]
-                examples = [items[j] for j in random.Random(FEWSHOT_SEED + i).sample(others, num_fewshot)]
+            # sample() picks positions by the population's length alone: positions among the other items (j
+            # skips i) give nanochat's draw from the list of other indices without building that list per item
+            picks = random.Random(FEWSHOT_SEED + i).sample(range(len(items) - 1), num_fewshot) if num_fewshot else []
+            examples = [items[j + (j >= i)] for j in picks]
             tokens, starts = encode(kind, render(kind, item, delimiter, examples), tokenizer, bos, where)
             tokens, starts, was_cut = cut(tokens, starts, max_length, where)
             rows += item_rows(i, tokens, starts, was_cut)

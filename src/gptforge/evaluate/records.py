@@ -254,3 +254,54 @@ def siqa_item(record: dict, where: str) -> Item:
     if label < 0:
         raise DataError(f"{where}: field 'label' must be 1, 2 or 3, got {record['label']!r}")
     return Item(f"Q: {_field(record, 'context', where)} {_field(record, 'question', where)}\nA:", choices, label)
+
+
+def _list(value, where: str, what: str) -> list:
+    if not isinstance(value, list):
+        raise DataError(f"{where}: {what} must be a list")
+    return value
+
+
+def squad_records(doc, path: str) -> list[tuple[dict, str]]:
+    """SQuAD's dev-v2.0.json (or dev-v1.1.json): data[].paragraphs[].qas[] -> one record per question, in the
+    Hugging Face squad_v2 layout's fields (title, context, question, answers)."""
+    out = []
+    for a, article in enumerate(_list(doc.get("data") if isinstance(doc, dict) else None, path, "field 'data'")):
+        where = f"{path}: data[{a}]"
+        for p, para in enumerate(_list(_field(article, "paragraphs", where, list), where, "paragraphs")):
+            at = f"{where}.paragraphs[{p}]"
+            for q, qa in enumerate(_field(para, "qas", at, list)):
+                answers = [_field(x, "text", f"{at}.qas[{q}].answers") for x in _field(qa, "answers", at, list)]
+                out.append(({"title": _field(article, "title", where), "context": _field(para, "context", at),
+                             "question": _field(qa, "question", f"{at}.qas[{q}]"), "answers": answers},
+                            f"{at}.qas[{q}]"))
+    return out
+
+
+def squad_item(record: dict, where: str) -> Item:
+    """SQuAD as language modelling, with lm-evaluation-harness's squadv2 prompt (Title, Background, Question,
+    Answer:) and target (the first answer, or "unanswerable"): right when greedy decoding gives the answer."""
+    answers = record["answers"]
+    return Item(f"Title: {record['title']}\n\nBackground: {record['context']}\n\nQuestion: {record['question']}"
+                "\n\nAnswer:", [answers[0] if answers else "unanswerable"], 0, cloze=True)
+
+
+def coqa_records(doc, path: str) -> list[tuple[dict, str]]:
+    """CoQA's coqa-dev-v1.0.json: data[] -> one record per story (its questions and answers in order)."""
+    out = []
+    for s, story in enumerate(_list(doc.get("data") if isinstance(doc, dict) else None, path, "field 'data'")):
+        where = f"{path}: data[{s}]"
+        questions = [_field(q, "input_text", f"{where}.questions") for q in _field(story, "questions", where, list)]
+        answers = [_field(a, "input_text", f"{where}.answers") for a in _field(story, "answers", where, list)]
+        if not questions or len(answers) != len(questions):
+            raise DataError(f"{where}: needs as many answers as questions, and at least one")
+        out.append(({"story": _field(story, "story", where), "questions": questions, "answers": answers}, where))
+    return out
+
+
+def coqa_item(record: dict, where: str) -> Item:
+    """CoQA as language modelling, with lm-evaluation-harness's coqa prompt (the story, then each earlier turn
+    as "Q: …\\n\\nA: …", the last question and "A:"); the target is the last turn's answer."""
+    turns = "".join(f"Q: {q}\n\nA: {a}\n\n" for q, a in zip(record["questions"], record["answers"][:-1]))
+    return Item(f"{record['story']}\n\n{turns}Q: {record['questions'][-1]}\n\nA:", [record["answers"][-1]], 0,
+                cloze=True)

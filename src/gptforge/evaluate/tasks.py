@@ -32,11 +32,15 @@ from .records import (
     choice_item,
     commonsenseqa_item,
     copa_item,
+    coqa_item,
+    coqa_records,
     hellaswag_item,
     lambada_item,
     openbookqa_item,
     piqa_item,
     siqa_item,
+    squad_item,
+    squad_records,
     winogrande_item,
     wsc273_item,
 )
@@ -52,6 +56,7 @@ class Task:
     train: str | None = None  # the train split few-shot examples come from; None: the evaluated file
     exclude: bool = False  # the harness leaves the evaluated item out of its examples (fewshot.py)
     labels: bool = False  # the labels may come from NAME-labels.lst beside NAME.jsonl, one per record
+    records: Callable[[object, str], list[tuple[dict, str]]] | None = None  # a JSON document's records; else lines
 
 
 TASKS = {t.name: t for t in (
@@ -91,6 +96,12 @@ TASKS = {t.name: t for t in (
          "dev-labels.lst beside it (one 1-3 per line), or records with a label field", "get it from AI2's "
          "socialiqa-train-dev.zip (https://allenai.org/data/socialiqa)", "train.jsonl with train-labels.lst "
          "(same zip)", exclude=True, labels=True),
+    Task("squad", squad_item, "SQuAD's dev-v2.0.json (11,873 questions: data[].paragraphs[].{context, qas[].{"
+         "question, answers[].text}}; dev-v1.1.json works too)", "get it from https://rajpurkar.github.io/SQuAD-explorer/",
+         records=squad_records, exclude=True),
+    Task("coqa", coqa_item, "CoQA's coqa-dev-v1.0.json (500 stories: data[].{story, questions[].input_text, "
+         "answers[].input_text}; the last turn of each is predicted)", "get it from https://stanfordnlp.github.io/coqa/",
+         records=coqa_records, exclude=True),
     Task("ceval", None, "C-Eval's directory (ceval-exam.zip unzipped: val/SUBJECT_val.csv and dev/SUBJECT_dev.csv, "
          "52 subjects, 1,346 val questions: id, question, A, B, C, D, answer)", "get ceval-exam.zip from "
          "https://huggingface.co/datasets/ceval/ceval-exam and unzip it"),
@@ -113,7 +124,8 @@ def get_task(name: str) -> Task:
 def describe_task(name: str) -> str:
     """Where a task's data is expected and how to get it (`gptforge eval SOURCE --task NAME` alone)."""
     task = get_task(name)
-    return f"{task.name}: expects {task.expects}\n  {task.get}\n  then: --task {task.name} FILE"
+    what = "DIR" if name in LAYOUTS else "FILE"
+    return f"{task.name}: expects {task.expects}\n  {task.get}\n  then: --task {task.name} {what}"
 
 
 def _labels_file(path: Path) -> list[str] | None:
@@ -131,6 +143,25 @@ def read_task(name: str, path: str | Path, limit: int | None = None) -> list[Ite
         return read_subjects(name, path, limit)
     if not path.is_file():
         raise DataError(f"{path}: no such file; task {name} expects {task.expects}; {task.get}")
+    if task.records is not None:  # one JSON document (SQuAD, CoQA), its records flattened
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise DataError(f"{path}: not JSON ({e}); {name} expects {task.expects}") from None
+        items = [task.read(record, where) for record, where in task.records(doc, str(path))[:limit]]
+    else:
+        items = _read_lines(task, path, limit)
+    if not items:
+        raise DataError(f"{path}: no records; task {name} expects {task.expects}")
+    kinds = list(dict.fromkeys(it.kind for it in items))
+    if len(kinds) > 1:
+        raise DataError(f"{path}: mixes {' and '.join(kinds)} records; put each kind in its own file")
+    return items
+
+
+def _read_lines(task: Task, path: Path, limit: int | None) -> list[Item]:
+    """The items of a JSON Lines file (with a -labels.lst beside it for tasks that have one)."""
+    name = task.name
     labels = _labels_file(path) if task.labels else None
     items = []
     with open(path, encoding="utf-8") as f:
@@ -152,11 +183,6 @@ def read_task(name: str, path: str | Path, limit: int | None = None) -> list[Ite
                                     f"({len(labels)}) in {path}")
                 record = {**record, "label": labels[len(items)]}
             items.append(task.read(record, where))
-    if not items:
-        raise DataError(f"{path}: no records; task {name} expects {task.expects}")
-    kinds = list(dict.fromkeys(it.kind for it in items))
-    if len(kinds) > 1:
-        raise DataError(f"{path}: mixes {' and '.join(kinds)} records; put each kind in its own file")
     return items
 
 
