@@ -290,3 +290,12 @@ def write_dense_run(run_dir):
     (run_dir / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1, "tokens": 64, "train_loss": 5.0})
                                            + "\n")
     return run_dir
+
+
+def test_block_params_count_the_active_experts():
+    """What `plan` and `bench quality` size models by: a mixture of experts' active block parameters."""
+    from gptforge.models import block_params
+    dense, moe = tiny_moe(n_experts=0), tiny_moe(n_experts=4, experts_per_token=2)
+    expert = 3 * 32 * moe.cfg.moe_intermediate_size
+    assert moe.cfg.moe_intermediate_size == dense.cfg.intermediate_size  # an expert is the dense MLP's size
+    assert block_params(moe) == block_params(dense) + 2 * (expert + 4 * 32)  # per layer 2 experts, not 1, a router
