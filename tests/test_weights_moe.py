@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from clirun import run
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from gptforge.data import DataConfig
 from gptforge.generate import SampleConfig, generate
@@ -63,6 +63,22 @@ def test_qwen3_moe_loads_with_transformers_logits(tmp_path, overrides, shards):
     assert (cfg.n_experts, cfg.experts_per_token, cfg.moe_intermediate_size) == (4, hf.config.num_experts_per_tok, 48)
     assert cfg.norm_topk_prob == overrides["norm_topk_prob"] and cfg.qk_norm and meta["format"] == "hf"
     assert cfg.router_aux_loss_coef == hf.config.router_aux_loss_coef
+    assert_same_model(model, hf)
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_stacked_experts_as_transformers_state_dict_holds_them(tmp_path, fmt):
+    """transformers 5's model.state_dict() (what torch.save of it, or save_file, writes): each layer's experts in
+    two stacked tensors, mlp.experts.gate_up_proj (E, 2I, C) and mlp.experts.down_proj (E, C, I)."""
+    hf = hf_moe(norm_topk_prob=True)
+    sd = hf.state_dict()
+    assert sd["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 96, 32)
+    hf.config.save_pretrained(tmp_path)
+    if fmt == "bin":
+        torch.save(sd, tmp_path / "pytorch_model.bin")
+    else:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))  # untied head
+    model, _ = load_any(tmp_path)
     assert_same_model(model, hf)
 
 
