@@ -299,3 +299,30 @@ def test_block_params_count_the_active_experts():
     expert = 3 * 32 * moe.cfg.moe_intermediate_size
     assert moe.cfg.moe_intermediate_size == dense.cfg.intermediate_size  # an expert is the dense MLP's size
     assert block_params(moe) == block_params(dense) + 2 * (expert + 4 * 32)  # per layer 2 experts, not 1, a router
+
+
+def test_grad_accumulation_equals_the_whole_batch(text_file, tmp_path):
+    """--router-balance bias: the loss is the cross-entropy alone, and the bias moves by the step's load over
+    all micro-batches, so 2 micro-batches of 2 train as 1 batch of 4. (minimind's aux loss is per micro-batch.)"""
+    runs = {}
+    for name, batch, accum in (("whole", 4, 1), ("accum", 2, 2)):
+        cfg = tiny_moe_run(text_file, "bias", batch_size=batch, grad_accum=accum)
+        cfg.model.drop_rate = 0.0
+        train(cfg, tmp_path / name, log=lambda *_: None)
+        runs[name] = train_records(tmp_path / name)
+    for a, b in zip(runs["whole"], runs["accum"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5) and a["expert_load"] == b["expert_load"]
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_loss_and_gradients():
+    model = tiny_moe(router_aux_loss_coef=0.1).train()
+    x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    params = list(model.parameters())
+    loss = model(x, targets=x)
+    grads = torch.autograd.grad(loss, params)
+    compiled = torch.compile(model)
+    loss2 = compiled(x, targets=x)
+    torch.testing.assert_close(loss2, loss)
+    for g, g2 in zip(grads, torch.autograd.grad(loss2, params)):
+        torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-6)
