@@ -257,6 +257,10 @@ def test_cli_trains_a_mixture_of_experts_and_says_its_active_parameters(text_fil
     assert re.search(r"M parameters \(tied head; [\d.]+M active, 2 of 4 experts per token\)", out), out
     toml = (tmp_path / "run" / "config.toml").read_text()
     assert "n_experts = 4" in toml and 'router_balance = "bias"' in toml and "norm_topk_prob = false" in toml
+    code, out, err = run(["eval", str(tmp_path / "run"), str(text_file), "--max-batches", "1", "--json"], capsys)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["tokens"] > 0, err
+    code, out, err = run(["generate", str(tmp_path / "run"), "--prompt", "The", "--max-new-tokens", "3"], capsys)
+    assert code == 0, err
     code, out, err = run(["train", str(text_file), "--preset", "llama-tiny", "--n-experts", "2",
                           "--experts-per-token", "3", "--out", str(tmp_path / "bad")], capsys)
     assert code != 0 and err.strip().splitlines() == [
