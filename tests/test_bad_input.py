@@ -86,6 +86,14 @@ CASES = [
      "--task needs one FILE after each NAME (or NAME=FILE): 2 task(s) without one, 1 file(s) given", 1),
     ("eval-task-limit-zero", "eval gpt2 --task lambada data.txt --limit 0", "--limit must be at least 1, got 0", 1),
     ("eval-no-data-no-task", "eval gpt2", "give DATA (text files to score) or --task NAME FILE", 1),
+    ("eval-num-fewshot-negative", "eval gpt2 --task lambada data.txt --num-fewshot -1",
+     "--num-fewshot must be at least 0, got -1", 1),
+    ("eval-fewshot-file-no-train-split", "eval gpt2 --task lambada data.txt --fewshot-file lambada=data.txt",
+     "--fewshot-file 'lambada=data.txt' must be NAME=FILE with NAME one of hellaswag, arc-easy", 1),
+    ("eval-suite-no-bundle", "eval gpt2 --suite core nope",
+     "nope: no such directory; --suite core expects the DCLM eval bundle: core.yaml, eval_meta_data.csv", 1),
+    ("eval-suite-two-dirs", "eval gpt2 --suite core a b", "--suite core takes one DATA, the eval bundle directory", 1),
+    ("train-eval-suite-not-core", "train --eval-suite mmlu=x", "--eval-suite 'mmlu=x' must be core=DIR", 1),
     ("train-eval-task-no-file", "train --eval-task hellaswag", "--eval-task 'hellaswag' must be NAME=FILE", 1),
     ("train-eval-task-limit-zero", "train --eval-task-limit 0", "--eval-task-limit must be at least 1", 1),
     ("train-eval-task-file-missing", "train data.txt --out notes/new --eval-task lambada=nope.jsonl",
@@ -170,7 +178,7 @@ CASES = [
      "train data.txt --out notes/new --init-from mm.pth --tokenizer gpt2",
      "fewer than --tokenizer gpt2 has (50,257)", 1),
     ("tokenizer-min-frequency-negative", "tokenizer train data.txt --vocab-size 300 --out notes/tok --min-frequency -3",
-     "--min-frequency -3: must be 0 or more", 1),
+     "--min-frequency must be at least 0, got -3", 1),
 ]
 
 

@@ -1,12 +1,12 @@
 """Bits per byte: the tokenizers' byte tables and evaluate's bpb, each against a computation by hand."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from minimind_like import tokenizer_dir
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models
 
@@ -17,7 +17,7 @@ from gptforge.evaluate import IGNORE, EvalResult, byte_table, evaluate
 from gptforge.models.gpt2 import GPT, GPTConfig
 from gptforge.tokenizer import GPT2Tokenizer, HFTokenizer, train_bpe
 
-MINIMIND = Path(__file__).parent / "data" / "minimind"
+MINIMIND = tokenizer_dir()  # minimind_like.py
 DOCUMENTS = [  # non-ASCII throughout: bytes differ from characters and from tokens
     "The naïve café served crème brûlée — twice. 東京 and Zürich are far apart; ¿por qué? Ça va. "
     "Emoji 🤖 and 日本語のテキスト, Ελληνικά too.",

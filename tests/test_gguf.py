@@ -6,12 +6,12 @@ architecture (llama-model.cpp: token_embd {n_embd, n_vocab}, attn_qkv {n_embd, 3
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from clirun import run
+from minimind_like import tokenizer_dir
 
 from gptforge.models.gpt2 import GPT, GPTConfig
 from gptforge.models.layers import apply_rotary, rotary_tables
@@ -22,7 +22,7 @@ from gptforge.weights.llama import interleave_rotary
 
 gguf = pytest.importorskip("gguf")
 
-MINIMIND = Path(__file__).parent / "data" / "minimind" / "tokenizer.json"
+MINIMIND = tokenizer_dir() / "tokenizer.json"  # minimind_like.py
 
 
 def gpt2_model(**kw):

@@ -5,7 +5,7 @@ decoding with llama.cpp's cache gives gptforge's tokens, for a tiny GPT-2 with G
 llama / qwen2 / qwen3 models with a byte-level BPE trained in the test.
 
 llama-cpp-python has no wheel for this machine and builds from its source distribution in about ten minutes
-on two cores (README, "Running a model in llama.cpp"); the tests are skipped where it is not installed, and
+on two cores (docs/weights.md, `convert --to gguf`); the tests are skipped where it is not installed, and
 marked slow, as the build is, so CI does not pay for it. Tested with llama-cpp-python 0.3.36.
 """
 

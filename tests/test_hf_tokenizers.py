@@ -8,13 +8,14 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from clirun import run
+from minimind_like import tokenizer_dir
+from transformers import AutoTokenizer
 
 from gptforge.config import ConfigError
 from gptforge.generate import SampleConfig, generate
@@ -23,7 +24,7 @@ from gptforge.serve import load_engine
 from gptforge.tokenizer import get_tokenizer, tokenizer_from_metadata, tokenizer_metadata
 from gptforge.weights import FAMILIES, load_for_text, load_model, to_hf
 
-MINIMIND = Path(__file__).parent / "data" / "minimind"  # jingyaogong/minimind d65ef2c, Apache-2.0 (see its README)
+MINIMIND = tokenizer_dir()  # minimind_like.py: a tokenizer with the properties of minimind's, built here
 IM_END, ENDOFTEXT = 2, 0  # minimind's eos (<|im_end|>) and pad (<|endoftext|>)
 DOCS = ["今天我们在河边看到了鳄鱼和麒麟。", "古代传说中有一种猛兽叫饕餮。",
         "Hello world, 深度学习 models learn from data.", "机器学习是人工智能的一个分支。"]
@@ -38,9 +39,12 @@ def test_minimind_tokenizer_takes_eos_and_pad_from_its_config():
     sha = hashlib.sha256((MINIMIND / "tokenizer.json").read_bytes()).hexdigest()[:16]
     assert tok.name == f"hf-{sha}-eos2"
     text = "Hello world! 你好，世界。"
-    assert tok.encode(text) == [1602, 1707, 36, 256, 1968, 294, 1950, 302]  # what transformers' AutoTokenizer gives
+    reference = AutoTokenizer.from_pretrained(str(MINIMIND))
+    assert (reference.eos_token_id, reference.pad_token_id) == (IM_END, ENDOFTEXT)
+    assert tok.encode(text) == reference.encode(text) and len(tok.encode(text)) < len(text.encode())
     assert tok.decode(tok.encode(text)) == text
-    assert tok.encode("<|im_start|>user\nhi<|im_end|>") == [1, 832, 311, 234, 107, 108, 2]
+    chat = "<|im_start|>user\nhi<|im_end|>"
+    assert tok.encode(chat) == reference.encode(chat) and tok.encode(chat)[0] == 1 and tok.encode(chat)[-1] == IM_END
 
 
 def test_without_a_config_the_old_rule_and_name_stay(tmp_path):

@@ -10,7 +10,7 @@ from gptforge.evaluate import evaluate, loss_batch, perplexity
 from gptforge.models import DEFAULT_ARCH, KVCache, build, config_from_dict, get_spec, spec_for
 from gptforge.models.gpt2 import GPT, PRESETS, GPTConfig
 from gptforge.models.layers import CausalSelfAttention
-from gptforge.weights import load_model
+from gptforge.weights import FAMILIES, load_model
 
 
 def test_gpt2_small_parameter_count():
@@ -220,7 +220,7 @@ def test_registry_maps_arch_to_the_gpt2_spec(tiny_cfg):
     spec = get_spec("gpt2")
     assert spec_for(tiny_cfg) is spec and spec.arch == DEFAULT_ARCH == "gpt2"
     assert spec.config_class is GPTConfig and spec.model_class is GPT and spec.presets is PRESETS
-    assert spec.hf_architecture == "GPT2LMHeadModel"
+    assert spec.weights == "gptforge.weights.gpt2" and FAMILIES["gpt2"].HF_ARCHITECTURE == "GPT2LMHeadModel"
     torch.manual_seed(0)
     model = build(tiny_cfg)
     assert type(model) is GPT and list(spec.blocks(model)) == list(model.h)

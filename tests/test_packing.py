@@ -4,13 +4,13 @@ included), from evaluation and from the token count."""
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from clirun import run
+from minimind_like import tokenizer_dir
 from test_train import tiny_run
 
 from gptforge import ops
@@ -31,7 +31,7 @@ from gptforge.tokenizer import get_tokenizer, tokenizer_from_metadata, tokenizer
 from gptforge.training import train
 from gptforge.training.state import build_data
 
-MINIMIND = Path(__file__).parent / "data" / "minimind"
+MINIMIND = tokenizer_dir()  # minimind_like.py: a tokenizer with the properties of minimind's
 TEXTS = ["今天我们在河边看到了鳄鱼和麒麟。", "古代传说中有一种猛兽叫饕餮，" * 12, "Hello world, 深度学习 models learn.",
          "机器学习是人工智能的一个分支。", "a"]
 

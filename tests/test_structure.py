@@ -5,6 +5,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).parent.parent / "src" / "gptforge"
 MAX_FUNCTION_LINES = 100
 MAX_FILE_LINES = 500
@@ -16,7 +18,6 @@ OURS = ("src", "tests", "benchmarks", "docs")  # everything in them is written b
 FOREIGN_HEADER = re.compile(r"Copyright\s+(\(c\)|©|\d{4}).*|SPDX-License-Identifier\s*:|Permission is hereby granted,"
                             r"\s+free of charge|Licensed under the\s+\w+|All rights\s+reserved", re.IGNORECASE)
 LICENCE_FILES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
-THIRD_PARTY_DATA = ("tests/data/minimind",)  # minimind's tokenizer files (data, not code), its Apache-2.0 LICENSE kept
 
 
 def module_name(path: Path, root: Path = SRC) -> str:
@@ -94,14 +95,14 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     assert {"gptforge.y", "gptforge.sub.z"} <= imports_of(root / "sub" / "x.py", root)
 
 
-def copied_files(root: Path = ROOT, exempt: tuple[str, ...] = THIRD_PARTY_DATA) -> list[str]:
+def copied_files(root: Path = ROOT, exempt: tuple[str, ...] = ()) -> list[str]:
     """Files under OURS that look copied from another project: a foreign licence or copyright header, a licence
     file of their own, or Python in tests/data other than the make_*.py scripts that make the data beside them."""
     found = []
     for top in OURS:
         for path in sorted((root / top).rglob("*")):
             rel = path.relative_to(root).as_posix()
-            if not path.is_file() or "__pycache__" in path.parts or rel.startswith(exempt):
+            if not path.is_file() or "__pycache__" in path.parts or (exempt and rel.startswith(exempt)):
                 continue
             if path.name.split(".")[0].upper() in LICENCE_FILES:
                 found.append(f"{rel} (a licence file: the project's is the root's LICENSE)")
@@ -212,3 +213,58 @@ def test_no_source_file_over_500_lines():
     long = [f"{p.relative_to(SRC)} ({n} lines)" for p in sorted(SRC.rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
     assert not long, f"source files over {MAX_FILE_LINES} lines (split them by concern): {', '.join(long)}"
+
+
+# ----------------------------------------------------------------------------- settings: checks declared once
+
+
+def settings_classes():
+    from gptforge.bench import BenchConfig
+    from gptforge.data.config import DataConfig
+    from gptforge.data.prepare import PrepareConfig
+    from gptforge.evaluate import EvalConfig
+    from gptforge.generate import GenerateConfig, SampleConfig
+    from gptforge.models.gpt2 import GPTConfig
+    from gptforge.models.llama import LlamaConfig
+    from gptforge.quality import QualityConfig
+    from gptforge.serve import ServeConfig
+    from gptforge.tokenizer.train import TokenizerTrainConfig
+    from gptforge.training.config import TrainConfig
+    from gptforge.training.plan import PlanConfig
+    from gptforge.weights.export import ConvertConfig
+
+    return {BenchConfig: {}, DataConfig: {}, PrepareConfig: {}, EvalConfig: {}, GenerateConfig: {},
+            SampleConfig: {}, GPTConfig: {}, LlamaConfig: {}, QualityConfig: {}, ServeConfig: {}, TrainConfig: {},
+            PlanConfig: {"minutes": 1.0}, TokenizerTrainConfig: {}, ConvertConfig: {}}
+
+
+def test_ranges_and_choices_are_checked_in_one_place():
+    """No settings class or command calls check_range/check_choice itself: the field's metadata declares them and
+    config.check_fields applies them."""
+    calls = [f"{p.relative_to(SRC)}:{i}" for p in sorted(SRC.rglob("*.py")) if p != SRC / "config.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bcheck_(range|choice)\(", line)]
+    assert calls == []
+
+
+def test_every_declared_range_and_choice_is_enforced():
+    """For every settings field that declares a range or choices: a value just outside is refused by name."""
+    from dataclasses import fields
+
+    from gptforge.config import ConfigError, build
+
+    checked = 0
+    for cls, base in settings_classes().items():
+        for f in fields(cls):
+            md = f.metadata
+            if "choices" in md:
+                bad = ["no-such-choice"] if "list" in str(f.type) else "no-such-choice"
+            elif "low" in md:
+                bad = md["low"] if md.get("above") else md["low"] - 1
+            elif "high" in md:
+                bad = md["high"] if md.get("below") else md["high"] + 1
+            else:
+                continue
+            with pytest.raises(ConfigError, match=re.escape("--" + f.name.replace("_", "-"))):
+                build(cls, base, {f.name: bad})
+            checked += 1
+    assert checked > 60

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from clirun import run
+from minimind_like import tokenizer_dir
 
 from gptforge.data import DataError
 from gptforge.evaluate.tasks import PreparedTask, read_task, score_task
@@ -24,7 +25,7 @@ from gptforge.models.llama import Llama, LlamaConfig
 from gptforge.tokenizer import get_tokenizer
 from gptforge.weights import load_for_text, to_hf
 
-MINIMIND = Path(__file__).parent / "data" / "minimind"
+MINIMIND = tokenizer_dir()  # minimind_like.py: a tokenizer with the properties of minimind's
 CONTEXT = 48  # short enough that the long HellaSwag item below is cut from the left
 
 HELLASWAG = [
@@ -166,7 +167,7 @@ def run_harness(hf_dir, tmp_path_factory):
         (include / f"{name}_local.yaml").write_text(
             f"include: {official / yaml}\ntask: {name}_local\ndataset_path: json\ndataset_name: null\n"
             f"dataset_kwargs:\n  data_files:\n    {split}: {data}\n{splits}")
-    # README's task config for our own multiple-choice format (records without a "delimiter" of their own)
+    # docs/eval.md's task config for our own multiple-choice format (records without a "delimiter" of their own)
     (include / "choice_local.yaml").write_text(CHOICE_YAML.format(file=write_jsonl(include / "c.jsonl", CHOICE[:2])))
     names["choice"] = None
     lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4)

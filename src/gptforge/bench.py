@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, check_range, opt
+from .config import ConfigError, check_fields, opt
 from .devices import pick_device
 from .generate import SampleConfig, generate
 from .models import build, spec_for
@@ -35,15 +35,14 @@ from .training.step import RandomSteps, time_steps
 class BenchConfig:
     """How `gptforge bench` measures: timed and untimed training steps, profiling, and the lengths it generates."""
 
-    steps: int = opt(10, "Timed optimizer steps (median reported).")
-    warmup: int = opt(2, "Untimed steps first.")
+    steps: int = opt(10, "Timed optimizer steps (median reported).", low=1)
+    warmup: int = opt(2, "Untimed steps first.", low=0)
     profile: bool = opt(False, "Also profile one step and print torch.profiler's op table.")
     max_new_tokens: int = opt(200, "Tokens to generate per row.")
     prompt_tokens: int = opt(10, "Length of the (random) prompt.")
 
     def __post_init__(self) -> None:
-        check_range("steps", self.steps, 1)
-        check_range("warmup", self.warmup, 0)
+        check_fields(self)
 
 
 def bench_train(model_cfg, t: TrainConfig, b: BenchConfig, log=print) -> dict:

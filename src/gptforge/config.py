@@ -39,11 +39,12 @@ def flag(name: str) -> str:
 
 
 def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *,
-                above: bool = False, below: bool = False) -> None:
+                above: bool = False, below: bool = False, says: str | None = None) -> None:
     """Refuse a number outside [low, high] with a ConfigError naming its flag; None passes (unset).
 
     `above` makes the low end open (value > low), `below` the high end (value < high). Floats must
-    be finite. ConfigError is a ValueError, so the dataclass checks raise what a library user expects.
+    be finite. `says` words the range in the message instead ("a positive integer"). ConfigError is a
+    ValueError, so the dataclass checks raise what a library user expects.
     """
     if value is None:
         return
@@ -55,7 +56,9 @@ def check_range(name: str, value: Any, low: float | None = None, high: float | N
     ok = ok and (high is None or (value < high if below else value <= high))
     if ok:
         return
-    if high is None:
+    if says is not None:
+        want = says
+    elif high is None:
         want = f"above {low}" if above else f"at least {low}"
     elif low is None:
         want = f"below {high}" if below else f"at most {high}"
@@ -190,6 +193,29 @@ def to_toml_dict(**sections: Any) -> dict[str, Any]:
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field with its help text (what the CLI shows for the flag)."""
+    """A dataclass field with its help text (what the CLI shows for the flag) and its checks, declared once:
+    `choices` (a tuple of allowed values), or a range `low`/`high` with `above`/`below` for open ends and
+    `says` to word it (see check_range). `check_fields` applies them; the CLI makes `choices` the flag's choices."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+RANGE_KEYS = ("low", "high", "above", "below", "says")
+
+
+def check_fields(obj: Any) -> None:
+    """Check every field of a settings dataclass against the choices or range its metadata declares (None, an
+    unset value, passes); a dataclass's __post_init__ calls this, then makes the checks that join fields."""
+    for f in fields(obj):
+        check_field(f, getattr(obj, f.name))
+
+
+def check_field(f: Field, value: Any) -> None:
+    """One field's declared choices and range (check_fields, or a value checked before its dataclass is built)."""
+    if value is None:
+        return
+    if "choices" in f.metadata:
+        for one in (value if isinstance(value, list) else [value]):
+            check_choice(f.name, one, tuple(f.metadata["choices"]))
+    if any(k in f.metadata for k in RANGE_KEYS):
+        check_range(f.name, value, **{k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata})
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from . import perf
-from .config import SEED_MAX, ConfigError, check_choice, check_range, opt
-from .devices import DEVICES, device_opt, pick_device
+from .config import SEED_MAX, ConfigError, check_fields, opt
+from .devices import device_opt, pick_device
 from .models import KVCache, max_positions
 from .tokenizer import tokenizer_opt
 from .weights import load_for_text
@@ -26,18 +26,15 @@ from .weights import load_for_text
 class SampleConfig:
     """How tokens are picked from the model's next-token distribution."""
 
-    max_new_tokens: int = opt(100, "Number of tokens to generate after the prompt.")
-    temperature: float = opt(0.0, "0 takes the most likely token (greedy); higher values sample more freely.")
-    top_k: int | None = opt(None, "Sample only among the k most likely tokens.")
+    max_new_tokens: int = opt(100, "Number of tokens to generate after the prompt.", low=0)
+    temperature: float = opt(0.0, "0 takes the most likely token (greedy); higher values sample more freely.", low=0)
+    top_k: int | None = opt(None, "Sample only among the k most likely tokens.", low=1)
     top_p: float | None = opt(
         None, "Sample only among the most likely tokens whose probabilities add up to p (nucleus)."
-    )
+    , low=0, high=1, above=True)
 
     def __post_init__(self) -> None:
-        check_range("max_new_tokens", self.max_new_tokens, 0)
-        check_range("temperature", self.temperature, 0)
-        check_range("top_k", self.top_k, 1)
-        check_range("top_p", self.top_p, 0, 1, above=True)
+        check_fields(self)
 
 
 @dataclass
@@ -45,15 +42,13 @@ class GenerateConfig:
     """What `gptforge generate` continues, how many times, and where (SampleConfig: how tokens are picked)."""
 
     prompt: str = opt("", "Text to continue; default: empty, which starts a new document.")
-    num_samples: int = opt(1, "Continuations to generate.")
-    seed: int | None = opt(None, "Seed for sampling: the same seed repeats the samples.")
+    num_samples: int = opt(1, "Continuations to generate.", low=1)
+    seed: int | None = opt(None, "Seed for sampling: the same seed repeats the samples.", low=0, high=SEED_MAX)
     device: str = device_opt()
     tokenizer: str | None = tokenizer_opt()
 
     def __post_init__(self) -> None:
-        check_range("num_samples", self.num_samples, 1)
-        check_range("seed", self.seed, 0, SEED_MAX)
-        check_choice("device", self.device, DEVICES)
+        check_fields(self)
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .config import ConfigError, check_choice, check_range, opt
+from .config import ConfigError, check_fields, opt
 from .data import default_documents, read_texts
-from .devices import DEVICES, device_opt, pick_device
+from .devices import device_opt, pick_device
 from .evaluate import EvalConfig, evaluate_text
 from .models import block_params, build
 from .perf import device_name
@@ -42,29 +42,27 @@ class QualityConfig:
 
     recipe: str = opt("nanogpt", "The recipe to train (training/recipes.py): book, nanogpt, modern or modern-moe.",
                       choices=tuple(RECIPES))
-    minutes: float = opt(5.0, "Minutes of training time (optimizer steps only; start-up and scoring not counted).")
-    emb_dim: int = opt(128, "Width of the model, the same for every recipe.")
-    n_layers: int = opt(4, "Transformer blocks, the same for every recipe.")
-    head_dim: int = opt(32, "Width of an attention head (heads = emb_dim / head_dim).")
-    context_length: int = opt(128, "Tokens per training window.")
-    batch_size: int = opt(8, "Windows per optimizer step.")
+    minutes: float = opt(5.0, "Minutes of training time (optimizer steps only; start-up and scoring not counted).",
+                              low=0, above=True)
+    emb_dim: int = opt(128, "Width of the model, the same for every recipe.", low=1)
+    n_layers: int = opt(4, "Transformer blocks, the same for every recipe.", low=1)
+    head_dim: int = opt(32, "Width of an attention head (heads = emb_dim / head_dim).", low=1)
+    context_length: int = opt(128, "Tokens per training window.", low=1)
+    batch_size: int = opt(8, "Windows per optimizer step.", low=1)
     tokenizer_vocab: int | None = opt(None, "Train a byte-level BPE tokenizer of this many ids on the training "
                                              "text first; default: the recipe's (GPT-2's for book and nanogpt, "
-                                             "4096 ids for modern).")
-    holdout: float = opt(0.1, "Share of the text's characters, from the end, held out for scoring.")
-    points: int = opt(5, "Checkpoints along the run scored on the held-out text (the curve of bpb over time).")
+                                             "4096 ids for modern).", low=1)
+    holdout: float = opt(0.1, "Share of the text's characters, from the end, held out for scoring.",
+                              low=0, high=1, above=True, below=True)
+    points: int = opt(5, "Checkpoints along the run scored on the held-out text (the curve of bpb over time).", low=1)
     out: str | None = opt(None, "Directory for the runs; default: a temporary one, deleted at the end.")
     seed: int = opt(123, "Seed of the runs.")
     device: str = device_opt()
 
     def __post_init__(self) -> None:
-        check_range("minutes", self.minutes, 0, above=True)
-        for name in ("emb_dim", "n_layers", "head_dim", "context_length", "batch_size", "points", "tokenizer_vocab"):
-            check_range(name, getattr(self, name), 1)
-        check_range("holdout", self.holdout, 0, 1, above=True, below=True)
+        check_fields(self)
         if self.emb_dim % self.head_dim:
             raise ConfigError(f"--emb-dim {self.emb_dim} must be a multiple of --head-dim {self.head_dim}")
-        check_choice("device", self.device, DEVICES)
 
 
 

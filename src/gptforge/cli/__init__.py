@@ -17,12 +17,13 @@ import click
 from .. import distributed
 from ..bench import BenchConfig, bench_generate, bench_train
 from ..checkpoint import CHECKPOINTS, step_name
-from ..config import ConfigError, build, check_range
+from ..config import ConfigError, build
 from ..data import DataConfig
 from ..data.prepare import PrepareConfig
 from ..data.prepare import prepare as run_prepare
 from ..errors import UserError
 from ..evaluate import EvalConfig, evaluate_text
+from ..evaluate.core import evaluate_core
 from ..evaluate.tasks import TASKS, describe_task, evaluate_tasks, get_task
 from ..generate import GenerateConfig, SampleConfig, generate_text
 from ..models import ModelSettings, check_settings, get_spec, preset_arch
@@ -31,12 +32,13 @@ from ..runs.report import write_report
 from ..runs.rundir import RunLock
 from ..serve import ServeConfig
 from ..serve import serve as run_server
-from ..tokenizer.train import train_tokenizer
+from ..tokenizer.train import TokenizerTrainConfig, train_tokenizer
 from ..training import train as run_training
 from ..training.config import TrainConfig, resolve_train_config
 from ..training.plan import PlanConfig, plan_run, planned_settings
 from ..training.recipes import RECIPES
 from ..weights import convert as convert_model
+from ..weights.export import ConvertConfig
 from .options import (
     accepts_config,
     arch_option,
@@ -90,7 +92,7 @@ def cli() -> None:
                    "llama + Muon + WSD + document masks); its preset unless --preset; flags and --config win.")
 @click.option("--nproc", type=int, default=None,
               help="Train with N processes on this machine: relaunches this command under torchrun "
-                   "(DDP, or FSDP with --parallel fsdp). Multi-node: run torchrun yourself (see README).")
+                   "(DDP, or FSDP with --parallel fsdp). Multi-node: run torchrun yourself (see docs/distributed.md).")
 @dataclass_options(ModelSettings, DataConfig, TrainConfig)
 def train(data: tuple[str, ...], config_file: str | None, resume: str | None, which: str | None, arch: str | None,
           preset: str | None, init_from: str | None = None, recipe: str | None = None, nproc: int | None = None,
@@ -146,11 +148,13 @@ def train(data: tuple[str, ...], config_file: str | None, resume: str | None, wh
 @click.option("--task", "tasks", multiple=True, metavar="NAME",
               help=f"Score a downstream task ({', '.join(TASKS)}) as lm-evaluation-harness does, on the FILE that "
                    "follows it (or NAME=FILE); repeatable. NAME alone: where its data is expected and how to get it.")
+@click.option("--suite", type=click.Choice(["core"]), default=None,
+              help="Score a suite: core, the DCLM CORE score (nanochat's), on the eval bundle directory given as DATA.")
 @checkpoint_option
 @dataclass_options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, default=None, help="Print a JSON line last.")
-def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], which: str | None, as_json: bool | None,
-             **flags) -> None:
+def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], suite: str | None, which: str | None,
+             as_json: bool | None, **flags) -> None:
     """Loss, perplexity and bits per byte of the model in SOURCE on the text in DATA; or, with --task NAME FILE,
     downstream task scores (acc, acc_norm; LAMBADA's acc and perplexity) with a JSON line last.
 
@@ -161,9 +165,17 @@ def eval_cmd(source: str, data: tuple[str, ...], tasks: tuple[str, ...], which: 
     \b
     gptforge eval runs/first --task hellaswag hellaswag_val.jsonl --task lambada lambada_test.jsonl
     gptforge eval gpt2 --task arc-easy                  where ARC-Easy's file comes from
+    gptforge eval runs/first --suite core eval_bundle   the CORE score, on the DCLM eval bundle
     """
 
     values = given(flags)
+    if suite:
+        if tasks or len(data) != 1:
+            raise ConfigError("--suite core takes one DATA, the eval bundle directory (core.yaml, "
+                              "eval_meta_data.csv, eval_data/), and no --task")
+        click.echo(json.dumps(evaluate_core(pick(source, which), data[0], build(EvalConfig, values),
+                                            log=click.echo)))
+        return
     if tasks:
         pairs = task_files(tasks, data)
         if not pairs:
@@ -328,28 +340,12 @@ def bench_generate_cmd(arch: str | None, preset: str | None, **flags) -> None:
 
 @cli.command()
 @click.argument("source")
-@click.option("--to", "target", type=click.Choice(["hf", "gptforge", "gguf"]), required=True,
-              help="hf: a directory transformers.AutoModelForCausalLM.from_pretrained loads (GPT2LMHeadModel; for "
-                   "the llama family Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM with a q/k/v bias, else "
-                   "LlamaForCausalLM); gptforge: a checkpoint directory (or a .safetensors file) that eval, "
-                   "generate and --init-from take; gguf: one OUT.gguf file for llama.cpp and Ollama (architecture "
-                   "gpt2, llama, qwen2 or qwen3, the tokenizer inside).")
 @click.argument("out", type=click.Path(), required=False)
 @click.option("--out", "out_flag", type=click.Path(), default=None, metavar="OUT",
               help="OUT as an option, as train, prepare and report take it (give OUT once, either way).")
-@click.option("--n-heads", type=int, default=None,
-              help="Attention heads of a state dict that does not show them: the book's model.pth [default: emb_dim "
-                   "/ 64, as in GPT-2], or a Llama/minimind .pth without q_norm (MiniMind2's have 8).")
-@click.option("--tokenizer", type=str, default=None, metavar="FILE",
-              help="Tokenizer to write with the model (a Hugging Face tokenizer.json, its directory, or gpt2): for a "
-                   "SOURCE that carries none, or to override its own. --to gptforge stores it in the checkpoint, "
-                   "--to hf writes its tokenizer.json and tokenizer_config.json.  [default: the model's]")
-@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
-              help="--to gguf: the type of the weight matrices (norms and biases stay f32, as llama.cpp's converter "
-                   "keeps them).")
+@dataclass_options(ConvertConfig)
 @checkpoint_option
-def convert(source: str, target: str, out: str | None, out_flag: str | None, n_heads: int | None,
-            tokenizer: str | None, dtype: str, which: str | None) -> None:
+def convert(source: str, out: str | None, out_flag: str | None, which: str | None, **values) -> None:
     """Convert the model in SOURCE (any format `eval` takes) to OUT.
 
     OUT is a new or empty directory (or, for --to gptforge, a new .safetensors file; for --to gguf, a
@@ -361,8 +357,8 @@ def convert(source: str, target: str, out: str | None, out_flag: str | None, n_h
                           if out is None else
                           f"OUT is given twice ({out} and --out {out_flag}); give it once")
     out = out or out_flag
-    check_range("n_heads", n_heads, 1)
-    path, model, meta = convert_model(pick(source, which), target, out, n_heads, tokenizer, dtype)
+    c = build(ConvertConfig, given(values))
+    path, model, meta = convert_model(pick(source, which), c.to, out, c.n_heads, c.tokenizer, c.dtype)
     head = "tied" if model.cfg.tie_weights else "untied"
     click.echo(f"{source} ({meta['format']}, {model.num_params():,} parameters, {head} head) -> {path}")
 
@@ -428,20 +424,15 @@ def tokenizer() -> None:
 
 @tokenizer.command(name="train")
 @click.argument("corpus", nargs=-1, required=True, type=click.Path())
-@click.option("--vocab-size", required=True, type=int, help="Number of ids, <|endoftext|> and the 256 bytes included.")
-@click.option("--out", required=True, type=click.Path(), help="Directory to write tokenizer.json to.")
-@click.option("--text-field", default="text", show_default=True, help="Text field of JSON Lines / Parquet records.")
-@click.option("--include", default=None, help="Comma-separated file name patterns searched for in directories.")
-@click.option("--min-frequency", default=2, show_default=True, type=int, help="Merge only pairs seen this often.")
-@click.option("--overwrite", is_flag=True, help="Replace the tokenizer.json that OUT holds.")
-def tokenizer_train(corpus: tuple[str, ...], vocab_size: int, out: str, text_field: str, include: str | None,
-                    min_frequency: int, overwrite: bool) -> None:
+@dataclass_options(TokenizerTrainConfig)
+def tokenizer_train(corpus: tuple[str, ...], **values) -> None:
     """Train a byte-level BPE (GPT-2 style, with <|endoftext|>) on CORPUS... and save OUT/tokenizer.json.
 
     Use it with `gptforge prepare --tokenizer OUT` or `gptforge train --tokenizer OUT`.
     """
 
-    path = train_tokenizer(corpus, out, vocab_size, text_field, include, min_frequency, overwrite)
+    t = build(TokenizerTrainConfig, given(values))
+    path = train_tokenizer(corpus, t.out, t.vocab_size, t.text_field, t.include, t.min_frequency, t.overwrite)
     click.echo(f"wrote {path}")
 
 

@@ -21,7 +21,8 @@ def dataclass_options(*classes: type, exclude: tuple[str, ...] = (), only: tuple
                       defaults: dict[str, Any] | None = None):
     """Add a --flag for every field of the given dataclasses (or those named in `only`); unset flags arrive as None.
 
-    `defaults` are what the command uses instead of a field's own default, shown in the help as such.
+    `defaults` are what the command uses instead of a field's own default, shown in the help as such. A field
+    whose metadata says `required` is a required option (accepts_config lets a --config file give it).
     """
 
     def decorate(fn):
@@ -42,10 +43,10 @@ def dataclass_options(*classes: type, exclude: tuple[str, ...] = (), only: tuple
                                           callback=lambda ctx, param, value: list(value) or None)
                 elif "choices" in f.metadata:
                     option = click.option(flag, f.name, type=click.Choice(f.metadata["choices"]), default=None,
-                                          help=help_text)
+                                          help=help_text, required=f.metadata.get("required", False))
                 else:
                     option = click.option(flag, f.name, type=types[f.name], default=None, help=help_text,
-                                          metavar=metavar)
+                                          metavar=metavar, required=f.metadata.get("required", False))
                 fn = option(fn)
         return fn
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import opt
+from ..config import check_fields, opt
 from ..errors import ConfigError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -25,11 +25,13 @@ SHARDS_VERSION = 1
 class DataConfig:
     """How text becomes training windows."""
 
-    val_fraction: float = opt(0.1, "Share of the tokens, taken from the end, held out for validation.")
+    val_fraction: float = opt(0.1, "Share of the tokens, taken from the end, held out for validation.",
+                                   low=0, high=1, below=True)
     val_split: str = opt("tokens", "How --val-fraction cuts text: tokens (the last share of the tokens) or characters "
                                    "(the last share of the characters, each side tokenized on its own, as the "
                                    "book's chapter 5 cuts its story).", choices=VAL_SPLITS)
-    stride: int | None = opt(None, "Step between window starts; default: the context length (no overlap).")
+    stride: int | None = opt(None, "Step between window starts; default: the context length (no overlap).",
+                                   low=1, says='a positive integer')
     tokenizer: str = opt("gpt2", "Tokenizer: gpt2 (OpenAI's GPT-2 BPE, offline), or the path of a Hugging Face "
                                  "tokenizer.json (or its directory); default for a prepared DATA_DIR: its own.")
     tokenizer_vocab: int | None = opt(None, "Instead of --tokenizer: train a byte-level BPE of this many ids (with "
@@ -46,19 +48,10 @@ class DataConfig:
                                  "padded; padding is not scored: minimind's PretrainDataset).", choices=PACKING)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.val_split not in VAL_SPLITS:
-            raise ConfigError(f"--val-split must be tokens or characters, got {self.val_split!r}")
-        if self.stride is not None and self.stride <= 0:
-            raise ConfigError(f"--stride must be a positive integer, got {self.stride}")
-        if self.sampling not in (None, "shuffle", "random", "sequential"):
-            raise ConfigError(f"--sampling must be shuffle, random or sequential, got {self.sampling!r}")
+        check_fields(self)
         if self.tokenizer_vocab is not None and self.tokenizer_vocab < 257:
             raise ConfigError(f"--tokenizer-vocab {self.tokenizer_vocab} is too small: a byte-level BPE needs at "
                              "least 257 ids (256 bytes and <|endoftext|>)")
-        if self.packing not in PACKING:
-            raise ConfigError(f"--packing must be concat or pad, got {self.packing!r}")
         if self.packing == "pad" and self.document_mask:
             raise ConfigError("--document-mask is for packed windows; --packing pad holds one document per row "
                              "already: give only one of them")

@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..checkpoint import check_writable
-from ..config import ConfigError, opt
+from ..config import ConfigError, check_fields, opt
 from ..errors import DataError
 from ..runs.metrics import human
 from ..tokenizer import TOKENIZER_CONFIG, HFTokenizer, Tokenizer, get_tokenizer
@@ -84,29 +84,24 @@ class PrepareConfig:
                                  "preparing its Arrow cache first: nothing is held but the rows in flight.")
     include: str | None = opt(None, "Comma-separated file name patterns searched for in directories; default: "
                                     "*.txt *.md *.text *.jsonl *.json *.ndjson *.parquet, each also .gz/.zst.")
-    val_fraction: float = opt(0.01, "Share of the documents held out for validation (chosen by a seeded hash).")
-    val_docs: int | None = opt(None, "Hold out exactly this many documents instead (a first pass counts them).")
+    val_fraction: float = opt(0.01, "Share of the documents held out for validation (chosen by a seeded hash).",
+                                    low=0, high=1, below=True)
+    val_docs: int | None = opt(None, "Hold out exactly this many documents instead (a first pass counts them).",
+                                     low=0, says='0 or more')
     seed: int = opt(1234, "Seed of the train/val choice: the same seed and input give the same split.")
-    shard_tokens: int = opt(100_000_000, "Tokens per shard (a shard ends at the first piece after this many).")
+    shard_tokens: int = opt(100_000_000, "Tokens per shard (a shard ends at the first piece after this many).",
+                                         low=1, says='positive')
     dtype: str = opt("auto", "Token dtype: auto (uint16 when the vocabulary fits, else uint32), uint16, uint32.",
                      choices=("auto", "uint16", "uint32"))
-    workers: int = opt(0, "Processes that tokenize (plus the one that reads and writes); 0 = all cores.")
+    workers: int = opt(0, "Processes that tokenize (plus the one that reads and writes); 0 = all cores.",
+                          low=0, says='0 (all cores) or more')
     skip_bad_lines: bool = opt(False, "Skip JSON lines that do not parse or lack the text field (counted) "
                                       "instead of stopping.")
     overwrite: bool = opt(False, "Replace data prepared from other inputs or settings in DATA_DIR.")
     progress: bool = opt(True, "Show the progress bar.")
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.val_docs is not None and self.val_docs < 0:
-            raise ConfigError(f"--val-docs must be 0 or more, got {self.val_docs}")
-        if self.shard_tokens <= 0:
-            raise ConfigError(f"--shard-tokens must be positive, got {self.shard_tokens}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be 0 (all cores) or more, got {self.workers}")
-        if self.dtype not in ("auto", "uint16", "uint32"):
-            raise ConfigError(f"--dtype must be auto, uint16 or uint32, got {self.dtype!r}")
+        check_fields(self)
 
     def include_patterns(self) -> tuple[str, ...]:
         if not self.include:

@@ -13,21 +13,22 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .. import ops
-from ..config import ConfigError, check_choice, check_range, opt
+from ..config import ConfigError, check_fields, opt
 from ..data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
-from ..devices import DEVICES, device_opt, pick_device
+from ..devices import device_opt, pick_device
 from ..distributed import all_sum
 from ..errors import DataError
 from ..models.layers import cross_entropy
 from ..ops import IGNORE_INDEX as IGNORE
 from ..tokenizer import Tokenizer, tokenizer_opt
 from ..weights import load_for_text, open_source
+from .tasks import TASKS
 
 
 @dataclass
@@ -35,11 +36,17 @@ class EvalConfig:
     """Which windows `gptforge eval` scores, and how many at a time."""
 
     context_length: int | None = opt(None, "Tokens per scored window; at most the model's; default: the model's "
-                                           "context length.")
-    stride: int | None = opt(None, "Step between window starts; default: the context length.")
-    batch_size: int = opt(8, "Windows per batch.")
-    max_batches: int | None = opt(None, "Score only the first N batches; default: all.")
-    limit: int | None = opt(None, "--task: score only the first N items of each task; default: all.")
+                                           "context length.", low=1)
+    stride: int | None = opt(None, "Step between window starts; default: the context length.", low=1)
+    batch_size: int = opt(8, "Windows per batch.", low=1)
+    max_batches: int | None = opt(None, "Score only the first N batches; default: all.", low=1)
+    limit: int | None = opt(None, "--task, --suite: score only the first N items of each task; default: all.", low=1)
+    num_fewshot: int = opt(0, "--task: examples before each item, drawn and laid out as lm-evaluation-harness does.",
+                           low=0)
+    fewshot_file: list[str] = field(default_factory=list, metadata={
+        "help": "--num-fewshot: a task's train split to draw examples from, NAME=FILE (repeatable; hellaswag, "
+                "arc-easy, arc-challenge and piqa draw from theirs, the others from the evaluated file).",
+        "metavar": "NAME=FILE"})
     document_mask: bool = opt(False, "Score each end-of-text-separated document of a window on its own "
                                      "(as train --document-mask trains).")
     split: str | None = opt(None, "With a directory made by `gptforge prepare`: the split to score, val or train; "
@@ -48,11 +55,12 @@ class EvalConfig:
     tokenizer: str | None = tokenizer_opt()
 
     def __post_init__(self) -> None:
-        for name in ("context_length", "stride", "batch_size", "max_batches", "limit"):
-            check_range(name, getattr(self, name), 1)
-        check_choice("device", self.device, DEVICES)
-        if self.split is not None:
-            check_choice("split", self.split, ("val", "train"))
+        check_fields(self)
+        for spec in self.fewshot_file:
+            name, _, path = spec.partition("=")
+            if not path or name not in TASKS or TASKS[name].train is None:
+                trains = ", ".join(n for n, t in TASKS.items() if t.train is not None)
+                raise ConfigError(f"--fewshot-file {spec!r} must be NAME=FILE with NAME one of {trains}")
 
 
 def lm_loss(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:

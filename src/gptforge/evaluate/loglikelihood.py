@@ -8,7 +8,8 @@ the model's length + 1. It returns the summed log-probability of the continuatio
 whether greedy decoding would produce them.
 
 We compute the same numbers with fewer FLOPs. The continuations of one item share their context,
-so a `Row` holds the context once and each continuation after it as a branch: branch tokens sit at
+so a `Row` holds the context once and each continuation after it as a branch (when the contexts differ, as
+a schema item's do, their common start once and each one's rest at the start of its branch): branch tokens sit at
 the positions they would have after the context alone, and the attention mask lets them see the
 context and their own branch only (a tree, passed to the model as a `layout`). The LM head runs
 only where a token is scored. Pairs whose context the harness would cut differently get a row of
@@ -53,21 +54,35 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 class Row:
     """One model input: a prefix and branches; branch j's tokens follow the prefix in the model's view.
 
-    `pairs` says which request and continuation each branch scores.
+    `pairs` says which request and continuation each branch scores; `skips` (default none) how many of each
+    branch's first tokens are context rather than scored (a schema option's own words before the shared
+    continuation).
     """
 
     prefix: list[int]
     branches: list[list[int]]
     pairs: list[tuple[int, int]]
+    skips: list[int] | None = None
 
     @property
     def length(self) -> int:
         return len(self.prefix) + sum(len(b) - 1 for b in self.branches)  # a branch's last token is not an input
 
 
+def common_length(seqs: Sequence[Sequence[int]], from_end: bool = False) -> int:
+    """How many leading (from_end: trailing) tokens all of seqs share."""
+    n = min(len(s) for s in seqs)
+    for k in range(n):
+        at = -1 - k if from_end else k
+        if any(s[at] != seqs[0][at] for s in seqs):
+            return k
+    return n
+
+
 def plan_rows(encoded: Sequence[Sequence[tuple[list[int], list[int]]]], max_length: int) -> list[Row]:
-    """Rows for requests given as lists of encoded (context, continuation) pairs: one row per request whose
-    pairs share one context that needs no cutting; otherwise one row per pair, cut as the harness cuts it."""
+    """Rows for requests given as lists of encoded (context, continuation) pairs: one row per request whose pairs
+    need no cutting, their contexts' common tokens once (a schema item's contexts differ after it: each one's
+    rest is a branch's unscored start); otherwise one row per pair, cut as the harness cuts it."""
     rows = []
     for i, pairs in enumerate(encoded):
         for _, cont in pairs:
@@ -76,9 +91,10 @@ def plan_rows(encoded: Sequence[Sequence[tuple[list[int], list[int]]]], max_leng
             if len(cont) > max_length:
                 raise ConfigError(f"a continuation of {len(cont)} tokens is longer than the model's context length "
                                   f"{max_length}")
-        contexts = {tuple(ctx) for ctx, _ in pairs}
-        if len(contexts) == 1 and all(len(ctx) + len(cont) <= max_length + 1 for ctx, cont in pairs):
-            rows.append(Row(list(pairs[0][0]), [list(c) for _, c in pairs], [(i, j) for j in range(len(pairs))]))
+        shared = common_length([ctx for ctx, _ in pairs])
+        if shared and all(len(ctx) + len(cont) <= max_length + 1 for ctx, cont in pairs):
+            rows.append(Row(list(pairs[0][0][:shared]), [list(ctx[shared:]) + list(c) for ctx, c in pairs],
+                            [(i, j) for j in range(len(pairs))], [len(ctx) - shared for ctx, _ in pairs]))
             continue
         for j, (ctx, cont) in enumerate(pairs):
             tokens = (list(ctx) + list(cont))[-(max_length + 1):]
@@ -97,7 +113,7 @@ def batch_tensors(rows: Sequence[Row], device) -> tuple[torch.Tensor, tuple[torc
     branch = torch.full((len(rows), T), -1, dtype=torch.long)  # 0: the prefix, j + 1: branch j, -1: padding
     index, target, counts = [], [], []
     for b, row in enumerate(rows):
-        p = len(row.prefix)
+        p, skips = len(row.prefix), row.skips or [0] * len(row.branches)
         ids[b, :p] = torch.tensor(row.prefix)
         pos[b, :p] = torch.arange(p)
         branch[b, :p] = 0
@@ -108,10 +124,10 @@ def batch_tensors(rows: Sequence[Row], device) -> tuple[torch.Tensor, tuple[torc
             pos[b, at:at + n] = torch.arange(p, p + n)
             branch[b, at:at + n] = j + 1
             # token 0 is scored from the prefix's last position, token k from the branch's (k-1)-th input
-            index += [b * T + p - 1] + [b * T + at + k for k in range(n)]
-            target += tokens
+            index += [b * T + (p - 1 if k == 0 else at + k - 1) for k in range(skips[j], n + 1)]
+            target += tokens[skips[j]:]
             at += n
-            row_counts.append(len(tokens))
+            row_counts.append(len(tokens) - skips[j])
         counts.append(row_counts)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     same = (branch[:, :, None] == branch[:, None, :]) | (branch[:, None, :] == 0)  # (B, T, T): query, key

@@ -1,8 +1,8 @@
-"""Downstream tasks scored as lm-evaluation-harness 0.4 scores them (zero-shot).
+"""Downstream tasks scored as lm-evaluation-harness 0.4 scores them (zero-shot, or few-shot: fewshot.py).
 
 Each `Task` reads the records of its official file (JSON Lines, the user's own: nothing is
 downloaded) into `Item`s: a context, the choices (or one cloze target) and the gold index, built
-with the harness's prompt (its task YAMLs and utils: lm_eval/tasks/hellaswag, lambada, arc, piqa).
+with the harness's prompt (records.py).
 Multiple choice scores context + delimiter + choice for each choice: `acc` is the arg-max of the
 summed log-likelihoods, `acc_norm` of those divided by the characters of each choice (the harness's
 length normalisation). Cloze tasks (LAMBADA) score the target: `acc` when greedy decoding produces
@@ -13,146 +13,94 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..errors import DataError
 from ..tokenizer import Tokenizer
+from .fewshot import with_fewshot
 from .loglikelihood import Row, encode_pair, plan_rows, score_rows
-
-
-@dataclass
-class Item:
-    context: str
-    choices: list[str]  # multiple choice: the choices' text; cloze: the one target
-    label: int  # the gold choice (cloze: 0)
-    delimiter: str = " "  # between the context and each choice (the harness's target_delimiter)
-    cloze: bool = False
-
-    def continuations(self) -> list[str]:
-        return [self.delimiter + c for c in self.choices]
-
-
-def _field(record: dict, key: str, where: str, kind: type | tuple = str):
-    """record[key] (a dotted key reaches inside), checked to be of `kind`; else a DataError naming where and key."""
-    value = record
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise DataError(f"{where}: no field {key!r}")
-        value = value[part]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise DataError(f"{where}: field {key!r} must be a {names}, got {type(value).__name__}")
-    return value
-
-
-def _label(value, n: int, where: str, key: str = "label") -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
-        raise DataError(f"{where}: field {key!r} must be the index of a choice, 0 to {n - 1}, got {value!r}")
-    return value
-
-
-def _strings(record: dict, key: str, where: str) -> list[str]:
-    values = _field(record, key, where, list)
-    if len(values) < 2 or not all(isinstance(v, str) for v in values):
-        raise DataError(f"{where}: field {key!r} must be a list of at least 2 strings")
-    return values
-
-
-# ----------------------------------------------------------------------------- the tasks' records
-
-
-def hellaswag_preprocess(text: str) -> str:
-    """The harness's HellaSwag clean-up: WikiHow's [title] and other bracketed artifacts removed."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
-
-def hellaswag_item(record: dict, where: str) -> Item:
-    ctx = _field(record, "ctx_a", where) + " " + _field(record, "ctx_b", where).capitalize()
-    endings = _strings(record, "endings", where)
-    if "label" not in record:
-        raise DataError(f"{where}: no field 'label' (HellaSwag's test split has none: use hellaswag_val.jsonl)")
-    return Item(hellaswag_preprocess(_field(record, "activity_label", where) + ": " + ctx),
-                [hellaswag_preprocess(e) for e in endings], _label(record["label"], len(endings), where))
-
-
-def lambada_item(record: dict, where: str) -> Item:
-    words = _field(record, "text", where).split(" ")
-    if len(words) < 2:
-        raise DataError(f"{where}: field 'text' must have at least two words (the last one is predicted)")
-    return Item(" ".join(words[:-1]), [words[-1]], 0, cloze=True)
-
-
-def arc_item(record: dict, where: str) -> Item:
-    choices = _field(record, "question.choices", where, list)
-    if len(choices) < 2 or not all(isinstance(c, dict) for c in choices):
-        raise DataError(f"{where}: field 'question.choices' must be a list of at least 2 {{label, text}} objects")
-    labels = [_field(c, "label", f"{where}: question.choices[{k}]") for k, c in enumerate(choices)]
-    texts = [_field(c, "text", f"{where}: question.choices[{k}]") for k, c in enumerate(choices)]
-    key = _field(record, "answerKey", where)
-    if key not in labels:
-        raise DataError(f"{where}: field 'answerKey' {key!r} is none of the choices' labels {labels}")
-    return Item("Question: " + _field(record, "question.stem", where) + "\nAnswer:", texts, labels.index(key))
-
-
-def piqa_item(record: dict, where: str) -> Item:
-    choices = [_field(record, "sol1", where), _field(record, "sol2", where)]
-    if "label" not in record:
-        raise DataError(f"{where}: no field 'label' and no labels file (valid-labels.lst beside valid.jsonl)")
-    return Item("Question: " + _field(record, "goal", where) + "\nAnswer:", choices,
-                _label(record["label"], 2, where))
-
-
-def choice_item(record: dict, where: str) -> Item:
-    """Our own format: {"context", "choices", "label"} (multiple choice) or {"context", "continuation"} (cloze),
-    with an optional "delimiter" (default " ") put between the context and each choice."""
-    context = _field(record, "context", where)
-    delimiter = _field(record, "delimiter", where) if "delimiter" in record else " "
-    if "continuation" in record:
-        return Item(context, [_field(record, "continuation", where)], 0, delimiter, cloze=True)
-    if "choices" not in record:
-        raise DataError(f"{where}: no field 'choices' (multiple choice) or 'continuation' (cloze)")
-    choices = _strings(record, "choices", where)
-    if not all(choices):
-        raise DataError(f"{where}: field 'choices' holds an empty choice")
-    if "label" not in record:
-        raise DataError(f"{where}: no field 'label' (the index of the right choice)")
-    return Item(context, choices, _label(record["label"], len(choices), where), delimiter)
+from .records import (
+    Item,
+    arc_item,
+    boolq_item,
+    choice_item,
+    commonsenseqa_item,
+    copa_item,
+    hellaswag_item,
+    lambada_item,
+    openbookqa_item,
+    piqa_item,
+    siqa_item,
+    winogrande_item,
+    wsc273_item,
+)
+from .subjects import LAYOUTS, read_subjects
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    read: Callable[[dict, str], Item]
+    read: Callable[[dict, str], Item] | None  # None: a directory of subjects (subjects.py)
     expects: str  # the file and its records
     get: str  # where the official file comes from
+    train: str | None = None  # the train split few-shot examples come from; None: the evaluated file
+    exclude: bool = False  # the harness leaves the evaluated item out of its examples (fewshot.py)
+    labels: bool = False  # the labels may come from NAME-labels.lst beside NAME.jsonl, one per record
 
 
 TASKS = {t.name: t for t in (
     Task("hellaswag", hellaswag_item, "hellaswag_val.jsonl (10,042 records: ctx_a, ctx_b, activity_label, "
-         "endings, label)", "get it from https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"),
+         "endings, label)", "get it from https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+         "hellaswag_train.jsonl (same place)", exclude=True),
     Task("lambada", lambada_item, "OpenAI's lambada_test.jsonl (5,153 records: text; its last word is predicted)",
          "get it from https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"),
     Task("arc-easy", arc_item, "AI2's ARC-Easy-Test.jsonl (2,376 records: question.stem, question.choices[]"
          ".{label,text}, answerKey)", "get it from ARC-V1-Feb2018.zip at https://allenai.org/data/arc "
-         "(ARC-Easy/ARC-Easy-Test.jsonl)"),
+         "(ARC-Easy/ARC-Easy-Test.jsonl)", "ARC-Easy-Train.jsonl (same zip)"),
     Task("arc-challenge", arc_item, "AI2's ARC-Challenge-Test.jsonl (1,172 records, as arc-easy's)",
-         "get it from ARC-V1-Feb2018.zip at https://allenai.org/data/arc (ARC-Challenge/ARC-Challenge-Test.jsonl)"),
+         "get it from ARC-V1-Feb2018.zip at https://allenai.org/data/arc (ARC-Challenge/ARC-Challenge-Test.jsonl)",
+         "ARC-Challenge-Train.jsonl (same zip)"),
     Task("piqa", piqa_item, "PIQA's valid.jsonl (1,838 records: goal, sol1, sol2) with valid-labels.lst beside it "
          "(one 0/1 per line), or records with a label field", "get valid.jsonl and valid-labels.lst from "
-         "https://yonatanbisk.com/piqa/"),
+         "https://yonatanbisk.com/piqa/", "train.jsonl with train-labels.lst (same place)", exclude=True, labels=True),
+    Task("winogrande", winogrande_item, "WinoGrande's dev.jsonl (1,267 records: sentence with a _, option1, option2, "
+         "answer 1/2)", "get it from AI2's winogrande_1.1.zip (https://winogrande.allenai.org)",
+         "train_xl.jsonl (same zip)", exclude=True),
+    Task("wsc273", wsc273_item, "WSC273 as JSON Lines (273 records: text, pronoun, pronoun_loc, options, label)",
+         "write it from Hugging Face's lighteval/winograd_wsc (config wsc273, split test) with "
+         "datasets' to_json"),
+    Task("copa", copa_item, "SuperGLUE's COPA val.jsonl (100 records: premise, choice1, choice2, question, label)",
+         "get it from SuperGLUE's COPA.zip (https://super.gluebenchmark.com/tasks)", "train.jsonl (same zip)",
+         exclude=True),
+    Task("boolq", boolq_item, "SuperGLUE's BoolQ val.jsonl (3,270 records: passage, question, label)",
+         "get it from SuperGLUE's BoolQ.zip (https://super.gluebenchmark.com/tasks)", "train.jsonl (same zip)",
+         exclude=True),
+    Task("openbookqa", openbookqa_item, "OpenBookQA's Data/Main/test.jsonl (500 records: question.stem, "
+         "question.choices[].{label,text}, answerKey)", "get it from AI2's OpenBookQA-V1-Sep2018.zip "
+         "(https://allenai.org/data/open-book-qa)", "Data/Main/train.jsonl (same zip)"),
+    Task("commonsenseqa", commonsenseqa_item, "CommonsenseQA's dev_rand_split.jsonl (1,221 records: question.stem, "
+         "question.choices[].{label,text} A-E, answerKey)", "get it from https://www.tau-nlp.org/commonsenseqa",
+         "train_rand_split.jsonl (same place)", exclude=True),
+    Task("siqa", siqa_item, "Social IQa's dev.jsonl (1,954 records: context, question, answerA-C) with "
+         "dev-labels.lst beside it (one 1-3 per line), or records with a label field", "get it from AI2's "
+         "socialiqa-train-dev.zip (https://allenai.org/data/socialiqa)", "train.jsonl with train-labels.lst "
+         "(same zip)", exclude=True, labels=True),
+    Task("ceval", None, "C-Eval's directory (ceval-exam.zip unzipped: val/SUBJECT_val.csv and dev/SUBJECT_dev.csv, "
+         "52 subjects, 1,346 val questions: id, question, A, B, C, D, answer)", "get ceval-exam.zip from "
+         "https://huggingface.co/datasets/ceval/ceval-exam and unzip it"),
+    Task("cmmlu", None, "CMMLU's directory (cmmlu_v1_0_1.zip unzipped: test/SUBJECT.csv and dev/SUBJECT.csv, "
+         "67 subjects, 11,582 test questions: Question, A, B, C, D, Answer)", "get cmmlu_v1_0_1.zip from "
+         "https://huggingface.co/datasets/haonan-li/cmmlu and unzip it"),
     Task("choice", choice_item, "your JSON Lines: {\"context\", \"choices\": [...], \"label\": i} (multiple "
-         "choice) or {\"context\", \"continuation\"} (cloze); optional \"delimiter\" (default \" \")",
-         "write it yourself (README: 'Downstream tasks')"),
+         "choice), {\"context\", \"continuation\"} (cloze) or {\"contexts\": [...], \"continuation\", \"label\": i} "
+         "(schema); optional \"delimiter\" (default \" \")",
+         "write it yourself (docs/eval.md: 'Downstream tasks')", exclude=True),
 )}
 
 
@@ -168,7 +116,7 @@ def describe_task(name: str) -> str:
     return f"{task.name}: expects {task.expects}\n  {task.get}\n  then: --task {task.name} FILE"
 
 
-def _piqa_labels(path: Path) -> list[str] | None:
+def _labels_file(path: Path) -> list[str] | None:
     labels = path.with_name(path.stem + "-labels.lst")
     return labels.read_text().split() if labels.is_file() else None
 
@@ -177,9 +125,13 @@ def read_task(name: str, path: str | Path, limit: int | None = None) -> list[Ite
     """The first `limit` items (all when None) of task `name`'s file; a missing or malformed file is a DataError
     naming the file, line and field."""
     task, path = get_task(name), Path(path)
+    if name in LAYOUTS:
+        if not path.is_dir():
+            raise DataError(f"{path}: no such directory; task {name} expects {task.expects}; {task.get}")
+        return read_subjects(name, path, limit)
     if not path.is_file():
         raise DataError(f"{path}: no such file; task {name} expects {task.expects}; {task.get}")
-    labels = _piqa_labels(path) if name == "piqa" else None
+    labels = _labels_file(path) if task.labels else None
     items = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -202,9 +154,31 @@ def read_task(name: str, path: str | Path, limit: int | None = None) -> list[Ite
             items.append(task.read(record, where))
     if not items:
         raise DataError(f"{path}: no records; task {name} expects {task.expects}")
-    if len({it.cloze for it in items}) > 1:
-        raise DataError(f"{path}: mixes multiple-choice and cloze records; put each kind in its own file")
+    kinds = list(dict.fromkeys(it.kind for it in items))
+    if len(kinds) > 1:
+        raise DataError(f"{path}: mixes {' and '.join(kinds)} records; put each kind in its own file")
     return items
+
+
+def task_items(name: str, path: str | Path, limit: int | None = None, num_fewshot: int = 0,
+               fewshot_files: dict[str, str] | None = None) -> list[Item]:
+    """read_task's items, with num_fewshot examples before each context drawn as the harness draws them: from the
+    task's train file (fewshot_files[name]) or, for a task without one, the whole evaluated file."""
+    if num_fewshot and name in LAYOUTS:  # the first examples of each subject's dev file
+        read_task(name, path)  # the directory checked as without examples
+        return read_subjects(name, path, limit, num_fewshot)
+    items = read_task(name, path, limit)
+    if not num_fewshot:
+        return items
+    task, fewshot_files = TASKS[name], fewshot_files or {}
+    if task.train is None:
+        pool, where = (items if limit is None else read_task(name, path)), str(path)
+    elif name not in fewshot_files:
+        raise ConfigError(f"--num-fewshot {num_fewshot}: {name}'s examples come from its train split, as "
+                          f"lm-evaluation-harness draws them; give --fewshot-file {name}=FILE ({task.train})")
+    else:
+        pool, where = read_task(name, fewshot_files[name]), fewshot_files[name]
+    return with_fewshot(items, pool, num_fewshot, name, task.exclude, where)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -220,12 +194,24 @@ class PreparedTask:
 
     @classmethod
     def build(cls, name: str, items: Sequence[Item], tokenizer: Tokenizer, max_length: int) -> PreparedTask:
-        encoded = [[encode_pair(tokenizer, it.context, c) for c in it.continuations()] for it in items]
+        encoded = [[encode_pair(tokenizer, context, c) for context, c in it.pairs()] for it in items]
         return cls(name, list(items), plan_rows(encoded, max_length))
 
 
 def metrics(items: Sequence[Item], results: Sequence[Sequence[tuple[float, bool]]]) -> dict:
-    """{"acc", "acc_norm", "n"} for multiple choice, {"acc", "perplexity", "n"} for cloze items."""
+    """{"acc", "acc_norm", "n"} for multiple choice, {"acc", "perplexity", "n"} for cloze, {"acc", "n"} for schema
+    items (the harness reports no acc_norm for Winograd-style tasks)."""
+    if items[0].contexts is not None:
+        return {"acc": float(np.mean([np.argmax([ll for ll, _ in r]) == it.label for it, r in zip(items, results)])),
+                "n": len(items)}
+    if items[0].group is not None:  # C-Eval, CMMLU: over all items, and each subject's acc
+        plain = [replace(it, group=None) for it in items]
+        out = metrics(plain, results)
+        out["subjects"] = {}
+        for g in dict.fromkeys(it.group for it in items):
+            mine = [(p, r) for p, it, r in zip(plain, items, results) if it.group == g]
+            out["subjects"][g] = metrics([p for p, _ in mine], [r for _, r in mine])["acc"]
+        return out
     if items[0].cloze:
         lls = [r[0][0] for r in results]
         return {"acc": float(np.mean([r[0][1] for r in results])),
@@ -243,7 +229,7 @@ def score_task(model: torch.nn.Module, task: PreparedTask, batch_size: int, devi
                ranks: tuple[int, int] = (0, 1)) -> tuple[dict, list[list[tuple[float, bool]]]]:
     """The task's metrics and every continuation's (log-likelihood, greedy) for the model; ranks (rank, world):
     each rank scores its share of the batches (score_rows)."""
-    results = score_rows(model, task.rows, [len(it.choices) for it in task.items], batch_size, device, progress,
+    results = score_rows(model, task.rows, [len(it.pairs()) for it in task.items], batch_size, device, progress,
                          ranks)
     return metrics(task.items, results), results
 
@@ -275,8 +261,8 @@ def prepare_tasks(specs: Sequence[str], limit: int | None, tokenizer: Tokenizer,
 
 def format_scores(scores: dict[str, dict]) -> str:
     """One line: "hellaswag acc 0.2500 acc_norm 0.2700 (n 100) | lambada ..."."""
-    return " | ".join(f"{name} " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if k != "n") + f" (n {s['n']})"
-                      for name, s in scores.items())
+    return " | ".join(f"{name} " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if isinstance(v, float))
+                      + f" (n {s['n']})" for name, s in scores.items())
 
 
 def evaluate_tasks(source, tasks: Sequence[tuple[str, str]], cfg, log=print) -> dict[str, dict]:
@@ -289,7 +275,8 @@ def evaluate_tasks(source, tasks: Sequence[tuple[str, str]], cfg, log=print) -> 
     from ..weights import load_for_text
 
     device = pick_device(cfg.device)
-    items = {label: read_task(name, path, cfg.limit)  # bad files fail before loading
+    fewshot_files = dict(spec.partition("=")[::2] for spec in cfg.fewshot_file)
+    items = {label: task_items(name, path, cfg.limit, cfg.num_fewshot, fewshot_files)  # bad files fail before loading
              for label, (name, path) in zip(task_labels(tasks), tasks)}
     model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
     max_length = cfg.context_length or model.cfg.context_length

@@ -1,13 +1,12 @@
 """Model families: an architecture name (``arch``) -> the spec the rest of gptforge asks about it.
 
-Each family is one file (its config dataclass, presets and model, over the shared layers.py) plus
-one line in SPECS below (its weight formats: weights/<arch>.py and a line in weights.FAMILIES).
-Training, checkpoints, weights, perf, generation and distributed code ask the spec rather than
-knowing the model: which config and model classes to build, the presets, FLOPs per token, the
-transformer blocks (FSDP, activation checkpointing), whether positions are a learned table, and
-how the family's weights are named in Hugging Face files (weights/plan.py reads and writes by these
-names). The CLI's shape flags are ModelSettings, every family's settings once. Files that record no
-arch are GPT-2.
+Each family is one file (its config dataclass, presets and model, over the shared layers.py), one module
+of weight formats (weights/<arch>.py), and one ModelSpec in SPECS below naming both: the only place a family
+is registered (weights.FAMILIES is derived from it). Training, checkpoints, weights, perf, generation and
+distributed code ask the spec rather than knowing the model: which config and model classes to build, the
+presets, FLOPs per token, the transformer blocks (FSDP, activation checkpointing), whether positions are a
+learned table, and where its weight formats live (Hugging Face names and layouts are theirs). The CLI's
+shape flags are ModelSettings, every family's settings once. Files that record no arch are GPT-2.
 """
 
 from __future__ import annotations
@@ -37,21 +36,16 @@ class ModelSpec:
     matmul_params: Callable[[Any], int]  # weights of every matrix multiply, the LM head included
     flops_per_token: Callable[..., int]  # (cfg, seq_len=None) -> training FLOPs per token
     blocks: Callable[[nn.Module], Sequence[nn.Module]]  # the transformer blocks, in order
-    hf_architecture: str  # the transformers class an exported config.json names
-    hf_model_type: str  # config.json's model_type
-    hf_prefix: str  # prefix of every Hugging Face key but the head's ("transformer.")
-    hf_transposed: tuple[str, ...] = ()  # name endings of weights Hugging Face stores as (in, out)
+    weights: str | None = None  # the module of its weight formats (weights.plan.WeightFamily), imported by weights/
     learned_positions: bool = True  # a table of context_length positions (GPT-2); False: rotary, no limit
     default_preset: str = "mini"  # the shape `train` and `bench` start from when no --preset is given
 
 
 SPECS: dict[str, ModelSpec] = {
     "gpt2": ModelSpec("gpt2", gpt2.GPTConfig, gpt2.GPT, gpt2.PRESETS, gpt2.matmul_params, gpt2.flops_per_token,
-                      gpt2.blocks, hf_architecture="GPT2LMHeadModel", hf_model_type="gpt2", hf_prefix="transformer.",
-                      hf_transposed=("c_attn.weight", "c_proj.weight", "c_fc.weight")),  # Conv1D
+                      gpt2.blocks, weights="gptforge.weights.gpt2"),
     "llama": ModelSpec("llama", llama.LlamaConfig, llama.Llama, llama.PRESETS, llama.matmul_params,
-                       llama.flops_per_token, llama.blocks, hf_architecture="LlamaForCausalLM", hf_model_type="llama",
-                       hf_prefix="model.", learned_positions=False,
+                       llama.flops_per_token, llama.blocks, weights="gptforge.weights.llama", learned_positions=False,
                        default_preset="llama-mini"),
 }
 

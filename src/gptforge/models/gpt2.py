@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..config import check_choice, check_range, flag
+from ..config import check_fields, flag
 from ..errors import ConfigError
 from .layers import (
     MLP,
@@ -39,16 +39,19 @@ class GPTConfig(SavedConfig):
     """Shape of a GPT-2-style model. The defaults are the CPU-sized "mini" preset."""
 
     vocab_size: int = field(
-        default=50257, metadata={"help": "Number of token ids; default: the tokenizer's (50257 for GPT-2 BPE)."}
+        default=50257, metadata={"help": "Number of token ids; default: the tokenizer's (50257 for GPT-2 BPE).",
+                                 "low": 1}
     )
     context_length: int = field(
-        default=128, metadata={"help": "Longest sequence the model trains on (GPT-2: its number of learned positions)."}
+        default=128, metadata={"help": "Longest sequence the model trains on (GPT-2: its number of learned positions).",
+                               "low": 1}
     )
-    emb_dim: int = field(default=128, metadata={"help": "Width of the residual stream."})
-    n_heads: int = field(default=4, metadata={"help": "Attention heads per layer; must divide emb_dim."})
-    n_layers: int = field(default=4, metadata={"help": "Number of transformer blocks."})
+    emb_dim: int = field(default=128, metadata={"help": "Width of the residual stream.", "low": 1})
+    n_heads: int = field(default=4, metadata={"help": "Attention heads per layer; must divide emb_dim.", "low": 1})
+    n_layers: int = field(default=4, metadata={"help": "Number of transformer blocks.", "low": 1})
     drop_rate: float = field(
-        default=0.1, metadata={"help": "Dropout on embeddings, attention and residual branches in training."}
+        default=0.1, metadata={"help": "Dropout on embeddings, attention and residual branches in training.",
+                               "low": 0, "high": 1, "below": True}
     )
     qkv_bias: bool = field(
         default=False, metadata={"help": "Bias on the query/key/value projections (GPT-2's checkpoints, Qwen2)."}
@@ -77,12 +80,10 @@ class GPTConfig(SavedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{flag(name)} must be a whole number, got {value!r}")
-            check_range(name, value, 1)
+        check_fields(self)
         if self.emb_dim % self.n_heads:
             raise ConfigError(f"--emb-dim {self.emb_dim} must be divisible by --n-heads {self.n_heads}; "
                              "change one of them")
-        check_range("drop_rate", self.drop_rate, 0, 1, below=True)
-        check_choice("gelu", self.gelu, GELU)
 
     @property
     def n_kv_heads(self) -> int:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..config import check_choice, check_range, flag
+from ..config import check_fields, flag
 from ..errors import ConfigError
 from .layers import (
     GroupedQueryAttention,
@@ -46,57 +46,63 @@ def swiglu_hidden(emb_dim: int) -> int:
 class LlamaConfig(SavedConfig):
     """Shape of a Llama/Qwen3-style model. The defaults are the CPU-sized "llama-mini" preset."""
 
-    vocab_size: int = field(default=50257, metadata={"help": "Number of token ids."})
+    vocab_size: int = field(default=50257, metadata={"help": "Number of token ids.", "low": 1})
     context_length: int = field(
-        default=128, metadata={"help": "Sequence length the model trains at (rotary positions: no table to outgrow)."}
+        default=128, metadata={"help": "Sequence length the model trains at (rotary positions: no table to outgrow).",
+                               "low": 1}
     )
-    emb_dim: int = field(default=128, metadata={"help": "Width of the residual stream."})
-    n_heads: int = field(default=4, metadata={"help": "Query heads per layer."})
+    emb_dim: int = field(default=128, metadata={"help": "Width of the residual stream.", "low": 1})
+    n_heads: int = field(default=4, metadata={"help": "Query heads per layer.", "low": 1})
     n_kv_heads: int | None = field(
         default=None, metadata={"help": "Key/value heads per layer (grouped-query attention; 1 is multi-query); "
-                                        "must divide --n-heads. Default: --n-heads."})
-    head_dim: int | None = field(default=None, metadata={"help": "Width of each head; default: emb_dim / n_heads."})
-    n_layers: int = field(default=4, metadata={"help": "Number of transformer blocks."})
+                                        "must divide --n-heads. Default: --n-heads.", "low": 1})
+    head_dim: int | None = field(default=None, metadata={"help": "Width of each head; default: emb_dim / n_heads.",
+                                                         "low": 1})
+    n_layers: int = field(default=4, metadata={"help": "Number of transformer blocks.", "low": 1})
     intermediate_size: int | None = field(
         default=None, metadata={"help": "Width of the SwiGLU MLP; default: 8/3 of emb_dim rounded up to a multiple "
-                                        "of 64 (Llama's rule, and MiniMind2's)."})
-    norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of every RMSNorm."})
-    rope_theta: float = field(default=1e6, metadata={"help": "Base of the rotary embedding frequencies."})
+                                        "of 64 (Llama's rule, and MiniMind2's).", "low": 1})
+    norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of every RMSNorm.", "low": 0, "above": True})
+    rope_theta: float = field(default=1e6, metadata={"help": "Base of the rotary embedding frequencies.",
+                                                     "low": 1, "above": True})
     qk_norm: bool = field(default=False, metadata={"help": "RMSNorm on each query and key head (Qwen3, minimind)."})
     qkv_bias: bool = field(default=False, metadata={"help": "Bias on the query/key/value projections (Qwen2)."})
     tie_weights: bool = field(default=True, metadata={"help": "Share the output head with the token embedding."})
-    drop_rate: float = field(default=0.0, metadata={"help": "Dropout on attention and residual branches in training."})
+    drop_rate: float = field(default=0.0, metadata={"help": "Dropout on attention and residual branches in training.",
+                                                    "low": 0, "high": 1, "below": True})
     pad_vocab: bool = field(
         default=False,
         metadata={"help": "Pad the embedding and output head to a multiple of 64 rows for faster matmuls; "
                           "the padding never shows in logits, losses, samples or saved weights."},
     )
     n_experts: int = field(default=0, metadata={"help": "Experts of each mixture-of-experts feed-forward layer "
-                                                        "(0: a dense SwiGLU MLP)."})
-    experts_per_token: int = field(default=1, metadata={"help": "Experts each token is routed to (top-k)."})
+                                                        "(0: a dense SwiGLU MLP).", "low": 0})
+    experts_per_token: int = field(default=1, metadata={"help": "Experts each token is routed to (top-k).",
+                                                          "low": 1})
     moe_intermediate_size: int | None = field(
-        default=None, metadata={"help": "Width of each expert's SwiGLU; default: --intermediate-size (minimind)."})
+        default=None, metadata={"help": "Width of each expert's SwiGLU; default: --intermediate-size (minimind).",
+                                "low": 1})
     norm_topk_prob: bool = field(default=True, metadata={"help": "Renormalise the chosen experts' router "
                                                                  "probabilities to sum to 1 (minimind; Qwen3-MoE's "
                                                                  "config says per model)."})
     router_aux_loss_coef: float = field(default=5e-4, metadata={"help": "Weight of minimind's load-balancing loss "
-                                                                        "in the training loss (--router-balance aux)."})
+                                                                        "in the training loss (--router-balance aux).",
+                                                                "low": 0})
     router_balance: str = field(
         default="aux", metadata={"help": "How experts are kept evenly loaded: aux (a load-balancing loss) or bias "
                                          "(DeepSeek-V3's per-expert routing bias, moved after each step by "
                                          "--router-bias-speed towards equal load; no loss).", "choices": BALANCES})
     router_bias_speed: float = field(default=1e-3, metadata={"help": "How far each expert's routing bias moves per "
-                                                                     "optimizer step (--router-balance bias)."})
+                                                                     "optimizer step (--router-balance bias).",
+                                                             "low": 0})
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers",
                      "intermediate_size", "experts_per_token", "moe_intermediate_size"):
             value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ConfigError(f"{flag(name)} must be a whole number, got {value!r}")
-            check_range(name, value, 1)
+        check_fields(self)
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(f"--n-kv-heads {self.n_kv_heads} must divide --n-heads {self.n_heads} (each key/value "
                              "head serves a whole group of query heads); change one of them")
@@ -112,18 +118,11 @@ class LlamaConfig(SavedConfig):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.emb_dim // self.n_heads
         self.intermediate_size = self.intermediate_size or swiglu_hidden(self.emb_dim)
-        check_range("norm_eps", self.norm_eps, 0, above=True)
-        check_range("rope_theta", self.rope_theta, 1, above=True)
-        check_range("drop_rate", self.drop_rate, 0, 1, below=True)
         self._check_experts()
 
     def _check_experts(self) -> None:
         if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool):
             raise ConfigError(f"--n-experts must be a whole number, got {self.n_experts!r}")
-        check_range("n_experts", self.n_experts, 0)
-        check_range("router_aux_loss_coef", self.router_aux_loss_coef, 0)
-        check_range("router_bias_speed", self.router_bias_speed, 0)
-        check_choice("router_balance", self.router_balance, BALANCES)
         if self.n_experts and self.experts_per_token > self.n_experts:
             raise ConfigError(f"--experts-per-token {self.experts_per_token} must be at most --n-experts "
                               f"{self.n_experts} (each token goes to that many different experts)")

@@ -122,8 +122,10 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 
 def task_keys(records: list[dict]) -> tuple[list[str], list[str]]:
-    """The task/NAME/METRIC keys of the evaluation records: (accuracies, perplexities), in order of appearance."""
-    keys = list(dict.fromkeys(k for r in records if r.get("event") == "eval" for k in r if k.startswith("task/")))
+    """The task/NAME/METRIC keys (and `core`) of the evaluation records: (accuracies, perplexities), in order of
+    appearance."""
+    keys = list(dict.fromkeys(k for r in records if r.get("event") == "eval" for k in r
+                              if k.startswith("task/") or k == "core"))
     return [k for k in keys if not k.endswith("/perplexity")], [k for k in keys if k.endswith("/perplexity")]
 
 

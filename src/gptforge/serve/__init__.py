@@ -48,8 +48,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from .. import checkpoint as ckpt
-from ..config import ConfigError, check_choice, check_range, opt
-from ..devices import DEVICES, device_opt, pick_device
+from ..config import ConfigError, check_fields, opt
+from ..devices import device_opt, pick_device
 from ..errors import UserError
 from ..generate import SampleConfig, cache_length, iter_tokens, sampling_generator
 from ..models import KVCache
@@ -92,26 +92,21 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "Address to listen on; the default serves this machine only (loopback). Requests "
                                  "must name a loopback host or this address in their Host header (0.0.0.0 or ::: any "
                                  "IP address too).")
-    port: int = opt(8000, "Port to listen on; 0 picks a free one.")
+    port: int = opt(8000, "Port to listen on; 0 picks a free one.", low=0, high=65535, says='between 0 and 65535')
     allowed_host: list[str] = field(default_factory=list, metadata={
         "help": "Another name the Host header may give, e.g. the public name of a reverse proxy in front; "
                 "repeatable. Other names get 403, which stops DNS-rebinding pages.", "metavar": "NAME"})
-    max_tokens_limit: int = opt(256, "Largest max_tokens a request may ask for; larger requests are rejected.")
+    max_tokens_limit: int = opt(256, "Largest max_tokens a request may ask for; larger requests are rejected.", low=1)
     max_prompt_chars: int = opt(20_000, "Longest prompt accepted, in characters (prompts are also limited to the "
-                                        "model's context).")
+                                        "model's context).", low=1)
     max_concurrent: int = opt(4, "Generations run at once; more get 503 with Retry-After. Each holds a full-context "
                                  "KV cache of 2 * n_layers * positions * n_kv_heads * head_dim * bytes per element "
-                                 "(GPT-2 124M in fp32: 72 MiB); the start-up line prints this model's.")
+                                 "(GPT-2 124M in fp32: 72 MiB); the start-up line prints this model's.", low=1)
     device: str = device_opt()
     tokenizer: str | None = tokenizer_opt()
 
     def __post_init__(self) -> None:
-        check_range("port", self.port)  # a number
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
-        for name in ("max_tokens_limit", "max_prompt_chars", "max_concurrent"):
-            check_range(name, getattr(self, name), 1)
-        check_choice("device", self.device, DEVICES)
+        check_fields(self)
 
     @property
     def limits(self) -> Limits:

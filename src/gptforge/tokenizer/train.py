@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import check_fields, opt
 from ..data.prepare import PrepareConfig, _where, check_out
 from ..data.shards import TOKENIZER_FILE, _atomic_write, written_name
 from ..data.sources import file_kind, find_inputs, read_items
 from ..data.workers import BAD, OK, record_text
 from ..errors import DataError
 from . import train_bpe
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """`gptforge tokenizer train`'s settings (CORPUS... is its argument)."""
+
+    vocab_size: int | None = opt(None, "Number of ids, <|endoftext|> and the 256 bytes included.", required=True)
+    out: str | None = opt(None, "Directory to write tokenizer.json to.", required=True)
+    text_field: str = opt("text", "Text field of JSON Lines / Parquet records.")
+    include: str | None = opt(None, "Comma-separated file name patterns searched for in directories.")
+    min_frequency: int = opt(2, "Merge only pairs seen at least this often.", low=0)
+    overwrite: bool = opt(False, "Replace the tokenizer.json that OUT holds.")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def document_texts(files: list[Path], kinds: list, text_field: str = "text",
@@ -32,9 +49,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: i
     writable and hold nothing but a tokenizer.json, which is replaced only with `overwrite`.
     """
 
-    if min_frequency < 0:
-        raise DataError(f"--min-frequency {min_frequency}: must be 0 or more (merge only pairs seen at least this "
-                        "often; 2 by default)")
+    TokenizerTrainConfig(vocab_size, str(out), text_field, include, min_frequency, overwrite)  # the checks
     files = find_inputs(inputs, PrepareConfig(include=include).include_patterns())
     kinds = [file_kind(f) for f in files]
     out = Path(out)

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import distributed as dist
 from ..checkpoint import CHECKPOINTS, CONFIG, check_writable, saved_run_config
-from ..config import SEED_MAX, ConfigError, build, check_choice, check_range, check_toml, opt, read_toml, to_toml_dict
+from ..config import SEED_MAX, ConfigError, build, check_field, check_fields, check_toml, opt, read_toml, to_toml_dict
 from ..data import DataConfig, data_defaults, prepared_dir
 from ..devices import DEVICES
 from ..evaluate.tasks import TASKS
@@ -46,52 +46,57 @@ class TrainConfig:
     """How a run trains, evaluates and saves."""
 
     out: str | None = opt(None, "Run directory to write; default: runs/<date>-<time>.")
-    batch_size: int = opt(8, "Windows per micro-batch.")
-    grad_accum: int = opt(1, "Micro-batches whose gradients add up to one optimizer step.")
-    lr: float = opt(4e-4, "Peak learning rate, reached at the end of warmup.")
-    min_lr: float | None = opt(None, "Learning rate at the end of the cosine or wsd decay; default: lr / 10.")
-    warmup_steps: int | None = opt(None, "Steps of linear warmup; default: 5% of the run's steps.")
+    batch_size: int = opt(8, "Windows per micro-batch.", low=1)
+    grad_accum: int = opt(1, "Micro-batches whose gradients add up to one optimizer step.", low=1)
+    lr: float = opt(4e-4, "Peak learning rate, reached at the end of warmup.", low=0, above=True)
+    min_lr: float | None = opt(None, "Learning rate at the end of the cosine or wsd decay; default: lr / 10.", low=0)
+    warmup_steps: int | None = opt(None, "Steps of linear warmup; default: 5% of the run's steps.", low=0)
     weight_decay: float = opt(0.1, "AdamW weight decay, applied to weight matrices and embeddings only "
-                                   "(see --weight-decay-on).")
+                                   "(see --weight-decay-on).", low=0)
     weight_decay_on: str = opt("matrices", "What --weight-decay decays: matrices (weight matrices and embeddings) or "
                                            "all (norms and biases too, as torch.optim.AdamW(model.parameters()) does).",
                                choices=WEIGHT_DECAY_ON)
-    beta1: float = opt(0.9, "AdamW beta1.")
-    beta2: float = opt(0.95, "AdamW beta2.")
+    beta1: float = opt(0.9, "AdamW beta1.", low=0, high=1, below=True)
+    beta2: float = opt(0.95, "AdamW beta2.", low=0, high=1, below=True)
     optimizer: str = opt("adamw", "adamw, or muon: torch.optim.Muon for the 2-D weight matrices inside the transformer "
                                   "blocks (attention, MLP) and AdamW (--lr, betas, --weight-decay) for embeddings, "
                                   "head, norms and biases.", choices=OPTIMIZERS)
-    muon_lr: float = opt(0.02, "Muon's peak learning rate; the schedule scales it as it scales --lr.")
-    muon_momentum: float = opt(0.95, "Muon's momentum.")
+    muon_lr: float = opt(0.02, "Muon's peak learning rate; the schedule scales it as it scales --lr.",
+                               low=0, above=True)
+    muon_momentum: float = opt(0.95, "Muon's momentum.", low=0, high=1, below=True)
     # 0.01 as Keller Jordan's reference Muon usage (lr 0.02); torch's default 0.1 goes with an lr near AdamW's
     # (adjust_lr_fn="match_rms_adamw"): at lr 0.02 it would shrink the matrices 50x faster than AdamW's 4e-4 x 0.1
     muon_weight_decay: float = opt(0.01, "Muon's decoupled weight decay: each step the matrices shrink by "
-                                         "(current Muon lr) x this.")
+                                         "(current Muon lr) x this.", low=0)
     muon_nesterov: bool = opt(True, "Muon's Nesterov momentum.")
-    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 turns clipping off.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 turns clipping off.", low=0)
     skip_nonfinite: bool = opt(False, "Skip a step whose loss or gradient is NaN/inf instead of stopping the run.")
-    epochs: int = opt(1, "Passes over the training windows (when --max-steps is not given).")
-    max_steps: int | None = opt(None, "Optimizer steps to train; overrides --epochs. Larger extends a run.")
+    epochs: int = opt(1, "Passes over the training windows (when --max-steps is not given).", low=1)
+    max_steps: int | None = opt(None, "Optimizer steps to train; overrides --epochs. Larger extends a run.", low=1)
     max_tokens: int | None = opt(None, "Training tokens to train on, turned into steps of the global batch "
-                                       "(rounded up); instead of --max-steps or --epochs.")
+                                       "(rounded up); instead of --max-steps or --epochs.", low=1)
     minutes: float | None = opt(None, "Train for this many minutes of optimizer steps on this device, instead of "
                                       "--max-steps, --max-tokens or --epochs: a few timed steps of the run's model "
                                       "before it starts set --max-steps (recorded in config.toml, so --resume keeps "
                                       "it). Without --preset, --init-from or shape flags, the model, batch, context "
-                                      "and learning rate are `gptforge plan`'s choice for the time too.")
+                                      "and learning rate are `gptforge plan`'s choice for the time too.",
+                                      low=0, above=True)
     schedule: str = opt("cosine", "Learning rate after warmup: cosine (decay to --min-lr), wsd (warmup-stable-decay: "
                                   "hold --lr, decay linearly over the last --decay-fraction of the steps) or constant.",
                         choices=SCHEDULES)
-    decay_fraction: float = opt(0.2, "wsd: the fraction of the run's steps that decays to --min-lr.")
-    eval_every: int = opt(50, "Evaluate train and val loss (and print a sample) every this many steps.")
-    eval_batches: int = opt(10, "Batches of train and of val data each evaluation scores.")
-    log_every: int = opt(10, "Write the training loss to metrics.jsonl every this many steps.")
-    save_every: int | None = opt(None, "Save a checkpoint every this many steps; default: at each evaluation.")
-    save_every_minutes: float | None = opt(None, "Also save a checkpoint when this many minutes passed since the last.")
+    decay_fraction: float = opt(0.2, "wsd: the fraction of the run's steps that decays to --min-lr.",
+                                     low=0, high=1, above=True)
+    eval_every: int = opt(50, "Evaluate train and val loss (and print a sample) every this many steps.", low=1)
+    eval_batches: int = opt(10, "Batches of train and of val data each evaluation scores.", low=1)
+    log_every: int = opt(10, "Write the training loss to metrics.jsonl every this many steps.", low=1)
+    save_every: int | None = opt(None, "Save a checkpoint every this many steps; default: at each evaluation.", low=1)
+    save_every_minutes: float | None = opt(None, "Also save a checkpoint when this many minutes passed since the last.",
+                                                 low=0, above=True)
     keep_last: int = opt(3, "Checkpoints to keep (older ones are deleted; the best one, RUN_DIR/best.json, always "
-                            "stays); 0 keeps all.")
+                            "stays); 0 keeps all.", low=0)
     early_stop: int | None = opt(None, "End the run after this many evaluations without a new best val loss (it "
-                                       "ends as a stopped run does: a checkpoint, the best kept); 0 or unset: never.")
+                                       "ends as a stopped run does: a checkpoint, the best kept); 0 or unset: never.",
+                                       low=0)
     checkpoint_format: str | None = opt(
         None, "full: one model.safetensors and state.pt, gathered on rank 0; sharded: every rank writes its own "
               "part (torch.distributed.checkpoint), nothing gathered, readable on any number of processes. Default: "
@@ -104,16 +109,19 @@ class TrainConfig:
         "help": "Also score a downstream task at each evaluation, NAME=FILE (repeatable; NAME one of "
                 f"{', '.join(TASKS)}, FILE its data as `gptforge eval --task` reads it); logged as "
                 "task/NAME/acc, task/NAME/acc_norm (or task/NAME/perplexity).", "metavar": "NAME=FILE"})
-    eval_task_limit: int | None = opt(None, "Items of each --eval-task scored at each evaluation (the first N); "
-                                            "default: all.")
+    eval_suite: str | None = opt(None, "Also score a suite at each evaluation: core=DIR, the DCLM CORE tasks of the "
+                                       "eval bundle in DIR (as `gptforge eval --suite core DIR`); logged as core "
+                                       "and task/core/LABEL (each task's centred accuracy).", metavar="core=DIR")
+    eval_task_limit: int | None = opt(None, "Items of each --eval-task (and each --eval-suite task) scored at each "
+                                            "evaluation (the first N); default: all.", low=1)
     sample_prompt: str = opt("Every effort moves you", "Prompt for the sample shown at each evaluation.")
-    sample_tokens: int = opt(40, "Tokens in that sample; 0 turns samples off.")
-    sample_temperature: float = opt(0.0, "Temperature of that sample; 0 is greedy.")
-    sample_top_k: int | None = opt(None, "Top-k of that sample (with a temperature above 0).")
+    sample_tokens: int = opt(40, "Tokens in that sample; 0 turns samples off.", low=0)
+    sample_temperature: float = opt(0.0, "Temperature of that sample; 0 is greedy.", low=0)
+    sample_top_k: int | None = opt(None, "Top-k of that sample (with a temperature above 0).", low=1)
     init: str = opt("gpt2", "Initial weights of a new run: gpt2 (normal, std 0.02, projections into the residual "
                             "stream scaled by 1/sqrt(2 x layers): GPT-2, nanoGPT) or torch (PyTorch's module defaults, "
                             "as the book's GPTModel gets them).", choices=INITS)
-    seed: int = opt(123, "Seed for weights, data order and dropout: a CPU run repeats exactly.")
+    seed: int = opt(123, "Seed for weights, data order and dropout: a CPU run repeats exactly.", low=0, high=SEED_MAX)
     device: str = opt("auto", "auto picks cuda, then mps, then cpu.", choices=DEVICES)
     parallel: str = opt("ddp", "Under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2 fully_shard).",
                         choices=("ddp", "fsdp"))
@@ -128,47 +136,24 @@ class TrainConfig:
                                                 "about a third more compute.")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "epochs", "max_steps", "max_tokens", "eval_every", "eval_batches",
-                     "log_every", "save_every", "sample_top_k", "eval_task_limit"):
-            check_range(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "keep_last", "sample_tokens",
-                     "sample_temperature", "early_stop"):
-            check_range(name, getattr(self, name), 0)
-        check_range("lr", self.lr, 0, above=True)
-        check_range("min_lr", self.min_lr, 0)
-        check_range("save_every_minutes", self.save_every_minutes, 0, above=True)
-        check_range("minutes", self.minutes, 0, above=True)
-        check_range("beta1", self.beta1, 0, 1, below=True)
-        check_range("beta2", self.beta2, 0, 1, below=True)
-        check_range("muon_lr", self.muon_lr, 0, above=True)
-        check_range("muon_momentum", self.muon_momentum, 0, 1, below=True)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("weight_decay_on", self.weight_decay_on, WEIGHT_DECAY_ON)
-        check_range("seed", self.seed, 0, SEED_MAX)
+        check_fields(self)  # each field's range and choices, from its metadata
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
-        check_choice("schedule", self.schedule, SCHEDULES)
         for spec in self.eval_task:
             name, _, path = spec.partition("=")
             if name not in TASKS or not path:
                 raise ConfigError(f"--eval-task {spec!r} must be NAME=FILE with NAME one of {', '.join(TASKS)}")
-        check_choice("init", self.init, INITS)
-        if self.checkpoint_format is not None:
-            check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
+        if self.eval_suite is not None and not (self.eval_suite.startswith("core=") and self.eval_suite[5:]):
+            raise ConfigError(f"--eval-suite {self.eval_suite!r} must be core=DIR (the DCLM eval bundle's directory)")
         if self.async_checkpoint and self.checkpoint_format == "full":
             raise ConfigError("--async-checkpoint writes sharded checkpoints; leave out --checkpoint-format full "
                               "(or give --checkpoint-format sharded)")
-        check_range("decay_fraction", self.decay_fraction, 0, 1, above=True)
         if self.max_steps is not None and self.max_tokens is not None:
             raise ConfigError(f"--max-steps {self.max_steps} and --max-tokens {self.max_tokens} both set the run's "
                               "length; give only one")
         if self.warmup_steps is not None and self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ConfigError(f"--warmup-steps {self.warmup_steps} must not exceed --max-steps {self.max_steps} "
                               "(the learning rate would never reach --lr)")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
@@ -399,7 +384,8 @@ def plans_shape(file_values: dict, flags: dict, config_file, resume) -> bool:
     the flags' --max-steps, --max-tokens or --epochs replace its minutes; given together in one place they are
     an error (a file's epochs excepted: every config.toml records one). A resumed run keeps its planned steps.
     """
-    check_range("minutes", flags.get("minutes", file_values.get("minutes")), 0, above=True)  # before planning
+    minutes = next(f for f in fields(TrainConfig) if f.name == "minutes")
+    check_field(minutes, flags.get("minutes", file_values.get("minutes")))  # before planning
     if resume:
         if "minutes" in flags:
             raise ConfigError(f"--minutes {flags['minutes']:g} plans a new run's length; a resumed run keeps the "

@@ -15,6 +15,7 @@ from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..devices import pick_device
 from ..evaluate import byte_table, evaluate, perplexity
+from ..evaluate.core import PreparedCore, core_score, prepare_core, score_core_task
 from ..evaluate.tasks import PreparedTask, format_scores, prepare_tasks, score_task
 from ..generate import SampleConfig, sample_text
 from ..models import spec_for
@@ -60,7 +61,8 @@ class Evaluator:
     """Evaluation at a step: train/val loss and bits per byte, a sample, metrics.jsonl, trackers and loss.png.
 
     token_bytes is the tokenizer's byte table (`evaluate.byte_table`); None leaves train_bpb / val_bpb out.
-    tasks (--eval-task) are scored too: task/NAME/METRIC in the record, and tasks.png beside loss.png.
+    tasks (--eval-task) are scored too: task/NAME/METRIC in the record, and tasks.png beside loss.png; and the
+    suite (--eval-suite core=DIR): `core` and each task's centred accuracy as task/core/LABEL.
     """
 
     cfg: RunConfig
@@ -74,6 +76,7 @@ class Evaluator:
     device: torch.device
     token_bytes: np.ndarray | None = None
     tasks: list[PreparedTask] = field(default_factory=list)
+    suite: list[PreparedCore] = field(default_factory=list)
     routing: CollapseWatch = field(default_factory=CollapseWatch)  # a mixture of experts' collapsed router
 
     def __call__(self, model: torch.nn.Module, state: RunState) -> dict:
@@ -93,8 +96,11 @@ class Evaluator:
             ranks = (dist.rank(), dist.world_size())
             task_scores = {task.name: score_task(model, task, t.batch_size, self.device, ranks=ranks)[0]
                            for task in self.tasks}
-            record.update({f"task/{name}/{k}": v for name, s in task_scores.items() for k, v in s.items() if k != "n"})
+            record.update({f"task/{name}/{k}": v for name, s in task_scores.items() for k, v in s.items()
+                           if isinstance(v, float)})
             self.progress.write("  tasks: " + format_scores(task_scores))
+        if self.suite:
+            record.update(self.score_suite(model))
         if t.sample_tokens > 0:  # its own seeded generator: the training RNG stays untouched
             sample_cfg = SampleConfig(t.sample_tokens, t.sample_temperature, t.sample_top_k)
             text = sample_text(dist.unwrap(model), self.tokenizer, t.sample_prompt, sample_cfg, seed=t.seed + step,
@@ -107,9 +113,18 @@ class Evaluator:
         if dist.is_main():
             self.trackers.log(self.metrics.records[-1])
             plot_losses(self.metrics.records, self.run_dir / "loss.png")
-            if self.tasks:
+            if self.tasks or self.suite:
                 plot_tasks(self.metrics.records, self.run_dir / "tasks.png")
         return record
+
+    def score_suite(self, model: torch.nn.Module) -> dict:
+        """{"core", "task/core/LABEL": centred accuracy} of the --eval-suite tasks, every rank scoring its share."""
+        ranks = (dist.rank(), dist.world_size())
+        scores = {p.task.label: score_core_task(model, p, self.cfg.train.batch_size, self.device, ranks=ranks)[0]
+                  for p in self.suite}
+        self.progress.write(f"  core {core_score(scores):.4f}: " + ", ".join(f"{label} {s['centered']:+.3f}"
+                                                                           for label, s in scores.items()))
+        return {"core": core_score(scores), **{f"task/core/{label}": s["centered"] for label, s in scores.items()}}
 
 
 def log_step(result: StepResult, state: RunState, lr: float, tok_s: float, mfu: float | None, t: TrainConfig,
@@ -174,7 +189,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
     torch.manual_seed(t.seed)
     check_loggers(t.logger)
     check_optimizer(t.optimizer)
-    tasks = prepare_tasks(t.eval_task, t.eval_task_limit, tokenizer, cfg.model.context_length)  # bad files: now
+    tasks, suite = prepare_downstream(cfg, tokenizer)  # bad files: now
     data = build_data(cfg, tokenizer)
     if t.minutes is not None and not resume:  # --minutes: max_steps from the run's own timed steps
         plan_steps(cfg, data, device, log)
@@ -203,7 +218,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
     progress = Progress(schedule.total_steps, state.step, enabled=t.progress and main, quiet=not main,
                         flops_per_token=fpt, peak_flops=peak)
     evaluator = Evaluator(cfg, tokenizer, data, schedule, metrics, trackers, progress, run_dir, device,
-                          byte_table(tokenizer, warn), tasks, CollapseWatch(getattr(cfg.model, "experts_per_token", 1)))
+                          byte_table(tokenizer, warn), tasks, suite,
+                          CollapseWatch(getattr(cfg.model, "experts_per_token", 1)))
 
     last_eval = evaluator(model, state) if state.step == 0 else {}
     save_every, best = t.save_every or t.eval_every, checkpointer.best
@@ -252,6 +268,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
                 best=best.record() if best.step is not None else None,
                 tokens_per_s=(state.tokens - start_tokens) / max(train_seconds, 1e-9),
                 median_step_seconds=statistics.median(step_seconds) if step_seconds else None)
+
+
+def prepare_downstream(cfg: RunConfig, tokenizer) -> tuple[list[PreparedTask], list[PreparedCore]]:
+    """--eval-task's tasks and --eval-suite's CORE tasks, read and encoded once before the first step."""
+    t = cfg.train
+    tasks = prepare_tasks(t.eval_task, t.eval_task_limit, tokenizer, cfg.model.context_length)
+    suite = [] if t.eval_suite is None else prepare_core(t.eval_suite[5:], t.eval_task_limit, tokenizer,
+                                                         cfg.model.context_length)
+    return tasks, suite
 
 
 def _toml_bytes(cfg: RunConfig) -> bytes:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .. import distributed as dist
-from ..config import ConfigError, build, check_choice, check_range, opt
+from ..config import ConfigError, build, check_fields, opt
 from ..data import (
     DataConfig,
     data_defaults,
@@ -47,7 +47,7 @@ from ..data import (
     split_tokens,
     tokenize_documents,
 )
-from ..devices import DEVICES, device_opt, pick_device
+from ..devices import device_opt, pick_device
 from ..models import get_spec
 from ..perf import device_name, keep_freed_cpu_memory
 from ..runs.metrics import human
@@ -95,29 +95,25 @@ class PlanConfig:
     """What `gptforge plan` plans for: the time, the recipe, the tokenizer and split, the device."""
 
     minutes: float | None = opt(None, "Minutes of training to plan for (optimizer steps; start-up and evaluations "
-                                      "not counted). Required.")
+                                      "not counted). Required.", low=0, above=True)
     recipe: str = opt("modern", "The recipe (training/recipes.py) whose model family, optimizer and learning rates "
                                 "the plan uses: book, nanogpt, modern or modern-moe.", choices=tuple(RECIPES))
     tokenizer: str | None = opt(None, "Tokenizer to count with, as train's --tokenizer (gpt2 or a tokenizer.json); "
                                       "default: the recipe's (modern: a 4,096-id byte-level BPE trained on the "
                                       "training text; book, nanogpt: gpt2), or a prepared DATA_DIR's own.")
     tokenizer_vocab: int | None = opt(None, "Instead of --tokenizer: train a byte-level BPE of this many ids on the "
-                                            "training text, as train's --tokenizer-vocab.")
+                                            "training text, as train's --tokenizer-vocab.", low=257)
     val_fraction: float = opt(0.1, "Share of the tokens held out for validation, as train's --val-fraction: the "
-                                   "plan counts the rest.")
+                                   "plan counts the rest.", low=0, high=1, below=True)
     device: str = device_opt()
 
     def __post_init__(self) -> None:
         if self.minutes is None:
             raise ConfigError("give --minutes M: the minutes of training to plan for")
-        check_range("minutes", self.minutes, 0, above=True)
-        check_choice("recipe", self.recipe, tuple(RECIPES))
-        check_range("tokenizer_vocab", self.tokenizer_vocab, 257)
-        check_range("val_fraction", self.val_fraction, 0, 1, below=True)
+        check_fields(self)
         if self.tokenizer is not None and self.tokenizer_vocab is not None:
             raise ConfigError(f"--tokenizer {self.tokenizer} and --tokenizer-vocab {self.tokenizer_vocab} both "
                               "choose the tokenizer; give only one")
-        check_choice("device", self.device, DEVICES)
 
 
 # ----------------------------------------------------------------------------- the choice

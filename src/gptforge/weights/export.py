@@ -4,6 +4,7 @@ GGUF; and `gptforge convert`, which checks OUT, the dtype and the tokenizer befo
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .. import checkpoint as ckpt
+from ..config import check_fields, opt
 from ..models import build
 from ..tokenizer import (
     TOKENIZER_CONFIG,
@@ -24,6 +26,8 @@ from .load import _family, build_model, check_source, open_source, text_tokenize
 from .readers import (
     WeightsError,
 )
+
+TARGETS = ("hf", "gptforge", "gguf")  # what `convert --to` writes
 
 
 def hf_config(cfg: Any) -> dict:
@@ -102,6 +106,30 @@ def to_gguf(model: nn.Module, out: str | Path, tokenizer: Tokenizer, dtype: str 
     lays them out, and the tokenizer (weights/gguf_out.py)."""
     path = convert_target(out, "gguf")
     return gguf_out.write(path, model, tokenizer, dtype, _family(model.cfg), name)
+
+
+@dataclass
+class ConvertConfig:
+    """`gptforge convert`'s settings (SOURCE and OUT are its arguments)."""
+
+    to: str | None = opt(None, "hf: a directory transformers.AutoModelForCausalLM.from_pretrained loads "
+                               "(GPT2LMHeadModel; for the llama family Qwen3ForCausalLM with QK-norm, Qwen2ForCausalLM "
+                               "with a q/k/v bias, else LlamaForCausalLM); gptforge: a checkpoint directory (or a "
+                               ".safetensors file) that eval, generate and --init-from take; gguf: one OUT.gguf file "
+                               "for llama.cpp and Ollama (architecture gpt2, llama, qwen2 or qwen3, the tokenizer "
+                               "inside).", choices=TARGETS, required=True)
+    n_heads: int | None = opt(None, "Attention heads of a state dict that does not show them: the book's model.pth "
+                                    "[default: emb_dim / 64, as in GPT-2], or a Llama/minimind .pth without q_norm "
+                                    "(MiniMind2's have 8).", low=1)
+    tokenizer: str | None = opt(None, "Tokenizer to write with the model (a Hugging Face tokenizer.json, its "
+                                      "directory, or gpt2): for a SOURCE that carries none, or to override its own. "
+                                      "--to gptforge stores it in the checkpoint, --to hf writes its tokenizer.json "
+                                      "and tokenizer_config.json.  [default: the model's]", metavar="FILE")
+    dtype: str = opt("f32", "--to gguf: the type of the weight matrices (norms and biases stay f32, as llama.cpp's "
+                            "converter keeps them).", choices=("f32", "f16", "bf16"))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def convert(source: str | Path, target: str, out: str | Path, n_heads: int | None = None,

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from ..models import spec_for
 from ..models.gpt2 import GPT, GPTConfig
 from ..tokenizer import _gpt2_data_files
 from .plan import Entry, Source, block_index, hf_names, hf_prefix_in, our_shapes, plan_hf
@@ -28,6 +27,9 @@ from .readers import Reader, TFCheckpointReader, TorchReader, WeightsError, posi
 
 NAME = "GPT-2"
 HF_MODEL_TYPES = ("gpt2",)
+HF_ARCHITECTURE = "GPT2LMHeadModel"  # the transformers class an exported config.json names
+HF_PREFIX = "transformer."
+HF_TRANSPOSED = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # Conv1D
 SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "bias", "gelu", "tie_weights")
 STATE_DICTS = ("the book's GPTModel (no tok_emb.weight)", "GPT-2 (no transformer.wte.weight)")
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # hub ids that are GPT-2 without an organisation
@@ -117,9 +119,8 @@ def is_hf_state_dict(shapes: dict[str, tuple[int, ...]]) -> bool:
 
 def hf_config(cfg: GPTConfig) -> dict:
     """The config.json of a transformers GPT2LMHeadModel with this shape."""
-    spec = spec_for(cfg)
     return {
-        "architectures": [spec.hf_architecture], "model_type": spec.hf_model_type, "vocab_size": cfg.vocab_size,
+        "architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPES[0], "vocab_size": cfg.vocab_size,
         "n_positions": cfg.context_length, "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
         "n_inner": None, "activation_function": HF_GELU_EXACT if cfg.gelu == "exact" else HF_GELU_TANH[0],
         "layer_norm_epsilon": 1e-5,
@@ -138,7 +139,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     sd = hf_names(model)
     for setting in BIAS_SETTINGS:
         if not getattr(cfg, setting):
-            zeros = _zero_biases(cfg, setting, spec_for(cfg).hf_prefix)
+            zeros = _zero_biases(cfg, setting, HF_PREFIX)
             sd.update({k: torch.zeros(shape) for k, shape in zeros.items()})
     return sd
 

@@ -32,6 +32,8 @@ from .readers import Reader, TorchReader, WeightsError, positive_int, read_json
 
 NAME = "Llama/Qwen"
 HF_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+HF_PREFIX = "model."
+HF_TRANSPOSED = ()  # Hugging Face stores Linear weights as we do, (out, in)
 SHAPE_KEYS = ("vocab_size", "emb_dim", "n_heads", "n_kv_heads", "head_dim", "n_layers", "intermediate_size",
               "norm_eps", "rope_theta", "qk_norm", "qkv_bias", "tie_weights", "n_experts", "experts_per_token",
               "moe_intermediate_size", "norm_topk_prob")

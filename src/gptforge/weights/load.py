@@ -3,6 +3,7 @@ check before any download), checks, loading block by block, and the tokenizer a 
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import socket
@@ -19,7 +20,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 from .. import checkpoint as ckpt
 from .. import perf
 from ..config import ConfigError
-from ..models import DEFAULT_ARCH, build, config_from_dict, max_positions, spec_for
+from ..models import DEFAULT_ARCH, SPECS, build, config_from_dict, max_positions, spec_for
 from ..runs.choose import resolve_weights
 from ..tokenizer import (
     Tokenizer,
@@ -27,7 +28,7 @@ from ..tokenizer import (
     same_tokenizer,
     tokenizer_from_metadata,
 )
-from . import gpt2, llama
+from . import gpt2
 from .gpt2 import HUB_NAMES
 from .plan import Entry, SavedMoments, Source, WeightFamily, expected, fill, our_shapes, saved_moments
 from .readers import (
@@ -39,7 +40,9 @@ from .readers import (
     read_json,
 )
 
-FAMILIES: dict[str, WeightFamily] = {"gpt2": gpt2, "llama": llama}  # arch -> the module of its weight formats
+# arch -> the module of its weight formats, as each family's ModelSpec names it (models.SPECS registers families)
+FAMILIES: dict[str, WeightFamily] = {arch: importlib.import_module(spec.weights) for arch, spec in SPECS.items()
+                                     if spec.weights}
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_SHARD_INDEX = "model.safetensors.index.json"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # fetched with a hub model that has them
@@ -54,8 +57,9 @@ def _family(cfg: Any) -> WeightFamily:
     """The weight formats of cfg's model family."""
     arch = spec_for(cfg).arch
     if arch not in FAMILIES:
-        raise WeightsError(f"the {arch} model family has no weight formats yet (gptforge.weights.FAMILIES: "
-                           f"{', '.join(FAMILIES)}); a {arch} model loads and saves only as gptforge weights")
+        raise WeightsError(f"the {arch} model family has no weight formats yet (its ModelSpec names no weights "
+                           f"module; families with one: {', '.join(FAMILIES)}); a {arch} model loads and saves only "
+                           "as gptforge weights")
     return FAMILIES[arch]
 
 

@@ -9,12 +9,13 @@ memory-mapped or read by offset: the weights are never held twice.
 
 Nothing here knows a model family. Block names, tied parameters and the tensors sized by the
 context length are read off the model that the family's spec builds; Hugging Face names off the
-spec (``hf_prefix``, ``hf_transposed``). ``WeightFamily`` is what a family's weight formats provide
-(weights/gpt2.py); ``gptforge.weights.FAMILIES`` lists them.
+family's weights module (``HF_PREFIX``, ``HF_TRANSPOSED``). ``WeightFamily`` is what a family's weight formats
+provide (weights/gpt2.py); its ModelSpec names the module (``family_of``), ``gptforge.weights.FAMILIES`` lists them.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -59,16 +60,19 @@ class Source:
 
 
 class WeightFamily(Protocol):
-    """The weight formats of one model family: a module of these names (weights/gpt2.py), one line in FAMILIES.
+    """The weight formats of one model family: a module of these names (weights/gpt2.py), named by its ModelSpec.
 
     NAME names the family's models in errors ("GPT-2"); HF_MODEL_TYPES are the config.json
-    ``model_type`` values it reads ("gpt2"); SHAPE_KEYS the config settings a run initialised from
+    ``model_type`` values it reads ("gpt2"); HF_PREFIX and HF_TRANSPOSED how its Hugging Face names and layouts
+    differ from ours; SHAPE_KEYS the config settings a run initialised from
     its weights keeps (``train --init-from``); STATE_DICTS what its torch state dicts hold, for the
     error that says what a file is not ("GPT-2 (no transformer.wte.weight)").
     """
 
     NAME: str
     HF_MODEL_TYPES: tuple[str, ...]
+    HF_PREFIX: str  # prefix of every Hugging Face key but the head's ("transformer.", "model.")
+    HF_TRANSPOSED: tuple[str, ...]  # name endings of weights Hugging Face stores as (in, out) (GPT-2's Conv1D)
     SHAPE_KEYS: tuple[str, ...]
     STATE_DICTS: tuple[str, ...]
 
@@ -151,10 +155,15 @@ def expected(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+def family_of(cfg: Any) -> WeightFamily:
+    """The module of weight formats that cfg's ModelSpec names (models.SPECS: the one registry of families)."""
+    return importlib.import_module(spec_for(cfg).weights)
+
+
 def plan_hf(cfg: Any, prefix: str) -> list[Entry]:
     """Hugging Face names are ours behind prefix, the head's bare (the family's spec says which weights
     are stored transposed)."""
-    transposed = spec_for(cfg).hf_transposed
+    transposed = family_of(cfg).HF_TRANSPOSED
     plan = []
     for ours in our_shapes(cfg):
         src = ours if ours == "lm_head.weight" else prefix + ours
@@ -163,20 +172,20 @@ def plan_hf(cfg: Any, prefix: str) -> list[Entry]:
 
 
 def hf_prefix_in(cfg: Any, shapes: dict[str, tuple[int, ...]]) -> str:
-    """The spec's hf_prefix ("transformer.") if a Hugging Face file's names carry it, else ""."""
-    hf_prefix = spec_for(cfg).hf_prefix
+    """The family's HF_PREFIX ("transformer.") if a Hugging Face file's names carry it, else ""."""
+    hf_prefix = family_of(cfg).HF_PREFIX
     return hf_prefix if any(k.startswith(hf_prefix) for k in shapes) else ""
 
 
 def hf_names(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face's names and layout (plan_hf's inverse), a tied head once."""
-    spec = spec_for(model.cfg)
+    family = family_of(model.cfg)
     sd: dict[str, torch.Tensor] = {}
     for k, v in ckpt.model_state(model).items():
         v = v.detach().cpu()
-        if k.endswith(spec.hf_transposed):
+        if family.HF_TRANSPOSED and k.endswith(family.HF_TRANSPOSED):
             v = v.t()  # Linear (out, in) -> Conv1D (in, out)
-        sd[k if k == "lm_head.weight" else spec.hf_prefix + k] = v.contiguous()
+        sd[k if k == "lm_head.weight" else family.HF_PREFIX + k] = v.contiguous()
     return sd
 
 
