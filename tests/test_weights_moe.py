@@ -145,3 +145,21 @@ def test_export_refusals_name_the_setting(tmp_path):
         to_hf(Llama(LlamaConfig(**base)), tmp_path / "a")
     with pytest.raises(WeightsError, match="router_balance bias"):
         to_hf(Llama(LlamaConfig(**base, qk_norm=True, router_balance="bias")), tmp_path / "b")
+
+
+def test_cli_train_init_from_qwen3_moe_keeps_its_experts(tmp_path, text_file, capsys):
+    hf = hf_moe(vocab_size=50257, norm_topk_prob=True)
+    hf.save_pretrained(tmp_path / "hf")
+    code, out, err = run(["train", str(text_file), "--init-from", str(tmp_path / "hf"), "--max-steps", "2",
+                          "--batch-size", "2", "--context-length", "16", "--eval-every", "2", "--eval-batches", "1",
+                          "--sample-tokens", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")],
+                         capsys)
+    assert code == 0, err
+    assert "2 of 4 experts per token" in out
+    model, _ = load_any(tmp_path / "run")
+    assert (model.cfg.n_experts, model.cfg.experts_per_token, model.cfg.moe_intermediate_size) == (4, 2, 48)
+    src = hf.model.layers[0].mlp.experts.down_proj[3].detach()  # transformers 5 holds the experts stacked
+    assert 0 < (model.layers[0].mlp.experts[3].down_proj.weight - src).abs().max() < 5e-2  # two steps away
+    code, out, err = run(["train", str(text_file), "--init-from", str(tmp_path / "hf"), "--n-experts", "8",
+                          "--out", str(tmp_path / "bad")], capsys)
+    assert code == 1 and "--n-experts 8: the model in" in err
