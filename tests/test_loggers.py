@@ -136,6 +136,10 @@ def test_scalars_names_and_skips():
                  "val_perplexity": float("inf"), "train_bpb": 1.25, "val_bpb": 1.5, "sample": "x", "mfu": 0.3})
     assert s == {"eval/tokens_seen": 96.0, "eval/train_loss": 2.0, "eval/val_loss": 2.5, "eval/train_bpb": 1.25,
                  "eval/val_bpb": 1.5, "eval/mfu": 0.3}
+    moe = scalars({"event": "train", "step": 1, "aux_loss": 0.01, "expert_load": [[0.75, 0.25], [0.5, 0.5]]})
+    assert {k: v for k, v in moe.items() if not k.startswith("system/")} == {
+        "train/aux_loss": 0.01, "train/expert_load/layer0/expert0": 0.75, "train/expert_load/layer0/expert1": 0.25,
+        "train/expert_load/layer1/expert0": 0.5, "train/expert_load/layer1/expert1": 0.5}
 
 
 @pytest.mark.skipif("tensorboard" not in INSTALLED, reason="needs tensorboard: pip install 'gptforge[tensorboard]'")

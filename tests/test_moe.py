@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clirun import run
-from safetensors.torch import load_file
 
 from gptforge import checkpoint as ckpt
 from gptforge.config import ConfigError
@@ -24,6 +23,7 @@ from gptforge.runs.report import load_runs, render
 from gptforge.training import RunConfig, TrainConfig, train
 from gptforge.training.experts import CollapseWatch
 from gptforge.training.optim import hidden_matrices
+from gptforge.weights import load_any
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -174,9 +174,10 @@ def train_records(run_dir):
     return [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["event"] == "train"]
 
 
-@pytest.mark.parametrize("balance, optimizer", [("aux", "adamw"), ("bias", "muon")])
-def test_moe_run_logs_expert_load_and_resumes_bit_for_bit(text_file, tmp_path, balance, optimizer):
-    cfg = tiny_moe_run(text_file, balance, grad_accum=2, optimizer=optimizer)
+@pytest.mark.parametrize("balance, optimizer, checkpoint_format", [("aux", "adamw", "full"), ("bias", "muon", "full"),
+                                                                   ("bias", "adamw", "sharded")])
+def test_moe_run_logs_expert_load_and_resumes_bit_for_bit(text_file, tmp_path, balance, optimizer, checkpoint_format):
+    cfg = tiny_moe_run(text_file, balance, grad_accum=2, optimizer=optimizer, checkpoint_format=checkpoint_format)
     full = tmp_path / "full"
     train(cfg, full, log=lambda *_: None)
     records = train_records(full)
@@ -194,7 +195,7 @@ def test_moe_run_logs_expert_load_and_resumes_bit_for_bit(text_file, tmp_path, b
     train(cfg, cut, resume=True, log=lambda *_: None)
     assert train_records(cut) == [{**r, "tokens_per_s": r2["tokens_per_s"], "mfu": r2["mfu"]}
                                   for r, r2 in zip(records, train_records(cut))]
-    a, b = (load_file(str(ckpt.latest_checkpoint(r) / ckpt.WEIGHTS)) for r in (full, cut))
+    a, b = (load_any(ckpt.latest_checkpoint(r))[0].state_dict() for r in (full, cut))  # full or sharded
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     bias = "layers.0.mlp.expert_bias"
     assert (bias in a) == (balance == "bias")
@@ -256,6 +257,10 @@ def test_cli_trains_a_mixture_of_experts_and_says_its_active_parameters(text_fil
     assert re.search(r"M parameters \(tied head; [\d.]+M active, 2 of 4 experts per token\)", out), out
     toml = (tmp_path / "run" / "config.toml").read_text()
     assert "n_experts = 4" in toml and 'router_balance = "bias"' in toml and "norm_topk_prob = false" in toml
+    code, out, err = run(["eval", str(tmp_path / "run"), str(text_file), "--max-batches", "1", "--json"], capsys)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["tokens"] > 0, err
+    code, out, err = run(["generate", str(tmp_path / "run"), "--prompt", "The", "--max-new-tokens", "3"], capsys)
+    assert code == 0, err
     code, out, err = run(["train", str(text_file), "--preset", "llama-tiny", "--n-experts", "2",
                           "--experts-per-token", "3", "--out", str(tmp_path / "bad")], capsys)
     assert code != 0 and err.strip().splitlines() == [
@@ -290,3 +295,39 @@ def write_dense_run(run_dir):
     (run_dir / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1, "tokens": 64, "train_loss": 5.0})
                                            + "\n")
     return run_dir
+
+
+def test_block_params_count_the_active_experts():
+    """What `plan` and `bench quality` size models by: a mixture of experts' active block parameters."""
+    from gptforge.models import block_params
+    dense, moe = tiny_moe(n_experts=0), tiny_moe(n_experts=4, experts_per_token=2)
+    expert = 3 * 32 * moe.cfg.moe_intermediate_size
+    assert moe.cfg.moe_intermediate_size == dense.cfg.intermediate_size  # an expert is the dense MLP's size
+    assert block_params(moe) == block_params(dense) + 2 * (expert + 4 * 32)  # per layer 2 experts, not 1, a router
+
+
+def test_grad_accumulation_equals_the_whole_batch(text_file, tmp_path):
+    """--router-balance bias: the loss is the cross-entropy alone, and the bias moves by the step's load over
+    all micro-batches, so 2 micro-batches of 2 train as 1 batch of 4. (minimind's aux loss is per micro-batch.)"""
+    runs = {}
+    for name, batch, accum in (("whole", 4, 1), ("accum", 2, 2)):
+        cfg = tiny_moe_run(text_file, "bias", batch_size=batch, grad_accum=accum)
+        cfg.model.drop_rate = 0.0
+        train(cfg, tmp_path / name, log=lambda *_: None)
+        runs[name] = train_records(tmp_path / name)
+    for a, b in zip(runs["whole"], runs["accum"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5) and a["expert_load"] == b["expert_load"]
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_loss_and_gradients():
+    model = tiny_moe(router_aux_loss_coef=0.1).train()
+    x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    params = list(model.parameters())
+    loss = model(x, targets=x)
+    grads = torch.autograd.grad(loss, params)
+    compiled = torch.compile(model)
+    loss2 = compiled(x, targets=x)
+    torch.testing.assert_close(loss2, loss)
+    for g, g2 in zip(grads, torch.autograd.grad(loss2, params)):
+        torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-6)

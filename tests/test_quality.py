@@ -111,9 +111,9 @@ QUICK = ["--emb-dim", "32", "--n-layers", "1", "--head-dim", "16", "--context-le
          "--points", "2", "--minutes", "0.002", "--holdout", "0.005"]
 
 
-@pytest.mark.parametrize("recipe", ["nanogpt", "modern"])
+@pytest.mark.parametrize("recipe", ["nanogpt", "modern", "modern-moe"])
 def test_bench_quality_reports_held_out_bpb(recipe, tmp_path, capsys):
-    extra = ["--tokenizer-vocab", "300"] if recipe == "modern" else []
+    extra = ["--tokenizer-vocab", "300"] if recipe.startswith("modern") else []
     code, out, err = run(["bench", "quality", "--recipe", recipe, *QUICK, *extra, "--out", str(tmp_path / "q")],
                          capsys)
     assert code == 0, err

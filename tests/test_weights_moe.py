@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from clirun import run
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from gptforge.data import DataConfig
 from gptforge.generate import SampleConfig, generate
@@ -63,6 +63,22 @@ def test_qwen3_moe_loads_with_transformers_logits(tmp_path, overrides, shards):
     assert (cfg.n_experts, cfg.experts_per_token, cfg.moe_intermediate_size) == (4, hf.config.num_experts_per_tok, 48)
     assert cfg.norm_topk_prob == overrides["norm_topk_prob"] and cfg.qk_norm and meta["format"] == "hf"
     assert cfg.router_aux_loss_coef == hf.config.router_aux_loss_coef
+    assert_same_model(model, hf)
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_stacked_experts_as_transformers_state_dict_holds_them(tmp_path, fmt):
+    """transformers 5's model.state_dict() (what torch.save of it, or save_file, writes): each layer's experts in
+    two stacked tensors, mlp.experts.gate_up_proj (E, 2I, C) and mlp.experts.down_proj (E, C, I)."""
+    hf = hf_moe(norm_topk_prob=True)
+    sd = hf.state_dict()
+    assert sd["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 96, 32)
+    hf.config.save_pretrained(tmp_path)
+    if fmt == "bin":
+        torch.save(sd, tmp_path / "pytorch_model.bin")
+    else:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))  # untied head
+    model, _ = load_any(tmp_path)
     assert_same_model(model, hf)
 
 
@@ -129,3 +145,21 @@ def test_export_refusals_name_the_setting(tmp_path):
         to_hf(Llama(LlamaConfig(**base)), tmp_path / "a")
     with pytest.raises(WeightsError, match="router_balance bias"):
         to_hf(Llama(LlamaConfig(**base, qk_norm=True, router_balance="bias")), tmp_path / "b")
+
+
+def test_cli_train_init_from_qwen3_moe_keeps_its_experts(tmp_path, text_file, capsys):
+    hf = hf_moe(vocab_size=50257, norm_topk_prob=True)
+    hf.save_pretrained(tmp_path / "hf")
+    code, out, err = run(["train", str(text_file), "--init-from", str(tmp_path / "hf"), "--max-steps", "2",
+                          "--batch-size", "2", "--context-length", "16", "--eval-every", "2", "--eval-batches", "1",
+                          "--sample-tokens", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")],
+                         capsys)
+    assert code == 0, err
+    assert "2 of 4 experts per token" in out
+    model, _ = load_any(tmp_path / "run")
+    assert (model.cfg.n_experts, model.cfg.experts_per_token, model.cfg.moe_intermediate_size) == (4, 2, 48)
+    src = hf.model.layers[0].mlp.experts.down_proj[3].detach()  # transformers 5 holds the experts stacked
+    assert 0 < (model.layers[0].mlp.experts[3].down_proj.weight - src).abs().max() < 5e-2  # two steps away
+    code, out, err = run(["train", str(text_file), "--init-from", str(tmp_path / "hf"), "--n-experts", "8",
+                          "--out", str(tmp_path / "bad")], capsys)
+    assert code == 1 and "--n-experts 8: the model in" in err

@@ -67,8 +67,8 @@ def bench_train(model_cfg, t: TrainConfig, b: BenchConfig, log=print) -> dict:
     peak, peak_source = peak_flops(device, amp.name)
     log(f"device: {device_name(device)}; precision {amp.name}; compile {compile}; "
         f"activation checkpointing {activation_checkpointing}")
-    log(f"model: {spec.matmul_params(model_cfg) / 1e6:.2f}M matmul weights, {fpt / 1e6:.1f} MFLOP per trained token; "
-        f"batch {batch_size} x {T} tokens")
+    log(f"model: {spec.matmul_params(model_cfg) / 1e6:.2f}M matmul weights per token, {fpt / 1e6:.1f} MFLOP per "
+        f"trained token; batch {batch_size} x {T} tokens")
     log(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_source})" if peak else peak_source)
     times = time_steps(step, steps, warmup, device, log)
     if device.type == "cpu":  # a shared CPU's speed drifts: the best peak seen before or after the steps

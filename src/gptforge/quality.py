@@ -40,7 +40,7 @@ CALIBRATION_STEPS = 8
 class QualityConfig:
     """What `gptforge bench quality` trains and for how long."""
 
-    recipe: str = opt("nanogpt", "The recipe to train (training/recipes.py): book, nanogpt or modern.",
+    recipe: str = opt("nanogpt", "The recipe to train (training/recipes.py): book, nanogpt, modern or modern-moe.",
                       choices=tuple(RECIPES))
     minutes: float = opt(5.0, "Minutes of training time (optimizer steps only; start-up and scoring not counted).",
                               low=0, above=True)

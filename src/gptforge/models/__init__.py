@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..config import ConfigError
 from . import gpt2, llama
 from .layers import KVCache
+from .moe import MoE
 
 DEFAULT_ARCH = "gpt2"  # what config.toml files and checkpoints that record no arch hold
 
@@ -131,8 +132,12 @@ def check_settings(spec: ModelSpec, values: dict, where: str) -> None:
 
 def block_params(model: nn.Module) -> int:
     """Parameters in the model's transformer blocks: Kaplan et al.'s non-embedding count (no embedding, head or
-    final norm), what model size means in scaling laws of small models."""
-    return sum(p.numel() for block in spec_for(model.cfg).blocks(model) for p in block.parameters())
+    final norm), what model size means in scaling laws of small models; of a mixture of experts, the active ones
+    (experts_per_token of each layer's experts: what a token's compute runs through)."""
+    blocks = spec_for(model.cfg).blocks(model)
+    idle = sum((m.n_experts - m.k) * sum(p.numel() for p in m.experts[0].parameters())
+               for block in blocks for m in block.modules() if isinstance(m, MoE))
+    return sum(p.numel() for block in blocks for p in block.parameters()) - idle
 
 
 def max_positions(cfg: Any) -> int | None:

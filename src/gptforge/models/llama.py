@@ -129,10 +129,6 @@ class LlamaConfig(SavedConfig):
         if self.n_experts:
             self.moe_intermediate_size = self.moe_intermediate_size or self.intermediate_size
 
-    def active_experts(self) -> int:
-        """Expert MLPs a token runs through in each layer (1 for a dense MLP)."""
-        return self.experts_per_token if self.n_experts else 1
-
 
 
 # minimind's published shapes (jingyaogong/minimind: model/model_minimind.py, its README's table and

@@ -58,7 +58,8 @@ def check_loggers(names: list[str]) -> None:
 def scalars(record: dict) -> dict[str, float]:
     """The numbers of one metrics.jsonl record under tracker tags: {"train/loss": 4.2, ...}."""
     event = record.get("event", "train")
-    out = {}
+    out = {f"{event}/expert_load/layer{i}/expert{e}": float(share)  # a mixture of experts' load, per layer
+           for i, row in enumerate(record.get("expert_load", ())) for e, share in enumerate(row)}
     for key, value in record.items():
         if key in SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue

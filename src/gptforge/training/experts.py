@@ -17,8 +17,9 @@ class ExpertLoad:
 
     def __init__(self, layers: list[MoE]):
         self.layers = layers
-        self.aux = 0.0  # this rank's share of the step's load-balancing loss (as the step's loss is shared)
+        self.aux = 0.0  # the step's load-balancing loss, the mean over ranks (as the step's loss)
         self.counts = torch.zeros(len(layers), layers[0].n_experts, dtype=torch.float64)  # (L, E) routed slots
+        self.sums: torch.Tensor | None = None  # on the model's device: this rank's aux share, then its counts
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ExpertLoad | None:
@@ -26,13 +27,16 @@ class ExpertLoad:
         return cls(layers) if layers else None
 
     def add(self, divisor: float) -> None:
-        """Count the micro-batch the model just ran forward (its loss divided by divisor, as the step's)."""
-        self.counts += torch.stack([m.load for m in self.layers]).cpu()
-        self.aux += sum(float(m.aux.detach()) for m in self.layers if m.aux is not None) / divisor
+        """Count the micro-batch the model just ran forward (its loss divided by divisor, as the step's), on the
+        device: no wait for it until the step's all-reduce."""
+        load = torch.stack([m.load for m in self.layers]).double()  # (L, E)
+        aux = sum((m.aux.detach().double() for m in self.layers if m.aux is not None), load.new_zeros(()))
+        row = torch.cat([(aux / divisor).reshape(1), load.flatten()])
+        self.sums = row if self.sums is None else self.sums + row
 
     def values(self) -> list[float]:
         """What the step's all-reduce sums over ranks: the loss share, then the counts."""
-        return [self.aux, *self.counts.flatten().tolist()]
+        return self.sums.tolist()
 
     def finish(self, summed: list[float], applied: bool) -> dict:
         """Take the sums over ranks; move the routing biases (when the step's update was applied); returns the

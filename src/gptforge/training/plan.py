@@ -87,7 +87,7 @@ MEASURE_STEPS, MEASURE_WARMUP = 5, 1  # per shape; the median counts
 CALIBRATION_STEPS, CALIBRATION_WARMUP = 5, 1  # train --minutes, on the run's own model
 # recipes whose plan (and `bench quality`) trains a byte-level BPE of this many ids on the training text, as the
 # default run does (the others count with GPT-2's tokenizer, as `train --recipe` does)
-TOKENIZER_VOCAB = {"modern": DEFAULT_CORPUS_RUN["tokenizer_vocab"]}
+TOKENIZER_VOCAB = {"modern": DEFAULT_CORPUS_RUN["tokenizer_vocab"], "modern-moe": DEFAULT_CORPUS_RUN["tokenizer_vocab"]}
 
 
 @dataclass
@@ -97,7 +97,7 @@ class PlanConfig:
     minutes: float | None = opt(None, "Minutes of training to plan for (optimizer steps; start-up and evaluations "
                                       "not counted). Required.", low=0, above=True)
     recipe: str = opt("modern", "The recipe (training/recipes.py) whose model family, optimizer and learning rates "
-                                "the plan uses: book, nanogpt or modern.", choices=tuple(RECIPES))
+                                "the plan uses: book, nanogpt, modern or modern-moe.", choices=tuple(RECIPES))
     tokenizer: str | None = opt(None, "Tokenizer to count with, as train's --tokenizer (gpt2 or a tokenizer.json); "
                                       "default: the recipe's (modern: a 4,096-id byte-level BPE trained on the "
                                       "training text; book, nanogpt: gpt2), or a prepared DATA_DIR's own.")

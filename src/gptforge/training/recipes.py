@@ -15,6 +15,8 @@ defaults and the preset; a --config file and flags still win over it.
   decay 0.1 on matrices, warmup + cosine to lr / 10, clipping 1.0.
 - modern: the llama family (rotary, RMSNorm, SwiGLU, QK-norm), Muon for the hidden matrices and
   AdamW for the rest, warmup-stable-decay, attention kept inside documents.
+- modern-moe: modern with each MLP a mixture of 4 experts of the MLP's width, top-1 (minimind-3-moe's router
+  and load-balancing loss): as many active weights per token as modern, 4 times the MLP weights.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ RECIPES: dict[str, dict] = {
         arch="llama", preset="llama-mini", drop_rate=0.0, qk_norm=True, tie_weights=True, init="gpt2",
         optimizer="muon", lr=3e-3, beta1=0.9, beta2=0.95, weight_decay=0.0, schedule="wsd", decay_fraction=0.3,
         grad_clip=1.0, document_mask=True,
+    ),
+    "modern-moe": dict(
+        arch="llama", preset="llama-mini", drop_rate=0.0, qk_norm=True, tie_weights=True, init="gpt2",
+        optimizer="muon", lr=3e-3, beta1=0.9, beta2=0.95, weight_decay=0.0, schedule="wsd", decay_fraction=0.3,
+        grad_clip=1.0, document_mask=True, n_experts=4, experts_per_token=1, router_aux_loss_coef=5e-4,
     ),
 }
 

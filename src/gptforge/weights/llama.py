@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..models.llama import LlamaConfig
-from .plan import Source, hf_names, hf_prefix_in, plan_hf
+from .plan import Entry, Source, hf_names, hf_prefix_in, plan_hf
 from .readers import Reader, TorchReader, WeightsError, positive_int, read_json
 
 NAME = "Llama/Qwen"
@@ -184,7 +184,28 @@ def hf_source(cfg: LlamaConfig, reader: Reader, meta: dict) -> Source:
         ignored.add("lm_head.weight")  # transformers, too, uses the embedding when the head is tied
     if "tokenizer" not in meta and getattr(reader, "metadata", {}).get("gptforge_tokenizer") == "gpt2":
         meta = {**meta, "tokenizer": "gpt2"}  # exported with the GPT-2 tokenizer's vocab.json and merges.txt
-    return Source("hf", cfg, reader, plan_hf(cfg, hf_prefix_in(cfg, reader.shapes)), ignored, meta)
+    prefix = hf_prefix_in(cfg, reader.shapes)
+    return Source("hf", cfg, reader, stacked_experts(plan_hf(cfg, prefix), cfg, prefix, reader.shapes), ignored, meta)
+
+
+def stacked_experts(plan: list[Entry], cfg: LlamaConfig, prefix: str, shapes: dict) -> list[Entry]:
+    """The plan with each expert's matrices taken from a layer's stacked tensors where the file has them
+    (transformers 5's in-memory names, as its state_dict() gives them: mlp.experts.gate_up_proj (E, 2I, C) with
+    gate then up, mlp.experts.down_proj (E, C, I)) instead of one tensor per expert (what save_pretrained writes)."""
+    if not cfg.n_experts or not any(k.endswith("mlp.experts.gate_up_proj") for k in shapes):
+        return plan
+    n, width, C = cfg.n_experts, cfg.moe_intermediate_size, cfg.emb_dim
+    out = []
+    for e in plan:
+        m = re.fullmatch(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", e.ours)
+        if m is None:
+            out.append(e)
+            continue
+        layer, expert, which = m.groups()
+        stack = f"{prefix}layers.{layer}.mlp.experts." + ("down_proj" if which == "down" else "gate_up_proj")
+        out.append(Entry(e.ours, (stack,), "expert", rows=width if which == "up" else 0, expert=int(expert),
+                         stacked=(n, C, width) if which == "down" else (n, 2 * width, C)))
+    return out
 
 
 def is_hf_state_dict(shapes: dict[str, tuple[int, ...]]) -> bool:

@@ -33,6 +33,8 @@ from .readers import Reader, TorchReader
 #   copy: as is   t: transpose (Conv1D -> Linear)   tf: drop the leading axis of 1, transpose
 #   cat: concatenate q, k, v along the output axis (the book's separate W_query, W_key, W_value)
 #   rows: the source has `rows` rows, of which ours are the first (nanoGPT's vocabulary padded to 50,304)
+#   expert: the source stacks experts, shape `stacked`; ours is source[expert, start:start + our rows]
+#           (transformers 5's in-memory mlp.experts.gate_up_proj (E, 2I, C) and down_proj (E, C, I))
 
 
 @dataclass
@@ -40,7 +42,9 @@ class Entry:
     ours: str
     src: tuple[str, ...]
     how: str = "copy"
-    rows: int = 0  # how == "rows": the source tensor's row count
+    rows: int = 0  # how == "rows": the source tensor's row count; how == "expert": the first row taken
+    expert: int = 0  # how == "expert": which expert of the stack
+    stacked: tuple[int, ...] = ()  # how == "expert": the source tensor's shape
 
 
 @dataclass
@@ -146,6 +150,8 @@ def expected(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (shape[0] // len(entry.src), *shape[1:])
     if entry.how == "rows":
         return (entry.rows, *shape[1:])
+    if entry.how == "expert":
+        return entry.stacked
     return shape
 
 
@@ -190,7 +196,10 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _convert(how: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+def _convert(e: Entry, tensors: list[torch.Tensor]) -> torch.Tensor:
+    how = e.how
+    if how == "expert":
+        return _fresh(tensors[0][e.expert, e.rows:e.rows + _expert_rows(e)])
     if how == "cat":
         return _fresh(torch.cat(tensors, dim=0))  # (3C, C) from three (C, C)
     t = tensors[0]
@@ -201,6 +210,11 @@ def _convert(how: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     elif how == "tf":
         t = t[0].t()  # (1, in, out) -> (out, in)
     return _fresh(t)
+
+
+def _expert_rows(e: Entry) -> int:
+    """Rows of one expert's matrix in a stacked source: gate_up_proj holds gate and up, each half of its rows."""
+    return e.stacked[1] // 2 if e.src[0].endswith("gate_up_proj") else e.stacked[1]
 
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -245,7 +259,7 @@ def saved_moments(src: Source, shapes: dict[str, tuple[int, ...]]) -> SavedMomen
             continue
         if any(tuple(p["exp_avg"].shape) != src.reader.shapes[s] for p, s in zip(parts, e.src)):
             return f"its moments of {e.src[0]} do not have the weight's shape {src.reader.shapes[e.src[0]]}"
-        moments = {k: _convert(e.how, [p[k] for p in parts]) for k in ADAM_MOMENTS}
+        moments = {k: _convert(e, [p[k] for p in parts]) for k in ADAM_MOMENTS}
         want = shapes[e.ours]
         out[e.ours] = {"step": torch.as_tensor(parts[0]["step"], dtype=torch.float32).clone(),
                        **{k: v if tuple(v.shape) == want else _fresh(v[:want[0]]) for k, v in moments.items()}}
@@ -266,8 +280,8 @@ def fill(model: nn.Module, src: Source) -> None:
     for e in src.plan:
         groups.setdefault(block_index(e.ours, prefix), []).append(e)
     for _, entries in sorted(groups.items()):
-        tensors = src.reader.read([s for e in entries for s in e.src])
-        sd = {e.ours: _convert(e.how, [tensors[s] for s in e.src]) for e in entries}
+        tensors = src.reader.read(list(dict.fromkeys(s for e in entries for s in e.src)))  # a stack read once
+        sd = {e.ours: _convert(e, [tensors[s] for s in e.src]) for e in entries}
         del tensors
         sd = {k: t if tuple(t.shape) == want[k] else _fresh(t[:want[k][0]]) for k, t in sd.items()}
         model.load_state_dict(sd, strict=False, assign=True)
