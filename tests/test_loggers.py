@@ -114,7 +114,8 @@ def test_logger_flag_choices_and_config_file(tmp_path, capsys, text_file):
     with pytest.raises(SystemExit) as e:
         main(["train", str(text_file), "--config", str(config), "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and err.startswith("gptforge: error: --logger must be one of tensorboard, swanlab, wandb, got 'neptune'")
+    assert e.value.code == 1
+    assert err.startswith("gptforge: error: --logger must be one of tensorboard, swanlab, wandb, got 'neptune'")
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before anything is written
     with pytest.raises(Exception, match="logger must be a list"):
