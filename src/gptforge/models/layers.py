@@ -15,12 +15,17 @@ from dataclasses import asdict, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .. import ops
 from ..errors import ConfigError
 
+try:  # FlexAttention: torch 2.5 and later
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:
+    BlockMask = create_block_mask = flex_attention = None
+
 ATTENTIONS = ("auto", "sdpa", "flex")  # the kernel of packed documents (--attention)
+SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)  # scaled_dot_product_attention's enable_gqa
 
 
 class SavedConfig:
@@ -72,13 +77,16 @@ def uses_flex(attention: str, device: torch.device, dropout_p: float) -> bool:
     """Whether packed documents attend through FlexAttention: --attention flex, or auto on CUDA (where the dense
     mask rules out the flash kernel) without attention dropout (which FlexAttention lacks)."""
     if attention == "flex":
+        if flex_attention is None:
+            raise ConfigError(f"--attention flex needs FlexAttention (torch 2.5 or later; this is torch "
+                              f"{torch.__version__}); use --attention sdpa or auto")
         return True
-    return attention == "auto" and device.type == "cuda" and dropout_p == 0.0
+    return attention == "auto" and device.type == "cuda" and dropout_p == 0.0 and flex_attention is not None
 
 
-def packed_mask(segments: torch.Tensor, attention: str, dropout_p: float) -> torch.Tensor | BlockMask:
+def packed_mask(segments: torch.Tensor, attention: str, dropout_p: float):
     """The mask of packed documents for the chosen kernel: a BlockMask for FlexAttention (uses_flex), else the
-    dense document_mask (B, 1, T, T)."""
+    dense document_mask (B, 1, T, T) (a bool tensor, True: attend)."""
     if not uses_flex(attention, segments.device, dropout_p):
         return document_mask(segments)
     B, T = segments.shape
@@ -95,7 +103,7 @@ def _flex_kernel(device_type: str):
     return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
-def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
     """FlexAttention of q (B, nh, T, hs) over k, v (B, n_kv_heads, T, hs) within block_mask -> (B, nh, T, hs);
     under autocast in its dtype (as scaled_dot_product_attention runs there), else in q's."""
     kind = q.device.type
@@ -108,8 +116,8 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMas
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """scaled_dot_product_attention over n_kv_heads keys and values: on CUDA with enable_gqa (no repeated
-    tensors); elsewhere repeated for each query group (the CPU path as it always ran)."""
-    if q.is_cuda and k.size(1) != q.size(1):
+    tensors; torch 2.5 and later); elsewhere repeated for each query group (the CPU path as it always ran)."""
+    if q.is_cuda and k.size(1) != q.size(1) and SDPA_GQA:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
     n_heads = q.size(1)
     return F.scaled_dot_product_attention(q, repeat_kv(k, n_heads), repeat_kv(v, n_heads), **kwargs)
@@ -117,7 +125,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
                      kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
-                     mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+                     mask=None) -> torch.Tensor:
     """Causal attention of q (B, nh, T, hs) over k, v (B, n_kv_heads, T, hs) -> (B, nh, T, hs).
 
     Without kv, q, k and v are whole sequences (training, scoring). With kv (a layer of a KVCache),
@@ -127,7 +135,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     BlockMask (packed_mask) for FlexAttention.
     """
     n_heads = q.size(1)
-    if isinstance(mask, BlockMask):
+    if BlockMask is not None and isinstance(mask, BlockMask):
         if dropout_p:
             raise ConfigError("--attention flex has no attention dropout: train with --drop-rate 0, or use "
                               "--attention sdpa")
