@@ -95,3 +95,19 @@ def test_eval_and_bench_take_the_flag(tmp_path, capsys):
                           "--document-mask", "--attention", "sdpa", "--batch-size", "2"], capsys)
     assert code == 0, err
     assert "document mask True (attention sdpa)" in out and json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
+
+
+@pytest.mark.slow
+def test_flex_inside_a_compiled_model_equals_the_dense_mask():
+    """--compile with --attention flex: the block mask and FlexAttention traced into the model's graph (about a minute
+    of compiling on a CPU, hence slow) give the dense mask's logits."""
+    torch.manual_seed(0)
+    model = MODELS["llama-gqa-qknorm"]().eval()
+    x = packed_batch()
+    seg = segments_of(x, EOT)
+    with torch.no_grad():
+        model.attention = "sdpa"
+        dense = model(x, segments=seg)
+        model.attention = "flex"
+        compiled = torch.compile(model)(x, segments=seg)
+    torch.testing.assert_close(compiled, dense, rtol=1e-5, atol=1e-5)

@@ -94,7 +94,8 @@ def packed_mask(segments: torch.Tensor, attention: str, dropout_p: float):
     def same_document(b, h, q, kv):  # causal within each document
         return (segments[b, q] == segments[b, kv]) & (q >= kv)
 
-    return create_block_mask(same_document, B, None, T, T, device=segments.device, _compile=segments.is_cuda)
+    compile = segments.is_cuda and not torch.compiler.is_compiling()  # inside --compile's graph it is compiled
+    return create_block_mask(same_document, B, None, T, T, device=segments.device, _compile=compile)
 
 
 @functools.cache
@@ -111,7 +112,8 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch
     q, k, v = (t.to(dtype) for t in (q, k, v))
     with warnings.catch_warnings():  # off CUDA the eager form runs on purpose (tests): no advice to compile
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return _flex_kernel(kind)(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
+        kernel = flex_attention if torch.compiler.is_compiling() else _flex_kernel(kind)  # --compile: in its graph
+        return kernel(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
