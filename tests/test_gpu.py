@@ -60,11 +60,22 @@ def run_losses(text_file, tmp_path, name, **kw):
 # ----------------------------------------------------------------------------- number formats
 
 
+@pytest.fixture(scope="module")
+def fp32_losses(tmp_path_factory):
+    """The train losses of 20 fp32 (TF32) steps, the reference of the half-precision runs."""
+    from pydoc_data.topics import topics
+
+    d = tmp_path_factory.mktemp("fp32")
+    text = d / "corpus.txt"
+    text.write_text("\n\n".join(topics[k] for k in sorted(topics)[:6]), encoding="utf-8")  # conftest's text_file
+    return run_losses(text, d, "fp32", max_steps=20, precision="fp32")
+
+
 @pytest.mark.parametrize("precision, rel", [("bf16", 0.02), ("fp16", 0.01)])
-def test_half_precision_training_follows_fp32(text_file, tmp_path, precision, rel):
+def test_half_precision_training_follows_fp32(text_file, tmp_path, fp32_losses, precision, rel):
     """20 steps under autocast follow the fp32 (TF32) run: every train loss within 2% (bf16) or 1% (fp16,
     with its GradScaler) of fp32's; the rounding compounds over the steps but stays well below the loss's fall."""
-    base = run_losses(text_file, tmp_path, "fp32", max_steps=20, precision="fp32")
+    base = fp32_losses
     half = run_losses(text_file, tmp_path, precision, max_steps=20, precision=precision)
     assert base.keys() == half.keys()
     for step in base:
@@ -250,7 +261,7 @@ def test_bench_train_reports_mfu_on_a_known_gpu():
     from gptforge.perf import gpu_peak_flops
 
     t = TrainConfig(device="cuda", batch_size=4)
-    out = bench_train(MODELS["gpt2"]().cfg, t, BenchConfig(steps=2, warmup=1, document_mask=True), log=lambda *_: None)
+    out = bench_train(MODELS["gpt2"]().cfg, t, BenchConfig(steps=2, warmup=1), log=lambda *_: None)
     assert out["tokens_per_s"] > 0 and out["peak_mem_bytes"] > 0
     assert (out["mfu"] is None) == (gpu_peak_flops(torch.cuda.get_device_name(), "bf16") is None)
 
