@@ -117,9 +117,10 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """scaled_dot_product_attention over n_kv_heads keys and values: on CUDA with enable_gqa (no repeated
-    tensors; torch 2.5 and later); elsewhere repeated for each query group (the CPU path as it always ran)."""
-    if q.is_cuda and k.size(1) != q.size(1) and SDPA_GQA:
+    """scaled_dot_product_attention over n_kv_heads keys and values: on CUDA without a mask with enable_gqa (no
+    repeated tensors; torch 2.5 and later; the flash kernel takes it), else repeated for each query group (a mask
+    leaves the memory-efficient kernel, which does not take enable_gqa; the CPU path as it always ran)."""
+    if q.is_cuda and k.size(1) != q.size(1) and SDPA_GQA and kwargs.get("attn_mask") is None:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
     n_heads = q.size(1)
     return F.scaled_dot_product_attention(q, repeat_kv(k, n_heads), repeat_kv(v, n_heads), **kwargs)
