@@ -128,6 +128,12 @@ CASES = [
     ("bench-train-warmup-negative", "bench train --warmup -1", "--warmup must be at least 0", 1),
     ("bench-train-batch-size-zero", "bench train --batch-size 0", "--batch-size must be at least 1", 1),
     ("bench-train-not-divisible", "bench train --emb-dim 30 --n-heads 4", "must be divisible by --n-heads 4", 1),
+    ("bench-train-flex-with-dropout", "bench train --preset tiny --device cpu --document-mask --attention flex",
+     "--attention flex has no attention dropout: train with --drop-rate 0, or use --attention sdpa", 1),
+    ("bench-train-flex-on-a-cpu", "bench train --preset tiny --drop-rate 0 --device cpu --document-mask "
+     "--attention flex", "--attention flex trains on GPUs only (FlexAttention has no backward on a CPU", 1),
+    ("bench-train-attention-unknown", "bench train --attention flash", "'flash' is not one of 'auto', 'sdpa', 'flex'",
+     2),
     ("bench-generate-batch-size-zero", "bench generate --batch-size 0", "--batch-size must be at least 1", 1),
     ("bench-generate-prompt-tokens-zero", "bench generate --prompt-tokens 0", "--prompt-tokens 0: must be at least 1",
      1),

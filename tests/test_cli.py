@@ -227,7 +227,7 @@ def test_command_flags_are_the_component_dataclasses_fields(capsys):
     wanted = {("eval",): [f.name for f in fields(EvalConfig)],
               ("generate",): [f.name for cls in (GenerateConfig, SampleConfig) for f in fields(cls)],
               ("serve",): [f.name for f in fields(ServeConfig)],
-              ("bench", "train"): ["steps", "warmup", "profile"],
+              ("bench", "train"): ["steps", "warmup", "profile", "document_mask"],
               ("bench", "generate"): ["max_new_tokens", "prompt_tokens"]}
     assert set(wanted[("bench", "train")] + wanted[("bench", "generate")]) == {f.name for f in fields(BenchConfig)}
     for path, names in wanted.items():

@@ -200,3 +200,56 @@ def test_document_mask_and_pad_packing_two_processes_equal_one(tmp_path, paralle
     gptforge(docs, "--out", tmp_path / "two", "--batch-size", "2", "--nproc", "2", "--parallel", parallel, *data,
              *COMMON)
     assert_same_losses(tmp_path / "one", tmp_path / "two", tol=1e-5)
+
+
+FSDP_POLICY = """
+import os
+
+import torch
+import torch.distributed as dist
+
+from gptforge import distributed
+from gptforge.models.llama import Llama, LlamaConfig
+from gptforge.training.step import Precision
+
+device = distributed.setup(torch.device("cpu"))
+torch.manual_seed(0)
+model = Llama(LlamaConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=2))
+model = distributed.wrap(model, device, "fsdp", "bf16")
+seen = []
+model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+x = torch.randint(0, 64, (2, 16))
+with Precision("bf16", device).autocast:
+    loss = model(x, targets=x)
+loss.backward()
+assert seen == [torch.bfloat16], seen  # gathered in bf16 for the forward
+assert all(p.dtype == torch.float32 for p in model.parameters())  # the sharded master weights
+assert all(p.grad.dtype == torch.float32 for p in model.parameters())  # reduced in fp32
+assert model.layers[0]._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16
+dist.barrier()
+distributed.cleanup()
+os._exit(0)
+"""
+
+
+def test_fsdp_bf16_gathers_bf16_parameters_and_keeps_fp32_masters(tmp_path):
+    """--parallel fsdp --precision bf16: the MixedPrecisionPolicy is applied to every block and the root (bf16
+    weights in forward), while the sharded parameters and their reduced gradients stay fp32."""
+    script = tmp_path / "fsdp_policy.py"
+    script.write_text(FSDP_POLICY)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_fsdp_bf16_run_equals_the_fp32_run_within_bf16_tolerance(single):
+    """A 2-process FSDP2 bf16 run (bf16 parameters in compute, fp32 reduction and master weights) follows the
+    1-process fp32 run: 4 steps of the tiny model, every train and val loss within 2e-3 (measured: at most 2e-4 at
+    losses near 10.8; bf16 keeps 8 bits of mantissa, 4e-3 relative rounding per operation, mostly averaging out over
+    the batch's tokens). It is not the fp32 run: the losses differ."""
+    d, text = single
+    run = d / "fsdp-bf16"
+    gptforge(text, "--out", run, "--batch-size", "2", "--nproc", "2", "--parallel", "fsdp", "--precision", "bf16",
+             *COMMON)
+    assert_same_losses(d / "single", run, tol=2e-3)
+    assert [r["train_loss"] for r in records(run, "train")] != [r["train_loss"] for r in records(d / "single", "train")]

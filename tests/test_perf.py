@@ -32,6 +32,9 @@ def test_gpu_peak_table_by_name():
     assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 156e12  # TF32
+    assert gpu_peak_flops("NVIDIA H200", "bf16") == gpu_peak_flops("NVIDIA GH200 480GB", "bf16") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 NVL", "bf16") == 835e12
+    assert gpu_peak_flops("NVIDIA L40S", "bf16") == 362e12 and gpu_peak_flops("NVIDIA L4", "bf16") == 121e12
     assert gpu_peak_flops("NVIDIA GeForce GTX 1080", "bf16") is None  # unknown: no guess
 
 

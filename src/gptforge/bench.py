@@ -40,6 +40,8 @@ class BenchConfig:
     profile: bool = opt(False, "Also profile one step and print torch.profiler's op table.")
     max_new_tokens: int = opt(200, "Tokens to generate per row.")
     prompt_tokens: int = opt(10, "Length of the (random) prompt.")
+    document_mask: bool = opt(False, "bench train: attention masked at documents (as train --document-mask), "
+                                     "an end-of-text token (id 0) about every 256 random tokens.")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -59,14 +61,15 @@ def bench_train(model_cfg, t: TrainConfig, b: BenchConfig, log=print) -> dict:
     if device.type == "cpu":
         keep_freed_cpu_memory()  # as train.train does
     check_memory(model_cfg, t, device)  # refused before anything is allocated
-    step = RandomSteps.setup(model_cfg, t, device)  # set up as train.train does
+    step = RandomSteps.setup(model_cfg, t, device, 0 if b.document_mask else None)  # set up as train.train does
     amp = step.amp
     T = model_cfg.context_length
     spec = spec_for(model_cfg)
     fpt = spec.flops_per_token(model_cfg)
     peak, peak_source = peak_flops(device, amp.name)
     log(f"device: {device_name(device)}; precision {amp.name}; compile {compile}; "
-        f"activation checkpointing {activation_checkpointing}")
+        f"activation checkpointing {activation_checkpointing}; document mask {b.document_mask} "
+        f"(attention {t.attention})")
     log(f"model: {spec.matmul_params(model_cfg) / 1e6:.2f}M matmul weights per token, {fpt / 1e6:.1f} MFLOP per "
         f"trained token; batch {batch_size} x {T} tokens")
     log(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_source})" if peak else peak_source)

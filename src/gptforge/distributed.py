@@ -82,20 +82,35 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, device: torch.device, parallel: str) -> torch.nn.Module:
-    """DistributedDataParallel (default) or FSDP2 (`fully_shard`) around the model; as is for one process."""
+def wrap(model: torch.nn.Module, device: torch.device, parallel: str, precision: str = "fp32") -> torch.nn.Module:
+    """DistributedDataParallel (default) or FSDP2 (`fully_shard`) around the model; as is for one process.
+
+    FSDP2 under precision bf16 (the resolved name, training.step.Precision) shards with a MixedPrecisionPolicy:
+    each block's parameters are gathered in bf16 for forward and backward, gradients are reduced in fp32, and the
+    sharded fp32 parameters stay the master weights the optimizer steps."""
     if not is_distributed():
         return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        policy = fsdp_policy(precision)
         for block in spec_for(model.cfg).blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def fsdp_policy(precision: str):
+    """FSDP2's MixedPrecisionPolicy for a precision: bf16 parameters in compute and fp32 gradient reduction under
+    bf16; otherwise the parameters' own dtype throughout (fp16 keeps autocast and its GradScaler)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
 
 
 def checkpoint_blocks(model: torch.nn.Module) -> None:

@@ -18,8 +18,11 @@ import torch
 
 from .errors import ConfigError
 
-# Dense peak TFLOP/s by GPU name (bf16/fp16 tensor cores; TF32 is half of it on these parts).
-GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense peak TFLOP/s by GPU name (bf16/fp16 tensor cores, no sparsity; TF32 is half of it on these parts), from
+# NVIDIA's data sheets (their "with sparsity" figures halved). A name is matched by the first key it contains: the
+# variants come before the family (H100 PCIe and NVL before H100, L40S before L4).
+GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0,
+                   "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None) -> float | None:
@@ -42,7 +45,7 @@ def device_name(device: torch.device) -> str:
 
 def gpu_peak_flops(name: str, precision: str) -> float | None:
     """Peak FLOP/s of a GPU from the table, or None for a GPU not in it."""
-    for key, tflops in GPU_PEAK_TFLOPS.items():  # "H100 PCIe" is checked before "H100"
+    for key, tflops in GPU_PEAK_TFLOPS.items():  # in order: "H100 PCIe" is checked before "H100"
         if key.lower() in name.lower():
             return tflops * 1e12 / (2 if precision == "fp32" else 1)  # fp32 matmuls run as TF32
     return None

@@ -244,7 +244,7 @@ def generate(source: str, which: str | None, **flags) -> None:
 # ----------------------------------------------------------------------------- bench
 
 BENCH_GENERATE_DEFAULTS = {"batch_size": 1, "seed": 0}  # one prompt, greedy: what a user's generate does
-BENCH_TRAIN_FLAGS = ("batch_size", "precision", "compile", "activation_checkpointing", "device", "seed")
+BENCH_TRAIN_FLAGS = ("batch_size", "precision", "compile", "activation_checkpointing", "device", "seed", "attention")
 
 
 @cli.group()
@@ -268,7 +268,7 @@ def _bench_model(arch: str | None, preset: str | None, flags: dict):
 @preset_option
 @dataclass_options(ModelSettings)
 @dataclass_options(TrainConfig, only=BENCH_TRAIN_FLAGS)
-@dataclass_options(BenchConfig, only=("steps", "warmup", "profile"))
+@dataclass_options(BenchConfig, only=("steps", "warmup", "profile", "document_mask"))
 def bench_train_cmd(arch: str | None, preset: str | None, **flags) -> None:
     """Training speed on random tokens: tokens/s, ms/step, MFU, peak memory.
 

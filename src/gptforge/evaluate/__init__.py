@@ -21,7 +21,7 @@ import torch
 from .. import ops
 from ..config import ConfigError, check_fields, opt
 from ..data import Batches, TokenWindows, check_windows, document_eot, eval_tokens
-from ..devices import device_opt, pick_device
+from ..devices import attention_opt, device_opt, pick_device
 from ..distributed import all_sum
 from ..errors import DataError
 from ..models.layers import cross_entropy
@@ -50,6 +50,7 @@ class EvalConfig:
         "metavar": "NAME=FILE"})
     document_mask: bool = opt(False, "Score each end-of-text-separated document of a window on its own "
                                      "(as train --document-mask trains).")
+    attention: str = attention_opt()
     split: str | None = opt(None, "With a directory made by `gptforge prepare`: the split to score, val or train; "
                                   "default: val.", choices=("val", "train"))
     device: str = device_opt()
@@ -189,6 +190,7 @@ def evaluate_text(source, data: Iterable[str], cfg: EvalConfig, warn=None) -> Ev
         raise
     device = pick_device(cfg.device)
     model, tokenizer, _ = load_for_text(source, device, tokenizer=cfg.tokenizer)
+    model.attention = cfg.attention
     ctx = cfg.context_length or model.cfg.context_length
     if ctx > model.cfg.context_length:
         raise ConfigError(f"--context-length {ctx} must be between 1 and the model's {model.cfg.context_length}")

@@ -25,8 +25,8 @@ from .layers import (
     Linear,
     SavedConfig,
     cross_entropy,
-    document_mask,
     document_positions,
+    packed_mask,
     padded_rows,
     vocab_padding_hooks,
 )
@@ -130,6 +130,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
+        self.attention = "auto"  # the kernel of packed documents (layers.ATTENTIONS): a runtime choice, not saved
         self.padded_vocab = padded_rows(cfg.vocab_size, cfg.pad_vocab)
         self.wte = nn.Embedding(self.padded_vocab, cfg.emb_dim)
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
@@ -179,7 +180,8 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         mask = None
         if segments is not None:
-            layout = document_positions(segments), document_mask(segments)  # (B, T), (B, 1, T, T)
+            drop = self.cfg.drop_rate if self.training else 0.0
+            layout = document_positions(segments), packed_mask(segments, self.attention, drop)
         if layout is not None:
             assert cache is None, "packed rows are whole sequences: no KV cache"
             pos, mask = layout

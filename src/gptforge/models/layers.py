@@ -8,6 +8,8 @@ n_heads // n_kv_heads query heads. The projections are ``nn.Linear`` (weight sha
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import asdict, fields
 
 import torch
@@ -16,6 +18,14 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import ConfigError
+
+try:  # FlexAttention: torch 2.5 and later
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:
+    BlockMask = create_block_mask = flex_attention = None
+
+ATTENTIONS = ("auto", "sdpa", "flex")  # the kernel of packed documents (--attention)
+SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)  # scaled_dot_product_attention's enable_gqa
 
 
 class SavedConfig:
@@ -63,22 +73,85 @@ def document_mask(segments: torch.Tensor) -> torch.Tensor:
     return (segments[:, :, None] == segments[:, None, :]).logical_and_(causal)[:, None]  # (B, 1, T, T)
 
 
+def uses_flex(attention: str, device: torch.device, dropout_p: float) -> bool:
+    """Whether packed documents attend through FlexAttention: --attention flex, or auto on CUDA (where the dense
+    mask rules out the flash kernel) without attention dropout (which FlexAttention lacks)."""
+    if attention == "flex":
+        if flex_attention is None:
+            raise ConfigError(f"--attention flex needs FlexAttention (torch 2.5 or later; this is torch "
+                              f"{torch.__version__}); use --attention sdpa or auto")
+        return True
+    return attention == "auto" and device.type == "cuda" and dropout_p == 0.0 and flex_attention is not None
+
+
+def packed_mask(segments: torch.Tensor, attention: str, dropout_p: float):
+    """The mask of packed documents for the chosen kernel: a BlockMask for FlexAttention (uses_flex), else the
+    dense document_mask (B, 1, T, T) (a bool tensor, True: attend)."""
+    if not uses_flex(attention, segments.device, dropout_p):
+        return document_mask(segments)
+    B, T = segments.shape
+
+    def same_document(b, h, q, kv):  # causal within each document
+        return (segments[b, q] == segments[b, kv]) & (q >= kv)
+
+    compile = segments.is_cuda and not torch.compiler.is_compiling()  # inside --compile's graph it is compiled
+    return create_block_mask(same_document, B, None, T, T, device=segments.device, _compile=compile)
+
+
+@functools.cache
+def _flex_kernel(device_type: str):
+    """flex_attention compiled (once per shape: dynamic=False) on CUDA; its eager form elsewhere (forward only)."""
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """FlexAttention of q (B, nh, T, hs) over k, v (B, n_kv_heads, T, hs) within block_mask -> (B, nh, T, hs);
+    under autocast in its dtype (as scaled_dot_product_attention runs there), else in q's."""
+    kind = q.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else q.dtype
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    with warnings.catch_warnings():  # off CUDA the eager form runs on purpose (tests): no advice to compile
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        kernel = flex_attention if torch.compiler.is_compiling() else _flex_kernel(kind)  # --compile: in its graph
+        return kernel(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """scaled_dot_product_attention over n_kv_heads keys and values: on CUDA without a mask with enable_gqa (no
+    repeated tensors; torch 2.5 and later; the flash kernel takes it), else repeated for each query group (a mask
+    leaves the memory-efficient kernel, which does not take enable_gqa; the CPU path as it always ran)."""
+    if q.is_cuda and k.size(1) != q.size(1) and SDPA_GQA and kwargs.get("attn_mask") is None:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    n_heads = q.size(1)
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n_heads), repeat_kv(v, n_heads), **kwargs)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
                      kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
+                     mask=None) -> torch.Tensor:
     """Causal attention of q (B, nh, T, hs) over k, v (B, n_kv_heads, T, hs) -> (B, nh, T, hs).
 
     Without kv, q, k and v are whole sequences (training, scoring). With kv (a layer of a KVCache),
     they hold positions pos..pos+T-1: k and v are written into the cache, and the queries attend to
-    every cached position up to their own. A mask (B, 1, T, T; document_mask) restricts whole sequences
-    further (packed documents); it goes to scaled_dot_product_attention, which picks the kernel.
+    every cached position up to their own. A mask restricts whole sequences further (packed documents):
+    dense (B, 1, T, T; document_mask) for scaled_dot_product_attention, which picks the kernel, or a
+    BlockMask (packed_mask) for FlexAttention.
     """
     n_heads = q.size(1)
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        if dropout_p:
+            raise ConfigError("--attention flex has no attention dropout: train with --drop-rate 0, or use "
+                              "--attention sdpa")
+        if q.device.type == "cpu" and q.requires_grad:
+            raise ConfigError("--attention flex trains on GPUs only (FlexAttention has no backward on a CPU in "
+                              f"torch {torch.__version__}); use --attention sdpa or auto")
+        return flex(q, k, v, mask)
     if mask is not None:
         assert kv is None, "packed documents are whole sequences: no KV cache"
-        return F.scaled_dot_product_attention(q, repeat_kv(k, n_heads), repeat_kv(v, n_heads), attn_mask=mask,
-                                              dropout_p=dropout_p)
+        return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if kv is None:
+        if q.is_cuda:
+            return sdpa(q, k, v, dropout_p=dropout_p, is_causal=True)
         return ops.causal_attention(q, repeat_kv(k, n_heads), repeat_kv(v, n_heads), dropout_p)
     T = q.size(2)
     k_all, v_all = kv  # (B, n_kv_heads, T_max, hs)
@@ -88,8 +161,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     mask = None
     if pos > 0 and T > 1:  # query i (at pos + i) sees keys 0..pos + i
         mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
-    return F.scaled_dot_product_attention(q, repeat_kv(k, n_heads), repeat_kv(v, n_heads), attn_mask=mask,
-                                          dropout_p=dropout_p, is_causal=pos == 0)
+    return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=pos == 0)
 
 
 class CausalSelfAttention(nn.Module):

@@ -28,8 +28,8 @@ from .layers import (
     SavedConfig,
     SwiGLU,
     cross_entropy,
-    document_mask,
     document_positions,
+    packed_mask,
     padded_rows,
     rotary_tables,
     vocab_padding_hooks,
@@ -178,6 +178,7 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
+        self.attention = "auto"  # the kernel of packed documents (layers.ATTENTIONS): a runtime choice, not saved
         self.padded_vocab = padded_rows(cfg.vocab_size, cfg.pad_vocab)
         self.embed_tokens = nn.Embedding(self.padded_vocab, cfg.emb_dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -215,7 +216,8 @@ class Llama(nn.Module):
         start = cache.pos if cache is not None else 0
         pos, mask = torch.arange(start, start + T, device=idx.device), None
         if segments is not None:
-            layout = document_positions(segments), document_mask(segments)  # (B, T), (B, 1, T, T)
+            drop = self.cfg.drop_rate if self.training else 0.0
+            layout = document_positions(segments), packed_mask(segments, self.attention, drop)
         if layout is not None:
             assert cache is None, "packed rows are whole sequences: no KV cache"
             pos, mask = layout

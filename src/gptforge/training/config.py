@@ -18,7 +18,7 @@ from .. import distributed as dist
 from ..checkpoint import CHECKPOINTS, CONFIG, check_writable, saved_run_config
 from ..config import SEED_MAX, ConfigError, build, check_field, check_fields, check_toml, opt, read_toml, to_toml_dict
 from ..data import DataConfig, data_defaults, prepared_dir
-from ..devices import DEVICES
+from ..devices import DEVICES, attention_opt
 from ..evaluate.tasks import TASKS
 from ..models import DEFAULT_ARCH, ModelSettings, ModelSpec, check_settings, get_spec, preset_arch, spec_for
 from ..models.gpt2 import GPTConfig
@@ -131,6 +131,7 @@ class TrainConfig:
         "choices": LOGGERS})
     precision: str = opt("auto", "auto: bf16 autocast on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU.",
                          choices=PRECISIONS)
+    attention: str = attention_opt()
     compile: bool = opt(False, "Compile the model with torch.compile (checkpoints stay plain model weights).")
     activation_checkpointing: bool = opt(False, "Recompute each block's activations in backward: less memory, "
                                                 "about a third more compute.")

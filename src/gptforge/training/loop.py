@@ -201,7 +201,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print,
     resumed = restored is not None
     if main and not resumed:
         run_dir.mkdir(parents=True, exist_ok=True)
-    model = dist.wrap(model, device, t.parallel)
+    model = dist.wrap(model, device, t.parallel, amp.name)
     core = dist.unwrap(model)  # the GPT itself: evaluation, sampling, saving (no _orig_mod. prefixes)
     step_model = torch.compile(model) if t.compile else model  # what the training step calls
     optimizer = start_optimizer(cfg, model, device, restored, warn)  # fresh, resumed, or --init-from's moments

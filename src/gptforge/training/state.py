@@ -262,6 +262,7 @@ def build_model(cfg: RunConfig, device: torch.device, resume: bool, log) -> torc
         model = build(cfg.model).to(device)
         if cfg.train.init == "torch":
             torch_default_init(model)
+    model.attention = cfg.train.attention
     if dist.world_size() > 1:
         torch.manual_seed(cfg.train.seed + 1000 * dist.rank())  # same initial weights, a dropout stream per rank
     if cfg.train.activation_checkpointing:

@@ -103,11 +103,15 @@ class Precision:
         return loss_sum, grad_norm
 
 
+DOCUMENT_TOKENS = 256  # RandomSteps with an end-of-text id: the mean length of its random documents
+
+
 @dataclass
 class RandomSteps:
     """Optimizer steps of a freshly built model on fixed random tokens, set up as train() sets a run up: the seed,
     activation checkpointing, torch.compile, the run's optimizer (AdamW or Muon) and precision, --grad-accum
-    micro-batches of --batch-size windows, and --document-mask's end-of-text id. Calling it takes one step."""
+    micro-batches of --batch-size windows, and --document-mask's end-of-text id (placed at random: documents of
+    DOCUMENT_TOKENS on average). Calling it takes one step."""
 
     model: torch.nn.Module
     step_model: torch.nn.Module  # the compiled model with --compile
@@ -121,12 +125,17 @@ class RandomSteps:
     def setup(cls, model_cfg, t: TrainConfig, device: torch.device, eot_id: int | None = None) -> RandomSteps:
         torch.manual_seed(t.seed)
         model = build(model_cfg).to(device)
+        model.attention = t.attention
         if t.activation_checkpointing:
             dist.checkpoint_blocks(model)
         g = torch.Generator().manual_seed(t.seed)
         shape = (t.batch_size, model_cfg.context_length)
-        micro_batches = [tuple(torch.randint(0, model_cfg.vocab_size, shape, generator=g).to(device) for _ in "xy")
-                         for _ in range(t.grad_accum)]
+        micro_batches = []
+        for _ in range(t.grad_accum):
+            x, y = (torch.randint(0, model_cfg.vocab_size, shape, generator=g) for _ in "xy")
+            if eot_id is not None:  # packed documents of about DOCUMENT_TOKENS tokens each
+                x[torch.rand(shape, generator=g) < 1 / DOCUMENT_TOKENS] = eot_id
+            micro_batches.append((x.to(device), y.to(device)))
         model.train()
         return cls(model, torch.compile(model) if t.compile else model, build_optimizer(model, t, device),
                    Precision(t.precision, device), micro_batches, t.grad_clip, eot_id)
