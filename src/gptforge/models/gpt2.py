@@ -13,20 +13,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import ops
 from ..config import check_fields, flag
 from ..errors import ConfigError
+from .decoder import Decoder
 from .layers import (
     MLP,
     CausalSelfAttention,
-    KVCache,
     Linear,
     SavedConfig,
-    cross_entropy,
-    document_positions,
-    packed_mask,
     padded_rows,
     vocab_padding_hooks,
 )
@@ -126,7 +122,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(Decoder):
+    """GPT-2: learned positions, pre-LayerNorm blocks, GELU MLP (names as GPT-2's: wte, wpe, h, ln_f)."""
+
+    EMBEDDING, BLOCKS, NORM = "wte", "h", "ln_f"
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
@@ -155,61 +155,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def tie(self) -> None:
-        """Share the head with the embedding again (after parameters were assigned one by one)."""
-        if self.cfg.tie_weights:
-            self.lm_head.weight = self.wte.weight
+    def check_length(self, length: int, layout: tuple | None) -> None:
+        if length > self.cfg.context_length and layout is None:  # a layout's positions are its own
+            raise IndexError(f"sequence of {length} tokens is longer than the model's context_length "
+                             f"{self.cfg.context_length}")
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, targets: torch.Tensor | None = None,
-                loss=cross_entropy, segments: torch.Tensor | None = None,
-                layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size); with targets (B, T), loss(hidden, head weight, targets,
-        vocab_size) (evaluate.lm_loss picks the kernel). With a cache, idx continues the cached positions, and
-        their keys and values are added to it. With segments (B, T), the document number of each token (packed
-        documents), positions restart at each document and attention stays inside it. A layout (positions (B, T),
-        attention mask (B, 1, T, T), True: attend) places the tokens freely (evaluate.loglikelihood: one context
-        and the continuations that share it in one row).
-        """
-        B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.context_length and layout is None:  # a layout's positions are its own
-            raise IndexError(
-                f"sequence of {start + T} tokens is longer than the model's context_length "
-                f"{self.cfg.context_length}"
-            )
-        pos = torch.arange(start, start + T, device=idx.device)
-        mask = None
-        if segments is not None:
-            drop = self.cfg.drop_rate if self.training else 0.0
-            layout = document_positions(segments), packed_mask(segments, self.attention, drop)
-        if layout is not None:
-            assert cache is None, "packed rows are whole sequences: no KV cache"
-            pos, mask = layout
-        # Tied weights on a CPU: the look-up's gradient is sparse (T rows), added to the head's dense
-        # one, instead of a dense (vocab x C) zero matrix with T rows filled in and then added.
-        sparse = self.cfg.tie_weights and torch.is_grad_enabled() and ops.use_cpu_kernels(self.wte.weight)
-        tok = F.embedding(idx, self.wte.weight, sparse=sparse)
-        x = ops.dropout(tok + self.wpe(pos), self.cfg.drop_rate, self.training)  # (B, T, C)
-        for i, block in enumerate(self.h):
-            if cache is not None:
-                x = block(x, cache.layer(i), start)
-            else:
-                x = block(x, mask=mask)
-        if cache is not None:
-            cache.advance(T)
-        x = self.ln_f(x)
-        if targets is not None:
-            return loss(x, self.lm_head.weight, targets, self.cfg.vocab_size)
-        logits = self.lm_head(x)  # (B, T, padded_vocab)
-        return logits[..., : self.cfg.vocab_size] if self.padded_vocab != self.cfg.vocab_size else logits
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor, masked: bool) -> tuple[torch.Tensor, dict]:
+        """Token + learned position embeddings, dropout; the blocks take nothing else."""
+        return ops.dropout(self.look_up(idx) + self.wpe(pos), self.cfg.drop_rate, self.training), {}
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Distinct parameters; with non_embedding, without the position embeddings."""
-        n = sum(p.numel() for p in self.parameters())  # parameters() yields tied tensors once
-        n -= (self.padded_vocab - self.cfg.vocab_size) * self.cfg.emb_dim * (1 if self.cfg.tie_weights else 2)
-        if non_embedding:
-            n -= self.wpe.weight.numel()
-        return n
+        return super().num_params() - (self.wpe.weight.numel() if non_embedding else 0)
 
 
 def blocks(model: GPT) -> nn.ModuleList:

@@ -15,21 +15,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .. import ops
 from ..config import check_fields, flag
 from ..errors import ConfigError
+from .decoder import Decoder
 from .layers import (
     GroupedQueryAttention,
-    KVCache,
     Linear,
     RMSNorm,
     SavedConfig,
     SwiGLU,
-    cross_entropy,
-    document_positions,
-    packed_mask,
     padded_rows,
     rotary_tables,
     vocab_padding_hooks,
@@ -174,7 +169,12 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
+class Llama(Decoder):
+    """Llama/Qwen3: rotary positions, pre-RMSNorm blocks, grouped-query attention, SwiGLU or a mixture of experts
+    (Hugging Face's names without `model.`: embed_tokens, layers, norm)."""
+
+    EMBEDDING, BLOCKS, NORM = "embed_tokens", "layers", "norm"
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
@@ -199,45 +199,13 @@ class Llama(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def tie(self) -> None:
-        """Share the head with the embedding again (after parameters were assigned one by one)."""
-        if self.cfg.tie_weights:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, targets: torch.Tensor | None = None,
-                loss=cross_entropy, segments: torch.Tensor | None = None,
-                layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size); with targets (B, T), loss(hidden, head weight, targets,
-        vocab_size). With a cache, idx continues the cached positions, and their keys and values are added to it.
-        With segments (B, T), the document number of each token (packed documents), rotary positions restart at
-        each document and attention stays inside it. A layout (positions (B, T), attention mask (B, 1, T, T), True:
-        attend) places the tokens freely (evaluate.loglikelihood: a context and its continuations in one row)."""
-        B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        pos, mask = torch.arange(start, start + T, device=idx.device), None
-        if segments is not None:
-            drop = self.cfg.drop_rate if self.training else 0.0
-            layout = document_positions(segments), packed_mask(segments, self.attention, drop)
-        if layout is not None:
-            assert cache is None, "packed rows are whole sequences: no KV cache"
-            pos, mask = layout
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor, masked: bool) -> tuple[torch.Tensor, dict]:
+        """Token embeddings; every block takes the rotary tables of the positions: (T, hs), or (B, 1, T, hs)."""
         cos, sin = rotary_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, self.embed_tokens.weight.dtype)
-        rope = (cos, sin) if mask is None else (cos[:, None], sin[:, None])  # (T, hs) or (B, 1, T, hs)
-        sparse = self.cfg.tie_weights and torch.is_grad_enabled() and ops.use_cpu_kernels(self.embed_tokens.weight)
-        x = F.embedding(idx, self.embed_tokens.weight, sparse=sparse)  # (B, T, C)
-        for i, block in enumerate(self.layers):
-            x = block(x, rope, cache.layer(i), start) if cache is not None else block(x, rope=rope, mask=mask)
-        if cache is not None:
-            cache.advance(T)
-        x = self.norm(x)
-        if targets is not None:
-            out = loss(x, self.lm_head.weight, targets, self.cfg.vocab_size)
-            aux = self.aux_loss()
-            return out if aux is None else out + aux
-        logits = self.lm_head(x)  # (B, T, padded_vocab)
-        return logits[..., : self.cfg.vocab_size] if self.padded_vocab != self.cfg.vocab_size else logits
+        rope = (cos[:, None], sin[:, None]) if masked else (cos, sin)
+        return self.look_up(idx), {"rope": rope}
 
-    def aux_loss(self) -> torch.Tensor | None:
+    def extra_loss(self) -> torch.Tensor | None:
         """The sum over layers of the mixture-of-experts load-balancing losses of the last forward in training
         (minimind's reduction), or None: a dense model, evaluation, or --router-balance bias."""
         if not (self.training and self.cfg.n_experts and self.cfg.router_balance == "aux"):
@@ -247,8 +215,7 @@ class Llama(nn.Module):
     def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Distinct parameters (no position embeddings to leave out: non_embedding changes nothing); active: those
         one token runs through (experts_per_token of each layer's experts)."""
-        n = sum(p.numel() for p in self.parameters())  # parameters() yields tied tensors once
-        n -= (self.padded_vocab - self.cfg.vocab_size) * self.cfg.emb_dim * (1 if self.cfg.tie_weights else 2)
+        n = super().num_params()
         if active and self.cfg.n_experts:
             idle = self.cfg.n_experts - self.cfg.experts_per_token
             n -= idle * self.cfg.n_layers * 3 * self.cfg.emb_dim * self.cfg.moe_intermediate_size
