@@ -111,3 +111,27 @@ def test_flex_inside_a_compiled_model_equals_the_dense_mask():
         model.attention = "flex"
         compiled = torch.compile(model)(x, segments=seg)
     torch.testing.assert_close(compiled, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_train_on_a_cpu_auto_is_sdpa_bit_for_bit(tmp_path):
+    """`train --document-mask`: --attention auto trains exactly as sdpa on a CPU (nothing changes there), and the
+    choice is saved in config.toml's [train], not in the model's settings."""
+    from pydoc_data.topics import topics
+
+    from test_train import losses, tiny_run
+
+    from gptforge.data import DataConfig
+    from gptforge.training import train
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(topics[k] for k in sorted(topics)[:6]), encoding="utf-8")
+    runs = {}
+    for kind in ("auto", "sdpa"):
+        cfg = tiny_run(text, max_steps=3, eval_every=3, sample_tokens=0, attention=kind)
+        cfg.data = DataConfig(val_fraction=0.1, document_mask=True)
+        train(cfg, tmp_path / kind, log=lambda *_: None)
+        runs[kind] = losses(tmp_path / kind)
+    assert runs["auto"] == runs["sdpa"]
+    saved = (tmp_path / "sdpa" / "config.toml").read_text()
+    assert 'attention = "sdpa"' in saved.split("[train]")[1] and "attention" not in saved.split("[model]")[1].split(
+        "[")[0]
