@@ -1,5 +1,5 @@
 """The shape of the code: no import cycles (imports inside functions count), no function over 100 lines, and no
-file copied from another project."""
+file that is not ours (a foreign licence header or licence file)."""
 
 import ast
 import re
@@ -18,6 +18,7 @@ OURS = ("src", "tests", "benchmarks", "docs")  # everything in them is written b
 FOREIGN_HEADER = re.compile(r"Copyright\s+(\(c\)|©|\d{4}).*|SPDX-License-Identifier\s*:|Permission is hereby granted,"
                             r"\s+free of charge|Licensed under the\s+\w+|All rights\s+reserved", re.IGNORECASE)
 LICENCE_FILES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
+MARK = "Copy" + "right"  # the planted headers below are built from parts: this file holds none
 
 
 def module_name(path: Path, root: Path = SRC) -> str:
@@ -126,11 +127,11 @@ def test_the_copy_check_catches_what_it_looks_for(tmp_path):
     this file does not match itself); ours and the make_*.py scripts are not."""
     for top in OURS:
         (tmp_path / top).mkdir()
-    (tmp_path / "src" / "ours.py").write_text("# Copyright (c) 2026 the gptforge authors\nx = 1  # copied text\n")
+    (tmp_path / "src" / "ours.py").write_text(f"# {MARK} (c) 2026 the gptforge authors\nx = 1\n")
     assert copied_files(tmp_path) == []
-    (tmp_path / "src" / "vendored.py").write_text("# Copyright" " (c) 2019 Example Vendor Ltd\nimport torch\n")
-    (tmp_path / "benchmarks" / "util.py").write_text("# SPDX-License-Identifier" ": Apache-2.0\n")
-    (tmp_path / "docs" / "notes.md").write_text("All rights" " reserved by Example Vendor Ltd\n")
+    (tmp_path / "src" / "vendored.py").write_text(f"# {MARK} (c) 2019 Example Vendor Ltd\nimport torch\n")
+    (tmp_path / "benchmarks" / "util.py").write_text("# " + "-".join(("SPDX", "License", "Identifier")) + ": X\n")
+    (tmp_path / "docs" / "notes.md").write_text(" ".join(("All", "rights", "reserved by Example Vendor Ltd\n")))
     (tmp_path / "tests" / "data" / "other").mkdir(parents=True)
     (tmp_path / "tests" / "data" / "other" / "model.py").write_text("class GPT: ...\n")
     (tmp_path / "tests" / "data" / "make_it.py").write_text("print('the data beside me')\n")
