@@ -113,3 +113,83 @@ def test_linear_few_rows_equals_f_linear(out_features, shape, bias):
     ops.linear(x1, w, b).sum().backward()  # with gradients: F.linear itself, to the bit
     F.linear(x2, w, b).sum().backward()
     assert torch.equal(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("nh,nkv,length", [(8, 4, 300), (4, 4, 1), (6, 2, 17)])
+def test_decode_attention_equals_sdpa_over_repeated_heads(nh, nkv, length):
+    """One query per sequence over grouped keys and values = scaled_dot_product_attention over repeated ones."""
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(3, nh, 1, 16, generator=g)
+    k, v = (torch.randn(3, nkv, length, 16, generator=g) for _ in range(2))
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1))
+    torch.testing.assert_close(ops.decode_attention(q, k, v), want, rtol=1e-5, atol=1e-6)
+
+
+class FakeClock:
+    """A clock whose steps take the seconds a table gives for the current thread count (no real time passes)."""
+
+    def __init__(self, seconds_per_threads: dict[int, float]):
+        self.cost, self.now, self.started = seconds_per_threads, 0.0, None
+
+    def __call__(self) -> float:
+        if self.started is None:  # the start of a step: its end will be this step's cost later
+            self.started = self.now
+        else:
+            self.now, self.started = self.now + self.cost[torch.get_num_threads()], None
+        return self.now
+
+
+def test_decode_threads_picks_the_faster_and_probes_the_other():
+    before = torch.get_num_threads()
+    clock = FakeClock({2: 0.010, 1: 0.018})  # a quiet machine: two threads win
+    chooser = ops.DecodeThreads(threads=2, probe_every=4, max_interval=16, clock=clock)
+
+    def steps(n: int, threads: int) -> list[int]:  # the indices of the next n steps that ran on `threads`
+        first = chooser.steps
+        return [first + i for i, t in enumerate([chooser.run(torch.get_num_threads) for _ in range(n)]) if t == threads]
+
+    # both tried first; then probes of one thread 4, 8, 16 and 16 (the most) steps after the one before
+    assert steps(50, 1) == [1, 6, 15, 32, 49]
+    assert torch.get_num_threads() == before  # the caller's thread count is back after every step
+    clock.cost = {2: 0.200, 1: 0.020}  # another process takes a core: two threads now wait
+    # step 50 runs on two (the mean of 0.010 and 0.200 already loses to 0.018): one thread from then on,
+    # probed 4 steps later, then 8 and 16
+    assert steps(40, 2) == [50, 55, 64, 81]
+    clock.cost = {2: 0.010, 1: 0.020}  # quiet again: the next probe (step 98) brings two threads back
+    assert steps(23, 1) == list(range(90, 98)) + [103, 112]
+
+
+def test_decode_threads_with_one_thread_never_changes_it():
+    chooser = ops.DecodeThreads(threads=1, clock=FakeClock({1: 0.01}))
+    assert [chooser.run(torch.get_num_threads) for _ in range(5)] == [1] * 5
+
+
+@pytest.mark.parametrize("arch,settings", [
+    ("gpt2", dict(vocab_size=300, context_length=64, emb_dim=64, n_layers=2, n_heads=4, drop_rate=0.0)),
+    ("llama", dict(vocab_size=300, context_length=64, emb_dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                   intermediate_size=96, qk_norm=True)),
+    ("llama", dict(vocab_size=300, context_length=64, emb_dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                   intermediate_size=96, n_experts=4, experts_per_token=2, moe_intermediate_size=48)),
+])
+def test_cached_decoding_gives_the_same_numbers_on_one_and_two_threads(arch, settings):
+    """DecodeThreads may switch a step between two threads and one: every logit must be the same bit for bit."""
+    from gptforge.generate import new_cache
+    from gptforge.models import build, get_spec
+
+    torch.manual_seed(0)
+    model = build(get_spec(arch).config_class(**settings)).eval()
+    idx = torch.randint(0, 300, (2, 5))
+    before, runs = torch.get_num_threads(), []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(2)  # the prefill runs on the caller's threads: only decode steps switch
+            cache, logits = new_cache(model, 2, 30), []
+            with torch.no_grad():
+                logits.append(model(idx, cache)[:, -1])
+                torch.set_num_threads(threads)
+                for _ in range(20):
+                    logits.append(model(logits[-1].argmax(-1, keepdim=True), cache)[:, -1])
+            runs.append(torch.stack(logits))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(runs[0], runs[1])

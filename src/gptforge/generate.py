@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import perf
+from . import ops, perf
 from .config import SEED_MAX, ConfigError, check_fields, opt
 from .devices import device_opt, pick_device
 from .models import KVCache, max_positions
@@ -151,15 +151,24 @@ def iter_tokens(model: torch.nn.Module, idx: torch.Tensor, cfg: SampleConfig, ge
 
     The prompt is prefilled (into a KV cache with use_cache: `cache`, or a new one), then each step
     is one decode step; a caller stops early by not asking for more. Each step runs under `lock`
-    (serve: one request on the model at a time) and without gradients.
+    (serve: one request on the model at a time) and without gradients. On a CPU, cached decode steps
+    of up to ops.FEW_ROWS sequences run on as many threads as measured fastest (ops.DecodeThreads: all,
+    or one when another process holds a core); the tokens are the same either way.
     """
     if use_cache and cache is None and cfg.max_new_tokens > 0:
         cache = new_cache(model, idx.size(0), idx.size(1) + cfg.max_new_tokens)
     if not use_cache:
         cache = None
+    few_rows = idx.size(0) <= ops.FEW_ROWS  # larger batches' products are MKL's, whose sums may follow the threads
+    threads = ops.DecodeThreads() if cache is not None and idx.device.type == "cpu" and few_rows else None
     for i in range(cfg.max_new_tokens):
         with lock or nullcontext(), torch.no_grad():
-            logits = prefill(model, idx, cache) if i == 0 else decode_one_token(model, idx, cache)  # (B, V)
+            if i == 0:
+                logits = prefill(model, idx, cache)  # (B, V)
+            elif threads is not None and cache.pos < cache.max_len:  # a cached step (past it: prefills)
+                logits = threads.run(decode_one_token, model, idx, cache)
+            else:
+                logits = decode_one_token(model, idx, cache)
             tok = next_token(logits, cfg, generator)  # (B, 1)
         yield tok
         idx = torch.cat([idx, tok], dim=1)

@@ -158,6 +158,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     k_all[:, :, pos:pos + T] = k
     v_all[:, :, pos:pos + T] = v
     k, v = k_all[:, :, :pos + T], v_all[:, :, :pos + T]  # (B, n_kv_heads, pos + T, hs)
+    if T == 1 and not dropout_p and not q.requires_grad and ops.use_cpu_kernels(q):  # a CPU decode step
+        return ops.decode_attention(q, k, v)
     mask = None
     if pos > 0 and T > 1:  # query i (at pos + i) sees keys 0..pos + i
         mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
