@@ -40,14 +40,15 @@ def run_one(impl: str, steps: int, warmup: int, layers: int, batch: int, context
     x = torch.randint(0, 50257, (batch, context), generator=g)
     y = torch.randint(0, 50257, (batch, context), generator=g)
     if impl == "gptforge":
-        from gptforge.models.gpt2 import GPT, PRESETS, GPTConfig
+        from gptforge.models import build
+        from gptforge.models.gpt2 import PRESETS, GPTConfig
         from gptforge.perf import keep_freed_cpu_memory
         from gptforge.training.optim import make_optimizer
         from gptforge.training.step import Precision
 
         device = torch.device("cpu")
         keep_freed_cpu_memory()  # what gptforge train does on a CPU
-        model = GPT(GPTConfig(**{**PRESETS["gpt2-small"], "context_length": context, "n_layers": layers}))
+        model = build(GPTConfig(**{**PRESETS["gpt2-small"], "context_length": context, "n_layers": layers}))
         optimizer = make_optimizer(model, 4e-4, 0.1, (0.9, 0.95), device)
         amp = Precision("fp32", device)
         model.train()

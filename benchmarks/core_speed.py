@@ -102,12 +102,13 @@ def main() -> None:
     import torch
 
     from gptforge.evaluate.core import PreparedCore, read_bundle, read_items, score_core_task
-    from gptforge.models.gpt2 import GPT, PRESETS, GPTConfig
+    from gptforge.models import build
+    from gptforge.models.gpt2 import PRESETS, GPTConfig
     from gptforge.tokenizer import get_tokenizer
 
     bundle = synthesise(Path(tempfile.mkdtemp(prefix="core-speed-")) / "bundle", args.items, args.shots)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**PRESETS["gpt2-small"], "n_layers": args.layers})).eval()
+    model = build(GPTConfig(**{**PRESETS["gpt2-small"], "n_layers": args.layers})).eval()
     tokenizer, ctx = get_tokenizer("gpt2"), model.cfg.context_length
     print(f"model: GPT-2 124M shape ({args.layers} layers), random weights; 3 tasks x {args.items} items, "
           f"{args.shots}-shot (synthesised); {torch.get_num_threads()} threads", flush=True)

@@ -27,7 +27,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,7 @@ from gptforge import ops
 from gptforge.generate import SampleConfig, generate
 from gptforge.models import build, get_spec, preset_arch, spec_for
 from gptforge.models.layers import repeat_kv
-from gptforge.perf import device_name, measure_copy_bandwidth
+from gptforge.perf import device_name, measure_copy_bandwidth, measure_read_bandwidth
 
 
 class _OneThreadCount:
@@ -60,18 +59,6 @@ def plain_pytorch():
         ops.linear, ops.decode_attention, ops.DecodeThreads = saved
 
 
-def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
-    """Best bytes/s of a reduction reading a buffer of nbytes once (the traffic of a decode step's weights)."""
-    buf = torch.ones(nbytes // 4)
-    buf.amax()
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        buf.amax()
-        best = max(best, nbytes / (time.perf_counter() - t0))
-    return best
-
-
 def ms_per_token(model, idx, new_tokens: int) -> tuple[float, list[int]]:
     stats: dict = {}
     out = generate(model, idx, SampleConfig(max_new_tokens=new_tokens), stats=stats)
@@ -91,7 +78,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build(cfg).eval()
     weight_bytes = spec_for(cfg).matmul_params(cfg) * 4
-    copy_bw, read_bw = measure_copy_bandwidth(), read_bandwidth(weight_bytes)
+    copy_bw, read_bw = measure_copy_bandwidth(), measure_read_bandwidth(weight_bytes)
     idx = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
     print(f"{a.preset}: {weight_bytes / 1e6:.0f} MB of matmul weights; {torch.get_num_threads()} threads; "
           f"bound {1000 * weight_bytes / copy_bw:.2f} ms/token at the copy bandwidth {copy_bw / 1e9:.1f} GB/s, "

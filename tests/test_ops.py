@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gptforge import ops
+from gptforge.models import build, get_spec, with_cpu_kernels
 from gptforge.models.gpt2 import GPT, GPTConfig
 from gptforge.perf import keep_freed_cpu_memory
 
@@ -67,7 +68,7 @@ def test_model_loss_and_gradients_match_fp64_reference(pad_vocab):
     cfg = GPTConfig(vocab_size=211, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
                     pad_vocab=pad_vocab)
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = with_cpu_kernels(GPT(cfg))
     ref = GPT(cfg).double()
     ref.load_state_dict(model.state_dict())
     x, y = torch.randint(0, 211, (3, 16)), torch.randint(0, 211, (3, 16))
@@ -174,7 +175,6 @@ def test_decode_threads_with_one_thread_never_changes_it():
 def test_cached_decoding_gives_the_same_numbers_on_one_and_two_threads(arch, settings):
     """DecodeThreads may switch a step between two threads and one: every logit must be the same bit for bit."""
     from gptforge.generate import new_cache
-    from gptforge.models import build, get_spec
 
     torch.manual_seed(0)
     model = build(get_spec(arch).config_class(**settings)).eval()
@@ -193,3 +193,43 @@ def test_cached_decoding_gives_the_same_numbers_on_one_and_two_threads(arch, set
     finally:
         torch.set_num_threads(before)
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("arch,settings", [
+    ("gpt2", dict(vocab_size=300, context_length=32, emb_dim=64, n_layers=2, n_heads=4, drop_rate=0.2,
+                  tie_weights=True)),
+    ("llama", dict(vocab_size=300, context_length=32, emb_dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                   intermediate_size=96, drop_rate=0.2, n_experts=4, experts_per_token=2, moe_intermediate_size=48,
+                   tie_weights=True)),
+])
+def test_cpu_kernels_are_swapped_in_from_outside(arch, settings):
+    """build() = the family's class + with_cpu_kernels: same parameters and state dict, CPU classes for the layers
+    that have kernels, the kernels' numbers (their dropout masks), and plain PyTorch again off the fp32 CPU path."""
+    cfg = get_spec(arch).config_class(**settings)
+    torch.manual_seed(0)
+    plain = get_spec(arch).model_class(cfg)
+    torch.manual_seed(0)
+    model = build(cfg)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"CPULinear", "CPUDropout", "CPUAttention", "CPUEmbedding"} <= kinds, kinds
+    assert not any(n.startswith("CPU") for n in {type(m).__name__ for m in plain.modules()})
+    assert (arch == "llama") == ("CPURouter" in kinds)  # subclasses of nn.Linear keep their own class under it
+    params = [id(p) for p in model.parameters()]
+    assert with_cpu_kernels(model) is model and [id(p) for p in model.parameters()] == params  # twice = once
+    assert not any(type(m).__name__.startswith("CPUCPU") for m in model.modules())
+
+    x = torch.randint(0, 300, (2, 16))
+    model.train(), plain.train()
+    torch.manual_seed(1)
+    with_kernels = model(x, targets=x)
+    torch.manual_seed(1)
+    assert not torch.equal(with_kernels, plain(x, targets=x))  # the kernels draw dropout masks their own way
+    drop = next(m for m in model.modules() if type(m).__name__ == "CPUDropout")
+    torch.manual_seed(1)
+    mask = drop(torch.ones(5000))
+    torch.manual_seed(1)
+    assert torch.equal(mask, ops.dropout(torch.ones(5000), drop.p, True))
+    model.eval(), plain.eval()  # eval in fp64: the CPU kernels stand aside, so both are plain PyTorch to the bit
+    assert torch.equal(model.double()(x), plain.double()(x))

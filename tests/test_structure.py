@@ -280,3 +280,10 @@ def test_architecture_page_is_short_and_names_every_package():
     names += [p.name for p in SRC.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
     missing = [n for n in names if f"`{n}`" not in page and f"{n}" not in page]
     assert not missing, f"docs/ARCHITECTURE.md does not name {missing}"
+
+
+def test_model_forward_holds_only_the_math():
+    """The CPU kernels are put into a model from outside, when it is built (models/cpu.py swaps them in): no other
+    model file imports ops."""
+    users = sorted(m for m, deps in graph().items() if m.startswith("gptforge.models") and "gptforge.ops" in deps)
+    assert users == ["gptforge.models.cpu"], users

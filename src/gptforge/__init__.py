@@ -3,6 +3,7 @@
 from .data import Batches, DataConfig, TokenWindows
 from .evaluate import evaluate, perplexity
 from .generate import SampleConfig, generate, sample_text
+from .models import build
 from .models.gpt2 import GPT, PRESETS, GPTConfig
 from .models.llama import Llama, LlamaConfig
 from .tokenizer import GPT2Tokenizer, Tokenizer, get_tokenizer
@@ -11,7 +12,7 @@ from .weights import load_any, load_model, to_hf
 
 __version__ = "0.1.0"
 __all__ = [
-    "GPT", "GPTConfig", "PRESETS", "Llama", "LlamaConfig", "Tokenizer", "GPT2Tokenizer", "get_tokenizer",
+    "build", "GPT", "GPTConfig", "PRESETS", "Llama", "LlamaConfig", "Tokenizer", "GPT2Tokenizer", "get_tokenizer",
     "TokenWindows", "Batches",
     "DataConfig", "evaluate", "perplexity", "SampleConfig", "generate", "sample_text", "RunConfig",
     "TrainConfig", "train", "load_model", "load_any", "to_hf",

@@ -21,6 +21,7 @@ from .perf import (
     keep_freed_cpu_memory,
     measure_copy_bandwidth,
     measure_cpu_peak,
+    measure_read_bandwidth,
     mfu,
     peak_flops,
     peak_memory_bytes,
@@ -130,14 +131,15 @@ def bench_generate(model_cfg, t: TrainConfig, b: BenchConfig, log=print) -> dict
     decode_tok_s = new / cached["decode_seconds"]
     plain_tok_s = new / plain["decode_seconds"]
     weight_bytes = spec_for(model_cfg).matmul_params(model_cfg) * next(model.parameters()).element_size()
-    bandwidth = measure_copy_bandwidth()
+    bandwidth, read = measure_copy_bandwidth(), measure_read_bandwidth(weight_bytes)
     bound = bandwidth / weight_bytes  # decode steps/s if each step only streamed the weights once
     log(f"prefill {prefill_tok_s:,.1f} tokens/s; decode with KV cache {decode_tok_s:,.2f} tokens/s, "
         f"without {plain_tok_s:,.2f} tokens/s ({decode_tok_s / plain_tok_s:.1f}x)")
     log(f"memory: {weight_bytes / 1e6:.0f} MB of matmul weights read per decode step; copy bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s -> bandwidth bound {bound:.1f} steps/s; KV-cache decode: "
         f"{1000 * batch_size / decode_tok_s:.1f} ms/step = {batch_size * bound / decode_tok_s:.2f}x the bound's "
-        f"{1000 / bound:.1f} ms")
+        f"{1000 / bound:.1f} ms (read bandwidth {read / 1e9:.1f} GB/s: "
+        f"{batch_size * read / weight_bytes / decode_tok_s:.2f}x its bound of {1000 * weight_bytes / read:.1f} ms)")
     log(f"cached and uncached outputs identical: {out_cached == out_plain}")
     result = {"prefill_tokens_per_s": round(prefill_tok_s, 2), "decode_tokens_per_s": round(decode_tok_s, 2),
               "decode_tokens_per_s_no_cache": round(plain_tok_s, 2), "device": device_name(device)}

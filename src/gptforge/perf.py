@@ -92,6 +92,19 @@ def measure_copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float
     return best
 
 
+def measure_read_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Best bytes/s of one pass reading a buffer of nbytes (a reduction: nothing written), on all threads: the
+    traffic of a decode step, which reads every weight once."""
+    buf = torch.ones(max(nbytes // 4, 1))
+    buf.amax()
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.amax()
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return best
+
+
 @functools.cache
 def keep_freed_cpu_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse rather than hand it back to the kernel; True if set.

@@ -12,7 +12,6 @@ max_per_task) and scored as icl.py says; its accuracy is centred on the random b
 from __future__ import annotations
 
 import csv
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from ..errors import DataError
 from ..tokenizer import Tokenizer
 from .icl import KINDS, IclTask, check_record
 from .loglikelihood import score_rows
+from .records import json_lines
 
 GET = ("get it from https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip (nanochat's copy of the DCLM "
        "eval bundle) and unzip it")
@@ -121,17 +121,7 @@ def read_bundle(directory: str | Path) -> list[CoreTask]:
 def read_items(task: CoreTask, limit: int | None = None) -> tuple[list[dict], list[str]]:
     """The task's items, checked for its kind, in nanochat's order (shuffled with SHUFFLE_SEED), the first `limit`
     of them; and where each one is (file:line)."""
-    pairs = []
-    with open(task.path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{task.path}:{n}"
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{where}: not a JSON record ({e})") from None
-            pairs.append((check_record(task.kind, record, where), where))
+    pairs = [(check_record(task.kind, record, where), where) for record, where in json_lines(task.path)]
     if not pairs:
         raise DataError(f"{task.path}: no items (task {task.label})")
     random.Random(SHUFFLE_SEED).shuffle(pairs)

@@ -8,10 +8,29 @@ LAMBADA, our own `continuation`) and schema (one continuation after each candida
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 from ..errors import DataError
+
+
+def json_lines(path, expects: str = ""):
+    """(record, "file:line") for each non-blank line of a JSON Lines file, in order; a line that is not a JSON object
+    is a DataError naming the file and line (and, after a "; ", what the file should hold: `expects`)."""
+    tail = f"; {expects}" if expects else ""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where}: not a JSON record ({e}){tail}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: not a JSON object{tail}")
+            yield record, where
 
 
 @dataclass

@@ -11,6 +11,7 @@ it, `perplexity` = exp(-mean log-likelihood).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from .records import (
     coqa_item,
     coqa_records,
     hellaswag_item,
+    json_lines,
     lambada_item,
     openbookqa_item,
     piqa_item,
@@ -164,25 +166,13 @@ def _read_lines(task: Task, path: Path, limit: int | None) -> list[Item]:
     name = task.name
     labels = _labels_file(path) if task.labels else None
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{where}: not a JSON record ({e}); {name} expects {task.expects}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: not a JSON object; {name} expects {task.expects}")
-            if labels is not None:
-                if len(items) >= len(labels):
-                    raise DataError(f"{path.with_name(path.stem + '-labels.lst')}: fewer labels than records "
-                                    f"({len(labels)}) in {path}")
-                record = {**record, "label": labels[len(items)]}
-            items.append(task.read(record, where))
+    for record, where in itertools.islice(json_lines(path, f"{name} expects {task.expects}"), limit):
+        if labels is not None:
+            if len(items) >= len(labels):
+                raise DataError(f"{path.with_name(path.stem + '-labels.lst')}: fewer labels than records "
+                                f"({len(labels)}) in {path}")
+            record = {**record, "label": labels[len(items)]}
+        items.append(task.read(record, where))
     return items
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..config import ConfigError
 from . import gpt2, llama
+from .cpu import with_cpu_kernels
 from .layers import KVCache
 from .moe import MoE
 
@@ -66,8 +67,9 @@ def spec_for(cfg: Any) -> ModelSpec:
 
 
 def build(cfg: Any) -> nn.Module:
-    """A freshly initialised model of cfg's family (on the current default device)."""
-    return spec_for(cfg).model_class(cfg)
+    """A freshly initialised model of cfg's family (on the current default device), with the CPU kernels in
+    (models/cpu.py: they apply in fp32 on a CPU, and leave every other case to the plain modules)."""
+    return with_cpu_kernels(spec_for(cfg).model_class(cfg))
 
 
 def config_from_dict(d: dict, arch: str | None = None) -> Any:

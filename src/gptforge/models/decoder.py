@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .. import ops
 from .layers import KVCache, cross_entropy, document_positions, packed_mask
 
 
@@ -42,13 +40,6 @@ class Decoder(nn.Module):
     def extra_loss(self) -> torch.Tensor | None:
         """A loss added to the language-modelling loss in training (None: none)."""
         return None
-
-    def look_up(self, idx: torch.Tensor) -> torch.Tensor:
-        """The token embedding of idx. Tied weights on a CPU: the look-up's gradient is sparse (T rows), added
-        to the head's dense one, instead of a dense (vocab x C) zero matrix with T rows filled in."""
-        weight = self.token_embedding.weight
-        sparse = self.cfg.tie_weights and torch.is_grad_enabled() and ops.use_cpu_kernels(weight)
-        return F.embedding(idx, weight, sparse=sparse)
 
     def tie(self) -> None:
         """Share the head with the embedding again (after parameters were assigned one by one)."""

@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .. import ops
 from ..config import check_fields, flag
 from ..errors import ConfigError
 from .decoder import Decoder
 from .layers import (
     MLP,
     CausalSelfAttention,
-    Linear,
+    Dropout,
     SavedConfig,
     padded_rows,
     vocab_padding_hooks,
@@ -134,9 +133,10 @@ class GPT(Decoder):
         self.padded_vocab = padded_rows(cfg.vocab_size, cfg.pad_vocab)
         self.wte = nn.Embedding(self.padded_vocab, cfg.emb_dim)
         self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop = Dropout(cfg.drop_rate)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5, bias=cfg.bias)
-        self.lm_head = Linear(cfg.emb_dim, self.padded_vocab, bias=False)
+        self.lm_head = nn.Linear(cfg.emb_dim, self.padded_vocab, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
@@ -162,7 +162,7 @@ class GPT(Decoder):
 
     def embed(self, idx: torch.Tensor, pos: torch.Tensor, masked: bool) -> tuple[torch.Tensor, dict]:
         """Token + learned position embeddings, dropout; the blocks take nothing else."""
-        return ops.dropout(self.look_up(idx) + self.wpe(pos), self.cfg.drop_rate, self.training), {}
+        return self.drop(self.wte(idx) + self.wpe(pos)), {}
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Distinct parameters; with non_embedding, without the position embeddings."""

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
 from ..errors import ConfigError
 
 try:  # FlexAttention: torch 2.5 and later
@@ -42,11 +41,20 @@ class SavedConfig:
         return cls(**d)
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) whose decode-sized CPU products use both cores (ops.linear)."""
+class Dropout(nn.Dropout):
+    """Dropout that leaves x alone (draws no random numbers) at rate 0 or in eval mode."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return F.dropout(x, self.p, True) if self.training and self.p > 0 else x
+
+
+class Attention(nn.Module):
+    """A block's attention kernel (no parameters): causal_attention. A module, so that models/cpu.py can put
+    the CPU kernels in its place when the model is built."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0, mask=None) -> torch.Tensor:
+        return causal_attention(q, k, v, dropout_p, kv, pos, mask)
 
 
 def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -137,7 +145,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     dense (B, 1, T, T; document_mask) for scaled_dot_product_attention, which picks the kernel, or a
     BlockMask (packed_mask) for FlexAttention.
     """
-    n_heads = q.size(1)
     if BlockMask is not None and isinstance(mask, BlockMask):
         if dropout_p:
             raise ConfigError("--attention flex has no attention dropout: train with --drop-rate 0, or use "
@@ -150,20 +157,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         assert kv is None, "packed documents are whole sequences: no KV cache"
         return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if kv is None:
-        if q.is_cuda:
-            return sdpa(q, k, v, dropout_p=dropout_p, is_causal=True)
-        return ops.causal_attention(q, repeat_kv(k, n_heads), repeat_kv(v, n_heads), dropout_p)
+        return sdpa(q, k, v, dropout_p=dropout_p, is_causal=True)
     T = q.size(2)
-    k_all, v_all = kv  # (B, n_kv_heads, T_max, hs)
-    k_all[:, :, pos:pos + T] = k
-    v_all[:, :, pos:pos + T] = v
-    k, v = k_all[:, :, :pos + T], v_all[:, :, :pos + T]  # (B, n_kv_heads, pos + T, hs)
-    if T == 1 and not dropout_p and not q.requires_grad and ops.use_cpu_kernels(q):  # a CPU decode step
-        return ops.decode_attention(q, k, v)
+    k, v = cached(k, v, kv, pos)  # (B, n_kv_heads, pos + T, hs)
     mask = None
     if pos > 0 and T > 1:  # query i (at pos + i) sees keys 0..pos + i
         mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
     return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=pos == 0)
+
+
+def cached(k: torch.Tensor, v: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], pos: int):
+    """Write keys and values (B, n_kv_heads, T, hs) at positions pos..pos+T-1 of a KVCache layer kv; every cached
+    key and value up to there (B, n_kv_heads, pos + T, hs)."""
+    T = k.size(2)
+    k_all, v_all = kv  # (B, n_kv_heads, T_max, hs)
+    k_all[:, :, pos:pos + T] = k
+    v_all[:, :, pos:pos + T] = v
+    return k_all[:, :, :pos + T], v_all[:, :, :pos + T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -175,8 +185,9 @@ class CausalSelfAttention(nn.Module):
         assert emb_dim % n_heads == 0 and n_heads % n_kv_heads == 0, (emb_dim, n_heads, n_kv_heads)
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, emb_dim // n_heads
         self.drop_rate = drop_rate
-        self.c_attn = Linear(emb_dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=qkv_bias)  # fused q, k, v
-        self.c_proj = Linear(emb_dim, emb_dim, bias=out_bias)
+        self.c_attn = nn.Linear(emb_dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=qkv_bias)  # fused q, k, v
+        self.c_proj = nn.Linear(emb_dim, emb_dim, bias=out_bias)
+        self.attend, self.resid_drop = Attention(), Dropout(drop_rate)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
                 mask: torch.Tensor | None = None):
@@ -189,9 +200,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)
         drop = self.drop_rate if self.training else 0.0
-        y = causal_attention(q, k, v, drop, kv, pos, mask)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, drop, kv, pos, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return ops.dropout(self.c_proj(y), drop, self.training)
+        return self.resid_drop(self.c_proj(y))
 
 
 class RMSNorm(nn.Module):
@@ -237,10 +248,11 @@ class GroupedQueryAttention(nn.Module):
         assert n_heads % n_kv_heads == 0, (n_heads, n_kv_heads)
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.drop_rate = drop_rate
-        self.q_proj = Linear(emb_dim, n_heads * head_dim, bias=qkv_bias)
-        self.k_proj = Linear(emb_dim, n_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = Linear(emb_dim, n_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = Linear(n_heads * head_dim, emb_dim, bias=False)
+        self.q_proj = nn.Linear(emb_dim, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(emb_dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(emb_dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, emb_dim, bias=False)
+        self.attend, self.resid_drop = Attention(), Dropout(drop_rate)
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
 
@@ -258,9 +270,9 @@ class GroupedQueryAttention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), *rope)  # (B, nh, T, hs)
         k = apply_rotary(k.transpose(1, 2), *rope)  # (B, nkv, T, hs)
         drop = self.drop_rate if self.training else 0.0
-        y = causal_attention(q, k, v, drop, kv, pos, mask)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, drop, kv, pos, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return ops.dropout(self.o_proj(y), drop, self.training)
+        return self.resid_drop(self.o_proj(y))
 
 
 class SwiGLU(nn.Module):
@@ -268,14 +280,13 @@ class SwiGLU(nn.Module):
 
     def __init__(self, emb_dim: int, hidden_dim: int, drop_rate: float):
         super().__init__()
-        self.gate_proj = Linear(emb_dim, hidden_dim, bias=False)
-        self.up_proj = Linear(emb_dim, hidden_dim, bias=False)
-        self.down_proj = Linear(hidden_dim, emb_dim, bias=False)
-        self.drop_rate = drop_rate
+        self.gate_proj = nn.Linear(emb_dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(emb_dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, emb_dim, bias=False)
+        self.drop = Dropout(drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return ops.dropout(y, self.drop_rate, self.training)
+        return self.drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class MLP(nn.Module):
@@ -284,14 +295,13 @@ class MLP(nn.Module):
 
     def __init__(self, emb_dim: int, hidden_dim: int, drop_rate: float, bias: bool = True, approximate: str = "tanh"):
         super().__init__()
-        self.c_fc = Linear(emb_dim, hidden_dim, bias=bias)
-        self.c_proj = Linear(hidden_dim, emb_dim, bias=bias)
-        self.drop_rate = drop_rate
+        self.c_fc = nn.Linear(emb_dim, hidden_dim, bias=bias)
+        self.c_proj = nn.Linear(hidden_dim, emb_dim, bias=bias)
+        self.drop = Dropout(drop_rate)
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(self.c_fc(x), approximate=self.approximate)
-        return ops.dropout(self.c_proj(h), self.drop_rate, self.training)
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 def torch_default_init(model: nn.Module) -> None:

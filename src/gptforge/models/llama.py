@@ -21,7 +21,6 @@ from ..errors import ConfigError
 from .decoder import Decoder
 from .layers import (
     GroupedQueryAttention,
-    Linear,
     RMSNorm,
     SavedConfig,
     SwiGLU,
@@ -183,7 +182,7 @@ class Llama(Decoder):
         self.embed_tokens = nn.Embedding(self.padded_vocab, cfg.emb_dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
-        self.lm_head = Linear(cfg.emb_dim, self.padded_vocab, bias=False)
+        self.lm_head = nn.Linear(cfg.emb_dim, self.padded_vocab, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
@@ -203,7 +202,7 @@ class Llama(Decoder):
         """Token embeddings; every block takes the rotary tables of the positions: (T, hs), or (B, 1, T, hs)."""
         cos, sin = rotary_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, self.embed_tokens.weight.dtype)
         rope = (cos[:, None], sin[:, None]) if masked else (cos, sin)
-        return self.look_up(idx), {"rope": rope}
+        return self.embed_tokens(idx), {"rope": rope}
 
     def extra_loss(self) -> torch.Tensor | None:
         """The sum over layers of the mixture-of-experts load-balancing losses of the last forward in training

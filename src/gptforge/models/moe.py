@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
-from .layers import Linear, SwiGLU
+from .layers import Dropout, SwiGLU
 
 BALANCES = ("aux", "bias")
 
@@ -59,7 +58,7 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.k, self.norm_topk_prob = n_experts, experts_per_token, norm_topk_prob
         self.aux_loss_coef, self.balance, self.bias_speed = aux_loss_coef, balance, bias_speed
-        self.drop_rate = drop_rate
+        self.drop = Dropout(drop_rate)
         self.gate = Router(emb_dim, n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(emb_dim, hidden_dim, 0.0) for _ in range(n_experts))
         if balance == "bias":  # a buffer: saved in checkpoints, moved by update_bias, never by the optimizer
@@ -78,7 +77,7 @@ class MoE(nn.Module):
         if self.training and self.balance == "aux":
             self.aux = load_balancing_loss(probs, chosen, self.aux_loss_coef)
         y = dispatch(flat, chosen, weights.to(x.dtype), self.experts, counts)  # (N, C)
-        return ops.dropout(y.view(B, T, C), self.drop_rate, self.training)
+        return self.drop(y.view(B, T, C))
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:
@@ -88,7 +87,7 @@ class MoE(nn.Module):
         self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.bias_speed)
 
 
-class Router(Linear):
+class Router(nn.Linear):
     """The router's Linear (a class of its own: Muon leaves it to AdamW, as it is no hidden matrix)."""
 
 
