@@ -3,10 +3,12 @@
 Two ways to decode the same model, alternated round by round in one process (the machine's drift hits
 both alike), each `generate` with a KV cache, batch 1, greedy, 10-token prompt:
 
-- `plain`: PyTorch as it comes: `F.linear` for every product (MKL's one-thread matrix-vector
-  products), scaled_dot_product_attention over repeated key/value heads, torch's own thread count;
-- `gptforge`: `ops.linear` (the products split over both cores), `ops.decode_attention` (grouped, no
-  repeat) and `ops.DecodeThreads` (each step on all threads or one, whichever it measured faster).
+- `plain`: PyTorch as it comes: the family's model class as it is, without the CPU kernels (`F.linear` for
+  every product: MKL's one-thread matrix-vector products; scaled_dot_product_attention over repeated
+  key/value heads), every step on torch's own thread count;
+- `gptforge`: the same weights in the model `build()` gives: the CPU kernels swapped in (models/cpu.py:
+  `ops.linear`, the products split over both cores; `ops.decode_attention`, grouped, no repeat) and
+  `ops.DecodeThreads` (each step on all threads or one, whichever it measured faster).
 
 `--busy N` starts N processes that spin on a core for the whole benchmark (load from elsewhere). Also
 measured, quiet, before the busy processes start: the copy bandwidth `bench generate` uses for its
@@ -29,12 +31,10 @@ import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from gptforge import ops
 from gptforge.generate import SampleConfig, generate
-from gptforge.models import build, get_spec, preset_arch, spec_for
-from gptforge.models.layers import repeat_kv
+from gptforge.models import get_spec, preset_arch, spec_for, with_cpu_kernels
 from gptforge.perf import device_name, measure_copy_bandwidth, measure_read_bandwidth
 
 
@@ -46,17 +46,13 @@ class _OneThreadCount:
 
 
 @contextlib.contextmanager
-def plain_pytorch():
-    """gptforge's decode pieces swapped for PyTorch's own ops while the block runs."""
-    saved = ops.linear, ops.decode_attention, ops.DecodeThreads
-    ops.linear = F.linear
-    ops.decode_attention = lambda q, k, v: F.scaled_dot_product_attention(
-        q, repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1)))
-    ops.DecodeThreads = _OneThreadCount
+def threads_as_torch_has_them():
+    """generate's decode steps on the caller's threads (no DecodeThreads) while the block runs."""
+    saved, ops.DecodeThreads = ops.DecodeThreads, _OneThreadCount
     try:
         yield
     finally:
-        ops.linear, ops.decode_attention, ops.DecodeThreads = saved
+        ops.DecodeThreads = saved
 
 
 def ms_per_token(model, idx, new_tokens: int) -> tuple[float, list[int]]:
@@ -76,7 +72,10 @@ def main() -> None:
     spec = get_spec(preset_arch(a.preset))
     cfg = spec.config_class(**spec.presets[a.preset])
     torch.manual_seed(0)
-    model = build(cfg).eval()
+    plain = spec.model_class(cfg).eval()
+    ours = spec.model_class(cfg)
+    ours.load_state_dict(plain.state_dict())
+    models = {"plain": plain, "gptforge": with_cpu_kernels(ours).eval()}
     weight_bytes = spec_for(cfg).matmul_params(cfg) * 4
     copy_bw, read_bw = measure_copy_bandwidth(), measure_read_bandwidth(weight_bytes)
     idx = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
@@ -88,13 +87,13 @@ def main() -> None:
     tokens = {}
     try:
         for name in ("plain", "gptforge"):  # warm-up, untimed
-            with plain_pytorch() if name == "plain" else contextlib.nullcontext():
-                ms_per_token(model, idx, 4)
+            with threads_as_torch_has_them() if name == "plain" else contextlib.nullcontext():
+                ms_per_token(models[name], idx, 4)
         for r in range(a.rounds):
             order = ("plain", "gptforge") if r % 2 == 0 else ("gptforge", "plain")
             for name in order:
-                with plain_pytorch() if name == "plain" else contextlib.nullcontext():
-                    ms, tokens[name] = ms_per_token(model, idx, a.new_tokens)
+                with threads_as_torch_has_them() if name == "plain" else contextlib.nullcontext():
+                    ms, tokens[name] = ms_per_token(models[name], idx, a.new_tokens)
                 times[name].append(ms)
             print(f"round {r + 1}: plain {times['plain'][-1]:.2f} ms/token, gptforge {times['gptforge'][-1]:.2f}",
                   flush=True)

@@ -220,8 +220,8 @@ class DecodeThreads:
 
     def run(self, step, *args):
         """step(*args) on the chosen number of threads, timed; its result."""
-        n, before = self.choice(), torch.get_num_threads()
-        probe = self.best() is not None and n != self.best()
+        n, before, best = self.choice(), torch.get_num_threads(), self.best()
+        probe = best is not None and n != best
         torch.set_num_threads(n)
         try:
             t0 = self.clock()

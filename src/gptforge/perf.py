@@ -79,30 +79,28 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]
     return None, f"peak FLOP/s unknown for device {device.type!r}: MFU not reported"
 
 
+def best_rate(op, nbytes: int, repeats: int) -> float:
+    """Best bytes/s of op(), which moves nbytes, over `repeats` timed calls after an untimed one."""
+    op()
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        op()
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return best
+
+
 def measure_copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Best memory copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     src = torch.ones(nbytes // 4)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = max(best, 2 * nbytes / (time.perf_counter() - t0))
-    return best
+    return best_rate(lambda: dst.copy_(src), 2 * nbytes, repeats)
 
 
 def measure_read_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Best bytes/s of one pass reading a buffer of nbytes (a reduction: nothing written), on all threads: the
     traffic of a decode step, which reads every weight once."""
-    buf = torch.ones(max(nbytes // 4, 1))
-    buf.amax()
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        buf.amax()
-        best = max(best, nbytes / (time.perf_counter() - t0))
-    return best
+    return best_rate(torch.ones(max(nbytes // 4, 1)).amax, nbytes, repeats)
 
 
 @functools.cache
